@@ -1,0 +1,554 @@
+"""Read and write DeePMD-kit training data ("deepmd/npy" and DeePMD's HDF5 layout).
+
+A *system* is a set of frames that share the same atoms, in the same order::
+
+    data_0/
+        type.raw        one integer per line: the type id of each atom (natoms lines)
+        type_map.raw    optional: element names, one per line; line i names type id i
+        nopbc           optional empty marker file: the system is not periodic
+        set.000/        frames, split into sets; sets are read in sorted order and
+            coord.npy   [nframes, natoms*3]  Cartesian coordinates (Angstrom)
+            box.npy     [nframes, 9]         lattice vectors as rows (absent allowed with nopbc)
+            energy.npy  [nframes]            optional: total energy (eV)
+            force.npy   [nframes, natoms*3]  optional: forces (eV/Angstrom)
+            virial.npy  [nframes, 9]         optional: virial (eV)
+        set.001/ ...
+
+The HDF5 layout holds the same names as datasets inside a group (``type.raw`` as
+an integer dataset, ``type_map.raw`` as byte strings, ``set.000/coord.npy`` ...,
+``nopbc`` as any dataset). Such a system is addressed as ``"file.h5#/group"``;
+without ``#/group`` the file's root group is used.
+
+Everything is returned as float64 / int64, whatever the dtype on disk. Any
+problem with the data raises :class:`dpmd.errors.DataError` with a one-line
+message naming the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from dpmd.errors import DataError
+
+__all__ = ["System", "load_system", "load_systems", "find_systems", "write_system"]
+
+H5_SUFFIXES = (".h5", ".hdf5")
+# name -> values per atom (per-atom arrays) or per frame (per-frame arrays)
+_PER_ATOM = {"coord": 3, "force": 3}
+_PER_FRAME = {"box": 9, "virial": 9, "energy": 1}
+
+
+@dataclass
+class System:
+    """Frames of one system. Shapes: see the module docstring; box is None when not periodic."""
+
+    path: str
+    type_map: list[str]
+    atype: np.ndarray
+    coord: np.ndarray
+    box: np.ndarray | None = None
+    energy: np.ndarray | None = None
+    force: np.ndarray | None = None
+    virial: np.ndarray | None = None
+
+    @property
+    def nframes(self) -> int:
+        return int(self.coord.shape[0])
+
+    @property
+    def natoms(self) -> int:
+        return int(self.atype.shape[0])
+
+    @property
+    def pbc(self) -> bool:
+        return self.box is not None
+
+    def subset(self, frames) -> "System":
+        """A new System with the selected frames (a slice, an index, or an index/bool array)."""
+        if isinstance(frames, (int, np.integer)):
+            frames = [int(frames)]
+        if not isinstance(frames, slice):
+            frames = np.asarray(frames)
+
+        def pick(a):
+            return None if a is None else np.array(a[frames])
+
+        return System(
+            path=self.path,
+            type_map=list(self.type_map),
+            atype=self.atype.copy(),
+            coord=pick(self.coord),
+            box=pick(self.box),
+            energy=pick(self.energy),
+            force=pick(self.force),
+            virial=pick(self.virial),
+        )
+
+    def __repr__(self) -> str:
+        labels = [k for k in ("energy", "force", "virial") if getattr(self, k) is not None]
+        return (
+            f"System({self.path!r}, nframes={self.nframes}, natoms={self.natoms}, "
+            f"type_map={self.type_map}, pbc={self.pbc}, labels={labels})"
+        )
+
+
+# --------------------------------------------------------------------------- storage
+
+
+class _DirStore:
+    """A deepmd/npy system directory."""
+
+    def __init__(self, path: str):
+        self.root = Path(path)
+        self.label = str(path)
+
+    def where(self, name: str) -> str:
+        return os.path.join(self.label, name)
+
+    def has(self, name: str) -> bool:
+        return (self.root / name).exists()
+
+    def sets(self) -> list[str]:
+        return sorted(p.name for p in self.root.glob("set.*") if p.is_dir())
+
+    def read_lines(self, name: str) -> list[str]:
+        try:
+            text = (self.root / name).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{self.where(name)}: cannot read ({e})") from None
+        return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+    def read_array(self, name: str) -> np.ndarray:
+        try:
+            return np.load(self.root / name, allow_pickle=False)
+        except ValueError as e:
+            if "allow_pickle" in str(e) or "object" in str(e):
+                raise DataError(
+                    f"{self.where(name)}: holds Python objects, expected a numeric array"
+                ) from None
+            raise DataError(f"{self.where(name)}: not a valid .npy file ({e})") from None
+        except (OSError, EOFError) as e:
+            raise DataError(f"{self.where(name)}: not a valid .npy file ({e})") from None
+
+
+class _H5Store:
+    """A system stored as a group of an HDF5 file."""
+
+    def __init__(self, file: str, group: str):
+        try:
+            import h5py
+        except ImportError:
+            raise DataError(f"{file}: reading HDF5 needs h5py (pip install h5py)") from None
+        self.file, self.group = file, group or "/"
+        self.label = f"{file}#{self.group}"
+        try:
+            self._h5 = h5py.File(file, "r")
+        except OSError as e:
+            raise DataError(f"{file}: not a readable HDF5 file ({e})") from None
+        if self.group not in self._h5 or not isinstance(self._h5[self.group], h5py.Group):
+            self._h5.close()
+            raise DataError(f"{file}: has no group {self.group!r}")
+        self.g = self._h5[self.group]
+
+    def close(self):
+        self._h5.close()
+
+    def where(self, name: str) -> str:
+        return f"{self.file}#{self.group.rstrip('/')}/{name}"
+
+    def has(self, name: str) -> bool:
+        return name in self.g
+
+    def sets(self) -> list[str]:
+        import h5py
+
+        return sorted(k for k in self.g.keys() if k.startswith("set.") and isinstance(self.g[k], h5py.Group))
+
+    def read_lines(self, name: str) -> list[str]:
+        arr = np.atleast_1d(self.g[name][()])
+        out = []
+        for v in arr.ravel():
+            s = v.decode() if isinstance(v, bytes) else str(v)
+            out.extend(t.strip() for t in s.splitlines() if t.strip())
+        return out
+
+    def read_array(self, name: str) -> np.ndarray:
+        try:
+            return np.asarray(self.g[name][()])
+        except Exception as e:  # h5py raises various types for odd datasets
+            raise DataError(f"{self.where(name)}: cannot read dataset ({e})") from None
+
+
+def _split_h5(path: str) -> tuple[str, str] | None:
+    """'file.h5#/grp' -> ('file.h5', '/grp'); 'file.h5' -> ('file.h5', '/'); else None."""
+    path = os.fspath(path)
+    if "#" in path:
+        file, group = path.split("#", 1)
+        return file, group or "/"
+    if path.lower().endswith(H5_SUFFIXES) and os.path.isfile(path):
+        return path, "/"
+    return None
+
+
+def _open(path) -> _DirStore | _H5Store:
+    path = os.fspath(path)
+    h5 = _split_h5(path)
+    if h5 is not None:
+        file, group = h5
+        if not os.path.exists(file):
+            raise DataError(f"{file}: system file does not exist")
+        return _H5Store(file, group)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: system directory does not exist")
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: expected a system directory (with type.raw and set.*/) or an .h5 file")
+    return _DirStore(path)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_atype(store) -> np.ndarray:
+    where = store.where("type.raw")
+    if not store.has("type.raw"):
+        raise DataError(f"{where}: missing (every system needs type.raw, one type id per atom)")
+    if isinstance(store, _H5Store):
+        raw = store.read_array("type.raw")
+        if raw.dtype.kind in "iu":
+            tokens = [str(int(v)) for v in raw.ravel()]
+        else:
+            tokens = store.read_lines("type.raw")
+    else:
+        tokens = [t for ln in store.read_lines("type.raw") for t in ln.split()]
+    if not tokens:
+        raise DataError(f"{where}: is empty, expected one integer type id per atom")
+    atype = np.empty(len(tokens), dtype=np.int64)
+    for i, tok in enumerate(tokens):
+        try:
+            atype[i] = int(tok)
+        except ValueError:
+            raise DataError(f"{where}: atom {i} has type {tok!r}, expected a non-negative integer") from None
+    bad = np.flatnonzero(atype < 0)
+    if bad.size:
+        raise DataError(f"{where}: atom {bad[0]} has negative type {atype[bad[0]]}")
+    return atype
+
+
+def _numeric(store, name: str, arr: np.ndarray) -> np.ndarray:
+    if arr.dtype.kind not in "fiu":
+        raise DataError(f"{store.where(name)}: has dtype {arr.dtype}, expected numbers (float or int)")
+    arr = arr.astype(np.float64)
+    if not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        raise DataError(f"{store.where(name)}: holds a non-finite value (NaN or inf) at index {tuple(int(i) for i in bad)}")
+    return arr
+
+
+def _read_set(store, set_name: str, natoms: int, want_box: bool) -> dict[str, np.ndarray]:
+    cname = f"{set_name}/coord.npy"
+    if not store.has(cname):
+        raise DataError(f"{store.where(cname)}: missing (every set.* needs coord.npy)")
+    coord = _numeric(store, cname, store.read_array(cname))
+    nf = coord.shape[0] if coord.ndim >= 2 else (1 if coord.size else 0)
+    if nf == 0 or coord.size == 0:
+        raise DataError(f"{store.where(cname)}: set has 0 frames, expected at least one")
+    out = {}
+    names = ["coord", "force", "energy", "virial"] + (["box"] if want_box else [])
+    for key in names:
+        fname = f"{set_name}/{key}.npy"
+        if key == "coord":
+            arr = coord
+        elif store.has(fname):
+            arr = _numeric(store, fname, store.read_array(fname))
+        elif key == "box":
+            raise DataError(
+                f"{store.where(fname)}: missing (periodic systems need box.npy; "
+                f"add an empty 'nopbc' file for non-periodic ones)"
+            )
+        else:
+            continue
+        if key in _PER_ATOM:
+            per = _PER_ATOM[key] * natoms
+            expect = f"{natoms}*{_PER_ATOM[key]}={per}"
+        else:
+            per = _PER_FRAME[key]
+            expect = str(per)
+        # a 1-D per-frame array (or scalar) holds one frame, except energy: [nframes]
+        arr_nf = 1 if arr.ndim == 0 or (arr.ndim == 1 and key != "energy") else arr.shape[0]
+        if arr_nf != nf:
+            raise DataError(f"{store.where(fname)}: has {arr_nf} frames, but coord.npy has {nf}")
+        if arr.size != nf * per:
+            suffix = " (from type.raw)" if key in _PER_ATOM else ""
+            raise DataError(
+                f"{store.where(fname)}: expected {expect} values per frame{suffix}, "
+                f"got {arr.size // nf if arr.size % nf == 0 else arr.size / nf:g}"
+            )
+        if key in _PER_ATOM:
+            arr = arr.reshape(nf, natoms, 3)
+        elif key == "energy":
+            arr = arr.reshape(nf)
+        else:
+            arr = arr.reshape(nf, 3, 3)
+        out[key] = arr
+    if "box" in out:
+        det = np.linalg.det(out["box"])
+        bad = np.flatnonzero(np.abs(det) < 1e-8)
+        if bad.size:
+            raise DataError(
+                f"{store.where(set_name + '/box.npy')}: frame {bad[0]} has a singular box (volume 0); "
+                f"use an empty 'nopbc' file for non-periodic systems"
+            )
+    return out
+
+
+def _remap_types(store, atype, sys_names, type_map):
+    """Return (atype, names) with atype indexing into the final names."""
+    if sys_names is not None:
+        bad = np.flatnonzero(atype >= len(sys_names))
+        if bad.size:
+            raise DataError(
+                f"{store.where('type.raw')}: atom {bad[0]} has type {atype[bad[0]]}, but "
+                f"type_map.raw names only {len(sys_names)} types {sys_names}"
+            )
+    if type_map is None:
+        if sys_names is not None:
+            return atype, list(sys_names)
+        return atype, [f"Type_{i}" for i in range(int(atype.max()) + 1)]
+    type_map = list(type_map)
+    if sys_names is None:
+        bad = np.flatnonzero(atype >= len(type_map))
+        if bad.size:
+            raise DataError(
+                f"{store.where('type.raw')}: atom {bad[0]} has type {atype[bad[0]]}, but the "
+                f"model's type_map {type_map} has only {len(type_map)} types (and there is no type_map.raw)"
+            )
+        return atype, type_map
+    lookup = np.full(len(sys_names), -1, dtype=np.int64)
+    for t in np.unique(atype):
+        name = sys_names[t]
+        if name not in type_map:
+            raise DataError(
+                f"{store.where('type_map.raw')}: element {name!r} is not in the model's type_map {type_map}"
+            )
+        lookup[t] = type_map.index(name)
+    return lookup[atype], type_map
+
+
+def load_system(path, type_map: Sequence[str] | None = None) -> System:
+    """Read one system (a deepmd/npy directory, or "file.h5#/group").
+
+    With ``type_map`` (the model's element names) the atom types are remapped by
+    element name onto it; without type_map.raw the ids are taken as indices into it.
+    """
+    store = _open(path)
+    try:
+        atype = _read_atype(store)
+        natoms = len(atype)
+        sys_names = store.read_lines("type_map.raw") if store.has("type_map.raw") else None
+        atype, names = _remap_types(store, atype, sys_names, type_map)
+        nopbc = store.has("nopbc")
+        sets = store.sets()
+        if not sets:
+            raise DataError(f"{store.label}: no set.* directory with frames found")
+        parts = [_read_set(store, s, natoms, want_box=not nopbc) for s in sets]
+        data = {}
+        for key in ("coord", "box", "energy", "force", "virial"):
+            have = [key in p for p in parts]
+            if not any(have):
+                data[key] = None
+                continue
+            if not all(have):
+                missing = sets[have.index(False)]
+                present = sets[have.index(True)]
+                raise DataError(
+                    f"{store.where(missing + '/' + key + '.npy')}: missing, but {present}/{key}.npy "
+                    f"exists (a label must be in all sets or none)"
+                )
+            data[key] = np.concatenate([p[key] for p in parts])
+    finally:
+        if isinstance(store, _H5Store):
+            store.close()
+    return System(path=store.label, type_map=names, atype=atype, **data)
+
+
+def _is_system(path) -> bool:
+    path = os.fspath(path)
+    h5 = _split_h5(path)
+    if h5 is not None:
+        if "#" not in path:  # a bare .h5 file: a system only if its root group holds type.raw
+            return f"{path}#/" in _h5_groups(path)
+        return True
+    return os.path.isfile(os.path.join(path, "type.raw"))
+
+
+def load_systems(paths, type_map: Sequence[str] | None = None) -> list[System]:
+    """Read several systems. ``paths`` is one path or a list; a directory or .h5 file that is
+    not itself a system is searched with :func:`find_systems`.
+
+    Without ``type_map`` all systems are remapped onto the union of their element names
+    (in order of first appearance), so that type ids mean the same element everywhere.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    expanded: list[str] = []
+    for p in paths:
+        p = os.fspath(p)
+        if _is_system(p):
+            expanded.append(p)
+            continue
+        found = find_systems(p)
+        if not found:
+            raise DataError(f"{p}: no system (a directory or HDF5 group with type.raw) found")
+        expanded.extend(found)
+    if type_map is not None:
+        return [load_system(p, type_map) for p in expanded]
+    systems = [load_system(p) for p in expanded]
+    union: list[str] = []
+    for s in systems:
+        union += [n for n in s.type_map if n not in union]
+    for s in systems:
+        _remap_by_name(s, union)
+    return systems
+
+
+def _remap_by_name(system: System, type_map: Sequence[str]) -> None:
+    """Re-express ``system.atype`` as indices into ``type_map`` (in place), by element name."""
+    type_map = list(type_map)
+    if system.type_map == type_map:
+        return
+    missing = sorted({system.type_map[t] for t in np.unique(system.atype)} - set(type_map))
+    if missing:
+        raise DataError(f"{system.path}: element {missing[0]!r} is not in the type_map {type_map}")
+    lookup = np.array([type_map.index(n) if n in type_map else -1 for n in system.type_map], dtype=np.int64)
+    system.atype, system.type_map = lookup[system.atype], type_map
+
+
+def find_systems(root) -> list[str]:
+    """Every system under ``root``, sorted: directories holding type.raw (recursively, hidden
+    directories skipped), and for .h5/.hdf5 files every group holding type.raw, as
+    "file.h5#/group/path" ("file.h5#/" for the root group)."""
+    root = os.fspath(root)
+    if not os.path.exists(root):
+        raise DataError(f"{root}: does not exist")
+    if os.path.isfile(root):
+        return _h5_groups(root) if root.lower().endswith(H5_SUFFIXES) else []
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not d.startswith("set."))
+        if "type.raw" in filenames:
+            found.append(dirpath)
+        for f in sorted(filenames):
+            if f.lower().endswith(H5_SUFFIXES):
+                found.extend(_h5_groups(os.path.join(dirpath, f)))
+    return sorted(found)
+
+
+def _h5_groups(file: str) -> list[str]:
+    try:
+        import h5py
+    except ImportError:
+        raise DataError(f"{file}: reading HDF5 needs h5py (pip install h5py)") from None
+    try:
+        with h5py.File(file, "r") as h5:
+            groups = ["/"] if "type.raw" in h5 else []
+
+            def visit(name, obj):
+                if isinstance(obj, h5py.Group) and "type.raw" in obj:
+                    groups.append("/" + name)
+
+            h5.visititems(visit)
+    except OSError as e:
+        raise DataError(f"{file}: not a readable HDF5 file ({e})") from None
+    return sorted(f"{file}#{g}" for g in groups)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _check_for_write(system: System, path: str) -> None:
+    n, nf = system.natoms, system.nframes
+    shapes = {"coord": (nf, n, 3), "force": (nf, n, 3), "box": (nf, 3, 3), "virial": (nf, 3, 3), "energy": (nf,)}
+    for key, shape in shapes.items():
+        arr = getattr(system, key)
+        if arr is not None and np.shape(arr) != shape:
+            raise DataError(f"{path}: System.{key} has shape {np.shape(arr)}, expected {shape}")
+    if nf == 0:
+        raise DataError(f"{path}: System has 0 frames, nothing to write")
+    if system.atype.size and (system.atype.min() < 0 or system.atype.max() >= len(system.type_map)):
+        raise DataError(f"{path}: System.atype has ids outside type_map {system.type_map}")
+
+
+def write_system(system: System, path, set_size: int = 2000, overwrite: bool = False, dtype=np.float64) -> None:
+    """Write ``system`` as a deepmd/npy directory at ``path``, atomically.
+
+    Files are written into a temporary directory next to ``path`` that is then renamed
+    into place, so readers never see a half-written system. An existing non-empty
+    directory is only replaced with ``overwrite=True``. ``dtype`` is the float dtype on disk.
+    """
+    path = os.fspath(path)
+    target = Path(path)
+    _check_for_write(system, path)
+    if set_size < 1:
+        raise DataError(f"{path}: set_size must be >= 1, got {set_size}")
+    tmp = _temp_dir_for(target, overwrite)
+    try:
+        np.savetxt(tmp / "type.raw", system.atype.astype(np.int64), fmt="%d")
+        (tmp / "type_map.raw").write_text("".join(f"{n}\n" for n in system.type_map))
+        if not system.pbc:
+            (tmp / "nopbc").touch()
+        nf, n = system.nframes, system.natoms
+        for i, start in enumerate(range(0, nf, set_size)):
+            sl = slice(start, min(start + set_size, nf))
+            sdir = tmp / f"set.{i:03d}"
+            sdir.mkdir()
+            arrays = {
+                "coord": system.coord[sl].reshape(-1, n * 3),
+                "box": None if system.box is None else system.box[sl].reshape(-1, 9),
+                "energy": None if system.energy is None else system.energy[sl].reshape(-1),
+                "force": None if system.force is None else system.force[sl].reshape(-1, n * 3),
+                "virial": None if system.virial is None else system.virial[sl].reshape(-1, 9),
+            }
+            for key, arr in arrays.items():
+                if arr is not None:
+                    np.save(sdir / f"{key}.npy", np.ascontiguousarray(arr, dtype=dtype))
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _temp_dir_for(target: Path, overwrite: bool) -> Path:
+    """Check that ``target`` may be (re)written and make a temp dir next to it."""
+    if target.exists():
+        if not target.is_dir():
+            raise DataError(f"{target}: exists and is not a directory")
+        if any(target.iterdir()) and not overwrite:
+            raise DataError(f"{target}: directory exists and is not empty (pass overwrite=True to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move the finished directory ``tmp`` to ``target``, replacing what is there."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; give it ordinary permissions
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old / "d")
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old / "d", target)  # put the old data back
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,178 @@
+"""Cell-list neighbour search (the reference implementation, pure PyTorch).
+
+O(N) in time and memory: atoms are binned into cells at least `rcut` wide, and each
+centre looks only at the 27 cells around its own.  Periodic boxes (orthorhombic or
+triclinic, of any size relative to `rcut`) are handled by explicit image atoms: every
+image of every atom that lies within `rcut` of the box is added once, so a box thinner
+than 2*rcut simply yields several images of the same neighbour.
+
+A neighbour list is an edge list: edge e goes from `center[e]` to `neighbor[e]`, and the
+vector between them is
+    r_e = coord[neighbor[e]] - coord[center[e]] + shift[e] @ box
+with `shift` an integer number of lattice vectors (zero for open boundaries).  Keeping
+the shift instead of the vector lets the model recompute r_e differentiably, which is
+what gives forces and the virial (see dpmd.model.forces).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dpmd.errors import NeighborOverflowError
+
+# Candidate pairs examined at once; bounds the peak memory of the search.
+_MAX_CANDIDATES = 1 << 22
+
+
+@dataclass
+class NeighborList:
+    center: torch.Tensor  # (E,) int64
+    neighbor: torch.Tensor  # (E,) int64
+    shift: torch.Tensor  # (E, 3) float, integer multiples of the lattice vectors
+
+    def __len__(self) -> int:
+        return int(self.center.numel())
+
+
+def _face_heights(box: torch.Tensor) -> torch.Tensor:
+    """Distance between opposite faces of the cell, one per lattice vector."""
+    volume = torch.linalg.det(box).abs()
+    a, b, c = box
+    areas = torch.stack([torch.linalg.cross(b, c), torch.linalg.cross(c, a), torch.linalg.cross(a, b)]).norm(dim=1)
+    return volume / areas
+
+
+def _periodic_images(coord: torch.Tensor, box: torch.Tensor, rcut: float):
+    """All images of all atoms within `rcut` of the cell.
+
+    Returns (owner, shift, position, bin_coord): the atom each image copies, its shift
+    in lattice vectors relative to the *unwrapped* input coordinates, its Cartesian
+    position, and a coordinate per axis measured in Å across the cell faces (used for
+    binning: two points closer than rcut differ by less than rcut along each of these).
+    """
+    heights = _face_heights(box)
+    if bool((heights <= 0).any()) or not bool(torch.isfinite(heights).all()):
+        raise ValueError(f"box {box.tolist()} is singular: its lattice vectors must span a volume")
+    frac = coord @ torch.linalg.inv(box)
+    wrap = torch.floor(frac)
+    frac = frac - wrap  # in [0, 1)
+    margin = rcut / heights  # in fractional units, per axis
+    nimg = torch.ceil(margin).long().tolist()
+    shifts = torch.tensor(
+        list(itertools.product(*[range(-n, n + 1) for n in nimg])), dtype=coord.dtype, device=coord.device
+    )
+    # Image s=0 first so that images 0..N-1 are the atoms themselves.
+    zero = (shifts == 0).all(dim=1)
+    shifts = torch.cat([shifts[zero], shifts[~zero]])
+    img_frac = frac.unsqueeze(0) + shifts.unsqueeze(1)  # (S, N, 3)
+    inside = ((img_frac >= -margin) & (img_frac < 1 + margin)).all(dim=-1)
+    inside[0] = True
+    s_idx, owner = inside.nonzero(as_tuple=True)
+    img_frac = img_frac[s_idx, owner]
+    position = img_frac @ box
+    # r_j(image) - r_i = x_j - x_i + (s - wrap_j + wrap_i) @ box; the "- wrap_j" part
+    # is folded in here and "+ wrap_i" is added per edge.
+    shift = shifts[s_idx] - wrap[owner]
+    bin_coord = (img_frac + margin) * heights
+    extent = (1 + 2 * margin) * heights
+    return owner, shift, position, bin_coord, extent, wrap
+
+
+def build_neighbor_list(coord: torch.Tensor, box: torch.Tensor | None, rcut: float) -> NeighborList:
+    """All pairs (i, j, image) with 0 < |r_ij| < rcut, for one frame.
+
+    coord: (N, 3); box: (3, 3) with lattice vectors as rows, or None for open boundaries.
+    Edges come sorted by centre.
+    """
+    if rcut <= 0:
+        raise ValueError(f"rcut must be positive, got {rcut}")
+    with torch.no_grad():
+        coord = coord.detach().to(torch.float64)
+        n = coord.shape[0]
+        dev = coord.device
+        if box is not None:
+            box = box.detach().to(torch.float64)
+            owner, shift, position, bin_coord, extent, wrap = _periodic_images(coord, box, rcut)
+        else:
+            owner = torch.arange(n, device=dev)
+            shift = torch.zeros(n, 3, dtype=torch.float64, device=dev)
+            position = coord
+            lo = coord.min(dim=0).values if n else torch.zeros(3, dtype=torch.float64, device=dev)
+            bin_coord = coord - lo
+            extent = bin_coord.max(dim=0).values + 1e-9 if n else torch.ones(3, dtype=torch.float64, device=dev)
+            wrap = None
+        if n == 0:
+            empty = torch.zeros(0, dtype=torch.long, device=dev)
+            return NeighborList(empty, empty, torch.zeros(0, 3, dtype=torch.float64, device=dev))
+
+        # Bins at least rcut wide; ghosts are explicit, so bins never wrap around.
+        nbins = torch.clamp(torch.floor(extent / rcut), min=1).long()
+        ib = torch.minimum((bin_coord / (extent / nbins)).long().clamp(min=0), nbins - 1)
+        nb = nbins.tolist()
+        bin_id = (ib[:, 0] * nb[1] + ib[:, 1]) * nb[2] + ib[:, 2]
+        order = torch.argsort(bin_id, stable=True)
+        nbin_total = nb[0] * nb[1] * nb[2]
+        count = torch.bincount(bin_id, minlength=nbin_total)
+        start = torch.cumsum(count, 0) - count
+        maxc = int(count.max())
+        # table[b, k] = k-th image in bin b, or -1
+        slot = torch.arange(order.numel(), device=dev) - start[bin_id[order]]
+        table = torch.full((nbin_total, maxc), -1, dtype=torch.long, device=dev)
+        table[bin_id[order], slot] = order
+
+        offsets = torch.tensor(list(itertools.product((-1, 0, 1), repeat=3)), device=dev)
+        rcut2 = rcut * rcut
+        centers, neighbors, shifts = [], [], []
+        chunk = max(1, _MAX_CANDIDATES // (27 * maxc))
+        for c0 in range(0, n, chunk):
+            ci = torch.arange(c0, min(n, c0 + chunk), device=dev)
+            nbr_bin = ib[ci].unsqueeze(1) + offsets  # (C, 27, 3)
+            ok = ((nbr_bin >= 0) & (nbr_bin < nbins)).all(dim=-1)
+            nbr_bin = nbr_bin.clamp(min=0)
+            nbr_bin = torch.minimum(nbr_bin, nbins - 1)
+            lin = (nbr_bin[..., 0] * nb[1] + nbr_bin[..., 1]) * nb[2] + nbr_bin[..., 2]
+            cand = table[lin]  # (C, 27, maxc)
+            cand = torch.where(ok.unsqueeze(-1), cand, -1).reshape(ci.numel(), -1)
+            valid = (cand >= 0) & (cand != ci.unsqueeze(1))
+            d = position[cand.clamp(min=0)] - position[ci].unsqueeze(1)
+            valid &= (d * d).sum(-1) < rcut2
+            row, col = valid.nonzero(as_tuple=True)
+            img = cand[row, col]
+            centers.append(ci[row])
+            neighbors.append(owner[img])
+            shifts.append(shift[img])
+        center = torch.cat(centers)
+        neighbor = torch.cat(neighbors)
+        shift_out = torch.cat(shifts)
+        if wrap is not None:
+            shift_out = shift_out + wrap[center]
+        return NeighborList(center, neighbor, shift_out)
+
+
+def count_neighbors(nlist: NeighborList, atype: torch.Tensor, ntypes: int, natoms: int) -> torch.Tensor:
+    """(natoms, ntypes) number of neighbours of each type around each atom."""
+    key = nlist.center * ntypes + atype[nlist.neighbor]
+    return torch.bincount(key, minlength=natoms * ntypes).reshape(natoms, ntypes)
+
+
+def check_sel(counts: torch.Tensor, atype: torch.Tensor, sel: list[int], type_map: list[str]) -> None:
+    """Refuse neighbour counts beyond `sel`: the model would silently drop neighbours."""
+    limit = torch.tensor(sel, device=counts.device)
+    over = counts > limit
+    if bool(over.any()):
+        i, t = (int(x) for x in over.nonzero()[0])
+        n_over = int(over.any(dim=1).sum())
+        raise NeighborOverflowError(
+            f"atom {i} (type {type_map[int(atype[i])]}) has {int(counts[i, t])} neighbours of type "
+            f"{type_map[t]} within rcut but sel allows {sel[t]} ({n_over} atom(s) over the limit); "
+            f"raise descriptor.sel (or use sel: auto)"
+        )
+
+
+def auto_sel(max_counts: list[int], ratio: float = 1.1) -> list[int]:
+    """DeePMD's `sel: auto`: the largest neighbour count times `ratio`, rounded up to a multiple of 4."""
+    return [int(math.ceil(c * ratio / 4.0)) * 4 for c in max_counts]

@@ -1,0 +1,83 @@
+"""Energy, forces and virial for any model that maps edge vectors to atomic energies.
+
+This is the only place where derivatives are taken.  A model provides
+    model.atomic_energy(edge_vec, center, center_type, neighbor_type) -> (n_centers,)
+and everything else follows from g_e = dE/dr_e, the gradient with respect to each edge
+vector r_e = x_j - x_i + shift @ box:
+    F_i = sum_{e: center i} g_e - sum_{e: neighbour i} g_e
+    W   = - sum_e g_e (x) r_e            (virial, -dE/d(strain); DeePMD-kit's sign)
+Large systems are evaluated in chunks of centre atoms so memory stays bounded: the
+energy is a sum of atomic terms, each depending only on its own edges.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dpmd.geometry.graph import edge_vectors
+from dpmd.geometry.neighbor import NeighborList, check_sel, count_neighbors
+
+DEFAULT_CHUNK_ATOMS = 2048
+
+
+def check_neighbors(model, graph: dict) -> None:
+    """Neighbour overflow beyond `sel` is an error naming the atom (index within its frame)."""
+    atype = graph["atype"]
+    counts = count_neighbors(NeighborList(graph["center"], graph["neighbor"], graph["shift"]), atype,
+                             model.ntypes, atype.numel())
+    try:
+        check_sel(counts, atype, model.sel, model.type_map)
+    except Exception as err:
+        natoms = graph["natoms"]
+        if atype.numel() > natoms:  # name the frame too
+            i = int((counts > torch.tensor(model.sel, device=counts.device)).any(1).nonzero()[0])
+            msg = str(err).replace(f"atom {i} ", f"atom {i % natoms} of frame {i // natoms} ", 1)
+            raise type(err)(msg) from None
+        raise
+
+
+def evaluate(model, graph: dict, *, create_graph: bool = False, chunk_atoms: int | None = None,
+             atom_virial: bool = False) -> dict:
+    """energy (F,), atom_energy (N,), force (N, 3), virial (F, 3, 3) [, atom_virial (N, 3, 3)].
+
+    create_graph=True keeps the graph for training on forces (no chunking then).
+    """
+    check_neighbors(model, graph)
+    nframes, natoms_total = graph["box"].shape[0], graph["atype"].numel()
+    center, neighbor, atype, batch = graph["center"], graph["neighbor"], graph["atype"], graph["batch"]
+    chunk = natoms_total if create_graph else (chunk_atoms or DEFAULT_CHUNK_ATOMS)
+    # edges are sorted by centre: each chunk of atoms owns a contiguous range of edges
+    bounds = torch.searchsorted(center, torch.arange(0, natoms_total + chunk, chunk, device=center.device)).tolist()
+
+    dtype = graph["coord"].dtype
+    atom_energy, g_parts = [], []
+    with torch.enable_grad():
+        for k, a0 in enumerate(range(0, natoms_total, chunk)):
+            a1 = min(a0 + chunk, natoms_total)
+            edges = slice(bounds[k], bounds[k + 1])
+            vec = edge_vectors(graph, edges)
+            vec = vec if vec.requires_grad else vec.detach().requires_grad_()
+            e = model.atomic_energy(vec, center[edges] - a0, atype[a0:a1], atype[neighbor[edges]])
+            (g,) = torch.autograd.grad(e.sum(), vec, create_graph=create_graph)
+            atom_energy.append(e if create_graph else e.detach())
+            g_parts.append(g)
+    atom_energy = torch.cat(atom_energy).to(dtype)
+    g = torch.cat(g_parts).to(dtype)
+    vec = edge_vectors(graph)
+    if not create_graph:
+        vec = vec.detach()
+
+    force = torch.zeros(natoms_total, 3, dtype=dtype, device=g.device)
+    force = force.index_add(0, center, g).index_add(0, neighbor, -g)
+    edge_virial = -(g.unsqueeze(2) * vec.unsqueeze(1))  # (E, 3, 3)
+    out = {
+        "energy": torch.zeros(nframes, dtype=dtype, device=g.device).index_add(0, batch, atom_energy),
+        "atom_energy": atom_energy,
+        "force": force,
+        "virial": torch.zeros(nframes, 3, 3, dtype=dtype, device=g.device).index_add(0, batch[center], edge_virial),
+    }
+    if atom_virial:  # each edge's virial shared equally by its two atoms
+        half = 0.5 * edge_virial
+        out["atom_virial"] = torch.zeros(natoms_total, 3, 3, dtype=dtype, device=g.device).index_add(
+            0, center, half).index_add(0, neighbor, half)
+    return out

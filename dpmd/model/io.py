@@ -1,0 +1,89 @@
+"""Saving and loading models: dpmd's own files, and DeePMD-kit (PyTorch backend) checkpoints."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dpmd.errors import DpmdError
+from dpmd.model.deeppot import DeepPot
+
+FORMAT = "dpmd-model"
+
+
+def atomic_torch_save(obj, path) -> None:
+    """torch.save to a temp file in the same directory, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: DeepPot, path) -> None:
+    atomic_torch_save({"format": FORMAT, "version": 1, "config": model.config,
+                       "state_dict": model.state_dict()}, path)
+
+
+def load_model(path, device: str | torch.device = "cpu") -> DeepPot:
+    """A dpmd model file, or a DeePMD-kit PyTorch checkpoint (`model.ckpt.pt`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DpmdError(f"{path}: model file not found")
+    try:
+        blob = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:
+        raise DpmdError(f"{path}: not a readable model file ({err.__class__.__name__}: {str(err).splitlines()[0]})")
+    if isinstance(blob, dict) and blob.get("format") == FORMAT:
+        model = DeepPot(blob["config"])
+        model.load_state_dict(blob["state_dict"])
+    elif isinstance(blob, dict) and ("model" in blob or "_extra_state" in blob):
+        model = from_deepmd_state_dict(blob.get("model", blob), source=str(path))
+    else:
+        raise DpmdError(f"{path}: neither a dpmd model nor a DeePMD-kit checkpoint")
+    return model.to(device).eval()
+
+
+def from_deepmd_state_dict(state: dict, source: str = "checkpoint") -> DeepPot:
+    """Build a DeepPot with the weights of a DeePMD-kit 3 (PyTorch) se_e2_a energy model."""
+    try:
+        config = state["_extra_state"]["model_params"]
+    except (KeyError, TypeError):
+        raise DpmdError(f"{source}: no _extra_state.model_params: not a DeePMD-kit 3 PyTorch checkpoint")
+    model = DeepPot(config)
+    ours = {}
+    for key, value in state.items():
+        m = re.search(r"atomic_model\.(.*)$", key)
+        if not m:
+            continue
+        name = m.group(1)
+        if (n := re.fullmatch(r"descriptor\.sea\.filter_layers\.networks\.(\d+)\.layers\.(\d+)\.(\w+)", name)):
+            ours[f"descriptor.embeddings.{n[1]}.layers.{n[2]}.{n[3]}"] = value
+        elif (n := re.fullmatch(r"fitting_net\.filter_layers\.networks\.(\d+)\.layers\.(\d+)\.(\w+)", name)):
+            ours[f"fitting.nets.{n[1]}.layers.{n[2]}.{n[3]}"] = value
+        elif name in ("descriptor.sea.mean", "descriptor.sea.stddev"):
+            # DeePMD stores one row per neighbour slot; the rows of a centre type are equal.
+            if not torch.equal(value, value[:, :1].expand_as(value)):
+                raise DpmdError(f"{source}: {key} differs between neighbour slots; not supported")
+            ours["descriptor." + ("mean" if name.endswith("mean") else "std")] = value[:, 0, :]
+    bias = state[next(k for k in state if k.endswith("atomic_model.out_bias"))][0, :, 0]
+    fit_bias = [v for k, v in state.items() if k.endswith("fitting_net.bias_atom_e")]
+    if fit_bias:
+        bias = bias + fit_bias[0][:, 0]
+    ours["fitting.energy_bias"] = bias
+    missing, unexpected = model.load_state_dict(ours, strict=False)
+    if missing or unexpected:
+        raise DpmdError(f"{source}: weights do not match the model config (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")
+    return model
