@@ -100,14 +100,17 @@ def _read(dpdata, src, fmt: str) -> list:
         return [cls(src, fmt=fmt)]
     except Exception as first:  # several compositions in one source: try MultiSystems
         try:
-            return list(dpdata.MultiSystems.from_file(src, fmt=fmt))
+            systems = list(dpdata.MultiSystems.from_file(src, fmt=fmt))
         except Exception:
-            raise first from None
+            systems = []
+        if not systems:
+            raise first from None  # report the LabeledSystem error, the more telling one
+        return systems
 
 
 def _formula(s: System) -> str:
     counts = np.bincount(s.atype, minlength=len(s.type_map))
-    return "".join(f"{n}{c}" for n, c in zip(s.type_map, counts) if c > 0)
+    return "".join(f"{n}{c}" for n, c in sorted(zip(s.type_map, counts)) if c > 0)  # e.g. "H2O1"
 
 
 def _convert(src, fmt: str, out_dir, type_map=None, overwrite: bool = False) -> list[tuple[str, System]]:

@@ -31,7 +31,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -129,11 +129,12 @@ class _DirStore:
         try:
             return np.load(self.root / name, allow_pickle=False)
         except ValueError as e:
-            if "allow_pickle" in str(e) or "object" in str(e):
+            if "Object arrays" in str(e):
                 raise DataError(
                     f"{self.where(name)}: holds Python objects, expected a numeric array"
                 ) from None
-            raise DataError(f"{self.where(name)}: not a valid .npy file ({e})") from None
+            detail = "" if "pickle" in str(e) else f" ({e})"  # numpy takes non-npy bytes for a pickle
+            raise DataError(f"{self.where(name)}: not a valid .npy file{detail}") from None
         except (OSError, EOFError) as e:
             raise DataError(f"{self.where(name)}: not a valid .npy file ({e})") from None
 
@@ -280,10 +281,10 @@ def _read_set(store, set_name: str, natoms: int, want_box: bool) -> dict[str, np
         else:
             per = _PER_FRAME[key]
             expect = str(per)
-        # a 1-D per-frame array (or scalar) holds one frame, except energy: [nframes]
-        arr_nf = 1 if arr.ndim == 0 or (arr.ndim == 1 and key != "energy") else arr.shape[0]
-        if arr_nf != nf:
-            raise DataError(f"{store.where(fname)}: has {arr_nf} frames, but coord.npy has {nf}")
+        # rows are frames ([nframes, ...]); a flat array is accepted when its size fits
+        rows = arr.shape[0] if arr.ndim >= 2 or (arr.ndim == 1 and key == "energy") else None
+        if rows is not None and rows != nf:
+            raise DataError(f"{store.where(fname)}: has {rows} frames, but coord.npy has {nf}")
         if arr.size != nf * per:
             suffix = " (from type.raw)" if key in _PER_ATOM else ""
             raise DataError(

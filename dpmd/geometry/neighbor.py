@@ -176,3 +176,26 @@ def check_sel(counts: torch.Tensor, atype: torch.Tensor, sel: list[int], type_ma
 def auto_sel(max_counts: list[int], ratio: float = 1.1) -> list[int]:
     """DeePMD's `sel: auto`: the largest neighbour count times `ratio`, rounded up to a multiple of 4."""
     return [int(math.ceil(c * ratio / 4.0)) * 4 for c in max_counts]
+
+
+def neighbor_stat(frames, rcut: float, ntypes: int) -> tuple[list[int], float]:
+    """Largest neighbour count of each type over all atoms and frames, and the smallest pair distance.
+
+    frames: iterable of (coord (N, 3), atype (N,), box (3, 3) or None).
+    """
+    max_counts = torch.zeros(ntypes, dtype=torch.long)
+    min_dist = math.inf
+    for coord, atype, box in frames:
+        coord = torch.as_tensor(coord, dtype=torch.float64)
+        atype = torch.as_tensor(atype, dtype=torch.long)
+        box = None if box is None else torch.as_tensor(box, dtype=torch.float64).reshape(3, 3)
+        nlist = build_neighbor_list(coord, box, rcut)
+        if len(nlist) == 0:
+            continue
+        counts = count_neighbors(nlist, atype, ntypes, coord.shape[0])
+        max_counts = torch.maximum(max_counts, counts.max(dim=0).values)
+        vec = coord[nlist.neighbor] - coord[nlist.center]
+        if box is not None:
+            vec = vec + nlist.shift @ box
+        min_dist = min(min_dist, float(vec.norm(dim=1).min()))
+    return max_counts.tolist(), min_dist

@@ -73,7 +73,9 @@ class DescriptorSeA(nn.Module):
         ct_edge = center_type[center]
         rows = (self.env_rows(edge_vec.to(dtype)) - self.mean[ct_edge]) / self.std[ct_edge]
         key = neighbor_type if self.type_one_side else neighbor_type * self.ntypes + ct_edge
-        order = torch.argsort(key, stable=True)
+        # Edges grouped by net, then by centre: each group becomes a dense (centre, slot)
+        # block padded only to the largest real count, so T is one batched matmul per net.
+        order = torch.argsort(key * ncent + center)
         counts = torch.bincount(key, minlength=len(self.embeddings)).tolist()
         rows, center_sorted = rows[order], center[order]
 
@@ -82,10 +84,16 @@ class DescriptorSeA(nn.Module):
         for net, n in zip(self.embeddings, counts):
             if n == 0:
                 continue
-            r = rows[start:start + n]
-            g = net(r[:, :1])
-            T = T.index_add(0, center_sorted[start:start + n], r.unsqueeze(2) * g.unsqueeze(1))
+            r, c = rows[start:start + n], center_sorted[start:start + n]
             start += n
+            per_center = torch.bincount(c, minlength=ncent)
+            nmax = int(per_center.max())
+            slot = torch.arange(n, device=c.device) - (torch.cumsum(per_center, 0) - per_center)[c]
+            flat = c * nmax + slot
+            g = net(r[:, :1])
+            r_pad = r.new_zeros(ncent * nmax, 4).index_copy(0, flat, r).view(ncent, nmax, 4)
+            g_pad = g.new_zeros(ncent * nmax, self.width).index_copy(0, flat, g).view(ncent, nmax, self.width)
+            T = T + torch.bmm(r_pad.transpose(1, 2), g_pad)
         T = T + self._padding(center, center_type, neighbor_type)
         T = T / self.nnei
         D = torch.bmm(T.transpose(1, 2), T[:, :, : self.axis_neuron])

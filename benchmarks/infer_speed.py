@@ -1,0 +1,179 @@
+"""Inference speed and memory of dpmd on replicated water: µs/atom for energy + forces + virial.
+
+The 192-atom water frame is replicated n x n x n (box scaled) and evaluated in float64 with
+1 and 2 threads.  Each (size, threads) configuration runs in a fresh subprocess so that its
+peak RSS (ru_maxrss) is its own; the worker prints one JSON line that the parent parses.
+
+    PYTHONPATH=. python benchmarks/infer_speed.py                    # the issue's table (several minutes)
+    PYTHONPATH=. python benchmarks/infer_speed.py --sizes 1 2 --threads 1 --repeats 3 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT.parent / "shared/deepmd-kit/water_se_e2_a/model.ckpt.pt"
+DEFAULT_DATA = ROOT.parent / "shared/data/water/data_0"
+WARMUPS = {1: 2, 2: 2, 4: 1}          # per replication n; 1 for anything larger
+REPEATS = {1: 7, 2: 5, 4: 3}          # per replication n; 2 for anything larger
+# DeePMD-kit 3.2 (PyTorch backend, float64, CPU) measured earlier on this machine; quoted, not re-measured.
+BASELINE = {"192 atoms": "640 µs/atom", "1,536 atoms": "1400-2100 µs/atom", "12,288 atoms": "out of memory"}
+TARGETS = "≤400 µs/atom at 192 atoms with 2 threads; ≤1.3x per-atom cost at 98,304 vs 192; peak RSS < 8 GiB at 98,304"
+
+
+def water(n: int, data: Path):
+    """Frame 0 of the water data replicated n x n x n: coord (N, 3), atype (N,), box (3, 3)."""
+    import numpy as np
+    coord = np.load(data / "set.000/coord.npy")[0].reshape(-1, 3)
+    box = np.load(data / "set.000/box.npy")[0].reshape(3, 3)
+    atype = np.loadtxt(data / "type.raw", dtype=np.int64).reshape(-1)
+    shifts = np.array([[i, j, k] for i in range(n) for j in range(n) for k in range(n)], dtype=float) @ box
+    return (coord[None] + shifts[:, None]).reshape(-1, 3), np.tile(atype, n ** 3), box * n
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def worker(args) -> dict:
+    import torch
+    torch.set_num_threads(args.threads[0])
+    from dpmd.geometry.graph import build_graph
+    from dpmd.model import load_model
+    from dpmd.model.forces import evaluate
+
+    n = args.sizes[0]
+    coord, atype, box = water(n, Path(args.data))
+    model = load_model(args.model)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    warmups = WARMUPS.get(n, 1) if args.warmups is None else args.warmups
+    repeats = REPEATS.get(n, 2) if args.repeats is None else args.repeats
+    nl, ev = [], []
+    for i in range(warmups + repeats):
+        graph = out = None  # free the previous repeat's tensors before building new ones
+        graph, t_nl = timed(lambda: build_graph(coord, atype, box, model.rcut))
+        out, t_ev = timed(lambda: evaluate(model, graph, chunk_atoms=args.chunk_atoms))
+        if i >= warmups:
+            nl.append(t_nl)
+            ev.append(t_ev)
+    natoms = len(atype)
+    res = {"atoms": natoms, "threads": args.threads[0], "chunk_atoms": args.chunk_atoms, "repeats": repeats,
+           "nl_us": statistics.median(nl) / natoms * 1e6, "eval_us": statistics.median(ev) / natoms * 1e6,
+           "total_us": statistics.median(a + b for a, b in zip(nl, ev)) / natoms * 1e6,
+           "energy_per_atom": float(out["energy"].sum()) / natoms, "base_rss_mib": base_rss}
+    if args.deepmd:
+        res["deepmd_us"] = deepmd_time(args, coord, atype, box, warmups, repeats)
+    res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return res
+
+
+def deepmd_time(args, coord, atype, box, warmups, repeats):
+    """DeePMD-kit's own DeepPot.eval (neighbour list included), µs/atom; an error message if it fails."""
+    try:
+        from deepmd.infer import DeepPot
+        dp = DeepPot(args.model)
+        times = [timed(lambda: dp.eval(coord.reshape(1, -1), box.reshape(1, 9), atype))[1]
+                 for _ in range(warmups + repeats)][warmups:]
+        return statistics.median(times) / len(atype) * 1e6
+    except Exception as err:  # noqa: BLE001 - reported, not fatal
+        return f"failed: {type(err).__name__}: {err}"[:200]
+
+
+def run_config(args, n: int, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--sizes", str(n), "--threads", str(threads),
+           "--model", str(args.model), "--data", str(args.data)]
+    for opt in ("repeats", "warmups", "chunk_atoms"):
+        if getattr(args, opt) is not None:
+            cmd += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
+    cmd += ["--deepmd"] if args.deepmd else []
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:  # e.g. killed for memory (-9)
+        tail = proc.stderr.strip().splitlines()[-1:] or [""]
+        return {"atoms": 192 * n ** 3, "threads": threads, "error": f"exit {proc.returncode} {tail[0][:120]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def report(results: list[dict], deepmd_installed: bool) -> None:
+    print(f"\n{'atoms':>7} {'thr':>3} {'nl µs/at':>9} {'eval µs/at':>10} {'total µs/at':>11} "
+          f"{'peak RSS MiB':>12} {'(base MiB)':>10}" + ("  deepmd µs/at" if deepmd_installed else ""))
+    for r in results:
+        if "error" in r:
+            print(f"{r['atoms']:>7} {r['threads']:>3}  {r['error']}")
+            continue
+        dp = r.get("deepmd_us")
+        dp = "" if dp is None else f"  {dp:>13.1f}" if isinstance(dp, float) else f"  {dp}"
+        print(f"{r['atoms']:>7} {r['threads']:>3} {r['nl_us']:>9.1f} {r['eval_us']:>10.1f} {r['total_us']:>11.1f} "
+              f"{r['peak_rss_mib']:>12.0f} {r['base_rss_mib']:>10.0f}" + dp)
+    ok = [r for r in results if "error" not in r]
+    by = {(r["atoms"], r["threads"]): r for r in ok}
+    sizes, threads = sorted({r["atoms"] for r in ok}), sorted({r["threads"] for r in ok})
+    print()
+    if len(sizes) > 1:
+        for t in threads:
+            if (sizes[0], t) in by and (sizes[-1], t) in by:
+                ratio = by[sizes[-1], t]["total_us"] / by[sizes[0], t]["total_us"]
+                print(f"per-atom cost {sizes[-1]:,} vs {sizes[0]:,} atoms, {t} thread(s): {ratio:.2f}x (target ≤1.3x)")
+    if len(threads) > 1:
+        for a in sizes:
+            if (a, threads[0]) in by and (a, threads[-1]) in by:
+                s = by[a, threads[0]]["total_us"] / by[a, threads[-1]]["total_us"]
+                print(f"speedup {threads[-1]} vs {threads[0]} thread(s) at {a:,} atoms: {s:.2f}x")
+    epa = [r["energy_per_atom"] for r in ok]
+    if epa and max(epa) - min(epa) > 1e-8 * abs(epa[0]):
+        print(f"WARNING: energy per atom differs between replications: {min(epa)} .. {max(epa)}")
+    print("\nDeePMD-kit 3.2 baseline (measured earlier on this machine, quoted constants): "
+          + "; ".join(f"{k}: {v}" for k, v in BASELINE.items()))
+    print("targets:", TARGETS)
+    print("DeePMD-kit: timed in this run (column 'deepmd')" if deepmd_installed
+          else "DeePMD-kit: not installed (import deepmd failed), not timed in this run")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="replication n (192 n^3 atoms)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--repeats", type=int, help="timed repeats (default 7/5/3/2 for n=1/2/4/8+)")
+    p.add_argument("--warmups", type=int, help="untimed warm-ups (default 2/2/1/1 for n=1/2/4/8+)")
+    p.add_argument("--chunk-atoms", type=int, help="evaluate(chunk_atoms=...); default: dpmd's default")
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--json", help="save results to this file")
+    p.add_argument("--no-deepmd", dest="deepmd", action="store_false", help="don't time DeePMD-kit even if installed")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    try:
+        import deepmd  # noqa: F401
+        installed = True
+    except ImportError:
+        installed = False
+    args.deepmd = args.deepmd and installed
+    results = []
+    for n in args.sizes:
+        for t in args.threads:
+            results.append(run_config(args, n, t))
+            r = results[-1]
+            print(f"done: {r['atoms']} atoms, {t} thread(s): " + (r.get("error") or f"{r['total_us']:.1f} µs/atom"),
+                  flush=True)
+    report(results, installed)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
