@@ -11,6 +11,7 @@ peak RSS (ru_maxrss) is its own; the worker prints one JSON line that the parent
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -96,7 +97,7 @@ def run_config(args, n: int, threads: int) -> dict:
     for opt in ("repeats", "warmups", "chunk_atoms"):
         if getattr(args, opt) is not None:
             cmd += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
-    cmd += ["--deepmd"] if args.deepmd else []
+    cmd += [] if args.deepmd else ["--no-deepmd"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -138,7 +139,7 @@ def report(results: list[dict], deepmd_installed: bool) -> None:
           + "; ".join(f"{k}: {v}" for k, v in BASELINE.items()))
     print("targets:", TARGETS)
     print("DeePMD-kit: timed in this run (column 'deepmd')" if deepmd_installed
-          else "DeePMD-kit: not installed (import deepmd failed), not timed in this run")
+          else "DeePMD-kit: not installed (no 'deepmd' module), not timed in this run")
 
 
 def main() -> None:
@@ -154,15 +155,11 @@ def main() -> None:
     p.add_argument("--no-deepmd", dest="deepmd", action="store_false", help="don't time DeePMD-kit even if installed")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    installed = importlib.util.find_spec("deepmd") is not None  # found without importing it
+    args.deepmd = args.deepmd and installed
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    try:
-        import deepmd  # noqa: F401
-        installed = True
-    except ImportError:
-        installed = False
-    args.deepmd = args.deepmd and installed
     results = []
     for n in args.sizes:
         for t in args.threads:
