@@ -31,6 +31,45 @@ def _neighbor_stat(args) -> None:
     print(f"sel (auto = max x 1.1, multiple of 4): {auto_sel(max_counts)}")
 
 
+def _train(args) -> None:
+    import torch
+
+    from dpmd.train.config import read_input
+    from dpmd.train.trainer import Trainer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = read_input(args.input, args.set)
+    if args.restart and (args.init_model or args.finetune):
+        raise DpmdError("--restart continues a run; it cannot be combined with --init-model or --finetune")
+    trainer = Trainer(config, restart=args.restart, init_model=args.init_model, finetune=args.finetune,
+                      out_dir=args.output)
+    result = trainer.run()
+    if trainer.rank == 0:
+        print(f"trained to step {config['training']['numb_steps']}: {result['seconds_per_step']:.3f} s/step, "
+              f"start-up {result['startup_seconds']:.1f} s")
+
+
+def _freeze(args) -> None:
+    from dpmd.train.freeze import freeze
+
+    source = freeze(args.checkpoint, args.output)
+    print(f"froze {source} -> {args.output}")
+
+
+def _test(args) -> None:
+    from dpmd.train.test import test_model
+
+    test_model(args.model, args.systems, args.numb_test, args.detail_file, args.plot)
+
+
+def _convert_model(args) -> None:
+    from dpmd.model import load_model, save_model
+
+    save_model(load_model(args.input), args.output)
+    print(f"converted {args.input} ({args.source}) -> {args.output}")
+
+
 def _demo(args) -> None:
     from dpmd.demo import run_demo
 
@@ -52,6 +91,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert DFT outputs into deepmd/npy (through dpdata)")
     add_convert_arguments(p)
     p.set_defaults(func=run_convert)
+
+    p = sub.add_parser("train", help="train a model from a YAML or JSON input (DeePMD-kit keys)")
+    p.add_argument("input", help="input.yaml or input.json")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value, e.g. --set training.numb_steps=200 (repeatable)")
+    p.add_argument("--restart", help="continue the run of this checkpoint")
+    p.add_argument("--init-model", help="start a new run from the weights of a checkpoint or model file")
+    p.add_argument("--finetune", help="like --init-model, re-fitting the energy bias on the new data")
+    p.add_argument("-o", "--output", default=".", help="directory for lcurve.out and checkpoints")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("freeze", help="checkpoint -> self-contained model file")
+    p.add_argument("-c", "--checkpoint", default=None, help="checkpoint file or folder (default: latest in .)")
+    p.add_argument("-o", "--output", default="frozen_model.pth")
+    p.set_defaults(func=_freeze)
+
+    p = sub.add_parser("test", help="energy/force/virial errors of a model on labelled data (like dp test)")
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("-s", "--systems", nargs="+", required=True)
+    p.add_argument("-n", "--numb-test", type=int, default=None, help="frames per system (default: all)")
+    p.add_argument("-d", "--detail-file", default=None, help="prefix of per-frame output files")
+    p.add_argument("--plot", default=None, help="write parity plots to this image")
+    p.set_defaults(func=_test)
+
+    p = sub.add_parser("convert-model", help="import a DeePMD-kit (PyTorch) se_e2_a checkpoint")
+    p.add_argument("--from", dest="source", default="deepmd", choices=["deepmd"])
+    p.add_argument("-i", "--input", required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=_convert_model)
 
     p = sub.add_parser("demo", help="the README's main job on the bundled water example")
     p.add_argument("--data", default=None, help="DeePMD system (default: examples/water/data_0)")

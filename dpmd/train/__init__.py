@@ -1,0 +1,1 @@
+"""Training: `dpmd train` (config, schedule, loss, sampler, checkpoints), `dpmd freeze`, `dpmd test`."""

@@ -1,0 +1,84 @@
+"""Which frames each training step sees, as DeePMD-kit draws them, with a resumable state.
+
+A step picks a system (probability from `auto_prob`), then takes the next `batch_size` frames of
+that system's current shuffled order (reshuffled when exhausted).  With several data-parallel
+workers every worker draws the same global batch of batch_size * world frames and keeps its own
+slice, so N workers with batch B train exactly like one worker with batch N*B.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from dpmd.errors import ConfigError
+
+
+def resolve_batch_sizes(batch_size, systems) -> list[int]:
+    if isinstance(batch_size, list):
+        return list(batch_size)
+    if isinstance(batch_size, int):
+        return [batch_size] * len(systems)
+    rule = 32 if batch_size == "auto" else int(batch_size.split(":")[1])
+    return [max(1, math.ceil(rule / s.natoms)) for s in systems]
+
+
+def system_probabilities(auto_prob: str, nbatches: list[int]) -> np.ndarray:
+    n = np.asarray(nbatches, dtype=float)
+    if auto_prob == "prob_uniform":
+        return np.full(len(n), 1.0 / len(n))
+    if auto_prob == "prob_sys_size":
+        return n / n.sum()
+    # "prob_sys_size;start:end:weight;..." : blocks of systems with weights, by size within a block
+    probs = np.zeros(len(n))
+    for block in auto_prob.split(";")[1:]:
+        try:
+            start, end, weight = block.split(":")
+            start, end, weight = int(start), int(end), float(weight)
+        except ValueError:
+            raise ConfigError(f"auto_prob block {block!r}: expected start:end:weight") from None
+        if not 0 <= start < end <= len(n):
+            raise ConfigError(f"auto_prob block {block!r}: system range outside 0..{len(n)}")
+        probs[start:end] = weight * n[start:end] / n[start:end].sum()
+    if probs.sum() <= 0:
+        raise ConfigError(f"auto_prob {auto_prob!r} gives every system zero probability")
+    return probs / probs.sum()
+
+
+class BatchSampler:
+    def __init__(self, systems, batch_size, auto_prob: str, seed: int | None, world: int = 1):
+        self.sizes = resolve_batch_sizes(batch_size, systems)
+        self.nframes = [s.nframes for s in systems]
+        self.world = world
+        nbatches = [max(1, nf // bs) for nf, bs in zip(self.nframes, self.sizes)]
+        self.probs = torch.as_tensor(system_probabilities(auto_prob, nbatches))
+        self.gen = torch.Generator().manual_seed(seed if seed is not None else 0)
+        self.order = [torch.randperm(nf, generator=self.gen) for nf in self.nframes]
+        self.cursor = [0] * len(self.nframes)
+
+    def next(self, rank: int = 0) -> tuple[int, torch.Tensor]:
+        """(system index, frame indices) of this worker's share of the next global batch."""
+        i = int(torch.multinomial(self.probs, 1, generator=self.gen)) if len(self.probs) > 1 else 0
+        need = self.sizes[i] * self.world
+        frames = []
+        while need > 0:
+            if self.cursor[i] >= self.nframes[i]:
+                self.order[i] = torch.randperm(self.nframes[i], generator=self.gen)
+                self.cursor[i] = 0
+            take = self.order[i][self.cursor[i]:self.cursor[i] + need]
+            frames.append(take)
+            self.cursor[i] += take.numel()
+            need -= take.numel()
+        frames = torch.cat(frames)
+        per = self.sizes[i]
+        return i, frames[rank * per:(rank + 1) * per]
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state(), "order": self.order, "cursor": list(self.cursor)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+        self.order = list(state["order"])
+        self.cursor = list(state["cursor"])

@@ -1,0 +1,120 @@
+"""`dpmd test`: errors of a model on labelled data, per system and overall, like DeePMD-kit's `dp test`.
+
+Energy errors are reported per atom (eV/atom), forces per component (eV/Å), virials per atom.
+`-d PREFIX` writes DeePMD's per-frame files (PREFIX.e.out, .e_peratom.out, .f.out, .v.out, .v_peratom.out:
+reference columns first, then predictions); `--plot` draws parity plots.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dpmd.data import load_systems
+from dpmd.model import load_model
+
+
+def _errors(pred: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    diff = (pred - ref).ravel()
+    return float(np.sqrt(np.mean(diff ** 2))), float(np.mean(np.abs(diff)))
+
+
+def evaluate_system(model, system, nframes: int | None = None, batch: int = 1) -> dict:
+    n = system.nframes if nframes is None else min(nframes, system.nframes)
+    out = {"energy": [], "force": [], "virial": []}
+    atype = torch.as_tensor(system.atype)
+    for f0 in range(0, n, batch):
+        f1 = min(n, f0 + batch)
+        box = None if system.box is None else torch.as_tensor(system.box[f0:f1])
+        res = model(torch.as_tensor(system.coord[f0:f1]), atype, box)
+        for k in out:
+            out[k].append(res[k].detach().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()} | {"nframes": n}
+
+
+def test_model(model_path, systems, nframes=None, detail_prefix=None, plot=None, log=print) -> dict:
+    model = load_model(model_path)
+    data = load_systems(systems, type_map=model.type_map)
+    results, pooled = [], {"e": [], "f": [], "v": []}
+    for k, s in enumerate(data):
+        pred = evaluate_system(model, s, nframes)
+        n, natoms = pred["nframes"], s.natoms
+        row = {"system": s.path, "nframes": n, "natoms": natoms}
+        if s.energy is not None:
+            e_ref, e_pred = s.energy[:n], pred["energy"]
+            row["rmse_e"], row["mae_e"] = _errors(e_pred / natoms, e_ref / natoms)
+            pooled["e"].append((e_pred / natoms, e_ref / natoms))
+        if s.force is not None:
+            f_ref, f_pred = s.force[:n].reshape(n, -1, 3), pred["force"].reshape(n, -1, 3)
+            row["rmse_f"], row["mae_f"] = _errors(f_pred, f_ref)
+            pooled["f"].append((f_pred.ravel(), f_ref.ravel()))
+        if s.virial is not None:
+            v_ref, v_pred = s.virial[:n].reshape(n, 9), pred["virial"].reshape(n, 9)
+            row["rmse_v"], row["mae_v"] = _errors(v_pred / natoms, v_ref / natoms)
+            pooled["v"].append(((v_pred / natoms).ravel(), (v_ref / natoms).ravel()))
+        results.append(row)
+        log(_format_row(row))
+        if detail_prefix:
+            _write_detail(detail_prefix, k, s, pred, n)
+    overall = {"system": "all", "nframes": sum(r["nframes"] for r in results)}
+    for key, parts in pooled.items():
+        if parts:
+            p = np.concatenate([a.ravel() for a, _ in parts])
+            r = np.concatenate([b.ravel() for _, b in parts])
+            overall[f"rmse_{key}"], overall[f"mae_{key}"] = _errors(p, r)
+    log(_format_row(overall))
+    if plot:
+        _parity_plot(pooled, plot)
+    return {"systems": results, "overall": overall}
+
+
+def _format_row(row: dict) -> str:
+    parts = [f"{row['system']}: {row['nframes']} frames"]
+    units = {"e": "eV/atom", "f": "eV/Å", "v": "eV/atom"}
+    for key, unit in units.items():
+        if f"rmse_{key}" in row:
+            parts.append(f"{key.upper()} RMSE {row[f'rmse_{key}']:.4e} MAE {row[f'mae_{key}']:.4e} {unit}")
+    return "  ".join(parts)
+
+
+def _write_detail(prefix: str, k: int, system, pred: dict, n: int) -> None:
+    prefix = f"{prefix}.{k}" if k else prefix
+    natoms = system.natoms
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    if system.energy is not None:
+        e = np.column_stack([system.energy[:n], pred["energy"]])
+        np.savetxt(f"{prefix}.e.out", e, header=f"{system.path}: data_e pred_e")
+        np.savetxt(f"{prefix}.e_peratom.out", e / natoms, header=f"{system.path}: data_e pred_e")
+    if system.force is not None:
+        f = np.column_stack([system.force[:n].reshape(-1, 3), pred["force"].reshape(-1, 3)])
+        np.savetxt(f"{prefix}.f.out", f, header=f"{system.path}: data_fx data_fy data_fz pred_fx pred_fy pred_fz")
+    if system.virial is not None:
+        v = np.column_stack([system.virial[:n].reshape(n, 9), pred["virial"].reshape(n, 9)])
+        cols = " ".join(f"data_v{i}" for i in "xx xy xz yx yy yz zx zy zz".split()) + " " + " ".join(
+            f"pred_v{i}" for i in "xx xy xz yx yy yz zx zy zz".split())
+        np.savetxt(f"{prefix}.v.out", v, header=f"{system.path}: {cols}")
+        np.savetxt(f"{prefix}.v_peratom.out", v / natoms, header=f"{system.path}: {cols}")
+
+
+def _parity_plot(pooled: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("e", "f", "v") if pooled[k]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4.2), squeeze=False)
+    labels = {"e": "energy (eV/atom)", "f": "force (eV/Å)", "v": "virial (eV/atom)"}
+    for ax, key in zip(axes[0], keys):
+        pred = np.concatenate([a.ravel() for a, _ in pooled[key]])
+        ref = np.concatenate([b.ravel() for _, b in pooled[key]])
+        ax.scatter(ref, pred, s=2, alpha=0.5)
+        lo, hi = min(ref.min(), pred.min()), max(ref.max(), pred.max())
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        rmse = float(np.sqrt(np.mean((pred - ref) ** 2)))
+        ax.set(xlabel=f"DFT {labels[key]}", ylabel=f"model {labels[key]}", title=f"RMSE {rmse:.3e}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,267 @@
+"""The training loop: Adam on DeePMD's energy/force/virial loss, with lcurve, checkpoints and restart.
+
+Run state that a restart needs (weights, optimizer, step, sampler orders and generators) lives
+in each checkpoint, so a run killed after a checkpoint and restarted from it writes the same
+lcurve as an unbroken run.  Data-parallel under torchrun: every worker draws the same global
+batch and trains on its slice; gradients are averaged; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dpmd.data import load_systems
+from dpmd.errors import ConfigError, DpmdError
+from dpmd.geometry.graph import build_graph
+from dpmd.geometry.neighbor import NeighborList, auto_sel, build_neighbor_list, count_neighbors
+from dpmd.model import DeepPot, evaluate, load_model
+from dpmd.model.stats import descriptor_stats, energy_bias
+from dpmd.train.checkpoint import load_checkpoint, save_checkpoint
+from dpmd.train.loss import EnergyLoss
+from dpmd.train.sampler import BatchSampler
+from dpmd.train.schedule import ExpDecayLR
+
+
+class FrameStore:
+    """Training frames as tensors, with each frame's neighbour list built once and kept."""
+
+    def __init__(self, systems, rcut: float):
+        self.systems, self.rcut = systems, rcut
+        self._nl: dict[tuple[int, int], NeighborList] = {}
+        self.tensors = [{k: (None if getattr(s, k) is None else torch.as_tensor(getattr(s, k)))
+                         for k in ("coord", "box", "energy", "force", "virial")} for s in systems]
+
+    def neighbors(self, i: int, f: int) -> NeighborList:
+        key = (i, f)
+        if key not in self._nl:
+            t = self.tensors[i]
+            self._nl[key] = build_neighbor_list(t["coord"][f], None if t["box"] is None else t["box"][f], self.rcut)
+        return self._nl[key]
+
+    def batch(self, i: int, frames: torch.Tensor) -> tuple[dict, dict]:
+        t, system = self.tensors[i], self.systems[i]
+        frames = frames.tolist()
+        box = None if t["box"] is None else t["box"][frames]
+        graph = build_graph(t["coord"][frames], torch.as_tensor(system.atype), box,
+                            neighbors=[self.neighbors(i, f) for f in frames])
+        label = {k: (None if t[k] is None else t[k][frames]) for k in ("energy", "force", "virial")}
+        if label["force"] is not None:
+            label["force"] = label["force"].reshape(-1, 3)
+        return graph, label
+
+    def max_neighbors(self, ntypes: int) -> list[int]:
+        best = torch.zeros(ntypes, dtype=torch.long)
+        for i, s in enumerate(self.systems):
+            atype = torch.as_tensor(s.atype)
+            for f in range(s.nframes):
+                counts = count_neighbors(self.neighbors(i, f), atype, ntypes, s.natoms)
+                best = torch.maximum(best, counts.max(dim=0).values)
+        return best.tolist()
+
+
+class Progress:
+    """A one-line progress bar on a terminal; plain lines at display steps otherwise."""
+
+    def __init__(self, total: int, start: int, enabled: bool = True):
+        self.total, self.start_step, self.t0 = total, start, time.perf_counter()
+        self.tty = enabled and sys.stderr.isatty()
+        self.enabled = enabled
+
+    def update(self, step: int, display: str | None) -> None:
+        if not self.enabled:
+            return
+        done = step - self.start_step
+        rate = (time.perf_counter() - self.t0) / max(done, 1)
+        eta = rate * (self.total - step)
+        line = f"step {step}/{self.total}  {rate:.3f} s/step  ETA {eta / 60:.1f} min"
+        if self.tty:
+            print(f"\r{line}  {display or ''}", end="", file=sys.stderr, flush=True)
+            if step == self.total:
+                print(file=sys.stderr)
+        elif display is not None:
+            print(f"{line}  {display}", file=sys.stderr, flush=True)
+
+
+def _dist_info() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank, world
+
+
+class Trainer:
+    def __init__(self, config: dict, *, restart: str | None = None, init_model: str | None = None,
+                 finetune: str | None = None, out_dir: str | Path = ".", progress: bool = True):
+        self.rank, self.world = _dist_info()
+        self.out_dir = Path(out_dir)
+        self.start_step = 0
+        ckpt = None
+        if restart:
+            ckpt = load_checkpoint(restart)
+            config = ckpt["config"]  # the run continues exactly as it was configured
+        self.config = config
+        tr = config["training"]
+        mcfg = copy.deepcopy(config["model"])
+        type_map = mcfg["type_map"]
+
+        t0 = time.perf_counter()
+        self.train_systems = load_systems(tr["training_data"]["systems"], type_map=type_map)
+        self.valid_systems = (load_systems(tr["validation_data"]["systems"], type_map=type_map)
+                              if tr["validation_data"] else None)
+        self.train_store = FrameStore(self.train_systems, mcfg["descriptor"]["rcut"])
+        self.valid_store = FrameStore(self.valid_systems, mcfg["descriptor"]["rcut"]) if self.valid_systems else None
+
+        if ckpt is not None:
+            self.model = DeepPot(ckpt["model_config"])
+            self.model.load_state_dict(ckpt["model"])
+        elif init_model or finetune:
+            self.model = self._from_weights(init_model or finetune, type_map)
+            if finetune:
+                energy_bias(self.model, self.train_systems)
+        else:
+            if isinstance(mcfg["descriptor"]["sel"], str):
+                ratio = 1.1 if mcfg["descriptor"]["sel"] == "auto" else float(mcfg["descriptor"]["sel"].split(":")[1])
+                mcfg["descriptor"]["sel"] = auto_sel(self.train_store.max_neighbors(len(type_map)), ratio)
+            self.model = DeepPot(mcfg)
+            descriptor_stats(self.model, self.train_systems, max_frames=mcfg["data_stat_nbatch"],
+                             protection=mcfg["data_stat_protect"])
+            energy_bias(self.model, self.train_systems, rcond=mcfg["fitting_net"]["rcond"])
+        self.stat_seconds = time.perf_counter() - t0
+
+        lr_cfg = config["learning_rate"]
+        self.lr = ExpDecayLR(lr_cfg["start_lr"], lr_cfg["stop_lr"], lr_cfg["decay_steps"], tr["numb_steps"])
+        self.lr_scale = self.world if (self.world > 1 and lr_cfg["scale_by_worker"] == "linear") else (
+            self.world ** 0.5 if self.world > 1 and lr_cfg["scale_by_worker"] == "sqrt" else 1.0)
+        self.loss = EnergyLoss(config["loss"], lr_cfg["start_lr"])
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr_cfg["start_lr"])
+        data = tr["training_data"]
+        self.sampler = BatchSampler(self.train_systems, data["batch_size"], data["auto_prob"], tr["seed"], self.world)
+        if self.valid_systems:
+            vdata = tr["validation_data"]
+            vseed = (tr["seed"] or 0) + 1
+            self.valid_sampler = BatchSampler(self.valid_systems, vdata["batch_size"], vdata["auto_prob"], vseed)
+        if ckpt is not None:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.sampler.load_state_dict(ckpt["sampler"])
+            if self.valid_systems:
+                self.valid_sampler.load_state_dict(ckpt["valid_sampler"])
+            torch.set_rng_state(ckpt["torch_rng"])
+            self.start_step = ckpt["step"]
+        if self.world > 1:  # every worker starts from rank 0's weights
+            for p in self.model.state_dict().values():
+                torch.distributed.broadcast(p, 0)
+        self.progress = Progress(tr["numb_steps"], self.start_step, enabled=progress and self.rank == 0)
+
+    def _from_weights(self, path, type_map) -> DeepPot:
+        path = Path(path)
+        try:
+            ckpt = load_checkpoint(path)
+            model = DeepPot(ckpt["model_config"])
+            model.load_state_dict(ckpt["model"])
+        except DpmdError:
+            model = load_model(path)
+        if model.type_map != list(type_map):
+            raise ConfigError(f"{path}: model type_map {model.type_map} differs from model.type_map {list(type_map)}")
+        return model.train()
+
+    # ------------------------------------------------------------------ steps
+    def _step_loss(self, store, i, frames, lr, train=True):
+        graph, label = store.batch(i, frames)
+        pred = evaluate(self.model, graph, create_graph=train)
+        pred["virial"] = pred["virial"].reshape(-1, 9)
+        if label["virial"] is not None:
+            label["virial"] = label["virial"].reshape(-1, 9)
+        return self.loss(pred, label, graph["natoms"], lr)
+
+    def _validate(self, lr) -> dict:
+        numb = self.config["training"]["validation_data"]["numb_btch"]
+        sums: dict[str, float] = {}
+        for _ in range(numb):
+            i, frames = self.valid_sampler.next()
+            _, metrics = self._step_loss(self.valid_store, i, frames, lr, train=False)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * v
+        return {k: (v / numb) ** 0.5 for k, v in sums.items()}
+
+    def _lcurve_columns(self, metrics) -> list[str]:
+        cols = ["rmse"] + [k for k in ("rmse_e", "rmse_f", "rmse_v") if k in metrics]
+        names = []
+        for c in cols:
+            names += ([f"{c}_val"] if self.valid_systems else []) + [f"{c}_trn"]
+        return names
+
+    def _open_lcurve(self, path: Path):
+        """Append to lcurve, dropping lines past the restart step (a killed run may have written some)."""
+        if self.start_step > 0 and path.is_file():
+            kept = [ln for ln in path.read_text().splitlines(keepends=True)
+                    if ln.startswith("#") or (ln.split() and int(ln.split()[0]) <= self.start_step)]
+            path.write_text("".join(kept))
+            return path.open("a"), True
+        return path.open("w"), False
+
+    def _checkpoint_state(self, step: int) -> dict:
+        return {"format": "dpmd-checkpoint", "version": 1, "step": step, "config": self.config,
+                "model_config": self.model.config, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
+                "valid_sampler": self.valid_sampler.state_dict() if self.valid_systems else None,
+                "torch_rng": torch.get_rng_state()}
+
+    def run(self) -> dict:
+        tr = self.config["training"]
+        numb_steps, disp_freq, save_freq = tr["numb_steps"], tr["disp_freq"], tr["save_freq"]
+        prefix = self.out_dir / tr["save_ckpt"]
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        lcurve, header_written = (self._open_lcurve(self.out_dir / tr["disp_file"]) if self.rank == 0 else (None, True))
+        self.model.train()
+        last = {}
+        t_start = time.perf_counter()
+        for step in range(self.start_step, numb_steps):
+            lr = self.lr(step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr * self.lr_scale
+            i, frames = self.sampler.next(self.rank)
+            loss, metrics = self._step_loss(self.train_store, i, frames, lr)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.world > 1:
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= self.world
+            if tr["gradient_max_norm"]:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr["gradient_max_norm"])
+            self.optimizer.step()
+            shown = step + 1
+            display = None
+            if shown % disp_freq == 0 or shown == 1:
+                val = self._validate(lr) if self.valid_systems else {}
+                if self.rank == 0:
+                    if not header_written:
+                        cols = self._lcurve_columns(metrics)
+                        lcurve.write("# " + f"{'step':>5s}" + "".join(f"{c:>14s}" for c in cols) + f"{'lr':>14s}\n")
+                        header_written = True
+                    values = []
+                    for c in ["rmse"] + [k for k in ("rmse_e", "rmse_f", "rmse_v") if k in metrics]:
+                        values += ([val[c]] if self.valid_systems else []) + [metrics[c]]
+                    lcurve.write(f"{shown:7d}" + "".join(f"{v:14.6e}" for v in values) + f"{lr:14.6e}\n")
+                    lcurve.flush()
+                    display = "  ".join(f"{k} {v:.3e}" for k, v in metrics.items())
+                last = {"train": metrics, "valid": val, "lr": lr}
+            if self.rank == 0 and (shown % save_freq == 0 or shown == numb_steps):
+                save_checkpoint(self._checkpoint_state(shown), prefix, shown, tr["max_ckpt_keep"])
+            self.progress.update(shown, display)
+        if lcurve is not None:
+            lcurve.close()
+        steps_run = numb_steps - self.start_step
+        last["seconds_per_step"] = (time.perf_counter() - t_start) / max(steps_run, 1)
+        last["startup_seconds"] = self.stat_seconds
+        return last
