@@ -119,6 +119,9 @@ def test_deepmd_input_json_is_accepted(tmp_path, monkeypatch):
     (lambda c: c["training"]["training_data"].update(systems=["/no/such/dir"]), "/no/such/dir does not exist"),
     (lambda c: c["training"]["training_data"].update(batch_size="big"), "batch_size"),
     (lambda c: c["loss"].update(type="tensor"), "not supported yet"),
+    (lambda c: c["model"]["descriptor"].update(neuron="wide"), "'model.descriptor.neuron' must be a list"),
+    (lambda c: c["model"]["descriptor"].update(rcut="6"), "'model.descriptor.rcut' must be a number"),
+    (lambda c: c.update(optimizer={}), "unknown key 'input.optimizer'"),
 ])
 def test_config_mistakes_are_one_line_errors(tmp_path, mutate, message):
     cfg = small_input(tmp_path)
@@ -172,3 +175,25 @@ def test_convert_model_cli(tmp_path):
     ref = np.load(DEEPMD_REF / "reference_nopbc.npz")
     out = load_model(tmp_path / "m.pth")(torch.tensor(ref["coord"][0]), torch.tensor(ref["atype"]))
     np.testing.assert_allclose(float(out["energy"]), ref["energy"][0], rtol=1e-12)
+
+
+def test_data_parallel_equals_single_process_with_same_global_batch(tmp_path):
+    cfg = small_input(tmp_path, steps=6, save_freq=6)
+    cfg["learning_rate"]["scale_by_worker"] = "none"
+    (tmp_path / "input.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "one").mkdir()
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "dpmd.cli", "train", "../input.yaml", "--threads", "1"],
+                         capture_output=True, text=True, cwd=tmp_path / "ddp")
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    one = dpmd("train", "../input.yaml", "--threads", "1", "--set", "training.training_data.batch_size=2",
+               cwd=tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    a = torch.load(tmp_path / "ddp" / "model.ckpt-6.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "one" / "model.ckpt-6.pt", weights_only=False)["model"]
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-9, atol=1e-11), k
+    assert not any(torch.equal(a[k], v) for k, v in Trainer(normalize_input(cfg), out_dir=tmp_path / "x",
+                                                            progress=False).model.state_dict().items()
+                   if "mean" not in k and "std" not in k and "bias" not in k)

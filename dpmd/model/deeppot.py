@@ -58,6 +58,22 @@ def _complete(section: dict | None, defaults: dict, where: str) -> dict:
     return out
 
 
+def _check_types(sec: dict, where: str, numbers=(), ints=(), int_lists=(), bools=()) -> None:
+    for key in numbers:
+        if isinstance(sec[key], bool) or not isinstance(sec[key], (int, float)):
+            raise ConfigError(f"'{where}.{key}' must be a number, got {sec[key]!r}")
+    for key in ints:
+        if isinstance(sec[key], bool) or not isinstance(sec[key], int) or sec[key] <= 0:
+            raise ConfigError(f"'{where}.{key}' must be a positive integer, got {sec[key]!r}")
+    for key in int_lists:
+        v = sec[key]
+        if not isinstance(v, list) or not v or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
+            raise ConfigError(f"'{where}.{key}' must be a list of positive integers, got {v!r}")
+    for key in bools:
+        if not isinstance(sec[key], bool):
+            raise ConfigError(f"'{where}.{key}' must be true or false, got {sec[key]!r}")
+
+
 def normalize_model_config(config: dict) -> dict:
     """The model section with every default filled in, validated."""
     cfg = _complete(config, MODEL_DEFAULTS, "model")
@@ -73,7 +89,15 @@ def normalize_model_config(config: dict) -> dict:
     for where, sec in (("descriptor", d), ("fitting_net", f)):
         if sec["precision"] not in PRECISIONS:
             raise ConfigError(f"model.{where}.precision = {sec['precision']!r}; expected one of {sorted(PRECISIONS)}")
+    _check_types(d, "model.descriptor", numbers=("rcut", "rcut_smth"), int_lists=("neuron",),
+                 ints=("axis_neuron",), bools=("resnet_dt", "type_one_side"))
+    _check_types(f, "model.fitting_net", int_lists=("neuron",), bools=("resnet_dt",))
+    for where, sec in (("descriptor", d), ("fitting_net", f)):
+        if sec["seed"] is not None and (not isinstance(sec["seed"], int) or isinstance(sec["seed"], bool)):
+            raise ConfigError(f"'model.{where}.seed' must be an integer, got {sec['seed']!r}")
     sel = d["sel"]
+    if isinstance(sel, list) and not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in sel):
+        raise ConfigError(f"'model.descriptor.sel' must list non-negative integers, got {sel!r}")
     if sel is None or (isinstance(sel, str) and not sel.startswith("auto")):
         raise ConfigError("model.descriptor.sel must be a list with one count per type, or 'auto'")
     if isinstance(sel, list) and len(sel) != len(cfg["type_map"]):
