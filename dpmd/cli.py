@@ -73,7 +73,7 @@ def _convert_model(args) -> None:
 def _demo(args) -> None:
     from dpmd.demo import run_demo
 
-    run_demo(args.data, args.steps, args.seed)
+    run_demo(args.data, args.steps, args.seed, args.train_steps, args.output)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the README's main job on the bundled water example")
     p.add_argument("--data", default=None, help="DeePMD system (default: examples/water/data_0)")
     p.add_argument("--steps", type=int, default=20, help="MD steps")
+    p.add_argument("--train-steps", type=int, default=100, help="training steps")
+    p.add_argument("-o", "--output", default="runs/demo", help="working directory of the demo")
     p.add_argument("--seed", type=int, default=1)
     p.set_defaults(func=_demo)
     return parser

@@ -1,7 +1,7 @@
 """The README's main job on the bundled water example: what a new user runs first.
 
-Now: neighbour statistics of the data, a fresh se_e2_a model initialised from the data's
-statistics, and a short NVE run with ASE's Velocity Verlet, checking energy conservation.
+neighbour statistics -> `dpmd train` (configs/water_se_e2_a.yaml, a short run) -> `dpmd freeze`
+-> `dpmd test` -> NVE with ASE's Velocity Verlet on the frozen model, checking energy conservation.
 """
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "water" / "data_0"
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "water_se_e2_a.yaml"
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "water" / "data_0"
+CONFIG = REPO / "configs" / "water_se_e2_a.yaml"
 
 
-def run_demo(data: str | None = None, steps: int = 20, seed: int = 1) -> dict:
-    import torch
+def run_demo(data: str | None = None, steps: int = 20, seed: int = 1, train_steps: int = 100,
+             out_dir: str | Path = "runs/demo") -> dict:
     from ase import Atoms, units
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
     from ase.md.verlet import VelocityVerlet
@@ -24,29 +24,39 @@ def run_demo(data: str | None = None, steps: int = 20, seed: int = 1) -> dict:
     from dpmd.calculator import DP
     from dpmd.data import load_system
     from dpmd.geometry.neighbor import auto_sel, neighbor_stat
-    from dpmd.model import DeepPot
-    from dpmd.model.stats import init_from_data
+    from dpmd.train.config import read_input
+    from dpmd.train.freeze import freeze
+    from dpmd.train.test import test_model
+    from dpmd.train.trainer import Trainer
 
-    torch.manual_seed(seed)
-    config = yaml.safe_load(CONFIG.read_text())["model"]
-    type_map = config["type_map"]
-    system = load_system(data or EXAMPLE, type_map=type_map)
-    rcut = config["descriptor"]["rcut"]
+    data = str(data or EXAMPLE)
+    out = Path(out_dir)
+    config = read_input(CONFIG, [f"training.training_data.systems=[{data}]", f"training.numb_steps={train_steps}",
+                                 f"training.disp_freq={max(1, train_steps // 5)}", f"training.save_freq={train_steps}"])
+    type_map = config["model"]["type_map"]
+    rcut = config["model"]["descriptor"]["rcut"]
+    system = load_system(data, type_map=type_map)
     frames = ((system.coord[f], system.atype, None if system.box is None else system.box[f])
               for f in range(system.nframes))
     max_counts, min_dist = neighbor_stat(frames, rcut, len(type_map))
-    print(f"[1/3] neighbour statistics of {system.path}: {system.nframes} frames, {system.natoms} atoms")
+    print(f"[1/5] neighbour statistics of {system.path}: {system.nframes} frames, {system.natoms} atoms")
     print(f"      max_nbor_size {max_counts} at rcut {rcut} Å, min_nbor_dist {min_dist:.3f} Å, "
-          f"sel auto = {auto_sel(max_counts)}")
+          f"sel auto would be {auto_sel(max_counts)} (config: {config['model']['descriptor']['sel']})")
 
-    config["descriptor"]["sel"] = auto_sel(max_counts)
-    model = DeepPot(config)
-    init_from_data(model, [system])
-    print(f"[2/3] fresh se_e2_a model, sel {model.sel}, energy bias {model.fitting.energy_bias.tolist()} eV")
+    print(f"[2/5] dpmd train {CONFIG.relative_to(REPO)} for {train_steps} steps -> {out}/lcurve.out")
+    result = Trainer(config, out_dir=out).run()
+    print(f"      {result['seconds_per_step']:.3f} s/step, start-up {result['startup_seconds']:.1f} s")
+
+    model_path = out / "model.pth"
+    freeze(out, model_path)
+    print(f"[3/5] dpmd freeze -> {model_path}")
+
+    print(f"[4/5] dpmd test on {system.path} (first 10 frames)")
+    test_model(model_path, [data], 10, log=lambda line: print("      " + line))
 
     atoms = Atoms(symbols=[type_map[t] for t in system.atype], positions=system.coord[0],
                   cell=system.box[0] if system.box is not None else None, pbc=system.box is not None)
-    atoms.calc = DP(model)
+    atoms.calc = DP(str(model_path))
     MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(seed))
     Stationary(atoms)
     dyn = VelocityVerlet(atoms, timestep=0.5 * units.fs)
@@ -58,8 +68,8 @@ def run_demo(data: str | None = None, steps: int = 20, seed: int = 1) -> dict:
         print(f"      step {dyn.nsteps:4d}  epot {epot:14.6f}  ekin {ekin:9.5f}  etot {epot + ekin:14.6f} eV  "
               f"T {ekin / (1.5 * units.kB * len(atoms)):7.1f} K")
 
-    print(f"[3/3] NVE, ASE Velocity Verlet, 0.5 fs, {steps} steps")
-    dyn.attach(log, interval=max(1, steps // 10))
+    print(f"[5/5] NVE with the frozen model, ASE Velocity Verlet, 0.5 fs, {steps} steps")
+    dyn.attach(log, interval=max(1, steps // 5))
     dyn.run(steps)
     drift = (energies[-1] - energies[0]) / len(atoms)
     print(f"      total-energy change {drift:.2e} eV/atom over {steps} steps")

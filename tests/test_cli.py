@@ -31,8 +31,8 @@ def test_errors_are_one_line(tmp_path):
     assert "coord.npy" in res.stderr
 
 
-def test_demo_runs_and_conserves_energy():
-    res = dpmd("demo", "--steps", "4")
+def test_demo_runs_and_conserves_energy(tmp_path):
+    res = dpmd("demo", "--steps", "4", "--train-steps", "3", "-o", str(tmp_path / "demo"))
     assert res.returncode == 0, res.stderr
     drift = float(res.stdout.split("total-energy change")[1].split()[0])
     assert abs(drift) < 1e-5
