@@ -50,6 +50,9 @@ def timed(fn):
 def worker(args) -> dict:
     import torch
     torch.set_num_threads(args.threads[0])
+    from dpmd.runtime import keep_freed_memory
+
+    keep_freed_memory()
     from dpmd.geometry.graph import build_graph
     from dpmd.model import load_model
     from dpmd.model.forces import evaluate

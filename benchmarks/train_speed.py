@@ -33,6 +33,9 @@ def main() -> None:
     parser.add_argument("--test-frames", type=int, default=20, help="frames of data_2 used for the final RMSE")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from dpmd.runtime import keep_freed_memory
+
+    keep_freed_memory()
 
     from dpmd.train.config import read_input
     from dpmd.train.freeze import freeze

@@ -133,7 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from dpmd.runtime import keep_freed_memory
+
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         args.func(args)
     except (DpmdError, ValueError, OSError) as err:

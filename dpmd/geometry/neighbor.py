@@ -138,8 +138,9 @@ def build_neighbor_list(coord: torch.Tensor, box: torch.Tensor | None, rcut: flo
             cand = table[lin]  # (C, 27, maxc)
             cand = torch.where(ok.unsqueeze(-1), cand, -1).reshape(ci.numel(), -1)
             valid = (cand >= 0) & (cand != ci.unsqueeze(1))
-            d = position[cand.clamp(min=0)] - position[ci].unsqueeze(1)
-            valid &= (d * d).sum(-1) < rcut2
+            d = position.index_select(0, cand.clamp(min=0).reshape(-1)).view(*cand.shape, 3)
+            d = d - position[ci].unsqueeze(1)
+            valid &= torch.einsum("cki,cki->ck", d, d) < rcut2
             row, col = valid.nonzero(as_tuple=True)
             img = cand[row, col]
             centers.append(ci[row])

@@ -91,8 +91,11 @@ class DescriptorSeA(nn.Module):
             slot = torch.arange(n, device=c.device) - (torch.cumsum(per_center, 0) - per_center)[c]
             flat = c * nmax + slot
             g = net(r[:, :1])
-            r_pad = r.new_zeros(ncent * nmax, 4).index_copy(0, flat, r).view(ncent, nmax, 4)
-            g_pad = g.new_zeros(ncent * nmax, self.width).index_copy(0, flat, g).view(ncent, nmax, self.width)
+            r_pad = r.new_zeros(ncent * nmax, 4)
+            r_pad[flat] = r
+            g_pad = g.new_zeros(ncent * nmax, self.width)
+            g_pad[flat] = g
+            r_pad, g_pad = r_pad.view(ncent, nmax, 4), g_pad.view(ncent, nmax, self.width)
             T = T + torch.bmm(r_pad.transpose(1, 2), g_pad)
         T = T + self._padding(center, center_type, neighbor_type)
         T = T / self.nnei

@@ -17,7 +17,7 @@ import torch
 from dpmd.geometry.graph import edge_vectors
 from dpmd.geometry.neighbor import NeighborList, check_sel, count_neighbors
 
-DEFAULT_CHUNK_ATOMS = 2048
+DEFAULT_CHUNK_ATOMS = 512
 
 
 def check_neighbors(model, graph: dict) -> None:

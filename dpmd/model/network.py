@@ -38,7 +38,10 @@ class Layer(nn.Module):
         if self.idt is not None:
             y = y * self.idt
         if self.residual:
-            y = y + (x if y.shape[-1] == x.shape[-1] else torch.cat([x, x], dim=-1))
+            if y.shape[-1] == x.shape[-1]:
+                return y + x
+            # doubling width: y + (x, x) without materialising the concatenation
+            return (y.unflatten(-1, (2, -1)) + x.unsqueeze(-2)).flatten(-2)
         return y
 
 
