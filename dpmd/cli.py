@@ -76,6 +76,18 @@ def _demo(args) -> None:
     run_demo(args.data, args.steps, args.seed, args.train_steps, args.output)
 
 
+def _md(args) -> None:
+    import torch
+
+    from dpmd.md import run_md
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_md(args.input, restart=args.restart)
+    print(f"md: {result['steps']} steps to step {result['final_step']}: {result['steps_per_second']:.2f} steps/s, "
+          f"{result['ns_per_day']:.3f} ns/day, {result['neighbor_builds']} neighbour-list builds")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dpmd.data.convert import add_convert_arguments, run_convert
 
@@ -129,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="runs/demo", help="working directory of the demo")
     p.add_argument("--seed", type=int, default=1)
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("md", help="molecular dynamics (NVE/NVT/NPT) with model deviation, from a YAML input")
+    p.add_argument("input", help="input.yaml (see README, section MD)")
+    p.add_argument("--restart", default=None, help="continue from this checkpoint (output_dir/checkpoint.pt)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.set_defaults(func=_md)
     return parser
 
 

@@ -197,3 +197,42 @@ def test_data_parallel_equals_single_process_with_same_global_batch(tmp_path):
     assert not any(torch.equal(a[k], v) for k, v in Trainer(normalize_input(cfg), out_dir=tmp_path / "x",
                                                             progress=False).model.state_dict().items()
                    if "mean" not in k and "std" not in k and "bias" not in k)
+
+
+def test_init_model_and_finetune_start_new_runs_from_weights(tmp_path):
+    run(small_input(tmp_path, steps=10), tmp_path / "base")
+    base = torch.load(tmp_path / "base" / "model.ckpt-10.pt", weights_only=False)
+    init = Trainer(normalize_input(small_input(tmp_path, steps=5)), out_dir=tmp_path / "init", progress=False,
+                   init_model=str(tmp_path / "base" / "model.ckpt-10.pt"))
+    assert init.start_step == 0
+    assert all(torch.equal(v, base["model"][k]) for k, v in init.model.state_dict().items())
+    fine = Trainer(normalize_input(small_input(tmp_path, steps=5)), out_dir=tmp_path / "fine", progress=False,
+                   finetune=str(tmp_path / "base" / "model.ckpt-10.pt"))
+    state = fine.model.state_dict()
+    assert torch.equal(state["descriptor.mean"], base["model"]["descriptor.mean"])
+    assert not torch.equal(state["fitting.energy_bias"], base["model"]["fitting.energy_bias"])  # re-fitted
+    fine.run()
+    assert (tmp_path / "fine" / "model.ckpt-5.pt").is_file()
+
+
+def test_kill_9_leaves_a_readable_checkpoint(tmp_path):
+    import os
+    import signal
+    import time
+
+    from dpmd.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    (tmp_path / "input.yaml").write_text(yaml.safe_dump(small_input(tmp_path, steps=100000, save_freq=1,
+                                                                    max_ckpt_keep=2, disp_freq=1)))
+    proc = subprocess.Popen([sys.executable, "-m", "dpmd.cli", "train", "input.yaml", "--threads", "1"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not list(tmp_path.glob("model.ckpt-*.pt")) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.37)  # somewhere in the middle of a later step or write
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    state = load_checkpoint(latest_checkpoint(tmp_path))
+    assert state["step"] >= 1

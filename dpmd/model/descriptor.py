@@ -16,6 +16,8 @@ embedding evaluation per (centre type, net), which reproduces DeePMD-kit's numbe
 
 from __future__ import annotations
 
+from typing import List
+
 import torch
 from torch import nn
 
@@ -58,7 +60,7 @@ class DescriptorSeA(nn.Module):
 
     def env_rows(self, edge_vec: torch.Tensor) -> torch.Tensor:
         """Un-normalised environment rows (E, 4) from edge vectors (E, 3)."""
-        r = edge_vec.norm(dim=-1, keepdim=True)
+        r = torch.linalg.vector_norm(edge_vec, 2.0, dim=-1, keepdim=True)  # = Tensor.norm(dim=-1); scriptable
         s = smooth_switch(r, self.rcut_smth, self.rcut) / r
         return torch.cat([s, s * edge_vec / r], dim=-1)
 
@@ -76,31 +78,36 @@ class DescriptorSeA(nn.Module):
         # Edges grouped by net, then by centre: each group becomes a dense (centre, slot)
         # block padded only to the largest real count, so T is one batched matmul per net.
         order = torch.argsort(key * ncent + center)
-        counts = torch.bincount(key, minlength=len(self.embeddings)).tolist()
+        counts: List[int] = torch.bincount(key, minlength=len(self.embeddings)).tolist()
         rows, center_sorted = rows[order], center[order]
 
-        T = rows.new_zeros(ncent, 4, self.width)
+        T = rows.new_zeros([ncent, 4, self.width])
         start = 0
-        for net, n in zip(self.embeddings, counts):
-            if n == 0:
-                continue
-            r, c = rows[start:start + n], center_sorted[start:start + n]
+        for i, net in enumerate(self.embeddings):  # (enumerate, no continue: TorchScript-compilable)
+            n = counts[i]
+            if n > 0:
+                r = rows[start:start + n]
+                T = T + self._block(r, net(r[:, :1]), center_sorted[start:start + n], ncent)
             start += n
-            per_center = torch.bincount(c, minlength=ncent)
-            nmax = int(per_center.max())
-            slot = torch.arange(n, device=c.device) - (torch.cumsum(per_center, 0) - per_center)[c]
-            flat = c * nmax + slot
-            g = net(r[:, :1])
-            r_pad = r.new_zeros(ncent * nmax, 4)
-            r_pad[flat] = r
-            g_pad = g.new_zeros(ncent * nmax, self.width)
-            g_pad[flat] = g
-            r_pad, g_pad = r_pad.view(ncent, nmax, 4), g_pad.view(ncent, nmax, self.width)
-            T = T + torch.bmm(r_pad.transpose(1, 2), g_pad)
         T = T + self._padding(center, center_type, neighbor_type)
         T = T / self.nnei
         D = torch.bmm(T.transpose(1, 2), T[:, :, : self.axis_neuron])
         return D.reshape(ncent, -1)
+
+    def _block(self, r: torch.Tensor, g: torch.Tensor, c: torch.Tensor, ncent: int) -> torch.Tensor:
+        """sum_j R_j^T G_j (n_centers, 4, M) over the edges of one net: rows r (n, 4), embeddings g (n, M),
+        centres c (n,) in ascending order."""
+        n = r.shape[0]
+        per_center = torch.bincount(c, minlength=ncent)
+        nmax = int(per_center.max())
+        slot = torch.arange(n, device=c.device) - (torch.cumsum(per_center, 0) - per_center)[c]
+        flat = c * nmax + slot
+        r_pad = r.new_zeros([ncent * nmax, 4])
+        r_pad[flat] = r
+        g_pad = g.new_zeros([ncent * nmax, self.width])
+        g_pad[flat] = g
+        r_pad, g_pad = r_pad.view(ncent, nmax, 4), g_pad.view(ncent, nmax, self.width)
+        return torch.bmm(r_pad.transpose(1, 2), g_pad)
 
     def _padding(self, center, center_type, neighbor_type):
         """Contribution of DeePMD's empty neighbour slots, (n_centers, 4, M)."""
@@ -108,11 +115,13 @@ class DescriptorSeA(nn.Module):
         count = torch.bincount(center * nt + neighbor_type, minlength=ncent * nt).reshape(ncent, nt)
         n_pad = (torch.tensor(self.sel, device=count.device) - count).to(self.mean.dtype)  # (ncent, nt)
         pad_row = -self.mean / self.std  # (nt_center, 4): a zero row, normalised
-        per_pair = []
-        for tc in range(nt):
-            for tn in range(nt):
-                net = self.embeddings[tn if self.type_one_side else tn * nt + tc]
-                g = net(pad_row[tc, :1].unsqueeze(0))[0]
-                per_pair.append(pad_row[tc].unsqueeze(1) * g.unsqueeze(0))
+        # per_pair[tc * nt + tn]: one padded slot of centre type tc in the block of neighbour type tn
+        per_pair: List[torch.Tensor] = [pad_row.new_empty(0)] * (nt * nt)
+        for i, net in enumerate(self.embeddings):  # net i serves neighbour type i, or pair (i // nt, i % nt)
+            for tc in range(nt):
+                if self.type_one_side or tc == i % nt:
+                    tn = i if self.type_one_side else i // nt
+                    g = net(pad_row[tc, :1].unsqueeze(0))[0]
+                    per_pair[tc * nt + tn] = pad_row[tc].unsqueeze(1) * g.unsqueeze(0)
         table = torch.stack(per_pair).reshape(nt, nt, 4, self.width)[center_type]  # (ncent, nt, 4, M)
         return torch.einsum("cn,cnkm->ckm", n_pad, table)

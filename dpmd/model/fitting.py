@@ -25,6 +25,6 @@ class EnergyFitting(nn.Module):
         energy = self.energy_bias[atype]
         for t, net in enumerate(self.nets):
             idx = (atype == t).nonzero().squeeze(1)
-            if idx.numel():
+            if idx.numel() > 0:
                 energy = energy.index_add(0, idx, net(descriptor.index_select(0, idx)).squeeze(1))
         return energy

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -15,14 +17,14 @@ from dpmd.model.deeppot import DeepPot
 FORMAT = "dpmd-model"
 
 
-def atomic_torch_save(obj, path) -> None:
-    """torch.save to a temp file in the same directory, then rename: never a half-written file."""
+def _atomic_write(path, write) -> None:
+    """write(file object) into a temp file in the same directory, then rename: never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -31,16 +33,81 @@ def atomic_torch_save(obj, path) -> None:
         raise
 
 
-def save_model(model: DeepPot, path) -> None:
-    atomic_torch_save({"format": FORMAT, "version": 1, "config": model.config,
-                       "state_dict": model.state_dict()}, path)
+def atomic_torch_save(obj, path) -> None:
+    """torch.save to a temp file in the same directory, then rename: never a half-written file."""
+    _atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def save_model(model: DeepPot, path, *, deployable: bool = True) -> None:
+    """Write one self-contained model file.
+
+    deployable (default): a TorchScript archive (see dpmd.model.export) holding the weights,
+    statistics and the `dpmd.json` metadata (type_map, rcut, sel, model config, versions);
+    `load_model` reads it back as a DeepPot, `torch.jit.load` / `torch::jit::load` as the
+    inference module.  deployable=False: the version-1 torch.save dict (Python only).
+    """
+    if not deployable:
+        atomic_torch_save({"format": FORMAT, "version": 1, "config": model.config,
+                           "state_dict": model.state_dict()}, path)
+        return
+    from dpmd.model.export import METADATA_FILE, script_model
+
+    scripted = script_model(model)
+    extra = {METADATA_FILE: scripted.metadata}
+    _atomic_write(path, lambda fh: torch.jit.save(scripted, fh, _extra_files=extra))
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zip files with a code/ folder (torch.save zips have none)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any("/code/" in name for name in zf.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def read_metadata(path) -> dict:
+    """The metadata of a frozen (TorchScript) model file, without loading its weights or code."""
+    from dpmd.model.export import METADATA_FILE
+
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            name = next((n for n in zf.namelist() if n.endswith("/extra/" + METADATA_FILE)), None)
+            if name is None:
+                raise DpmdError(f"{path}: no {METADATA_FILE} in the archive: not a frozen dpmd model")
+            return json.loads(zf.read(name))
+    except (zipfile.BadZipFile, OSError) as err:
+        raise DpmdError(f"{path}: not a frozen dpmd model ({err})")
+
+
+def _load_torchscript(path: Path, device) -> DeepPot:
+    from dpmd.model.export import FORMAT_VERSION, METADATA_FILE
+
+    extra = {METADATA_FILE: ""}
+    try:
+        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    except Exception as err:
+        raise DpmdError(f"{path}: not a readable TorchScript file ({err.__class__.__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''})")
+    if not extra[METADATA_FILE]:
+        raise DpmdError(f"{path}: a TorchScript file, but not a dpmd model (no {METADATA_FILE})")
+    meta = json.loads(extra[METADATA_FILE])
+    if meta.get("format") != FORMAT or int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise DpmdError(f"{path}: model format {meta.get('format')!r} version {meta.get('format_version')} "
+                        f"is not readable by this dpmd (up to {FORMAT} {FORMAT_VERSION})")
+    model = DeepPot(meta["config"])
+    model.load_state_dict(module.state_dict())
+    return model
 
 
 def load_model(path, device: str | torch.device = "cpu") -> DeepPot:
-    """A dpmd model file, or a DeePMD-kit PyTorch checkpoint (`model.ckpt.pt`)."""
+    """A dpmd model file (frozen TorchScript or version-1 dict), or a DeePMD-kit PyTorch checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise DpmdError(f"{path}: model file not found")
+    if _is_torchscript(path):
+        return _load_torchscript(path, device).to(device).eval()
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:

@@ -30,11 +30,28 @@ class Layer(nn.Module):
         self.matrix = nn.Parameter(torch.randn(n_in, n_out, dtype=dtype, generator=generator) * std)
         self.bias = nn.Parameter(torch.randn(n_out, dtype=dtype, generator=generator))
         self.idt = nn.Parameter(0.1 + 0.001 * torch.randn(n_out, dtype=dtype, generator=generator)) if use_idt else None
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation_function {activation!r}; expected one of {sorted(ACTIVATIONS)}")
         self.activation = activation
         self.residual = resnet and n_out in (n_in, 2 * n_in)
 
+    def _activate(self, y: torch.Tensor) -> torch.Tensor:
+        # if/elif rather than a dict of callables, so that the layer can be TorchScript-compiled
+        act = self.activation
+        if act == "tanh":
+            return torch.tanh(y)
+        if act == "gelu":
+            return nn.functional.gelu(y)
+        if act == "relu":
+            return torch.relu(y)
+        if act == "softplus":
+            return nn.functional.softplus(y)
+        if act == "sigmoid":
+            return torch.sigmoid(y)
+        return y  # "linear", "none"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = ACTIVATIONS[self.activation](torch.addmm(self.bias, x, self.matrix) if x.dim() == 2 else x @ self.matrix + self.bias)
+        y = self._activate(torch.addmm(self.bias, x, self.matrix) if x.dim() == 2 else x @ self.matrix + self.bias)
         if self.idt is not None:
             y = y * self.idt
         if self.residual:

@@ -73,3 +73,25 @@ def energy_bias(model, systems, rcond=None) -> np.ndarray:
 def init_from_data(model, systems, max_frames: int = 10, protection: float = 1e-2) -> None:
     descriptor_stats(model, systems, max_frames, protection)
     energy_bias(model, systems)
+
+
+@torch.no_grad()
+def refit_energy_bias(model, systems, max_frames: int = 10) -> np.ndarray:
+    """Fine-tuning: shift the energy bias so the model's energies fit the new data (DeePMD's
+    change-by-statistic): bias += least squares of (label - prediction) on per-type counts."""
+    nt = model.ntypes
+    counts, residuals = [], []
+    for system in systems:
+        if system.energy is None:
+            continue
+        step = max(1, system.nframes // max_frames)
+        frames = list(range(0, system.nframes, step))[:max_frames]
+        box = None if system.box is None else torch.as_tensor(system.box[frames])
+        pred = model(torch.as_tensor(system.coord[frames]), torch.as_tensor(system.atype), box)["energy"]
+        residuals.append(system.energy[frames] - pred.double().numpy())
+        counts.append(np.repeat(np.bincount(system.atype, minlength=nt)[None, :], len(frames), axis=0))
+    if not counts:
+        raise ValueError("no energies in the fine-tuning data: cannot re-fit the energy bias")
+    delta = np.linalg.lstsq(np.concatenate(counts).astype(float), np.concatenate(residuals), rcond=None)[0]
+    model.fitting.energy_bias.add_(torch.as_tensor(delta, dtype=model.fitting.energy_bias.dtype))
+    return delta

@@ -1,5 +1,9 @@
-"""`dpmd freeze`: a training checkpoint -> one self-contained model file (weights, type_map, rcut, sel,
-statistics, version), loadable with dpmd.model.load_model without the training input."""
+"""`dpmd freeze`: a training checkpoint -> one self-contained, deployable model file.
+
+The file is a TorchScript archive (dpmd.model.export): weights, statistics, and a `dpmd.json`
+metadata record (type_map, rcut, sel, the model config, dpmd/torch versions).  Python reads it
+with dpmd.model.load_model (no training input needed), C++ with torch::jit::load.
+"""
 
 from __future__ import annotations
 
@@ -16,5 +20,5 @@ def freeze(checkpoint: str | Path | None, output: str | Path) -> Path:
     ckpt = load_checkpoint(path)
     model = DeepPot(ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
-    save_model(model.eval(), output)
+    save_model(model.eval(), output)  # TorchScript archive, written atomically
     return path

@@ -22,7 +22,7 @@ from dpmd.errors import ConfigError, DpmdError
 from dpmd.geometry.graph import build_graph
 from dpmd.geometry.neighbor import NeighborList, auto_sel, build_neighbor_list, count_neighbors
 from dpmd.model import DeepPot, evaluate, load_model
-from dpmd.model.stats import descriptor_stats, energy_bias
+from dpmd.model.stats import descriptor_stats, energy_bias, refit_energy_bias
 from dpmd.train.checkpoint import load_checkpoint, save_checkpoint
 from dpmd.train.loss import EnergyLoss
 from dpmd.train.sampler import BatchSampler
@@ -125,7 +125,7 @@ class Trainer:
         elif init_model or finetune:
             self.model = self._from_weights(init_model or finetune, type_map)
             if finetune:
-                energy_bias(self.model, self.train_systems)
+                refit_energy_bias(self.model, self.train_systems, max_frames=mcfg["data_stat_nbatch"])
         else:
             if isinstance(mcfg["descriptor"]["sel"], str):
                 ratio = 1.1 if mcfg["descriptor"]["sel"] == "auto" else float(mcfg["descriptor"]["sel"].split(":")[1])

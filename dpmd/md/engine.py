@@ -1,0 +1,371 @@
+"""The MD engine: one loop over (init, step) pieces, a Verlet list, outputs, checkpoints and safety checks.
+
+    sim = Simulation(models, positions (F, N, 3), symbols, box (F, 3, 3) or None, ensemble="nvt", ...)
+    sim.run(1000)
+
+F independent systems of N atoms each advance together, with one model evaluation per step over
+all of them.  The first model drives the dynamics; all models give the deviation.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dpmd.errors import DpmdError, NeighborOverflowError
+from dpmd.md import devi as devi_mod
+from dpmd.md import output as out_mod
+from dpmd.md.barostats import pressure_tensor, stochastic_cell_rescaling
+from dpmd.md.integrator import velocity_verlet
+from dpmd.md.neighbors import VerletList
+from dpmd.md.state import MDState, kinetic_energy, maxwell_boltzmann, volume
+from dpmd.md.thermostats import make_thermostat
+from dpmd.md.units import BOLTZ, FS
+from dpmd.model.forces import evaluate
+
+CHECKPOINT_FORMAT = "dpmd-md-checkpoint"
+
+
+class MDStopError(DpmdError, RuntimeError):
+    """The run was stopped by a safety check (lost atoms, atoms too close, NaN energy, neighbour overflow)."""
+
+
+def _ramp(value, total_steps: int):
+    """A constant, or [start, end] ramped linearly over total_steps: a function of the step."""
+    if value is None:
+        return lambda step: None
+    if isinstance(value, (list, tuple)):
+        a, b = float(value[0]), float(value[1])
+        return lambda step: a + (b - a) * min(step, total_steps) / max(total_steps, 1)
+    v = float(value)
+    return lambda step: v
+
+
+class Simulation:
+    def __init__(self, models, positions, symbols, box=None, *, masses=None, ensemble: str = "nve",
+                 thermostat: dict | None = None, barostat: dict | None = None, timestep: float = 0.5,
+                 temperature=300.0, pressure=1.0, steps: int | None = None, seed: int = 1, skin: float = 2.0,
+                 min_distance: float = 0.5, velocities=None, thermo_freq: int = 100, traj_freq: int = 0,
+                 traj_format=("extxyz",), model_devi_freq: int = 0, checkpoint_freq: int = 0,
+                 output_dir=None, log=print):
+        """models: a DeepPot or a list (the first drives the dynamics).
+        positions: (N, 3) or (F, N, 3) Å; symbols: N element names (or F lists); box: (3, 3), (F, 3, 3) or None.
+        timestep in fs, temperature in K, pressure in bar ([start, end] ramps linearly over `steps`),
+        thermostat {type: langevin|csvr|nose_hoover, damp: ps, chain: 3},
+        barostat {damp: ps, mode: iso|aniso, compressibility: 1/bar} (stochastic cell rescaling).
+        output_dir None writes no files.
+        """
+        self.models = list(models) if isinstance(models, (list, tuple)) else [models]
+        model = self.models[0]
+        self.device = next(model.parameters()).device
+        self.dtype = torch.float64
+        pos = torch.as_tensor(np.asarray(positions, dtype=np.float64), device=self.device)
+        if pos.dim() == 2:
+            pos = pos.unsqueeze(0)
+        nf, n = pos.shape[:2]
+        if isinstance(symbols[0], str):
+            symbols = [list(symbols)] * nf
+        self.symbols = [list(s) for s in symbols]
+        if len(self.symbols) != nf or any(len(s) != n for s in self.symbols):
+            raise DpmdError(f"symbols must give {n} element names for each of the {nf} systems")
+        self.atypes = [self._types(m) for m in self.models]
+        if box is not None:
+            box = torch.as_tensor(np.asarray(box, dtype=np.float64), device=self.device).reshape(-1, 3, 3)
+            box = box.expand(nf, 3, 3).clone()
+        if masses is None:
+            from ase.data import atomic_masses, atomic_numbers
+
+            masses = [[atomic_masses[atomic_numbers[s]] for s in row] for row in self.symbols]
+        masses = torch.as_tensor(np.asarray(masses, dtype=np.float64), device=self.device).reshape(-1, n)
+        masses = masses.expand(nf, n).clone()
+
+        self.ensemble = ensemble
+        if ensemble not in ("nve", "nvt", "npt"):
+            raise DpmdError(f"ensemble must be nve, nvt or npt, got {ensemble!r}")
+        if ensemble == "npt" and box is None:
+            raise DpmdError("npt needs a periodic box")
+        thermostat = dict(thermostat or {})
+        if ensemble == "nve":
+            self.thermostat = make_thermostat(None)
+        else:
+            self.thermostat = make_thermostat(thermostat.get("type", "langevin"), thermostat.get("damp", 0.1),
+                                              thermostat.get("chain", 3))
+        self.barostat = None
+        if ensemble == "npt":
+            b = dict(barostat or {})
+            self.barostat = stochastic_cell_rescaling(b.get("damp", 1.0), b.get("compressibility", 4.5e-5),
+                                                      b.get("mode", "iso"))
+        self.dt = float(timestep) * FS
+        self.total_steps = steps
+        self.temperature = _ramp(temperature, steps or 0)
+        self.pressure = _ramp(pressure, steps or 0)
+        self.min_distance = float(min_distance)
+        self.thermo_freq, self.traj_freq = int(thermo_freq), int(traj_freq)
+        self.model_devi_freq, self.checkpoint_freq = int(model_devi_freq), int(checkpoint_freq)
+        self.traj_format = [traj_format] if isinstance(traj_format, str) else list(traj_format)
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.log = log or (lambda *a, **k: None)
+        self.verlet = VerletList(model.rcut, skin)
+        self._graph = None
+        self.outputs: list[out_mod.SystemOutput] = []
+        self.devi_history: list[tuple[int, np.ndarray]] = []   # (step, (F, 7)) for the Python API
+
+        rng = torch.Generator(device=self.device)
+        rng.manual_seed(int(seed))
+        state = MDState(positions=pos, velocities=None, masses=masses, atype=self.atypes[0], box=box,
+                        ext_work=torch.zeros(nf, dtype=self.dtype, device=self.device), rng=rng)
+        if velocities is not None:
+            v = torch.as_tensor(np.asarray(velocities, dtype=np.float64), device=self.device).reshape(nf, n, 3)
+            state.velocities = v.clone()
+        else:
+            t0 = self.temperature(0)
+            state.velocities = maxwell_boltzmann(masses, 0.0 if t0 is None else t0, rng, state.dof)
+        self.state = state
+        self._init, self._step = velocity_verlet(self._compute_forces, self.dt, self.thermostat, self.barostat)
+        self._initialised = False
+
+    # ---------------------------------------------------------------- pieces
+    def _types(self, model) -> torch.Tensor:
+        index = {name: t for t, name in enumerate(model.type_map)}
+        try:
+            return torch.tensor([[index[s] for s in row] for row in self.symbols], device=self.device)
+        except KeyError:
+            missing = next(s for row in self.symbols for s in row if s not in index)
+            raise DpmdError(f"element {missing} is not in the model's type_map {model.type_map}") from None
+
+    def _stop(self, state: MDState, message: str):
+        raise MDStopError(f"step {state.step}: {message}")
+
+    def _compute_forces(self, state: MDState) -> MDState:
+        """Forces, energy and virial of the driving model on a Verlet list filtered to rcut."""
+        n = state.natoms
+        need = self.verlet.needs_rebuild(state.positions, state.box)
+        finite = torch.isfinite(state.positions).all(dim=-1)
+        flags = torch.cat([need, (~finite).any(dim=1)]).tolist()          # one host sync
+        nf = state.nframes
+        if any(flags[nf:]):
+            bad = (~finite).nonzero().tolist()
+            self._stop(state, "lost atoms (non-finite positions): " + ", ".join(
+                self._name_atom(f, i) for f, i in bad[:10]) + (" ..." if len(bad) > 10 else ""))
+        if any(flags[:nf]):
+            self.verlet.build(state.positions, state.box, [f for f in range(nf) if flags[f]])
+        center, neighbor, shift, d2 = self.verlet.within_cutoff(state.positions, state.box)
+        box = state.box if state.box is not None else torch.zeros(nf, 3, 3, dtype=self.dtype, device=self.device)
+        graph = {"coord": state.positions.reshape(-1, 3), "atype": state.atype.reshape(-1),
+                 "batch": torch.arange(nf, device=self.device).repeat_interleave(n), "box": box,
+                 "center": center, "neighbor": neighbor, "shift": shift, "natoms": n}
+        try:
+            out = evaluate(self.models[0], graph)
+        except NeighborOverflowError as err:
+            self._stop(state, f"neighbour overflow: {err}")
+        self._graph = graph
+        state.forces = out["force"].reshape(nf, n, 3)
+        state.energy = out["energy"]
+        state.virial = out["virial"]
+        dmin2 = d2.min() if d2.numel() else torch.tensor(float("inf"), dtype=self.dtype, device=self.device)
+        too_close, bad_energy = torch.stack([dmin2 < self.min_distance ** 2,
+                                             ~torch.isfinite(state.energy).all()]).tolist()   # one host sync
+        if too_close:
+            close = (d2 < self.min_distance ** 2).nonzero().reshape(-1)
+            pairs = [(int(center[e]), int(neighbor[e]), float(d2[e]) ** 0.5) for e in close[:10]]
+            self._stop(state, f"atoms closer than min_distance {self.min_distance} Å: " + ", ".join(
+                f"{self._name_atom(i // n, i % n)} and {j % n} at {d:.3f} Å" for i, j, d in pairs))
+        if bad_energy:
+            frames = (~torch.isfinite(state.energy)).nonzero().reshape(-1).tolist()
+            self._stop(state, f"non-finite energy in system(s) {frames}")
+        return state
+
+    def _name_atom(self, frame: int, i: int) -> str:
+        label = f"atom {i} ({self.symbols[frame][i]})"
+        return label if self.state.nframes == 1 else f"{label} of system {frame}"
+
+    def kT(self, step: int):
+        t = self.temperature(step)
+        return None if t is None else BOLTZ * t
+
+    def _ensure_init(self) -> None:
+        if not self._initialised:
+            self.state = self._init(self.state)
+            self._initialised = True
+
+    def thermo(self) -> dict:
+        """Per-system thermodynamic quantities (numpy arrays of shape (F,)), LAMMPS metal units."""
+        self._ensure_init()
+        s = self.state
+        ke = kinetic_energy(s)
+        pe = s.energy
+        kT = self.kT(s.step) or 0.0
+        p0 = self.pressure(s.step) if self.barostat is not None else None
+        conserved = pe + ke - s.ext_work + self.thermostat.energy(s, kT)
+        if self.barostat is not None:
+            conserved = conserved + self.barostat.energy(s, p0)
+        press = pressure_tensor(s).diagonal(dim1=1, dim2=2).mean(-1)
+        vals = torch.stack([pe, ke, 2.0 * ke / (s.dof * BOLTZ), press, volume(s), pe + ke, conserved], 1)
+        vals = vals.detach().cpu().numpy()
+        return {k: vals[:, i] for i, k in enumerate(out_mod.THERMO_COLUMNS[2:])}
+
+    def deviation(self) -> np.ndarray:
+        """(F, 7) model deviation of the current positions (DeePMD's columns after `step`)."""
+        self._ensure_init()
+        s = self.state
+        forces, virials, energies = [s.forces], [s.virial], [s.energy]
+        for k, model in enumerate(self.models[1:], start=1):
+            graph = self._graph
+            if model.rcut != self.models[0].rcut or not torch.equal(self.atypes[k], self.atypes[0]):
+                from dpmd.geometry.graph import build_graph
+
+                graph = build_graph(s.positions, self.atypes[k], s.box, model.rcut)
+            else:
+                graph = dict(graph)
+            out = evaluate(model, graph)
+            forces.append(out["force"].reshape(s.nframes, s.natoms, 3))
+            virials.append(out["virial"])
+            energies.append(out["energy"])
+        d = devi_mod.model_deviation(torch.stack(forces), torch.stack(virials), torch.stack(energies), s.natoms)
+        return d.detach().cpu().numpy()
+
+    # ---------------------------------------------------------------- output
+    def _open_outputs(self, restart: bool) -> None:
+        if self.output_dir is None or self.outputs:
+            return
+        nf = self.state.nframes
+        dirs = [self.output_dir] if nf == 1 else [self.output_dir / f"sys.{f:03d}" for f in range(nf)]
+        with_devi = self.model_devi_freq > 0
+        self.outputs = [out_mod.SystemOutput(d, self.traj_format, with_devi, restart) for d in dirs]
+
+    def _write(self, step: int) -> None:
+        due = lambda freq: freq > 0 and step % freq == 0  # noqa: E731
+        if due(self.model_devi_freq):
+            d = self.deviation()
+            self.devi_history.append((step, d))
+            for f, o in enumerate(self.outputs):
+                o.devi.write(devi_mod.format_row(step, d[f]) + "\n")
+        if not self.outputs:
+            return
+        if due(self.thermo_freq):
+            th = self.thermo()
+            for f, o in enumerate(self.outputs):
+                o.thermo.write(out_mod.thermo_row(step, step * self.dt, [th[k][f] for k in out_mod.THERMO_COLUMNS[2:]]))
+        if due(self.traj_freq):
+            self._write_frame(step)
+
+    def _write_frame(self, step: int) -> None:
+        s = self.state
+        pos = s.positions.detach().cpu().numpy()
+        vel = s.velocities.detach().cpu().numpy()
+        frc = None if s.forces is None else s.forces.detach().cpu().numpy()
+        en = None if s.energy is None else s.energy.detach().cpu().numpy()
+        box = None if s.box is None else s.box.detach().cpu().numpy()
+        types = s.atype.cpu().numpy()
+        for f, o in enumerate(self.outputs):
+            b = None if box is None else box[f]
+            if "extxyz" in o.traj:
+                o.traj["extxyz"].write(out_mod.extxyz_frame(step, self.symbols[f], pos[f], b, vel[f],
+                                                            None if frc is None else frc[f],
+                                                            None if en is None else float(en[f])))
+            if "lammps" in o.traj:
+                o.traj["lammps"].write(out_mod.lammps_frame(step, types[f], pos[f], b))
+
+    # ---------------------------------------------------------------- checkpoints
+    def checkpoint(self, path=None) -> Path:
+        from dpmd.model.io import atomic_torch_save
+
+        path = Path(path) if path is not None else self.output_dir / "checkpoint.pt"
+        state = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in self.state.tensors().items()}
+        state["thermostat"] = {k: v.cpu() for k, v in state["thermostat"].items()}
+        state["barostat"] = {k: v.cpu() for k, v in state["barostat"].items()}
+        atomic_torch_save({"format": CHECKPOINT_FORMAT, "version": 1, "state": state,
+                           "files": out_mod.sizes(self.outputs), "symbols": self.symbols}, path)
+        return path
+
+    def restore(self, path) -> None:
+        """Continue from a checkpoint: state, RNG and output files cut back to the checkpoint's step."""
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise DpmdError(f"{path}: not a readable checkpoint ({err.__class__.__name__})") from None
+        if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+            raise DpmdError(f"{path}: not a dpmd md checkpoint")
+        st = blob["state"]
+        if tuple(st["positions"].shape) != tuple(self.state.positions.shape):
+            raise DpmdError(f"{path}: holds {tuple(st['positions'].shape)} positions, this run has "
+                            f"{tuple(self.state.positions.shape)}")
+        if blob.get("symbols") != self.symbols:
+            raise DpmdError(f"{path}: the checkpoint's elements differ from this run's structure")
+        self.state = MDState.from_tensors(st, self.device)
+        self._initialised = False
+        self.verlet.frames = None
+        if self.output_dir is not None:
+            out_mod.truncate(blob.get("files", {}))
+            self._open_outputs(restart=True)
+
+    # ---------------------------------------------------------------- loop
+    def run(self, steps: int | None = None) -> dict:
+        """Advance to step `steps` in total (default: the configured steps); returns a summary."""
+        target = self.total_steps if steps is None else steps
+        if target is None:
+            raise DpmdError("run(steps): number of steps not given")
+        fresh = self.state.step == 0 and not self.outputs
+        self._open_outputs(restart=not fresh)
+        start_step, t0 = self.state.step, time.perf_counter()
+        builds0 = self.verlet.builds
+        try:
+            self._ensure_init()
+            if fresh:
+                self._write(self.state.step)
+            while self.state.step < target:
+                self.state = self._step(self.state, self.kT(self.state.step), self.pressure(self.state.step))
+                step = self.state.step
+                self._write(step)
+                if self.output_dir is not None and self.checkpoint_freq > 0 and step % self.checkpoint_freq == 0:
+                    self.checkpoint()
+                if self.thermo_freq > 0 and step % self.thermo_freq == 0:
+                    self._progress(start_step, step, target, t0)
+        except MDStopError as err:
+            self._on_stop(err)
+        if self.output_dir is not None:
+            self.checkpoint()
+            for o in self.outputs:
+                o.flush()
+        elapsed = time.perf_counter() - t0
+        done = self.state.step - start_step
+        return {"steps": done, "seconds": elapsed, "steps_per_second": done / elapsed if elapsed > 0 else float("inf"),
+                "ns_per_day": done * self.dt * 1e-3 / elapsed * 86400 if elapsed > 0 else float("inf"),
+                "neighbor_builds": self.verlet.builds - builds0}
+
+    def _progress(self, start_step: int, step: int, target: int, t0: float) -> None:
+        elapsed = time.perf_counter() - t0
+        rate = (step - start_step) / elapsed if elapsed > 0 else float("inf")
+        ns_day = rate * self.dt * 1e-3 * 86400
+        eta = (target - step) / rate if rate > 0 else 0.0
+        temp = self.thermo()["temp"]
+        self.log(f"step {step}/{target}  T {' '.join(f'{t:.1f}' for t in temp)} K  {rate:.2f} steps/s  "
+                 f"{ns_day:.3f} ns/day  ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
+
+    def _on_stop(self, err: MDStopError):
+        written = []
+        if self.output_dir is not None:
+            try:
+                if not self.outputs:
+                    self._open_outputs(restart=False)
+                written.append(str(self.checkpoint(self.output_dir / "crash.checkpoint.pt")))
+                frame = self.output_dir / "crash.extxyz"
+                s = self.state
+                frame.write_text("".join(out_mod.extxyz_frame(
+                    s.step, self.symbols[f], s.positions[f].detach().cpu().numpy(),
+                    None if s.box is None else s.box[f].detach().cpu().numpy()) for f in range(s.nframes)))
+                written.append(str(frame))
+                for o in self.outputs:
+                    o.flush()
+            except Exception as exc:  # the stop message matters more than the post-mortem files
+                written.append(f"(could not write the crash files: {exc})")
+        suffix = f"; wrote {' and '.join(written)}" if written else ""
+        raise MDStopError(f"{err}{suffix}") from None
+
+    def close(self) -> None:
+        for o in self.outputs:
+            o.close()
+        self.outputs = []

@@ -1,0 +1,240 @@
+"""The deployable (TorchScript) form of a DeepPot: what `dpmd freeze` writes and C++ (libtorch) loads.
+
+`FrozenDeepPot` wraps a model's descriptor and fitting net (sharing their weights) in a
+module that `torch.jit.script` compiles; its forward is the whole inference path,
+derivatives included, so a C++ caller needs nothing but `torch::jit::load`:
+
+    forward(coord (N, 3), atype (N,), box (3, 3) or None,
+            center (E,), neighbor (E,), shift (E, 3) or None,
+            nlocal = -1, atom_virial = False) -> Dict[str, Tensor]
+
+    energy ()              sum of the atomic energies of the local atoms
+    atom_energy (nlocal,)
+    force (N, 3)           on every atom, ghosts included
+    virial (9,)            -sum_e g_e (x) r_e, DeePMD's sign and row-major order
+    atom_virial (N, 9)     only with atom_virial=True; each edge's virial shared by its two atoms
+
+Edges are a *full* neighbour list (every pair in both directions), r_e = coord[neighbor] -
+coord[center] (+ shift @ box when both are given).  Edges at or beyond rcut are dropped, so
+a list with a skin (LAMMPS) can be passed as is; more than `sel` neighbours of one type
+within rcut is an error, as in the eager model.
+
+Two ways of supplying the environment:
+  periodic:  coord holds the N atoms of the cell, edges carry integer lattice shifts (the
+             edge list of dpmd.geometry.neighbor), nlocal = -1;
+  ghost:     coord holds nlocal local atoms followed by ghost atoms (periodic images or
+             other ranks' atoms, as LAMMPS provides them), edges go from local centres to
+             any atom, shift = None.  Ghosts contribute no energy; the forces (and atomic
+             virials) on them are returned so that the caller can add them to their owners
+             (LAMMPS's reverse communication).
+Without center/neighbor the module finds neighbours itself by brute force (O(N^2) per
+lattice image; for small systems and tests: large systems should pass a neighbour list).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from dpmd.model.forces import DEFAULT_CHUNK_ATOMS
+
+FORMAT = "dpmd-model"
+FORMAT_VERSION = 2  # 1: torch.save dict {format, version, config, state_dict}; 2: TorchScript archive
+METADATA_FILE = "dpmd.json"  # TorchScript extra file holding the metadata (also the `metadata` attribute)
+
+
+def dpmd_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("dpmd")
+    except Exception:  # not installed (source tree on sys.path)
+        return "unknown"
+
+
+def model_metadata(model) -> dict:
+    """Everything needed to rebuild and use the model without its training input."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dpmd_version": dpmd_version(),
+        "torch_version": torch.__version__.split("+")[0],
+        "type_map": list(model.type_map),
+        "ntypes": int(model.ntypes),
+        "rcut": float(model.rcut),
+        "sel": [int(s) for s in model.sel],
+        "config": model.config,  # the normalised model section: rebuilds DeepPot(config)
+        "units": {"length": "angstrom", "energy": "eV"},
+        "forward": "forward(coord, atype, box=None, center=None, neighbor=None, shift=None, nlocal=-1, "
+                   "atom_virial=False) -> {energy, atom_energy, force, virial[, atom_virial]}",
+    }
+
+
+class FrozenDeepPot(nn.Module):
+    """TorchScript-compilable inference module around a DeepPot's descriptor and fitting net."""
+
+    def __init__(self, model, chunk_atoms: int = DEFAULT_CHUNK_ATOMS):
+        super().__init__()
+        self.descriptor = model.descriptor
+        self.fitting = model.fitting
+        meta = model_metadata(model)
+        self.type_map: List[str] = list(meta["type_map"])
+        self.sel: List[int] = list(meta["sel"])
+        self.rcut: float = meta["rcut"]
+        self.ntypes: int = meta["ntypes"]
+        self.chunk_atoms: int = int(chunk_atoms)
+        self.metadata: str = json.dumps(meta)
+
+    @torch.jit.export
+    def get_type_map(self) -> List[str]:
+        return self.type_map
+
+    @torch.jit.export
+    def get_rcut(self) -> float:
+        return self.rcut
+
+    @torch.jit.export
+    def get_sel(self) -> List[int]:
+        return self.sel
+
+    @torch.jit.export
+    def get_ntypes(self) -> int:
+        return self.ntypes
+
+    @torch.jit.export
+    def get_metadata(self) -> str:
+        return self.metadata
+
+    def atomic_energy(self, edge_vec: torch.Tensor, center: torch.Tensor, center_type: torch.Tensor,
+                      neighbor_type: torch.Tensor) -> torch.Tensor:
+        desc = self.descriptor(edge_vec, center, center_type, neighbor_type)
+        return self.fitting(desc.to(self.fitting.energy_bias.dtype), center_type)
+
+    @torch.jit.export
+    def neighbor_list(self, coord: torch.Tensor, box: Optional[torch.Tensor] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Brute-force full neighbour list (center, neighbor, shift) within rcut, sorted by centre."""
+        coord = coord.to(torch.float64)
+        n = coord.shape[0]
+        rc2 = self.rcut * self.rcut
+        wrap = coord.new_zeros([n, 3])  # lattice vectors (integers) subtracted to wrap each atom into the cell
+        if box is None:
+            shifts = coord.new_zeros([1, 3])
+            images = coord.new_zeros([1, 3])
+        else:
+            cell = box.to(torch.float64).reshape(3, 3)
+            inv = torch.linalg.inv(cell)
+            wrap = torch.floor(coord @ inv)
+            coord = coord - wrap @ cell
+            # images needed along lattice vector i: rcut / (spacing of the lattice planes i)
+            reach: List[int] = torch.ceil(self.rcut * torch.linalg.vector_norm(inv, 2.0, dim=0)
+                                          ).to(torch.long).tolist()
+            rng = [torch.arange(-m, m + 1, dtype=torch.float64, device=coord.device) for m in reach]
+            shifts = torch.cartesian_prod(rng[0], rng[1], rng[2])
+            images = shifts @ cell
+        idx = torch.arange(n, device=coord.device)
+        centers, neighbors, shift_rows = [], [], []
+        for k in range(shifts.shape[0]):
+            d = coord.unsqueeze(0) + images[k] - coord.unsqueeze(1)  # (center, neighbour, 3)
+            ok = (d * d).sum(-1) < rc2
+            if bool((shifts[k] == 0).all()):
+                ok = ok & (idx.unsqueeze(1) != idx.unsqueeze(0))
+            pairs = ok.nonzero()
+            c, j = pairs[:, 0], pairs[:, 1]
+            centers.append(c)
+            neighbors.append(j)
+            # r = x_j - x_i + shifts[k] @ cell in wrapped coordinates = unwrapped ones with this shift:
+            shift_rows.append(shifts[k] + wrap.index_select(0, c) - wrap.index_select(0, j))
+        center, neighbor, shift = torch.cat(centers), torch.cat(neighbors), torch.cat(shift_rows)
+        order = torch.argsort(center, stable=True)
+        return center[order], neighbor[order], shift[order]
+
+    def forward(self, coord: torch.Tensor, atype: torch.Tensor, box: Optional[torch.Tensor] = None,
+                center: Optional[torch.Tensor] = None, neighbor: Optional[torch.Tensor] = None,
+                shift: Optional[torch.Tensor] = None, nlocal: int = -1, atom_virial: bool = False
+                ) -> Dict[str, torch.Tensor]:
+        dtype = torch.float64
+        coord = coord.to(dtype).reshape(-1, 3)
+        atype = atype.to(torch.long).reshape(-1)
+        natoms = coord.shape[0]
+        nloc = natoms if nlocal < 0 else nlocal
+        if atype.shape[0] != natoms:
+            raise RuntimeError("dpmd: coord and atype describe different numbers of atoms")
+        if center is None or neighbor is None:
+            center, neighbor, shift = self.neighbor_list(coord, box)
+        center, neighbor = center.to(torch.long), neighbor.to(torch.long)
+
+        vec = coord.index_select(0, neighbor) - coord.index_select(0, center)
+        if shift is not None and box is not None:
+            vec = vec + shift.to(dtype) @ box.to(dtype).reshape(3, 3)
+        vec = vec.detach()
+        # only local centres and neighbours within rcut (a neighbour list may carry a skin)
+        keep = ((vec * vec).sum(-1) < self.rcut * self.rcut) & (center < nloc)
+        if not bool(keep.all()):
+            sel = keep.nonzero().squeeze(1)
+            center, neighbor, vec = center[sel], neighbor[sel], vec[sel]
+        if center.shape[0] > 1 and bool((center[1:] < center[:-1]).any()):
+            order = torch.argsort(center, stable=True)
+            center, neighbor, vec = center[order], neighbor[order], vec[order]
+        neighbor_type = atype.index_select(0, neighbor)
+        nt = self.ntypes
+        counts = torch.bincount(center * nt + neighbor_type, minlength=nloc * nt).reshape(nloc, nt)
+        over = counts > torch.tensor(self.sel, device=counts.device)
+        if bool(over.any()):
+            i = int(over.any(1).nonzero()[0, 0])
+            found: List[int] = counts[i].tolist()
+            raise RuntimeError("dpmd: atom " + str(i) + " has " + str(found) + " neighbours (per type) within rcut; "
+                               + "the model's sel " + str(self.sel) + " allows no more")
+
+        chunk = self.chunk_atoms
+        bounds: List[int] = torch.searchsorted(
+            center, torch.arange(0, nloc + chunk, chunk, device=center.device)).tolist()
+        energies: List[torch.Tensor] = []
+        grads: List[torch.Tensor] = []
+        k = 0
+        for a0 in range(0, nloc, chunk):
+            a1 = min(a0 + chunk, nloc)
+            b0, b1 = bounds[k], bounds[k + 1]
+            k += 1
+            v = vec[b0:b1].requires_grad_()
+            e = self.atomic_energy(v, center[b0:b1] - a0, atype[a0:a1], neighbor_type[b0:b1])
+            g = torch.autograd.grad([e.sum()], [v])[0]
+            assert g is not None
+            energies.append(e.detach())
+            grads.append(g)
+        atom_energy = torch.cat(energies).to(dtype) if len(energies) > 0 else coord.new_zeros([0])
+        g = torch.cat(grads).to(dtype) if len(grads) > 0 else coord.new_zeros([0, 3])
+
+        force = torch.zeros([natoms, 3], dtype=dtype, device=coord.device)
+        force = force.index_add(0, center, g).index_add(0, neighbor, -g)
+        edge_virial = -(g.unsqueeze(2) * vec.unsqueeze(1))  # (E, 3, 3)
+        frame = torch.zeros([center.shape[0]], dtype=torch.long, device=coord.device)
+        out = {
+            "energy": torch.zeros([1], dtype=dtype, device=coord.device).index_add(
+                0, torch.zeros([nloc], dtype=torch.long, device=coord.device), atom_energy)[0],
+            "atom_energy": atom_energy,
+            "force": force,
+            "virial": torch.zeros([1, 3, 3], dtype=dtype, device=coord.device).index_add(
+                0, frame, edge_virial).reshape(9),
+        }
+        if atom_virial:
+            half = 0.5 * edge_virial
+            out["atom_virial"] = torch.zeros([natoms, 3, 3], dtype=dtype, device=coord.device).index_add(
+                0, center, half).index_add(0, neighbor, half).reshape(natoms, 9)
+        return out
+
+
+def script_model(model, chunk_atoms: int = DEFAULT_CHUNK_ATOMS) -> torch.jit.ScriptModule:
+    """The TorchScript module of a DeepPot (weights copied, so the eager model stays independent)."""
+    import copy
+
+    frozen = FrozenDeepPot(copy.deepcopy(model).eval(), chunk_atoms)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    with warnings.catch_warnings():  # torch >= 2.10 flags TorchScript as deprecated; libtorch still loads it
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=DeprecationWarning)
+        return torch.jit.script(frozen)
