@@ -21,6 +21,8 @@ from dpmd.model.export import METADATA_FILE, script_model
 from dpmd.model.forces import evaluate
 from dpmd.model.io import read_metadata
 
+pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.jit\..*deprecated:DeprecationWarning")
+
 KEYS = ("energy", "atom_energy", "force", "virial", "atom_virial")
 
 

@@ -43,10 +43,28 @@ def small_water(frame=24, origin=(4 / 7, 6 / 7, 0.0)):
 
 
 def gas(nframes=2, n=32, L=14.0, seed=0):
-    """Oxygen 'gas' on a jittered lattice (3.5 Å apart, rcut 4 Å): a weakly interacting gas for the random model."""
+    """Oxygen 'gas' on a jittered lattice, 3.5 Å apart (rcut 4 Å, so every atom has neighbours)."""
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.arange(4)] * 3, indexing="ij"), -1).reshape(-1, 3)[:n] * (L / 4)
     return np.stack([grid + rng.normal(0, 0.3, grid.shape) for _ in range(nframes)]), ["O"] * n, np.eye(3) * L
+
+
+class SoftSpheres(torch.nn.Module):
+    """A purely repulsive pair potential A (1 - r/rc)^2 behind the same model interface (atomic_energy ->
+    dpmd.model.evaluate), for the thermostat and barostat tests: the random DeepPot has an attractive core
+    that collapses pairs within a few hundred steps, which no thermostat test should depend on."""
+
+    type_map, sel = ["O", "H"], [100, 100]
+    ntypes = 2
+
+    def __init__(self, rcut=4.0, a=0.5):
+        super().__init__()
+        self.rcut = rcut
+        self.register_buffer("a", torch.tensor(a, dtype=torch.float64))
+
+    def atomic_energy(self, edge_vec, center, center_type, neighbor_type):
+        e = 0.5 * self.a * (1.0 - edge_vec.norm(dim=-1) / self.rcut).clamp(min=0) ** 2
+        return torch.zeros(center_type.shape[0], dtype=e.dtype).index_add(0, center, e)
 
 
 def test_small_water_is_whole_molecules():
@@ -83,7 +101,7 @@ def test_nve_conserves_energy(water_model):
 def test_thermostat_reaches_target_temperature(kind):
     """Two systems (batched) start at 100 K; the thermostat brings them to 300 K on average."""
     pos, sym, box = gas()
-    sim = Simulation(make_model(), pos, sym, box, ensemble="nvt", thermostat={"type": kind, "damp": 0.05},
+    sim = Simulation(SoftSpheres(), pos, sym, box, ensemble="nvt", thermostat={"type": kind, "damp": 0.05},
                      timestep=2.0, temperature=300, seed=3, thermo_freq=0)
     sim.state.velocities = sim.state.velocities * (1 / 3) ** 0.5
     assert np.allclose(sim.thermo()["temp"], 100.0)
@@ -100,13 +118,13 @@ def test_thermostat_reaches_target_temperature(kind):
 
 @pytest.mark.parametrize("mode", ["iso", "aniso"])
 def test_npt_volume_goes_to_target_pressure(mode):
-    """Stochastic cell rescaling on a nearly ideal gas at half its initial pressure: the volume doubles
-    (N kT / P0) and the instantaneous pressure fluctuates around P0."""
+    """Stochastic cell rescaling on a soft-sphere gas at half its ideal-gas pressure: the volume grows
+    (beyond the ideal gas's N kT / P0, the spheres repel) and the instantaneous pressure fluctuates around P0."""
     pos, sym, box = gas()
     n, kT = len(sym), 8.617343e-5 * 300
     p_init = n * kT / np.linalg.det(box) * NKTV2P
     p0 = 0.5 * p_init
-    sim = Simulation(make_model(), pos, sym, box, ensemble="npt", thermostat={"type": "csvr", "damp": 0.05},
+    sim = Simulation(SoftSpheres(), pos, sym, box, ensemble="npt", thermostat={"type": "csvr", "damp": 0.05},
                      barostat={"damp": 0.1, "mode": mode, "compressibility": 1.0 / p0}, pressure=p0,
                      timestep=2.0, temperature=300, seed=5, thermo_freq=0)
     vols, press = [], []
@@ -116,8 +134,8 @@ def test_npt_volume_goes_to_target_pressure(mode):
             th = sim.thermo()
             vols.append(th["vol"])
             press.append(th["press"])
-    v_target = n * kT / (p0 / NKTV2P)
-    assert abs(np.mean(vols) / v_target - 1) < 0.15, (np.mean(vols), v_target)
+    v_ideal = n * kT / (p0 / NKTV2P)
+    assert v_ideal < np.mean(vols) < 1.6 * v_ideal, (np.mean(vols), v_ideal)
     assert abs(np.mean(press) / p0 - 1) < 0.15, (np.mean(press), p0)
     if mode == "iso":  # the cell keeps its shape
         b = sim.state.box[0]

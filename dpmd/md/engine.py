@@ -60,7 +60,7 @@ class Simulation:
         """
         self.models = list(models) if isinstance(models, (list, tuple)) else [models]
         model = self.models[0]
-        self.device = next(model.parameters()).device
+        self.device = next(iter([*model.parameters(), *model.buffers()]), torch.zeros(0)).device
         self.dtype = torch.float64
         pos = torch.as_tensor(np.asarray(positions, dtype=np.float64), device=self.device)
         if pos.dim() == 2:

@@ -65,15 +65,21 @@ class MDState:
                    barostat={k: to(v) for k, v in d["barostat"].items()}, rng=rng)
 
 
+def _global_sum(state: MDState, x: torch.Tensor) -> torch.Tensor:
+    """x summed over the ranks of a domain-decomposed state (dpmd.md.parallel); x itself for a serial one."""
+    allsum = getattr(state, "allsum", None)
+    return x if allsum is None else allsum(x)
+
+
 def kinetic_energy(state: MDState) -> torch.Tensor:
     """(F,) eV."""
-    return 0.5 * MVV2E * (state.masses.unsqueeze(-1) * state.velocities ** 2).sum(dim=(1, 2))
+    return _global_sum(state, 0.5 * MVV2E * (state.masses.unsqueeze(-1) * state.velocities ** 2).sum(dim=(1, 2)))
 
 
 def kinetic_tensor(state: MDState) -> torch.Tensor:
     """(F, 3, 3) sum_i m_i v_i (x) v_i in eV."""
     mv = state.masses.unsqueeze(-1) * state.velocities
-    return MVV2E * torch.einsum("fni,fnj->fij", mv, state.velocities)
+    return _global_sum(state, MVV2E * torch.einsum("fni,fnj->fij", mv, state.velocities))
 
 
 def temperature(state: MDState) -> torch.Tensor:

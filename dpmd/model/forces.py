@@ -58,7 +58,9 @@ def evaluate(model, graph: dict, *, create_graph: bool = False, chunk_atoms: int
             vec = edge_vectors(graph, edges)
             vec = vec if vec.requires_grad else vec.detach().requires_grad_()
             e = model.atomic_energy(vec, center[edges] - a0, atype[a0:a1], atype[neighbor[edges]])
-            (g,) = torch.autograd.grad(e.sum(), vec, create_graph=create_graph)
+            # allow_unused: a chunk of isolated atoms has no edges, hence no gradient
+            (g,) = torch.autograd.grad(e.sum(), vec, create_graph=create_graph, allow_unused=True)
+            g = torch.zeros_like(vec) if g is None else g
             atom_energy.append(e if create_graph else e.detach())
             g_parts.append(g)
     atom_energy = torch.cat(atom_energy).to(dtype)

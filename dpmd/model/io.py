@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -17,13 +19,20 @@ from dpmd.model.deeppot import DeepPot
 FORMAT = "dpmd-model"
 
 
-def _atomic_write(path, write) -> None:
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path, write, mode: str = "wb") -> None:
     """write(file object) into a temp file in the same directory, then rename: never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
+        os.fchmod(fd, _umask_mode())  # mkstemp creates 0600; give the file the usual permissions
+        with os.fdopen(fd, mode) as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
@@ -35,7 +44,7 @@ def _atomic_write(path, write) -> None:
 
 def atomic_torch_save(obj, path) -> None:
     """torch.save to a temp file in the same directory, then rename: never a half-written file."""
-    _atomic_write(path, lambda fh: torch.save(obj, fh))
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def save_model(model: DeepPot, path, *, deployable: bool = True) -> None:
@@ -54,7 +63,16 @@ def save_model(model: DeepPot, path, *, deployable: bool = True) -> None:
 
     scripted = script_model(model)
     extra = {METADATA_FILE: scripted.metadata}
-    _atomic_write(path, lambda fh: torch.jit.save(scripted, fh, _extra_files=extra))
+    with _no_jit_deprecation():
+        atomic_write(path, lambda fh: torch.jit.save(scripted, fh, _extra_files=extra))
+
+
+@contextlib.contextmanager
+def _no_jit_deprecation():
+    """torch >= 2.10 flags torch.jit.* as deprecated; the archive is still what libtorch (C++) loads."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\..*deprecated", category=DeprecationWarning)
+        yield
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -86,7 +104,8 @@ def _load_torchscript(path: Path, device) -> DeepPot:
 
     extra = {METADATA_FILE: ""}
     try:
-        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+        with _no_jit_deprecation():
+            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except Exception as err:
         raise DpmdError(f"{path}: not a readable TorchScript file ({err.__class__.__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''})")

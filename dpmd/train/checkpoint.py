@@ -6,20 +6,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
 from dpmd.errors import DpmdError
-from dpmd.model.io import atomic_torch_save
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+from dpmd.model.io import atomic_torch_save, atomic_write
 
 
 def _atomic_symlink(target: str, link: Path) -> None:
@@ -35,7 +27,7 @@ def save_checkpoint(state: dict, prefix: str | Path, step: int, keep: int) -> Pa
     path = prefix.with_name(f"{prefix.name}-{step}.pt")
     atomic_torch_save(state, path)
     _atomic_symlink(path.name, prefix.with_name(prefix.name + ".pt"))
-    _atomic_write_text(prefix.with_name("checkpoint"), path.name + "\n")
+    atomic_write(prefix.with_name("checkpoint"), lambda fh: fh.write(path.name + "\n"), mode="w")
     old = sorted(checkpoints(prefix), key=lambda p: _step_of(p))[:-keep]
     for p in old:
         p.unlink(missing_ok=True)

@@ -1,0 +1,118 @@
+"""MD speed: steps/s and ns/day of `dpmd.md` on 192-atom water (DeePMD-kit water model, NVT), 1 and 2 threads.
+
+In the same worker, the model evaluation alone (evaluate() on a prebuilt graph, no integrator, no
+neighbour list) is timed as the baseline, so the engine's overhead (integrator, thermostat, Verlet
+list checks and rebuilds, graph filtering) is the difference.  Each thread count runs in a fresh
+subprocess.
+
+    PYTHONPATH=. python benchmarks/md_speed.py                      # 1 and 2 threads, 200 steps each
+    PYTHONPATH=. python benchmarks/md_speed.py --threads 2 --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT.parent / "shared/deepmd-kit/water_se_e2_a/model.ckpt.pt"
+DEFAULT_DATA = ROOT / "examples/water/data_0"
+# LAMMPS + DeePMD-kit (pair_style deepmd, uncompressed model, 2 threads) on this machine; quoted, not re-measured.
+LAMMPS_DEEPMD_STEPS_PER_S = 1.4
+
+
+def worker(args) -> dict:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads[0])
+    from dpmd.runtime import keep_freed_memory
+
+    keep_freed_memory()
+    from dpmd.data import load_system
+    from dpmd.geometry.graph import build_graph
+    from dpmd.md import Simulation
+    from dpmd.model import evaluate, load_model
+
+    model = load_model(args.model)
+    s = load_system(args.data, type_map=model.type_map)
+    coord, box = np.asarray(s.coord[0]).reshape(-1, 3), np.asarray(s.box[0]).reshape(3, 3)
+    symbols = [model.type_map[t] for t in s.atype]
+
+    graph = build_graph(torch.tensor(coord), torch.tensor(s.atype), torch.tensor(box), model.rcut)
+    sim = Simulation(model, coord, symbols, box, ensemble="nvt", thermostat={"type": "csvr", "damp": 0.1},
+                     temperature=300, timestep=args.timestep, seed=1, skin=args.skin, thermo_freq=0, log=None)
+    for _ in range(2):
+        evaluate(model, graph)
+    sim.run(args.warmup)
+    # Interleave blocks of model-only evaluations and MD steps, so that load changes on a shared
+    # machine hit both alike; compare the medians of the per-block times.
+    block = args.block
+    evals, steps, builds = [], [], 0
+    for _ in range(max(1, args.steps // block)):
+        t0 = time.perf_counter()
+        for _ in range(block):
+            evaluate(model, graph)
+        evals.append((time.perf_counter() - t0) / block)
+        res = sim.run(sim.state.step + block)
+        steps.append(res["seconds"] / res["steps"])
+        builds += res["neighbor_builds"]
+    eval_s, step_s = statistics.median(evals), statistics.median(steps)
+    return {"threads": args.threads[0], "atoms": len(symbols), "steps": len(steps) * block,
+            "steps_per_s": 1.0 / step_s, "ns_per_day": args.timestep * 1e-6 / step_s * 86400,
+            "eval_only_steps_per_s": 1.0 / eval_s, "eval_ms": eval_s * 1e3,
+            "step_ms": step_s * 1e3, "neighbor_builds": builds,
+            "final_temp": float(sim.thermo()["temp"][0])}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--steps", type=int, default=200, help="timed MD steps")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--block", type=int, default=10, help="steps (and evaluations) per timed block")
+    p.add_argument("--timestep", type=float, default=0.5, help="fs")
+    p.add_argument("--skin", type=float, default=2.0)
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--json", default=None)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    rows = []
+    for t in args.threads:
+        env = {**os.environ, "OMP_NUM_THREADS": str(t), "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, __file__, "--worker", "--threads", str(t), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--block", str(args.block), "--timestep",
+               str(args.timestep), "--skin", str(args.skin), "--model", args.model, "--data", args.data]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"threads {t}: worker failed ({out.returncode}): {out.stderr.strip().splitlines()[-1:]}")
+            continue
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"done: threads {t}")
+    print(f"\n192-atom water, DeePMD-kit water model (float64), NVT CSVR, {args.timestep} fs, skin {args.skin} Å")
+    print(f"{'thr':>3} {'MD steps/s':>11} {'ns/day':>8} {'ms/step':>8} {'eval-only steps/s':>18} {'eval ms':>8} "
+          f"{'overhead':>9} {'nl builds':>9}")
+    for r in rows:
+        overhead = r["step_ms"] / r["eval_ms"] - 1
+        print(f"{r['threads']:>3} {r['steps_per_s']:>11.2f} {r['ns_per_day']:>8.4f} {r['step_ms']:>8.1f} "
+              f"{r['eval_only_steps_per_s']:>18.2f} {r['eval_ms']:>8.1f} {overhead:>8.1%} "
+              f"{r['neighbor_builds']:>4}/{r['steps']}")
+    print(f"reference (quoted, not re-measured): LAMMPS + DeePMD-kit, uncompressed, 2 threads: "
+          f"{LAMMPS_DEEPMD_STEPS_PER_S} steps/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
