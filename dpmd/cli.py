@@ -84,8 +84,9 @@ def _md(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run_md(args.input, restart=args.restart)
-    print(f"md: {result['steps']} steps to step {result['final_step']}: {result['steps_per_second']:.2f} steps/s, "
-          f"{result['ns_per_day']:.3f} ns/day, {result['neighbor_builds']} neighbour-list builds")
+    if result.get("rank", 0) == 0:   # MPI runs: rank 0 reports
+        print(f"md: {result['steps']} steps to step {result['final_step']}: {result['steps_per_second']:.2f} steps/s, "
+              f"{result['ns_per_day']:.3f} ns/day, {result['neighbor_builds']} neighbour-list builds")
 
 
 def build_parser() -> argparse.ArgumentParser:

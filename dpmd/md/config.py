@@ -215,6 +215,15 @@ def build_simulation(cfg: dict, log=print):
     if len({r[2] is None for r in read}) > 1:
         raise DpmdError("structure: a batch must be all periodic or all open")
     box = None if read[0][2] is None else np.stack([r[2] for r in read])
+    from dpmd.md.parallel import mpi_world
+
+    comm = mpi_world()   # started by mpiexec with > 1 rank: domain decomposition (dpmd.md.parallel)
+    if comm is not None:
+        from functools import partial
+
+        from dpmd.md.parallel import ParallelSimulation
+
+        Simulation = partial(ParallelSimulation, comm=comm)  # noqa: N806
     return Simulation(models, np.stack([r[0] for r in read]), [r[1] for r in read], box,
                       ensemble=cfg["ensemble"], thermostat=cfg["thermostat"], barostat=cfg["barostat"],
                       timestep=cfg["timestep"], temperature=cfg["temperature"],

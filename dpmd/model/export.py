@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from dpmd.model.forces import DEFAULT_CHUNK_ATOMS
+from dpmd.model.forces import DEFAULT_CHUNK_ATOMS, assemble
 
 FORMAT = "dpmd-model"
 FORMAT_VERSION = 2  # 1: torch.save dict {format, version, config, state_dict}; 2: TorchScript archive
@@ -209,22 +209,12 @@ class FrozenDeepPot(nn.Module):
         atom_energy = torch.cat(energies).to(dtype) if len(energies) > 0 else coord.new_zeros([0])
         g = torch.cat(grads).to(dtype) if len(grads) > 0 else coord.new_zeros([0, 3])
 
-        force = torch.zeros([natoms, 3], dtype=dtype, device=coord.device)
-        force = force.index_add(0, center, g).index_add(0, neighbor, -g)
-        edge_virial = -(g.unsqueeze(2) * vec.unsqueeze(1))  # (E, 3, 3)
-        frame = torch.zeros([center.shape[0]], dtype=torch.long, device=coord.device)
-        out = {
-            "energy": torch.zeros([1], dtype=dtype, device=coord.device).index_add(
-                0, torch.zeros([nloc], dtype=torch.long, device=coord.device), atom_energy)[0],
-            "atom_energy": atom_energy,
-            "force": force,
-            "virial": torch.zeros([1, 3, 3], dtype=dtype, device=coord.device).index_add(
-                0, frame, edge_virial).reshape(9),
-        }
+        out = assemble(atom_energy, g, vec, center, neighbor,
+                       torch.zeros([nloc], dtype=torch.long, device=coord.device), 1, natoms, atom_virial)
+        out["energy"] = out["energy"][0]
+        out["virial"] = out["virial"].reshape(9)
         if atom_virial:
-            half = 0.5 * edge_virial
-            out["atom_virial"] = torch.zeros([natoms, 3, 3], dtype=dtype, device=coord.device).index_add(
-                0, center, half).index_add(0, neighbor, half).reshape(natoms, 9)
+            out["atom_virial"] = out["atom_virial"].reshape(natoms, 9)
         return out
 
 

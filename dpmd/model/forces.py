@@ -12,6 +12,8 @@ energy is a sum of atomic terms, each depending only on its own edges.
 
 from __future__ import annotations
 
+from typing import Dict
+
 import torch
 
 from dpmd.geometry.graph import edge_vectors
@@ -69,17 +71,30 @@ def evaluate(model, graph: dict, *, create_graph: bool = False, chunk_atoms: int
     if not create_graph:
         vec = vec.detach()
 
-    force = torch.zeros(natoms_total, 3, dtype=dtype, device=g.device)
+    return assemble(atom_energy, g, vec, center, neighbor, batch, nframes, natoms_total, atom_virial)
+
+
+def assemble(atom_energy: torch.Tensor, g: torch.Tensor, vec: torch.Tensor, center: torch.Tensor,
+             neighbor: torch.Tensor, atom_frame: torch.Tensor, nframes: int, natoms: int,
+             atom_virial: bool = False) -> Dict[str, torch.Tensor]:
+    """Frame energies, forces and virials from atomic energies and edge gradients g = dE/dr.
+
+    atom_energy and atom_frame cover the centre atoms (indices < len(atom_energy)); forces
+    cover all `natoms` atoms an edge can reach (ghosts included).  TorchScript-compatible:
+    the frozen model (dpmd.model.export) calls it too.
+    """
+    force = torch.zeros([natoms, 3], dtype=g.dtype, device=g.device)
     force = force.index_add(0, center, g).index_add(0, neighbor, -g)
     edge_virial = -(g.unsqueeze(2) * vec.unsqueeze(1))  # (E, 3, 3)
     out = {
-        "energy": torch.zeros(nframes, dtype=dtype, device=g.device).index_add(0, batch, atom_energy),
+        "energy": torch.zeros([nframes], dtype=g.dtype, device=g.device).index_add(0, atom_frame, atom_energy),
         "atom_energy": atom_energy,
         "force": force,
-        "virial": torch.zeros(nframes, 3, 3, dtype=dtype, device=g.device).index_add(0, batch[center], edge_virial),
+        "virial": torch.zeros([nframes, 3, 3], dtype=g.dtype, device=g.device).index_add(
+            0, atom_frame.index_select(0, center), edge_virial),
     }
     if atom_virial:  # each edge's virial shared equally by its two atoms
         half = 0.5 * edge_virial
-        out["atom_virial"] = torch.zeros(natoms_total, 3, 3, dtype=dtype, device=g.device).index_add(
+        out["atom_virial"] = torch.zeros([natoms, 3, 3], dtype=g.dtype, device=g.device).index_add(
             0, center, half).index_add(0, neighbor, half)
     return out

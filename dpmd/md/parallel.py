@@ -1,0 +1,419 @@
+"""MPI runs of `dpmd md`: `mpiexec -n N dpmd md input.yaml` (mpi4py; `pip install dpmd[mpi]`).
+
+ParallelSimulation is the serial Simulation with the per-atom arrays distributed by dpmd.md.domain:
+each rank holds the atoms of its brick (sorted by global id), evaluates the model on them with their
+ghosts, and sends ghost forces back.  Everything else is the serial code:
+
+- thermostats and the barostat are the serial ones: their sums over atoms go through
+  `kinetic_energy`/`kinetic_tensor`, which sum over ranks for a DistributedState, and every random
+  number is drawn on every rank from one replicated generator, in the serial order (Langevin draws the
+  noise of all N atoms in global-id order and each rank takes its own rows), so a run follows the
+  serial trajectory to round-off whatever the number of ranks;
+- thermo, model deviation and trajectory frames are global (sums over ranks, forces gathered);
+  rank 0 writes every file;
+- checkpoints hold global arrays in global-id order: the serial format, so a checkpoint written with
+  N ranks restarts with M ranks (or serially), and vice versa.
+
+Only one system per run (a batch of systems runs serially), and the cell must be periodic.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import types
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dpmd.errors import DpmdError, NeighborOverflowError
+from dpmd.md import devi as devi_mod
+from dpmd.md.domain import Comm, Domain
+from dpmd.md.engine import MDStopError, Simulation
+from dpmd.md.state import MDState, kinetic_energy
+from dpmd.md.thermostats import Thermostat, _as_frames, _zero_energy
+from dpmd.md.units import FTM2V, MVV2E
+
+_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+
+
+def mpi_world():
+    """COMM_WORLD when this process was started by mpiexec with more than one rank, else None.
+
+    mpi4py is imported only then, so serial runs never initialise MPI."""
+    size = next((os.environ[k] for k in _SIZE_VARIABLES if k in os.environ), None)
+    try:
+        if size is None or int(size) <= 1:
+            return None
+    except ValueError:
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise DpmdError(f"started with {size} MPI ranks but mpi4py is not installed: pip install 'dpmd[mpi]'") from None
+    return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
+
+
+@dataclass
+class DistributedState(MDState):
+    """An MDState holding this rank's atoms only (F = 1); energy, virial, box, thermostat and barostat
+    variables and the RNG are replicated on every rank."""
+
+    gid: torch.Tensor | None = None       # (n_local,) global atom ids, ascending
+    natoms_global: int = 0
+    comm: Comm | None = None
+
+    @property
+    def dof(self) -> int:
+        return max(3 * self.natoms_global - 3, 1)
+
+    def allsum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.comm.allsum(x)
+
+
+def langevin(damp: float) -> Thermostat:
+    """dpmd.md.thermostats.langevin for a DistributedState: the noise of all atoms is drawn (global-id
+    order, as the serial run draws it) and each rank keeps its rows; the momentum projection is global."""
+    gamma = 1.0 / damp
+
+    def half_step(state: DistributedState, dt: float, kT) -> DistributedState:
+        c1 = math.exp(-gamma * dt)
+        c2 = math.sqrt(1.0 - c1 * c1)
+        m = state.masses.unsqueeze(-1)
+        sigma = torch.sqrt(_as_frames(kT, state).view(-1, 1, 1) / (m * MVV2E))
+        xi = torch.randn((state.nframes, state.natoms_global, 3), generator=state.rng,
+                         dtype=state.velocities.dtype, device=state.velocities.device)[:, state.gid]
+        kick = c2 * sigma * xi
+        sums = state.allsum(torch.cat([(m * kick).sum(dim=1), m.sum(dim=1)], dim=-1))   # (F, 4)
+        kick = kick - sums[:, None, :3] / sums[:, None, 3:]                           # zero total momentum
+        ke0 = kinetic_energy(state)
+        state.velocities = c1 * state.velocities + kick
+        state.ext_work = state.ext_work + (kinetic_energy(state) - ke0)
+        return state
+
+    return Thermostat(lambda s: s, half_step, _zero_energy)
+
+
+def velocity_verlet(force_fn, dt: float, thermostat: Thermostat, barostat=None):
+    """dpmd.md.integrator.velocity_verlet, except that 1/m is taken after the force call, where atoms may
+    have migrated between ranks."""
+
+    def init(state):
+        state = thermostat.init(state)
+        if barostat is not None:
+            state = barostat.init(state)
+        if state.forces is None:
+            state = force_fn(state)
+        return state
+
+    def step(state, kT, p0=None):
+        state = thermostat.half_step(state, 0.5 * dt, kT)
+        if barostat is not None:
+            state = barostat.step(state, dt, kT, p0)
+        state.velocities = state.velocities + (0.5 * dt) * state.forces * (FTM2V / state.masses).unsqueeze(-1)
+        state.positions = state.positions + dt * state.velocities
+        state.step += 1
+        state = force_fn(state)
+        state.velocities = state.velocities + (0.5 * dt) * state.forces * (FTM2V / state.masses).unsqueeze(-1)
+        state = thermostat.half_step(state, 0.5 * dt, kT)
+        return state
+
+    return init, step
+
+
+class _NullFile:
+    def write(self, text):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class _NullOutput:
+    """What ranks other than 0 hold in place of the output files."""
+
+    def __init__(self):
+        self.thermo = self.devi = _NullFile()
+        self.traj = {}
+
+    def files(self):
+        return []
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def atomic_energies_and_gradients(model, vec, center, center_type, neighbor_type, chunk: int = 512):
+    """Atomic energies of the centres (n,) and dE/dr_e (E, 3), in chunks of centres (as dpmd.model.evaluate,
+    but only the listed centres get an energy: ghosts are neighbours, never centres).  Edges sorted by centre."""
+    n = center_type.numel()
+    bounds = torch.searchsorted(center, torch.arange(0, n + chunk, chunk, device=center.device)).tolist()
+    energies, grads = [], []
+    with torch.enable_grad():
+        for k, a0 in enumerate(range(0, n, chunk)):
+            a1 = min(a0 + chunk, n)
+            edges = slice(bounds[k], bounds[k + 1])
+            v = vec[edges].detach().requires_grad_()
+            e = model.atomic_energy(v, center[edges] - a0, center_type[a0:a1], neighbor_type[edges])
+            (g,) = torch.autograd.grad(e.sum(), v, allow_unused=True)    # a chunk may have no edges
+            energies.append(e.detach())
+            grads.append(torch.zeros_like(v) if g is None else g)
+    if not energies:
+        return torch.zeros(0, dtype=vec.dtype, device=vec.device), torch.zeros_like(vec)
+    return torch.cat(energies).to(vec.dtype), torch.cat(grads).to(vec.dtype)
+
+
+class ParallelSimulation(Simulation):
+    """Simulation over the ranks of `comm` (an mpi4py communicator); same arguments as Simulation, plus
+    `grid` (px, py, pz) to force a processor grid (default: the one minimising a brick's surface)."""
+
+    def __init__(self, models, positions, symbols, box=None, *, comm, grid=None, **kwargs):
+        self.comm = comm if isinstance(comm, Comm) else Comm(comm)
+        if self.comm.rank != 0:
+            kwargs["log"] = None
+        super().__init__(models, positions, symbols, box, **kwargs)
+        s = self.state
+        if s.nframes != 1:
+            raise DpmdError(f"MPI runs advance one system; this input has {s.nframes} (run a batch serially)")
+        if s.box is None:
+            raise DpmdError("MPI domain decomposition needs a periodic cell (structure has open boundaries)")
+        thermostat = dict(kwargs.get("thermostat") or {})
+        if self.ensemble != "nve" and thermostat.get("type", "langevin") == "langevin":
+            self.thermostat = langevin(thermostat.get("damp", 0.1))
+        rc = max(float(m.rcut) for m in self.models)
+        self.domain = Domain(self.comm, s.box[0], s.natoms, rc, self.verlet.skin, grid)
+        self.verlet = self.domain                       # .builds and .frames, as the engine expects
+        self._masses = s.masses[0].clone()
+        self._atypes = [a[0].clone() for a in self.atypes]
+        self._ghost_x = None
+        self.state = self._distribute(s)
+        self._init, self._step = velocity_verlet(self._compute_forces, self.dt, self.thermostat, self.barostat)
+
+    # ---------------------------------------------------------------- distribution
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    def _distribute(self, s: MDState) -> DistributedState:
+        owner, _, _ = self.domain.owners(s.positions[0].detach().cpu().numpy(), s.box[0].detach().cpu().numpy())
+        gid = torch.as_tensor(np.nonzero(owner == self.rank)[0], device=self.device)
+        take = (lambda t: None if t is None else t[:, gid].clone())
+        self.domain.frames = None
+        return DistributedState(positions=take(s.positions), velocities=take(s.velocities), masses=take(s.masses),
+                                atype=take(s.atype), box=s.box, forces=take(s.forces), energy=s.energy,
+                                virial=s.virial, step=s.step, ext_work=s.ext_work, thermostat=s.thermostat,
+                                barostat=s.barostat, rng=s.rng, gid=gid, natoms_global=s.natoms, comm=self.comm)
+
+    def _gather_state(self) -> MDState | None:
+        """The global state (global-id order) on rank 0, None elsewhere.  Collective."""
+        s = self.state
+        fields = [s.positions[0], s.velocities[0]] + ([] if s.forces is None else [s.forces[0]])
+        parts = self.comm.gather((s.gid.cpu().numpy(), [t.detach().cpu().numpy() for t in fields]))
+        if self.rank != 0:
+            return None
+        n = s.natoms_global
+        full = [np.empty((n, 3)) for _ in fields]
+        for g, arrays in parts:
+            for f, a in zip(full, arrays):
+                f[g] = a
+        t = [torch.as_tensor(f, dtype=self.dtype, device=self.device).unsqueeze(0) for f in full]
+        return MDState(positions=t[0], velocities=t[1], masses=self._masses.unsqueeze(0),
+                       atype=self._atypes[0].unsqueeze(0), box=s.box, forces=t[2] if len(t) > 2 else None,
+                       energy=s.energy, virial=s.virial, step=s.step, ext_work=s.ext_work,
+                       thermostat=s.thermostat, barostat=s.barostat, rng=s.rng)
+
+    def _on_global(self, fn, *args):
+        """Run a serial method on rank 0 with self.state the gathered global state.  Collective."""
+        g = self._gather_state()
+        if self.rank != 0:
+            return None
+        local, self.state = self.state, g
+        try:
+            return fn(*args)
+        finally:
+            self.state = local
+
+    # ---------------------------------------------------------------- forces
+    def _evaluate(self, k: int, coord: torch.Tensor, box: torch.Tensor, gid: torch.Tensor, stops: bool = False):
+        """Model k on local atoms + ghosts: global energy (1,), virial (1, 3, 3), local forces (n, 3),
+        and the neighbour-overflow / close-pair findings.  Collective."""
+        model, dom = self.models[k], self.domain
+        nlocal = gid.numel()
+        e_count = dom.center.numel()
+        vec = coord[dom.neighbor] - coord[dom.center] + torch.einsum(
+            "ei,eij->ej", dom.shift, box.unsqueeze(0)[torch.zeros(e_count, dtype=torch.long, device=box.device)])
+        d2 = (vec * vec).sum(-1)
+        mask = d2 < float(model.rcut) ** 2
+        center, neighbor, vec = dom.center[mask], dom.neighbor[mask], vec[mask]
+        atype = torch.cat([self._atypes[k][gid], self._atypes[k][dom.ghost_gid]])
+        counts = torch.bincount(center * model.ntypes + atype[neighbor],
+                                minlength=nlocal * model.ntypes).reshape(nlocal, model.ntypes)
+        over = counts > torch.tensor(list(model.sel), device=counts.device)
+        n_over = int(over.any(dim=1).sum())
+        nslots = coord.shape[0]
+        if n_over == 0:
+            atom_e, g = atomic_energies_and_gradients(model, vec, center, atype[:nlocal], atype[neighbor])
+        else:
+            atom_e, g = torch.zeros(nlocal, dtype=self.dtype), torch.zeros_like(vec)
+        force = torch.zeros(nslots, 3, dtype=self.dtype, device=coord.device)
+        force = force.index_add(0, center, g).index_add(0, neighbor, -g)
+        edge_virial = -(g.unsqueeze(2) * vec.unsqueeze(1))
+        virial = torch.zeros(1, 3, 3, dtype=self.dtype, device=coord.device).index_add(
+            0, torch.zeros(center.numel(), dtype=torch.long, device=coord.device), edge_virial)
+        energy = torch.zeros(1, dtype=self.dtype, device=coord.device).index_add(
+            0, torch.zeros(nlocal, dtype=torch.long, device=coord.device), atom_e)
+        force_local = dom.reverse(force[nlocal:], force[:nlocal])
+        close = torch.zeros(0, dtype=torch.bool)
+        if stops:
+            close = d2[mask] < self.min_distance ** 2
+        flags = torch.tensor([float(n_over), float(int(close.sum()))], dtype=self.dtype, device=coord.device)
+        tot = self.comm.allsum(torch.cat([energy, virial.reshape(-1), flags]))
+        out = {"energy": tot[:1], "virial": tot[1:10].reshape(1, 3, 3), "force": force_local,
+               "n_over": int(tot[10]), "n_close": int(tot[11])}
+        if out["n_over"]:
+            first = None
+            if n_over:
+                i, t = (int(x) for x in over.nonzero()[0])
+                first = (int(gid[i]), t, int(counts[i, t]), int(atype[i]))
+            found = sorted(f for f in self.comm.allgather(first) if f is not None)
+            i, t, c, ti = found[0]
+            out["overflow"] = (f"atom {i} (type {model.type_map[ti]}) has {c} neighbours of type {model.type_map[t]} "
+                               f"within rcut but sel allows {model.sel[t]} ({out['n_over']} atom(s) over the limit); "
+                               f"raise descriptor.sel (or use sel: auto)")
+        if out["n_close"]:
+            sel = close.nonzero().reshape(-1)
+            ng = dom.neighbor_gid[mask][sel].tolist()
+            sh = dom.shift[mask][sel].tolist()
+            dd = d2[mask][sel].tolist()
+            mine = [(int(gid[int(center[e])]), ng[j], sh[j], dd[j] ** 0.5) for j, e in enumerate(sel.tolist())]
+            out["close"] = sorted(p for part in self.comm.allgather(mine) for p in part)
+        return out
+
+    def _compute_forces(self, state: DistributedState) -> DistributedState:
+        dom = self.domain
+        x, box = state.positions[0], state.box[0]
+        finite = torch.isfinite(x).all(dim=-1)
+        nbad = int((~finite).sum())
+        disp = dom.local_displacement(x, box) if nbad == 0 else 0.0
+        flags = self.comm.allmax(np.array([float(nbad > 0), disp]))
+        if flags[0] > 0:
+            bad = sorted(i for part in self.comm.allgather(state.gid[~finite].tolist()) for i in part)
+            self._stop(state, "lost atoms (non-finite positions): " + ", ".join(
+                self._name_atom(0, i) for i in bad[:10]) + (" ..." if len(bad) > 10 else ""))
+        if dom.needs_rebuild(float(flags[1]), box):
+            gid, pos, vel = dom.rebuild(state.gid, x, state.velocities[0], box)
+            state.gid, state.positions, state.velocities = gid, pos.unsqueeze(0), vel.unsqueeze(0)
+            state.masses = self._masses[gid].unsqueeze(0)
+            state.atype = self._atypes[0][gid].unsqueeze(0)
+            ghost_x = dom.ghost_positions
+        else:
+            ghost_x = dom.forward(x)
+        self._ghost_x = ghost_x
+        coord = torch.cat([state.positions[0], ghost_x])
+        out = self._evaluate(0, coord, box, state.gid, stops=True)
+        if "overflow" in out:
+            self._stop(state, f"neighbour overflow: {out['overflow']}")
+        state.forces = out["force"].unsqueeze(0)
+        state.energy = out["energy"]
+        state.virial = out["virial"]
+        if "close" in out:
+            self._stop(state, f"atoms closer than min_distance {self.min_distance} Å: " + ", ".join(
+                f"{self._name_atom(0, i)} and {j} at {d:.3f} Å" for i, j, _, d in out["close"][:10]))
+        if not bool(torch.isfinite(state.energy).all()):
+            self._stop(state, "non-finite energy in system(s) [0]")
+        return state
+
+    def deviation(self) -> np.ndarray:
+        self._ensure_init()
+        s = self.state
+        forces, virials, energies = [s.forces[0]], [s.virial], [s.energy]
+        if len(self.models) > 1:
+            if self._ghost_x is None:
+                self._ghost_x = self.domain.forward(s.positions[0])
+            coord = torch.cat([s.positions[0], self._ghost_x])
+            for k in range(1, len(self.models)):
+                out = self._evaluate(k, coord, s.box[0], s.gid)
+                if "overflow" in out:
+                    raise NeighborOverflowError(out["overflow"])
+                forces.append(out["force"])
+                virials.append(out["virial"])
+                energies.append(out["energy"])
+        local = torch.stack(forces).detach().cpu().numpy()
+        full = np.empty((len(forces), s.natoms_global, 3))
+        for g, f in self.comm.allgather((s.gid.cpu().numpy(), local)):
+            full[:, g] = f
+        d = devi_mod.model_deviation(torch.as_tensor(full).unsqueeze(1), torch.stack(virials), torch.stack(energies),
+                                     s.natoms_global)
+        return d.detach().cpu().numpy()
+
+    # ---------------------------------------------------------------- output, checkpoints
+    def _open_outputs(self, restart: bool) -> None:
+        if self.output_dir is None or self.outputs:
+            return
+        if self.rank == 0:
+            super()._open_outputs(restart)
+        else:
+            self.outputs = [_NullOutput()]
+
+    def _write_frame(self, step: int) -> None:
+        self._on_global(super()._write_frame, step)
+
+    def checkpoint(self, path=None):
+        path = self._on_global(super().checkpoint, path)
+        return self.comm.allgather(path)[0]
+
+    def restore(self, path) -> None:
+        """As Simulation.restore (a checkpoint written by any number of ranks, or serially)."""
+        local, out_dir = self.state, self.output_dir
+        self.state = types.SimpleNamespace(positions=torch.empty(1, local.natoms_global, 3))
+        if self.rank != 0:
+            self.output_dir = None                      # rank 0 alone cuts the files back
+        try:
+            super().restore(path)
+        except Exception:
+            self.state = local
+            raise
+        finally:
+            self.output_dir = out_dir
+        if self.rank != 0 and out_dir is not None:
+            self._open_outputs(restart=True)
+        self._ghost_x = None
+        self.state = self._distribute(self.state)
+
+    def _on_stop(self, err: MDStopError):
+        written = []
+        if self.output_dir is not None:
+            try:
+                if not self.outputs:
+                    self._open_outputs(restart=False)
+                written.append(str(self.checkpoint(self.output_dir / "crash.checkpoint.pt")))
+                frame = self.output_dir / "crash.extxyz"
+
+                def write_frame():
+                    from dpmd.md import output as out_mod
+
+                    s = self.state
+                    frame.write_text(out_mod.extxyz_frame(s.step, self.symbols[0], s.positions[0].detach().cpu().numpy(),
+                                                          s.box[0].detach().cpu().numpy()))
+
+                self._on_global(write_frame)
+                written.append(str(frame))
+                for o in self.outputs:
+                    o.flush()
+            except Exception as exc:
+                written.append(f"(could not write the crash files: {exc})")
+        suffix = f"; wrote {' and '.join(written)}" if written else ""
+        raise MDStopError(f"{err}{suffix}") from None
+
+    def run(self, steps: int | None = None) -> dict:
+        result = super().run(steps)
+        result["rank"], result["ranks"] = self.rank, self.comm.size
+        result["grid"] = self.domain.grid.tolist()
+        return result
