@@ -30,20 +30,26 @@ from dpmd.train.schedule import ExpDecayLR
 
 
 class FrameStore:
-    """Training frames as tensors, with each frame's neighbour list built once and kept."""
+    """Training frames as tensors, with each frame's neighbour list built once and kept
+    (up to `max_cached_edges` edges, about 40 bytes each; beyond that lists are rebuilt per use)."""
 
-    def __init__(self, systems, rcut: float):
+    def __init__(self, systems, rcut: float, max_cached_edges: int = 50_000_000):
         self.systems, self.rcut = systems, rcut
         self._nl: dict[tuple[int, int], NeighborList] = {}
+        self._cached_edges, self.max_cached_edges = 0, max_cached_edges
         self.tensors = [{k: (None if getattr(s, k) is None else torch.as_tensor(getattr(s, k)))
                          for k in ("coord", "box", "energy", "force", "virial")} for s in systems]
 
     def neighbors(self, i: int, f: int) -> NeighborList:
         key = (i, f)
-        if key not in self._nl:
-            t = self.tensors[i]
-            self._nl[key] = build_neighbor_list(t["coord"][f], None if t["box"] is None else t["box"][f], self.rcut)
-        return self._nl[key]
+        if key in self._nl:
+            return self._nl[key]
+        t = self.tensors[i]
+        nlist = build_neighbor_list(t["coord"][f], None if t["box"] is None else t["box"][f], self.rcut)
+        if self._cached_edges + len(nlist) <= self.max_cached_edges:
+            self._nl[key] = nlist
+            self._cached_edges += len(nlist)
+        return nlist
 
     def batch(self, i: int, frames: torch.Tensor) -> tuple[dict, dict]:
         t, system = self.tensors[i], self.systems[i]
