@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import zipfile
 import sys
 import time
 from pathlib import Path
@@ -168,12 +169,15 @@ class Trainer:
 
     def _from_weights(self, path, type_map) -> DeepPot:
         path = Path(path)
-        try:
-            ckpt = load_checkpoint(path)
-            model = DeepPot(ckpt["model_config"])
-            model.load_state_dict(ckpt["model"])
-        except DpmdError:
-            model = load_model(path)
+        if zipfile.is_zipfile(path) and any(n.endswith("/extra/dpmd.json") for n in zipfile.ZipFile(path).namelist()):
+            model = load_model(path)  # a frozen model
+        else:
+            try:
+                ckpt = load_checkpoint(path)
+                model = DeepPot(ckpt["model_config"])
+                model.load_state_dict(ckpt["model"])
+            except DpmdError:
+                model = load_model(path)  # an older dpmd model file or a DeePMD-kit checkpoint
         if model.type_map != list(type_map):
             raise ConfigError(f"{path}: model type_map {model.type_map} differs from model.type_map {list(type_map)}")
         return model.train()

@@ -1,0 +1,574 @@
+"""The explore–label–train loop.
+
+An iteration runs these stages in order; each is skipped when the database says it is done:
+
+    init     (iteration 0 only) label perturbed copies of initial.structures
+    train    collect the dataset, train the ensemble (one task per member; restarts from its checkpoint)
+    explore  one batched dpmd.md.Simulation per (stage, atom count): structures x temperatures x pressures,
+             frames and model deviations every traj_interval steps -> one npz per task
+    select   classify (accurate / candidate / failed), filter, farthest-point sampling up to the budget,
+             create one label task per chosen frame
+    label    run the label tasks on the dispatcher, each result committed with its task, then collect
+    check    fractions, validation error, convergence decision
+
+Directory layout (work_dir): campaign.db, data/<system>/ (deepmd/npy, rebuilt from the label files),
+iter.NNN/train/mK/ (checkpoints, lcurve.out, model.pth), iter.NNN/explore/<task>.npz,
+labels/<task>.npz (one labelled frame each, named by its task id).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dpmd.errors import DpmdError
+from explore_label_train.config import settings_hash, training_input
+from explore_label_train.dispatch import make_pool
+from explore_label_train.state import State
+
+STAGES = ["init", "train", "explore", "select", "label", "check"]
+
+
+class CampaignError(DpmdError):
+    pass
+
+
+def atomic_savez(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with open(tmp, "wb") as fh:
+        fh.write(buf.getvalue())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_structure(spec: dict, type_map: list[str], name: str):
+    import ase.build
+    import ase.io
+
+    try:
+        if spec["bulk"] is not None:
+            kw = {k: spec[k] for k in ("crystalstructure", "a", "c") if spec[k] is not None}
+            atoms = ase.build.bulk(spec["bulk"], cubic=spec["cubic"], orthorhombic=spec["orthorhombic"], **kw)
+        else:
+            atoms = ase.io.read(spec["file"], index=spec["index"], format=spec["format"])
+    except Exception as err:  # noqa: BLE001 - ASE raises many kinds
+        raise CampaignError(f"structures.{name}: cannot build/read it ({type(err).__name__}: {err})") from None
+    if spec["repeat"]:
+        atoms = atoms.repeat(spec["repeat"])
+    bad = sorted(set(atoms.get_chemical_symbols()) - set(type_map))
+    if bad:
+        raise CampaignError(f"structures.{name}: element {bad[0]} is not in type_map {type_map}")
+    if atoms.pbc.any() and not atoms.pbc.all():
+        raise CampaignError(f"structures.{name}: mixed periodicity {atoms.pbc.tolist()} is not supported")
+    return atoms
+
+
+def system_key(symbols, type_map, periodic: bool) -> str:
+    counts = {t: 0 for t in type_map}
+    for s in symbols:
+        counts[s] += 1
+    return "".join(f"{t}{n}" for t, n in counts.items() if n) + ("" if periodic else "_nopbc")
+
+
+def _thermal_velocities(masses: np.ndarray, temps, rng) -> np.ndarray:
+    """(F, N, 3) Å/ps at each system's temperature, zero total momentum, rescaled to it exactly."""
+    from dpmd.md.units import BOLTZ, MVV2E
+
+    f, n = masses.shape
+    v = rng.normal(size=(f, n, 3)) * np.sqrt(BOLTZ * np.asarray(temps)[:, None, None] / (masses[..., None] * MVV2E))
+    v -= (masses[..., None] * v).sum(1, keepdims=True) / masses.sum(1)[:, None, None]
+    dof = max(3 * n - 3, 1)
+    for i, t in enumerate(temps):
+        ke = 0.5 * MVV2E * (masses[i, :, None] * v[i] ** 2).sum()
+        v[i] = v[i] * np.sqrt(0.5 * dof * BOLTZ * t / ke) if t > 0 and ke > 0 else 0.0 * v[i]
+    return v
+
+
+def _batch_simulation(models, positions, symbols, box, *, temperatures, pressures, **kw):
+    """dpmd.md.Simulation with one temperature (and pressure) per system of the batch."""
+    import torch
+
+    from dpmd.md import Simulation
+    from dpmd.md.units import BOLTZ
+
+    class BatchSimulation(Simulation):
+        def kT(self, step):
+            return self._kT_all
+
+    sim = BatchSimulation(models, positions, symbols, box, temperature=float(max(temperatures)),
+                          pressure=float(pressures[0]), **kw)
+    sim._kT_all = torch.tensor(temperatures, dtype=torch.float64, device=sim.device) * BOLTZ
+    p = torch.tensor(pressures, dtype=torch.float64, device=sim.device)
+    sim.pressure = lambda step: p
+    return sim
+
+
+class Campaign:
+    def __init__(self, cfg: dict, log=print):
+        self.cfg = cfg
+        self.root = Path(cfg["work_dir"])
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.log = log or (lambda *a, **k: None)
+        self.state = State(self.root / "campaign.db")
+        self.type_map = list(cfg["type_map"])
+        self.type_index = {t: i for i, t in enumerate(self.type_map)}
+        self.label_hash = settings_hash(cfg["labeller"])
+        self.labeller_name = cfg["labeller"]["calculator"]
+        self._structures = {}
+        self._models = None
+        old = self.state.get_meta("config_hash")
+        new = settings_hash({k: v for k, v in cfg.items() if k not in ("source",)})
+        with self.state.tx() as db:
+            if old is None:
+                self.state.set_meta("created", time.time(), db)
+            elif old != new:
+                self.log("note: the campaign file changed since the last run; continuing with the new settings")
+            self.state.set_meta("config_hash", new, db)
+            self.state.set_meta("config", cfg, db)
+
+    # ------------------------------------------------------------------ helpers
+    def structure(self, name):
+        if name not in self._structures:
+            self._structures[name] = read_structure(self.cfg["structures"][name], self.type_map, name)
+        return self._structures[name]
+
+    def it_dir(self, it: int) -> Path:
+        return self.root / f"iter.{it:03d}"
+
+    def model_path(self, it: int, k: int) -> Path:
+        return self.it_dir(it) / "train" / f"m{k}" / "model.pth"
+
+    def stages_for(self, it: int) -> list[dict]:
+        return [s for s in self.cfg["explore"] if s["iterations"] is None or it in s["iterations"]]
+
+    def total_labels(self) -> int:
+        return self.state.one("SELECT COUNT(*) FROM labels")
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> str:
+        lock = open(self.root / "lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CampaignError(f"{self.root}: another `elt run` is working on this campaign") from None
+        try:
+            return self._run()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()
+
+    def _run(self) -> str:
+        it = self.state.one("SELECT MAX(iteration) FROM iterations")
+        it = 0 if it is None else it
+        while True:
+            row = self.state.q("SELECT * FROM iterations WHERE iteration=?", it)
+            if row and row[0]["status"] == "done":
+                if row[0]["decision"] != "continue":
+                    self.log(f"campaign finished: {row[0]['decision']} (iteration {it})")
+                    return row[0]["decision"]
+                it += 1
+                continue
+            if not row:
+                with self.state.tx() as db:
+                    db.execute("INSERT INTO iterations (iteration, status, started) VALUES (?, 'running', ?)",
+                               (it, time.time()))
+            self._models = None
+            for stage in STAGES:
+                if self.state.stage_done(it, stage):
+                    continue
+                self.state.stage_start(it, stage)
+                t0 = time.perf_counter()
+                finished = getattr(self, f"_stage_{stage}")(it, t0)
+                if not finished:
+                    with self.state.tx() as db:
+                        self.state.stage_finish(it, stage, time.perf_counter() - t0, db=db)
+                self.log(f"[iteration {it}] {stage} done ({time.perf_counter() - t0:.1f} s)")
+
+    # ------------------------------------------------------------------ labelling (init and label stages)
+    def _label_inputs(self, payload: dict):
+        if "positions" in payload:
+            return payload["symbols"], np.asarray(payload["positions"]), (
+                None if payload["cell"] is None else np.asarray(payload["cell"]))
+        with np.load(self.root / payload["file"]) as z:
+            i = payload["idx"]
+            box = z["box"][i] if "box" in z.files else None
+            syms = z["all_symbols"][payload["traj"]] if "all_symbols" in z.files else z["symbols"]
+            return [str(s) for s in syms], z["coord"][i], box
+
+    def _run_label_tasks(self, it: int) -> None:
+        rows = self.state.q("SELECT task_id, payload FROM tasks WHERE iteration=? AND kind='label' AND status='pending' "
+                            "ORDER BY task_id", it)
+        if not rows:
+            return
+        lab = self.cfg["labeller"]
+        work, meta = [], {}
+        for r in rows:
+            payload = json.loads(r["payload"])
+            symbols, pos, cell = self._label_inputs(payload)
+            meta[r["task_id"]] = (payload, symbols, pos, cell)
+            work.append((r["task_id"], "label", {"symbols": [str(s) for s in symbols], "positions": pos.tolist(),
+                                                 "cell": None if cell is None else cell.tolist(),
+                                                 "calculator": lab["calculator"], "kwargs": lab["kwargs"]}))
+        counts = {"done": 0, "failed": 0}
+
+        def on_done(task_id, ok, value, seconds):
+            payload, symbols, pos, cell = meta[task_id]
+            if not ok:
+                self.state.task_failed(task_id, value, seconds)
+                counts["failed"] += 1
+                self.log(f"[iteration {it}] label {task_id} failed: {value}")
+                return
+            self._commit_label(it, task_id, payload, symbols, pos, cell, value, seconds)
+            counts["done"] += 1
+
+        self.log(f"[iteration {it}] labelling {len(work)} frames with {lab['calculator']}")
+        make_pool(self.cfg["dispatcher"], self.root).run(work, on_done)
+        self.log(f"[iteration {it}] labels: {counts['done']} done, {counts['failed']} failed")
+
+    def _commit_label(self, it, task_id, payload, symbols, pos, cell, value, seconds) -> None:
+        order = np.argsort([self.type_index[s] for s in symbols], kind="stable")
+        symbols = [str(symbols[i]) for i in order]
+        rel = Path("labels") / f"{task_id}.npz"
+        arrays = {"symbols": np.array(symbols), "coord": np.asarray(pos)[order],
+                  "energy": np.array(value["energy"]), "force": np.asarray(value["forces"])[order]}
+        if cell is not None:
+            arrays["box"] = np.asarray(cell)
+        if value.get("virial") is not None:
+            arrays["virial"] = np.asarray(value["virial"])
+        atomic_savez(self.root / rel, **arrays)   # same name on a redo: overwritten, never duplicated
+        key = system_key(symbols, self.type_map, cell is not None)
+        with self.state.tx() as db:
+            db.execute("INSERT INTO labels (task_id, iteration, frame_id, source, source_traj, source_step, labeller, "
+                       "settings_hash, system, natoms, energy, file, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                       (task_id, it, payload.get("frame_id"), payload["source"], payload.get("traj"),
+                        payload.get("step"), self.labeller_name, self.label_hash, key, len(symbols),
+                        float(value["energy"]), str(rel), time.time()))
+            self.state.task_done(db, task_id, {"energy": float(value["energy"])}, seconds)
+
+    def collect(self) -> list[str]:
+        """Rebuild data/<system> from the committed labels (idempotent; a system is rewritten atomically
+        only when its label count changed).  Returns the system directories."""
+        from dpmd.data import System, load_system, write_system
+
+        rows = self.state.q("SELECT system, file FROM labels ORDER BY label_id")
+        groups: dict[str, list[str]] = {}
+        for r in rows:
+            groups.setdefault(r["system"], []).append(r["file"])
+        dirs = []
+        for key, files in sorted(groups.items()):
+            target = self.root / "data" / key
+            dirs.append(str(target))
+            if target.is_dir():
+                try:
+                    if load_system(target, self.type_map).nframes == len(files):
+                        continue
+                except DpmdError:
+                    pass
+            parts = [dict(np.load(self.root / f)) for f in files]
+            atype = np.array([self.type_index[s] for s in parts[0]["symbols"]])
+            has_virial = all("virial" in p for p in parts)
+            periodic = "box" in parts[0]
+            system = System(path=str(target), type_map=self.type_map, atype=atype,
+                            coord=np.stack([p["coord"] for p in parts]),
+                            box=np.stack([p["box"] for p in parts]) if periodic else None,
+                            energy=np.array([float(p["energy"]) for p in parts]),
+                            force=np.stack([p["force"] for p in parts]),
+                            virial=np.stack([p["virial"] for p in parts]) if has_virial else None)
+            write_system(system, target, overwrite=True)
+        return dirs
+
+    # ------------------------------------------------------------------ stages
+    def _stage_init(self, it: int, t0) -> bool:
+        ini = self.cfg["initial"]
+        if it != 0 or not ini["structures"]:
+            return False
+        with self.state.tx() as db:
+            for si, name in enumerate(ini["structures"]):
+                atoms = self.structure(name)
+                for k in range(ini["perturb"]):
+                    rng = np.random.default_rng([ini["seed"], si, k])
+                    a = atoms.copy()
+                    if a.pbc.all() and ini["cell_strain"] > 0:
+                        e = rng.uniform(-1, 1, (3, 3)) * ini["cell_strain"]
+                        a.set_cell(a.cell[:] @ (np.eye(3) + 0.5 * (e + e.T)), scale_atoms=True)
+                    a.positions = a.positions + rng.normal(0, ini["displacement"], a.positions.shape)
+                    payload = {"symbols": a.get_chemical_symbols(), "positions": a.positions.tolist(),
+                               "cell": a.cell[:].tolist() if a.pbc.all() else None,
+                               "source": f"initial:{name}", "step": k}
+                    self.state.add_task(db, f"i000-init-{name}-{k:03d}", 0, "label", payload)
+        self._run_label_tasks(it)
+        self.collect()
+        return False
+
+    def _train_systems(self) -> list[str]:
+        systems = list(self.cfg["initial"]["data"]) + self.collect()
+        if not systems:
+            raise CampaignError("no training data: initial.data is empty and no label has succeeded")
+        return systems
+
+    def _stage_train(self, it: int, t0) -> bool:
+        from dpmd.train.checkpoint import latest_checkpoint, load_checkpoint
+        from dpmd.train.freeze import freeze
+        from dpmd.train.trainer import Trainer
+
+        tr = self.cfg["train"]
+        systems = self._train_systems()
+        for k in range(tr["ensemble_size"]):
+            task_id = f"i{it:03d}-train-m{k}"
+            self.state.ensure_task(task_id, it, "train")
+            if self.state.task_status(task_id) == "done":
+                continue
+            out = self.model_path(it, k).parent
+            init = None
+            if it > 0 and tr["init_from_previous"]:   # the previous member's final checkpoint
+                try:
+                    init = str(latest_checkpoint(self.model_path(it - 1, k).parent))
+                except DpmdError:
+                    init = None
+            steps = tr["reuse_numb_steps"] if init else tr["numb_steps"]
+            config = training_input(self.cfg, systems, steps, k, it)
+            restart = None
+            if (out / "checkpoint").is_file() or list(out.glob("*.ckpt-*.pt")):
+                try:
+                    restart = latest_checkpoint(out)
+                    if load_checkpoint(restart)["step"] >= steps:
+                        restart = "finished"
+                except DpmdError:
+                    restart = None
+            t1 = time.perf_counter()
+            result = {}
+            if restart != "finished":
+                trainer = Trainer(config, restart=str(restart) if restart else None,
+                                  init_model=None if restart else init, out_dir=out, progress=False)
+                result = trainer.run()
+            freeze(out, out / "model.pth")
+            summary = {"steps": steps, "init_model": init, "systems": systems,
+                       "rmse_e": result.get("train", {}).get("rmse_e"), "rmse_f": result.get("train", {}).get("rmse_f")}
+            with self.state.tx() as db:
+                self.state.task_done(db, task_id, summary, time.perf_counter() - t1)
+            self.log(f"[iteration {it}] trained m{k}: {steps} steps, rmse_f {summary['rmse_f']}")
+        return False
+
+    def models(self, it: int):
+        if self._models is None:
+            from dpmd.model import load_model
+
+            self._models = [load_model(self.model_path(it, k)).eval() for k in range(self.cfg["train"]["ensemble_size"])]
+        return self._models
+
+    def _stage_explore(self, it: int, t0) -> bool:
+        lo, hi = self.cfg["trust"]["lo"], self.cfg["trust"]["hi"]
+        from explore_label_train.selection import classify
+
+        for stage in self.stages_for(it):
+            trajs = [(name, self.structure(name), float(t), float(p)) for name in stage["structures"]
+                     for t in stage["temperatures"] for p in stage["pressures"]]
+            groups: dict = {}
+            for tr in trajs:
+                groups.setdefault((len(tr[1]), bool(tr[1].pbc.all())), []).append(tr)
+            for gi, ((natoms, pbc), members) in enumerate(sorted(groups.items())):
+                task_id = f"i{it:03d}-explore-{stage['name']}-g{gi}"
+                self.state.ensure_task(task_id, it, "explore")
+                if self.state.task_status(task_id) == "done":
+                    continue
+                rel = Path(f"iter.{it:03d}") / "explore" / f"{task_id}.npz"
+                t1 = time.perf_counter()
+                if (self.root / rel).is_file():   # written before a crash: the same result, reuse it
+                    z = dict(np.load(self.root / rel))
+                    note = str(z.get("note", ""))
+                else:
+                    z, note = self._simulate(it, stage, gi, members)
+                    atomic_savez(self.root / rel, **z)
+                classes = classify(z["devi"][:, 3], lo, hi) if len(z["devi"]) else []
+                with self.state.tx() as db:
+                    for i in range(len(z["step"])):
+                        m = members[int(z["traj"][i])]
+                        dv = z["devi"][i]
+                        db.execute("INSERT OR IGNORE INTO frames (iteration, task_id, file, idx, stage, traj, structure, "
+                                   "temperature, pressure, step, max_devi_f, avg_devi_f, max_devi_v, devi_e, class) "
+                                   "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                                   (it, task_id, str(rel), i, stage["name"], int(z["traj"][i]), m[0], m[2], m[3],
+                                    int(z["step"][i]), float(dv[3]), float(dv[5]), float(dv[0]), float(dv[6]),
+                                    str(classes[i])))
+                    self.state.task_done(db, task_id, {"frames": int(len(z["step"])), "trajectories": len(members),
+                                                       "note": note or None}, time.perf_counter() - t1)
+                self.log(f"[iteration {it}] explored {stage['name']} group {gi}: {len(members)} trajectories x "
+                         f"{natoms} atoms, {len(z['step'])} frames" + (f" ({note})" if note else ""))
+        return False
+
+    def _simulate(self, it, stage, gi, members):
+        """One batched Simulation of the group's trajectories; frames every traj_interval steps."""
+        from dpmd.md import MDStopError
+
+        models = self.models(it)
+        atoms = [m[1] for m in members]
+        symbols = [a.get_chemical_symbols() for a in atoms]
+        masses = np.array([[self.cfg["masses"][self.type_index[s]] for s in row] for row in symbols])
+        pos = np.stack([a.positions for a in atoms])
+        box = np.stack([a.cell[:] for a in atoms]) if atoms[0].pbc.all() else None
+        temps = [m[2] for m in members]
+        press = [m[3] for m in members]
+        seed = stage["seed"] + 1000 * it + 37 * gi
+        vel = _thermal_velocities(masses, temps, np.random.default_rng(seed))
+        sim = _batch_simulation(models, pos, symbols, box, temperatures=temps, pressures=press, masses=masses,
+                                ensemble=stage["ensemble"], thermostat=stage["thermostat"], barostat=stage["barostat"],
+                                timestep=stage["timestep"], steps=stage["steps"], seed=seed,
+                                min_distance=stage["min_distance"], velocities=vel, thermo_freq=0, log=None)
+        coord, boxes, devi, steps, traj = [], [], [], [], []
+        note = ""
+        nf = len(members)
+        try:
+            for step in range(stage["traj_interval"], stage["steps"] + 1, stage["traj_interval"]):
+                sim.run(step)
+                d = sim.deviation()
+                p = sim.state.positions.detach().cpu().numpy()
+                b = None if sim.state.box is None else sim.state.box.detach().cpu().numpy()
+                for f in range(nf):
+                    coord.append(p[f])
+                    if b is not None:
+                        boxes.append(b[f])
+                    devi.append(d[f])
+                    steps.append(step)
+                    traj.append(f)
+        except MDStopError as err:
+            note = f"stopped early: {str(err).split('; wrote')[0]}"
+        n = pos.shape[1]
+        out = {"symbols": np.array(symbols[0]), "coord": np.array(coord).reshape(-1, n, 3),
+               "devi": np.array(devi).reshape(-1, 7), "step": np.array(steps, dtype=np.int64),
+               "traj": np.array(traj, dtype=np.int64), "note": np.array(note)}
+        if box is not None:
+            out["box"] = np.array(boxes).reshape(-1, 3, 3)
+        if any(row != symbols[0] for row in symbols):
+            out["all_symbols"] = np.array(symbols)
+        return out, note
+
+    def _stage_select(self, it: int, t0) -> bool:
+        from explore_label_train.selection import check_frame, choose, frame_descriptors
+
+        sel, filters = self.cfg["select"], self.cfg["filters"]
+        frames = self.state.q("SELECT * FROM frames WHERE iteration=? ORDER BY frame_id", it)
+        files: dict = {}
+
+        def frame(r):
+            if r["file"] not in files:
+                files[r["file"]] = dict(np.load(self.root / r["file"]))
+            z = files[r["file"]]
+            syms = z["all_symbols"][r["traj"]] if "all_symbols" in z else z["symbols"]
+            return [str(s) for s in syms], z["coord"][r["idx"]], (z["box"][r["idx"]] if "box" in z else None)
+
+        updates = {}   # frame_id -> (filter, reason)
+        passing = []
+        for r in frames:
+            if r["class"] == "accurate":
+                updates[r["frame_id"]] = (None, f"accurate: max_devi_f {r['max_devi_f']:.3g} < lo")
+            elif r["class"] == "failed":
+                updates[r["frame_id"]] = (None, f"failed: max_devi_f {r['max_devi_f']:.3g} >= hi")
+            else:
+                syms, pos, cell = frame(r)
+                why = check_frame(syms, pos, cell, filters)
+                if why:
+                    updates[r["frame_id"]] = (why, f"rejected by filter: {why}")
+                else:
+                    passing.append(r)
+        budget = max(0, min(sel["budget"], self.cfg["convergence"]["max_labels"] - self.total_labels()))
+        features = None
+        if sel["method"] == "fps" and len(passing) > budget > 0:
+            model = self.models(it)[0]
+            by_n: dict = {}
+            for j, r in enumerate(passing):
+                syms, pos, cell = frame(r)
+                by_n.setdefault((len(syms), cell is not None, tuple(syms)), []).append((j, pos, cell))
+            feats = [None] * len(passing)
+            for (n, periodic, syms), items in by_n.items():
+                types = [model.type_map.index(s) for s in syms]
+                f = frame_descriptors(model, np.stack([x[1] for x in items]), types,
+                                      np.stack([x[2] for x in items]) if periodic else None)
+                for (j, _, _), row in zip(items, f):
+                    feats[j] = row
+            features = np.stack(feats)
+        chosen, reasons = choose([dict(r) for r in passing], budget, sel["method"], features, seed=it)
+        chosen_ids = {passing[j]["frame_id"] for j in chosen}
+        for j, r in enumerate(passing):
+            updates[r["frame_id"]] = (None, reasons[j])
+        with self.state.tx() as db:
+            for fid, (filt, reason) in updates.items():
+                db.execute("UPDATE frames SET filter=?, reason=?, selected=? WHERE frame_id=?",
+                           (filt, reason, int(fid in chosen_ids), fid))
+            for r in passing:
+                if r["frame_id"] in chosen_ids:
+                    payload = {"frame_id": r["frame_id"], "file": r["file"], "idx": r["idx"],
+                               "source": r["task_id"], "traj": r["traj"], "step": r["step"]}
+                    self.state.add_task(db, f"i{it:03d}-label-f{r['frame_id']}", it, "label", payload)
+            note = (f"{len(frames)} frames, {len(passing)} candidates passed the filters, "
+                    f"{len(chosen_ids)} selected (budget {budget})")
+            self.state.stage_finish(it, "select", time.perf_counter() - t0, note, db=db)
+        self.log(f"[iteration {it}] select: {note}")
+        return True
+
+    def _stage_label(self, it: int, t0) -> bool:
+        self._run_label_tasks(it)
+        self.collect()
+        return False
+
+    def _validation_error(self, it: int):
+        """Force RMSE (eV/Å) and energy RMSE per atom (eV) of model 0 on the labels this iteration added."""
+        rows = self.state.q("SELECT file FROM labels WHERE iteration=? AND frame_id IS NOT NULL", it)
+        if not rows:
+            return None, None
+        import torch
+
+        model = self.models(it)[0]
+        se_f, nf_atoms, se_e = 0.0, 0, 0.0
+        for r in rows:
+            z = np.load(self.root / r["file"])
+            types = torch.tensor([model.type_map.index(str(s)) for s in z["symbols"]])
+            box = torch.as_tensor(z["box"]) if "box" in z.files else None
+            out = model(torch.as_tensor(z["coord"]), types, box)
+            n = len(types)
+            se_f += float(((out["force"].detach().numpy() - z["force"]) ** 2).sum())
+            nf_atoms += 3 * n
+            se_e += ((float(out["energy"]) - float(z["energy"])) / n) ** 2
+        return (se_e / len(rows)) ** 0.5, (se_f / nf_atoms) ** 0.5
+
+    def _stage_check(self, it: int, t0) -> bool:
+        cv = self.cfg["convergence"]
+        st = self.state
+        n = st.one("SELECT COUNT(*) FROM frames WHERE iteration=?", it)
+        cnt = {c: st.one("SELECT COUNT(*) FROM frames WHERE iteration=? AND class=?", it, c)
+               for c in ("accurate", "candidate", "failed")}
+        frac = {c: (v / n if n else 0.0) for c, v in cnt.items()}
+        n_filtered = st.one("SELECT COUNT(*) FROM frames WHERE iteration=? AND filter IS NOT NULL", it)
+        n_selected = st.one("SELECT COUNT(*) FROM frames WHERE iteration=? AND selected=1", it)
+        n_labels = st.one("SELECT COUNT(*) FROM labels WHERE iteration=?", it)
+        total = self.total_labels()
+        val_e, val_f = self._validation_error(it)
+        if n and frac["accurate"] >= cv["accurate_ratio"]:
+            decision = "converged"
+        elif it + 1 >= cv["max_iterations"]:
+            decision = "max_iterations"
+        elif total >= cv["max_labels"]:
+            decision = "max_labels"
+        elif not self.stages_for(it + 1):
+            decision = "no exploration stage for the next iteration"
+        else:
+            decision = "continue"
+        with st.tx() as db:
+            db.execute("UPDATE iterations SET status='done', finished=?, n_frames=?, accurate=?, candidate=?, failed=?, "
+                       "n_filtered=?, n_selected=?, n_labels=?, total_labels=?, val_rmse_e=?, val_rmse_f=?, decision=? "
+                       "WHERE iteration=?", (time.time(), n, frac["accurate"], frac["candidate"], frac["failed"],
+                                             n_filtered, n_selected, n_labels, total, val_e, val_f, decision, it))
+            st.stage_finish(it, "check", time.perf_counter() - t0, decision, db=db)
+        self.log(f"[iteration {it}] accurate {frac['accurate']:.1%} candidate {frac['candidate']:.1%} "
+                 f"failed {frac['failed']:.1%}; labels {total}; "
+                 + (f"validation rmse_f {val_f:.3g} eV/Å; " if val_f is not None else "") + f"-> {decision}")
+        return True

@@ -1,0 +1,144 @@
+"""Labellers: one interface over any ASE calculator, run inside worker processes.
+
+    labeller: {calculator: emt, kwargs: {}}            # ase.calculators.emt.EMT
+    labeller: {calculator: lj, kwargs: {sigma: 2.3}}    # ase.calculators.lj.LennardJones
+    labeller: {calculator: tblite, kwargs: {method: GFN2-xTB}}   # if tblite is importable
+    labeller: {calculator: pyscf, kwargs: {xc: pbe, basis: def2-svp}}   # if pyscf is importable
+    labeller: {calculator: "package.module:Factory", kwargs: {...}}   # anything returning an ASE calculator
+
+`label(payload)` returns energy (eV), forces (eV/Å) and, for periodic cells when the calculator
+gives a stress, the virial (eV, DeePMD's sign: -stress * volume).  Any exception, non-finite
+result or missing property raises; the dispatcher turns that into a failed task with the reason.
+This module imports no torch, so worker processes start quickly.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+from dpmd.errors import ConfigError
+
+BUILTIN = {
+    "emt": ("ase.calculators.emt", "EMT"),
+    "lj": ("ase.calculators.lj", "LennardJones"),
+    "morse": ("ase.calculators.morse", "MorsePotential"),
+    "tblite": ("tblite.ase", "TBLite"),
+    "xtb": ("tblite.ase", "TBLite"),
+    "pyscf": ("explore_label_train.labelers", "PySCFCalculator"),
+}
+
+
+def _factory(name: str):
+    if name in BUILTIN:
+        module, attr = BUILTIN[name]
+    elif ":" in name:
+        module, attr = name.split(":", 1)
+    else:
+        raise ConfigError(f"'labeller.calculator': unknown calculator {name!r}; valid: "
+                          f"{', '.join(sorted(BUILTIN))}, or module:attr returning an ASE calculator")
+    if name == "pyscf":
+        importlib.import_module("pyscf")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as err:
+        raise ConfigError(f"'labeller.calculator' {name!r} needs {module.split('.')[0] if name in BUILTIN else module}, "
+                          f"which cannot be imported ({err})") from None
+    try:
+        return getattr(mod, attr)
+    except AttributeError:
+        raise ConfigError(f"'labeller.calculator' {name!r}: {module} has no attribute {attr!r}") from None
+
+
+def check_labeller(lab: dict) -> None:
+    """Validate the labeller up front (the calculator can be imported)."""
+    name = lab["calculator"]
+    if name == "pyscf":
+        try:
+            importlib.import_module("pyscf")
+        except ImportError as err:
+            raise ConfigError(f"'labeller.calculator' 'pyscf' needs pyscf, which cannot be imported ({err})") from None
+    _factory(name)
+
+
+_CACHE: dict = {}
+
+
+def make_calculator(name: str, kwargs: dict):
+    key = (name, repr(sorted(kwargs.items())))
+    calc = _CACHE.get(key)
+    if calc is None:
+        kw = dict(kwargs)
+        if name in ("tblite", "xtb"):
+            kw.setdefault("method", "GFN2-xTB")
+            kw.setdefault("verbosity", 0)
+        calc = _CACHE[key] = _factory(name)(**kw)
+    return calc
+
+
+def label(payload: dict) -> dict:
+    """payload: symbols, positions (N,3), cell (3,3) or None, calculator, kwargs."""
+    from ase import Atoms
+
+    cell = payload.get("cell")
+    atoms = Atoms(symbols=payload["symbols"], positions=np.asarray(payload["positions"], dtype=float),
+                  cell=None if cell is None else np.asarray(cell, dtype=float), pbc=cell is not None)
+    calc = make_calculator(payload["calculator"], payload.get("kwargs") or {})
+    atoms.calc = calc
+    energy = float(atoms.get_potential_energy())
+    forces = np.asarray(atoms.get_forces(), dtype=float)
+    virial = None
+    if cell is not None:
+        try:
+            stress = atoms.get_stress(voigt=False)
+            virial = -np.asarray(stress, dtype=float) * atoms.get_volume()
+        except Exception:  # PropertyNotImplementedError and friends: no virial for this labeller
+            virial = None
+    if not np.isfinite(energy) or not np.isfinite(forces).all() or (virial is not None and not np.isfinite(virial).all()):
+        raise ValueError("labeller returned non-finite energy, forces or virial")
+    if forces.shape != (len(atoms), 3):
+        raise ValueError(f"labeller returned forces of shape {forces.shape}, expected ({len(atoms)}, 3)")
+    return {"energy": energy, "forces": forces, "virial": virial}
+
+
+try:  # the PySCF adapter (only defined when ASE is there, which it always is)
+    from ase.calculators.calculator import Calculator, all_changes
+    from ase.units import Bohr, Hartree
+
+    class PySCFCalculator(Calculator):
+        """Energy and forces from PySCF (Kohn-Sham DFT or Hartree-Fock) for molecules (open boundaries).
+
+        kwargs: xc (a functional name, or "hf"), basis, charge, spin (2S), max_cycle, conv_tol.
+        """
+
+        implemented_properties = ["energy", "forces"]
+
+        def __init__(self, xc="pbe", basis="def2-svp", charge=0, spin=0, max_cycle=100, conv_tol=1e-9, **kw):
+            super().__init__(**kw)
+            self.settings = dict(xc=xc, basis=basis, charge=charge, spin=spin, max_cycle=max_cycle, conv_tol=conv_tol)
+
+        def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+            super().calculate(atoms, properties, system_changes)
+            from pyscf import dft, gto, scf
+
+            s = self.settings
+            if self.atoms.pbc.any():
+                raise ValueError("the pyscf labeller handles molecules only (open boundaries)")
+            mol = gto.M(atom=[(a.symbol, tuple(a.position)) for a in self.atoms], basis=s["basis"],
+                        charge=s["charge"], spin=s["spin"], unit="Angstrom", verbose=0)
+            if str(s["xc"]).lower() == "hf":
+                mf = scf.RHF(mol) if s["spin"] == 0 else scf.UHF(mol)
+            else:
+                mf = dft.RKS(mol) if s["spin"] == 0 else dft.UKS(mol)
+                mf.xc = s["xc"]
+            mf.max_cycle, mf.conv_tol = s["max_cycle"], s["conv_tol"]
+            e = mf.kernel()
+            if not mf.converged:
+                raise RuntimeError(f"SCF did not converge in {s['max_cycle']} cycles")
+            grad = mf.nuc_grad_method().kernel()
+            self.results["energy"] = float(e) * Hartree
+            self.results["free_energy"] = self.results["energy"]
+            self.results["forces"] = -np.asarray(grad) * Hartree / Bohr
+except ImportError:  # pragma: no cover
+    pass

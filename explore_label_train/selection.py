@@ -1,0 +1,157 @@
+"""Selection: DeePMD's trust-level classes, physical filters, and diverse candidates by farthest-point sampling.
+
+    accurate    max_devi_f <  lo
+    candidate   lo <= max_devi_f < hi
+    failed      max_devi_f >= hi   (also non-finite deviations)
+
+Candidates failing a filter (atoms closer than min_distance, a cell with too small an angle, too long
+a side or a volume per atom outside a range, non-finite positions) are never labelled.  Among the
+rest, up to `budget` frames are chosen by farthest-point sampling on per-frame descriptors (the mean
+se_e2_a descriptor of each element, from the first ensemble model), starting from the frame with the
+largest deviation; every frame gets a reason.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def classify(max_devi_f: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    d = np.asarray(max_devi_f, dtype=float)
+    out = np.full(d.shape, "failed", dtype=object)
+    out[d < lo] = "accurate"
+    out[(d >= lo) & (d < hi)] = "candidate"
+    return out
+
+
+def check_frame(symbols, positions, cell, filters: dict) -> str | None:
+    """Why this frame is unphysical, or None."""
+    pos = np.asarray(positions, dtype=float)
+    if not np.isfinite(pos).all():
+        return "non-finite positions"
+    n = len(pos)
+    if cell is not None:
+        cell = np.asarray(cell, dtype=float)
+        if not np.isfinite(cell).all():
+            return "non-finite cell"
+        vol = abs(float(np.linalg.det(cell)))
+        if vol < 1e-6:
+            return "degenerate cell (zero volume)"
+        lengths = np.linalg.norm(cell, axis=1)
+        if filters.get("max_cell_length") and lengths.max() > filters["max_cell_length"]:
+            return f"cell length {lengths.max():.2f} Å > max_cell_length {filters['max_cell_length']:g}"
+        if filters.get("min_cell_angle"):
+            amin = filters["min_cell_angle"]
+            for i, j in ((1, 2), (0, 2), (0, 1)):
+                cos = float(cell[i] @ cell[j] / (lengths[i] * lengths[j]))
+                ang = float(np.degrees(np.arccos(np.clip(cos, -1, 1))))
+                if ang < amin or ang > 180 - amin:
+                    return f"cell angle {ang:.1f}° outside [{amin:g}, {180 - amin:g}]"
+        vpa = filters.get("volume_per_atom")
+        if vpa and not vpa[0] <= vol / n <= vpa[1]:
+            return f"volume per atom {vol / n:.2f} Å^3 outside [{vpa[0]:g}, {vpa[1]:g}]"
+    dmin_allowed = filters.get("min_distance")
+    if dmin_allowed:
+        d = min_pair_distance(pos, cell, dmin_allowed)
+        if d is not None and d < dmin_allowed:
+            return f"atoms {d:.3f} Å apart < min_distance {dmin_allowed:g}"
+    return None
+
+
+def min_pair_distance(positions, cell, cutoff: float) -> float | None:
+    """The smallest interatomic distance below `cutoff` (periodic images included), or None."""
+    from ase import Atoms
+    from ase.neighborlist import neighbor_list
+
+    atoms = Atoms(positions=positions, cell=cell, pbc=cell is not None)
+    if cell is None:
+        span = np.ptp(positions, axis=0) + 2 * cutoff + 1.0
+        atoms.set_cell(np.diag(span))
+    d = neighbor_list("d", atoms, cutoff)
+    if len(d) == 0:
+        return None
+    return float(d.min())
+
+
+def frame_descriptors(model, coords, types, boxes, chunk: int = 64) -> np.ndarray:
+    """(M, ntypes * D): the mean se_e2_a descriptor over the atoms of each element (zeros where absent)."""
+    import torch
+
+    from dpmd.geometry.graph import build_graph, edge_vectors
+
+    coords = np.asarray(coords, dtype=float)
+    m, n = coords.shape[:2]
+    types = np.asarray(types)
+    out = []
+    with torch.no_grad():
+        for a in range(0, m, chunk):
+            b = min(a + chunk, m)
+            box = None if boxes is None else np.asarray(boxes[a:b])
+            g = build_graph(coords[a:b], torch.as_tensor(types), box, rcut=model.rcut)
+            vec = edge_vectors(g)
+            d = model.descriptor(vec, g["center"], g["atype"], g["atype"][g["neighbor"]])
+            d = d.reshape(b - a, n, -1).numpy()
+            parts = []
+            for t in range(model.ntypes):
+                mask = types == t
+                parts.append(d[:, mask].mean(axis=1) if mask.any() else np.zeros((b - a, d.shape[-1])))
+            out.append(np.concatenate(parts, axis=1))
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+def farthest_point_sampling(features: np.ndarray, k: int, start: int = 0) -> tuple[list[int], list[float]]:
+    """Indices of k rows chosen greedily to be far from those already chosen; with the distance at choice."""
+    m = len(features)
+    if m == 0 or k <= 0:
+        return [], []
+    chosen, dist_at = [int(start)], [float("inf")]
+    dmin = np.linalg.norm(features - features[start], axis=1)
+    while len(chosen) < min(k, m):
+        i = int(np.argmax(dmin))
+        if dmin[i] <= 0 and len(chosen) >= 1:
+            # only duplicates left: still take them in order of deviation (caller's order)
+            remaining = [j for j in range(m) if j not in chosen]
+            i = remaining[0]
+        chosen.append(i)
+        dist_at.append(float(dmin[i]))
+        dmin = np.minimum(dmin, np.linalg.norm(features - features[i], axis=1))
+        dmin[chosen] = -1.0
+    return chosen, dist_at
+
+
+def choose(candidates: list[dict], budget: int, method: str, features: np.ndarray | None, seed: int = 0):
+    """candidates: dicts with 'max_devi_f'; returns {index: reason} for chosen ones and the reasons of the rest."""
+    reasons: dict[int, str] = {}
+    chosen: list[int] = []
+    m = len(candidates)
+    if m == 0:
+        return chosen, reasons
+    devi = np.array([c["max_devi_f"] for c in candidates])
+    if method == "devi" or features is None:
+        chosen = list(np.argsort(-devi, kind="stable")[:budget])
+        for rank, i in enumerate(chosen):
+            reasons[int(i)] = f"selected: rank {rank + 1} by max_devi_f"
+    elif method == "random":
+        rng = np.random.default_rng(seed)
+        chosen = list(rng.permutation(m)[:budget])
+        for rank, i in enumerate(chosen):
+            reasons[int(i)] = f"selected: random draw {rank + 1}"
+    else:
+        start = int(np.argmax(devi))
+        scale = features.std(axis=0)
+        feats = features / np.where(scale > 0, scale, 1.0)
+        chosen, dist = farthest_point_sampling(feats, budget, start)
+        for rank, (i, d) in enumerate(zip(chosen, dist)):
+            reasons[i] = ("selected: fps start (largest max_devi_f)" if rank == 0
+                          else f"selected: fps #{rank + 1}, descriptor distance {d:.3g} to the chosen")
+    chosen = [int(i) for i in chosen]
+    taken = set(chosen)
+    for i in range(m):
+        if i not in taken:
+            if features is not None and method == "fps" and chosen:
+                feats_all = features / np.where(features.std(axis=0) > 0, features.std(axis=0), 1.0)
+                d = float(np.linalg.norm(feats_all[chosen] - feats_all[i], axis=1).min())
+                reasons[i] = f"not selected: budget {budget} reached (descriptor distance {d:.3g} to the chosen)"
+            else:
+                reasons[i] = f"not selected: budget {budget} reached"
+    return chosen, reasons
