@@ -52,7 +52,7 @@ def evaluate(model, graph: dict, *, create_graph: bool = False, chunk_atoms: int
     bounds = torch.searchsorted(center, torch.arange(0, natoms_total + chunk, chunk, device=center.device)).tolist()
 
     dtype = graph["coord"].dtype
-    atom_energy, g_parts = [], []
+    atom_energy, g_parts, vec_parts = [], [], []
     with torch.enable_grad():
         for k, a0 in enumerate(range(0, natoms_total, chunk)):
             a1 = min(a0 + chunk, natoms_total)
@@ -65,11 +65,10 @@ def evaluate(model, graph: dict, *, create_graph: bool = False, chunk_atoms: int
             g = torch.zeros_like(vec) if g is None else g
             atom_energy.append(e if create_graph else e.detach())
             g_parts.append(g)
+            vec_parts.append(vec.detach())
     atom_energy = torch.cat(atom_energy).to(dtype)
     g = torch.cat(g_parts).to(dtype)
-    vec = edge_vectors(graph)
-    if not create_graph:
-        vec = vec.detach()
+    vec = torch.cat(vec_parts)
 
     return assemble(atom_energy, g, vec, center, neighbor, batch, nframes, natoms_total, atom_virial)
 
