@@ -56,16 +56,10 @@ def complete(section, defaults: dict, where: str) -> dict:
 
 
 def _num(value, where, *, integer=False, positive=False, minimum=None, allow_none=False):
-    if value is None and allow_none:
-        return None
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise ConfigError(f"'{where}' must be {'an integer' if integer else 'a number'}, got {value!r}")
-    if positive and value <= 0:
-        raise ConfigError(f"'{where}' must be positive, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"'{where}' must be >= {minimum}, got {value!r}")
-    return value if integer else float(value)
+    from dpmd.train.config import check_number  # lazily: labelling workers import this module without torch
+
+    value = check_number(value, where, integer=integer, positive=positive, minimum=minimum, allow_none=allow_none)
+    return value if value is None or integer else float(value)
 
 
 def _numbers(value, where, *, positive=False, minimum=None):

@@ -9,6 +9,7 @@ import numbers
 from pathlib import Path
 
 from dpmd.errors import ConfigError, DpmdError
+from dpmd.train.config import check_number
 
 DEFAULTS = {
     "structure": None, "models": None, "ensemble": "nve", "thermostat": None, "barostat": None,
@@ -27,15 +28,7 @@ def _valid(keys) -> str:
 
 
 def _number(cfg: dict, key: str, where: str, positive=False, nonneg=False, integer=False):
-    v = cfg[key]
-    ok = isinstance(v, numbers.Integral) if integer else isinstance(v, numbers.Real)
-    if isinstance(v, bool) or not ok:
-        raise ConfigError(f"{where}{key}: expected {'an integer' if integer else 'a number'}, got {v!r}")
-    if positive and v <= 0:
-        raise ConfigError(f"{where}{key}: must be > 0, got {v!r}")
-    if nonneg and v < 0:
-        raise ConfigError(f"{where}{key}: must be >= 0, got {v!r}")
-    return v
+    return check_number(cfg[key], f"{where}{key}", integer=integer, positive=positive, minimum=0 if nonneg else None)
 
 
 def _schedule(cfg: dict, key: str):

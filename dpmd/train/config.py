@@ -50,7 +50,10 @@ def _check_unsupported(section: dict, name: str, where: str) -> None:
             raise ConfigError(f"'{where}.{key}' = {section[key]!r} is not supported yet")
 
 
-def _number(value, where: str, *, integer=False, positive=False, minimum=None):
+def check_number(value, where: str, *, integer=False, positive=False, minimum=None, allow_none=False):
+    """A number (or integer) with optional bounds, else a one-line ConfigError naming `where`."""
+    if value is None and allow_none:
+        return None
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
         raise ConfigError(f"'{where}' must be {'an integer' if integer else 'a number'}, got {value!r}")
@@ -96,7 +99,7 @@ def _data_section(section, where: str, base: Path, required: bool) -> dict | Non
     ap = sec["auto_prob"]
     if not isinstance(ap, str) or not (ap in ("prob_uniform", "prob_sys_size") or ap.startswith("prob_sys_size;")):
         raise ConfigError(f"'{where}.auto_prob' must be prob_uniform, prob_sys_size or prob_sys_size;..., got {ap!r}")
-    _number(sec["numb_btch"], f"{where}.numb_btch", integer=True, positive=True)
+    check_number(sec["numb_btch"], f"{where}.numb_btch", integer=True, positive=True)
     return sec
 
 
@@ -115,25 +118,25 @@ def normalize_input(config: dict, base_dir: str | Path = ".") -> dict:
     if lr["type"] != "exp":
         raise ConfigError(f"'learning_rate.type' = {lr['type']!r} is not supported yet (only exp)")
     for k in ("start_lr", "stop_lr"):
-        _number(lr[k], f"learning_rate.{k}", positive=True)
-    _number(lr["decay_steps"], "learning_rate.decay_steps", integer=True, positive=True)
+        check_number(lr[k], f"learning_rate.{k}", positive=True)
+    check_number(lr["decay_steps"], "learning_rate.decay_steps", integer=True, positive=True)
     loss = cfg["loss"] = _complete(cfg["loss"], LOSS_DEFAULTS, "loss")
     _check_unsupported(loss, "loss", "loss")
     if loss["type"] != "ener":
         raise ConfigError(f"'loss.type' = {loss['type']!r} is not supported yet (only ener)")
     for k in ("start_pref_e", "limit_pref_e", "start_pref_f", "limit_pref_f", "start_pref_v", "limit_pref_v"):
-        _number(loss[k], f"loss.{k}", minimum=0)
+        check_number(loss[k], f"loss.{k}", minimum=0)
     tr = cfg["training"] = _complete(cfg["training"], TRAINING_DEFAULTS, "training")
     _check_unsupported(tr, "training", "training")
     if tr["numb_steps"] is None:
         raise ConfigError("'training.numb_steps' is required")
-    _number(tr["numb_steps"], "training.numb_steps", integer=True, positive=True)
+    check_number(tr["numb_steps"], "training.numb_steps", integer=True, positive=True)
     for k in ("disp_freq", "save_freq", "max_ckpt_keep"):
-        _number(tr[k], f"training.{k}", integer=True, positive=True)
+        check_number(tr[k], f"training.{k}", integer=True, positive=True)
     if tr["seed"] is not None:
-        _number(tr["seed"], "training.seed", integer=True, minimum=0)
+        check_number(tr["seed"], "training.seed", integer=True, minimum=0)
     if tr["gradient_max_norm"] is not None:
-        _number(tr["gradient_max_norm"], "training.gradient_max_norm", positive=True)
+        check_number(tr["gradient_max_norm"], "training.gradient_max_norm", positive=True)
     tr["training_data"] = _data_section(tr["training_data"], "training.training_data", base, required=True)
     tr["validation_data"] = _data_section(tr["validation_data"], "training.validation_data", base, required=False)
     return cfg
