@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--config", default=str(REPO / "configs" / "water_se_e2_a.yaml"))
-    parser.add_argument("--test-frames", type=int, default=20, help="frames of data_2 used for the final RMSE")
+    parser.add_argument("--test-frames", type=int, default=None, help="frames of data_2 used for the final RMSE (all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from dpmd.runtime import keep_freed_memory
@@ -66,7 +66,7 @@ def main() -> None:
           f"ratio {0.41 / med:.2f}x faster)")
     print(f"  peak RSS        {rss:8.0f} MiB")
     o = res["overall"]
-    print(f"  after {args.steps} steps on data_2 ({args.test_frames} frames, not trained on): "
+    print(f"  after {args.steps} steps on data_2 ({o['nframes']} frames, not trained on): "
           f"E RMSE {o['rmse_e'] * 1e3:.2f} meV/atom, F RMSE {o['rmse_f']:.3f} eV/Å")
     print("  (DeePMD-kit 3.2 after 1000 steps: F RMSE ~0.35 eV/Å, E RMSE 3-5 meV/atom)")
     print("lcurve:")
