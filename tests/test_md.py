@@ -320,3 +320,34 @@ def test_trajectory_files_read_back(tmp_path):
     assert np.allclose(dump.cell.cellpar(), xyz.cell.cellpar())
     assert np.allclose(dump.get_all_distances(mic=True), xyz.get_all_distances(mic=True), atol=1e-6)
     assert np.allclose(xyz.get_forces(), sim.state.forces[0].numpy())
+
+
+@pytest.mark.parametrize("case, message", [
+    ({"ensemble": "nvx"}, "ensemble: expected nve, nvt or npt, got 'nvx'"),
+    ({"models": ["nope.pth"]}, "nope.pth: model file not found"),
+    ({"structure": "ch4.xyz"}, "element C is not in the model's type_map"),
+    ({"timestep": 0}, "'timestep' must be positive, got 0"),
+    ({"structure": "nothere.xyz"}, "nothere.xyz: file not found"),
+])
+def test_bad_md_inputs_give_one_line_errors(tmp_path, capsys, case, message):
+    import yaml
+    from ase.build import molecule
+    from ase.io import write
+
+    from dpmd.cli import main
+    from dpmd.model import save_model
+
+    for name, formula in (("water.xyz", "H2O"), ("ch4.xyz", "CH4")):
+        atoms = molecule(formula)
+        atoms.center(vacuum=5.0)
+        atoms.pbc = True
+        write(tmp_path / name, atoms)
+    save_model(make_model(), tmp_path / "m.pth")
+    cfg = {"structure": str(tmp_path / "water.xyz"), "models": [str(tmp_path / "m.pth")], "steps": 2,
+           "output_dir": str(tmp_path / "out")}
+    cfg.update({k: ([str(tmp_path / x) for x in v] if k == "models" else
+                    str(tmp_path / v) if k == "structure" else v) for k, v in case.items()})
+    (tmp_path / "in.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["md", str(tmp_path / "in.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
