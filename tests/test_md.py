@@ -95,6 +95,9 @@ def test_nve_conserves_energy(water_model):
     assert np.ptp(etot) / len(sym) < 5e-4, np.ptp(etot)            # eV/atom over 50 fs
     assert abs(etot[-1] - etot[0]) / len(sym) < 2e-4
     assert np.std(etot) < 0.005 * np.std(ke)
+    # drift: slope of a linear fit of the conserved energy, per atom per ps (times of the samples in ps)
+    drift = np.polyfit(np.arange(1, 21) * 5 * 0.5e-3, etot / len(sym), 1)[0]
+    assert abs(drift) < 5e-3, drift                                # eV/atom/ps; measured -5.5e-4
 
 
 @pytest.mark.parametrize("kind", ["langevin", "csvr", "nose_hoover"])
