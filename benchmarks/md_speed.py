@@ -1,4 +1,4 @@
-"""MD speed: steps/s and ns/day of `dpmd.md` on 192-atom water (DeePMD-kit water model, NVT), 1 and 2 threads.
+"""MD speed: steps/s and ns/day of `dpmd.md` on water (192 n^3 atoms; DeePMD-kit water model, NVT), 1 and 2 threads.
 
 In the same worker, the model evaluation alone (evaluate() on a prebuilt graph, no integrator, no
 neighbour list) is timed as the baseline, so the engine's overhead (integrator, thermostat, Verlet
@@ -43,9 +43,14 @@ def worker(args) -> dict:
     model = load_model(args.model)
     s = load_system(args.data, type_map=model.type_map)
     coord, box = np.asarray(s.coord[0]).reshape(-1, 3), np.asarray(s.box[0]).reshape(3, 3)
-    symbols = [model.type_map[t] for t in s.atype]
+    n = args.size  # replicate the frame n x n x n
+    shifts = np.array([[i, j, k] for i in range(n) for j in range(n) for k in range(n)]) @ box
+    coord = (coord[None, :, :] + shifts[:, None, :]).reshape(-1, 3)
+    box = box * n
+    atype = np.tile(s.atype, n ** 3)
+    symbols = [model.type_map[t] for t in atype]
 
-    graph = build_graph(torch.tensor(coord), torch.tensor(s.atype), torch.tensor(box), model.rcut)
+    graph = build_graph(torch.tensor(coord), torch.tensor(atype), torch.tensor(box), model.rcut)
     sim = Simulation(model, coord, symbols, box, ensemble="nvt", thermostat={"type": "csvr", "damp": 0.1},
                      temperature=300, timestep=args.timestep, seed=1, skin=args.skin, thermo_freq=0, log=None)
     for _ in range(2):
@@ -74,6 +79,8 @@ def worker(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1], help="replication n: 192 n^3 atoms")
+    p.add_argument("--size", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=200, help="timed MD steps")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--block", type=int, default=10, help="steps (and evaluations) per timed block")
@@ -88,9 +95,9 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     rows = []
-    for t in args.threads:
+    for n, t in [(n, t) for n in args.sizes for t in args.threads]:
         env = {**os.environ, "OMP_NUM_THREADS": str(t), "PYTHONPATH": str(ROOT)}
-        cmd = [sys.executable, __file__, "--worker", "--threads", str(t), "--steps", str(args.steps),
+        cmd = [sys.executable, __file__, "--worker", "--size", str(n), "--threads", str(t), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--block", str(args.block), "--timestep",
                str(args.timestep), "--skin", str(args.skin), "--model", args.model, "--data", args.data]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -99,13 +106,13 @@ def main() -> None:
             continue
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
-        print(f"done: threads {t}")
-    print(f"\n192-atom water, DeePMD-kit water model (float64), NVT CSVR, {args.timestep} fs, skin {args.skin} Å")
-    print(f"{'thr':>3} {'MD steps/s':>11} {'ns/day':>8} {'ms/step':>8} {'eval-only steps/s':>18} {'eval ms':>8} "
+        print(f"done: {row['atoms']} atoms, threads {t}")
+    print(f"\nwater, DeePMD-kit water model (float64), NVT CSVR, {args.timestep} fs, skin {args.skin} Å")
+    print(f"{'atoms':>6} {'thr':>3} {'MD steps/s':>11} {'ns/day':>8} {'ms/step':>8} {'eval-only steps/s':>18} {'eval ms':>8} "
           f"{'overhead':>9} {'nl builds':>9}")
     for r in rows:
         overhead = r["step_ms"] / r["eval_ms"] - 1
-        print(f"{r['threads']:>3} {r['steps_per_s']:>11.2f} {r['ns_per_day']:>8.4f} {r['step_ms']:>8.1f} "
+        print(f"{r['atoms']:>6} {r['threads']:>3} {r['steps_per_s']:>11.2f} {r['ns_per_day']:>8.4f} {r['step_ms']:>8.1f} "
               f"{r['eval_only_steps_per_s']:>18.2f} {r['eval_ms']:>8.1f} {overhead:>8.1%} "
               f"{r['neighbor_builds']:>4}/{r['steps']}")
     print(f"reference (quoted, not re-measured): LAMMPS + DeePMD-kit, uncompressed, 2 threads: "
