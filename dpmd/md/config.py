@@ -211,13 +211,14 @@ def build_simulation(cfg: dict, log=print):
     from dpmd.md.parallel import mpi_world
 
     comm = mpi_world()   # started by mpiexec with > 1 rank: domain decomposition (dpmd.md.parallel)
+    make = Simulation
     if comm is not None:
         from functools import partial
 
         from dpmd.md.parallel import ParallelSimulation
 
-        Simulation = partial(ParallelSimulation, comm=comm)  # noqa: N806
-    return Simulation(models, np.stack([r[0] for r in read]), [r[1] for r in read], box,
+        make = partial(ParallelSimulation, comm=comm)
+    return make(models, np.stack([r[0] for r in read]), [r[1] for r in read], box,
                       ensemble=cfg["ensemble"], thermostat=cfg["thermostat"], barostat=cfg["barostat"],
                       timestep=cfg["timestep"], temperature=cfg["temperature"],
                       pressure=cfg["pressure"], steps=cfg["steps"], seed=cfg["seed"], skin=cfg["skin"],

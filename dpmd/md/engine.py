@@ -353,10 +353,7 @@ class Simulation:
                     self._open_outputs(restart=False)
                 written.append(str(self.checkpoint(self.output_dir / "crash.checkpoint.pt")))
                 frame = self.output_dir / "crash.extxyz"
-                s = self.state
-                frame.write_text("".join(out_mod.extxyz_frame(
-                    s.step, self.symbols[f], s.positions[f].detach().cpu().numpy(),
-                    None if s.box is None else s.box[f].detach().cpu().numpy()) for f in range(s.nframes)))
+                self._write_crash_frame(frame)
                 written.append(str(frame))
                 for o in self.outputs:
                     o.flush()
@@ -364,6 +361,12 @@ class Simulation:
                 written.append(f"(could not write the crash files: {exc})")
         suffix = f"; wrote {' and '.join(written)}" if written else ""
         raise MDStopError(f"{err}{suffix}") from None
+
+    def _write_crash_frame(self, path) -> None:
+        s = self.state
+        path.write_text("".join(out_mod.extxyz_frame(
+            s.step, self.symbols[f], s.positions[f].detach().cpu().numpy(),
+            None if s.box is None else s.box[f].detach().cpu().numpy()) for f in range(s.nframes)))
 
     def close(self) -> None:
         for o in self.outputs:

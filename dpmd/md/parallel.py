@@ -30,7 +30,7 @@ import torch
 from dpmd.errors import DpmdError, NeighborOverflowError
 from dpmd.md import devi as devi_mod
 from dpmd.md.domain import Comm, Domain
-from dpmd.md.engine import MDStopError, Simulation
+from dpmd.md.engine import Simulation
 from dpmd.md.state import MDState, kinetic_energy
 from dpmd.md.thermostats import Thermostat, _as_frames, _zero_energy
 from dpmd.md.units import FTM2V, MVV2E
@@ -387,30 +387,9 @@ class ParallelSimulation(Simulation):
         self._ghost_x = None
         self.state = self._distribute(self.state)
 
-    def _on_stop(self, err: MDStopError):
-        written = []
-        if self.output_dir is not None:
-            try:
-                if not self.outputs:
-                    self._open_outputs(restart=False)
-                written.append(str(self.checkpoint(self.output_dir / "crash.checkpoint.pt")))
-                frame = self.output_dir / "crash.extxyz"
-
-                def write_frame():
-                    from dpmd.md import output as out_mod
-
-                    s = self.state
-                    frame.write_text(out_mod.extxyz_frame(s.step, self.symbols[0], s.positions[0].detach().cpu().numpy(),
-                                                          s.box[0].detach().cpu().numpy()))
-
-                self._on_global(write_frame)
-                written.append(str(frame))
-                for o in self.outputs:
-                    o.flush()
-            except Exception as exc:
-                written.append(f"(could not write the crash files: {exc})")
-        suffix = f"; wrote {' and '.join(written)}" if written else ""
-        raise MDStopError(f"{err}{suffix}") from None
+    def _write_crash_frame(self, path) -> None:
+        # positions are gathered in global-id order first; rank 0 writes
+        self._on_global(super()._write_crash_frame, path)
 
     def run(self, steps: int | None = None) -> dict:
         result = super().run(steps)
