@@ -34,15 +34,15 @@ def velocity_verlet(force_fn: Callable[[MDState], MDState], dt: float, thermosta
         return state
 
     def step(state: MDState, kT, p0=None) -> MDState:
-        inv_m = (FTM2V / state.masses).unsqueeze(-1)
         state = thermostat.half_step(state, 0.5 * dt, kT)
         if barostat is not None:
             state = barostat.step(state, dt, kT, p0)
-        state.velocities = state.velocities + (0.5 * dt) * state.forces * inv_m
+        state.velocities = state.velocities + (0.5 * dt) * state.forces * (FTM2V / state.masses).unsqueeze(-1)
         state.positions = state.positions + dt * state.velocities
         state.step += 1
         state = force_fn(state)
-        state.velocities = state.velocities + (0.5 * dt) * state.forces * inv_m
+        # masses read again: under MPI the force call may migrate atoms between ranks
+        state.velocities = state.velocities + (0.5 * dt) * state.forces * (FTM2V / state.masses).unsqueeze(-1)
         state = thermostat.half_step(state, 0.5 * dt, kT)
         return state
 

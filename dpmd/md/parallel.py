@@ -31,9 +31,10 @@ from dpmd.errors import DpmdError, NeighborOverflowError
 from dpmd.md import devi as devi_mod
 from dpmd.md.domain import Comm, Domain
 from dpmd.md.engine import Simulation
+from dpmd.md.integrator import velocity_verlet
 from dpmd.md.state import MDState, kinetic_energy
 from dpmd.md.thermostats import Thermostat, _as_frames, _zero_energy
-from dpmd.md.units import FTM2V, MVV2E
+from dpmd.md.units import MVV2E
 
 _SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 
@@ -93,33 +94,6 @@ def langevin(damp: float) -> Thermostat:
         return state
 
     return Thermostat(lambda s: s, half_step, _zero_energy)
-
-
-def velocity_verlet(force_fn, dt: float, thermostat: Thermostat, barostat=None):
-    """dpmd.md.integrator.velocity_verlet, except that 1/m is taken after the force call, where atoms may
-    have migrated between ranks."""
-
-    def init(state):
-        state = thermostat.init(state)
-        if barostat is not None:
-            state = barostat.init(state)
-        if state.forces is None:
-            state = force_fn(state)
-        return state
-
-    def step(state, kT, p0=None):
-        state = thermostat.half_step(state, 0.5 * dt, kT)
-        if barostat is not None:
-            state = barostat.step(state, dt, kT, p0)
-        state.velocities = state.velocities + (0.5 * dt) * state.forces * (FTM2V / state.masses).unsqueeze(-1)
-        state.positions = state.positions + dt * state.velocities
-        state.step += 1
-        state = force_fn(state)
-        state.velocities = state.velocities + (0.5 * dt) * state.forces * (FTM2V / state.masses).unsqueeze(-1)
-        state = thermostat.half_step(state, 0.5 * dt, kT)
-        return state
-
-    return init, step
 
 
 class _NullFile:
