@@ -2,11 +2,14 @@
 
 In the same worker, the model evaluation alone (evaluate() on a prebuilt graph, no integrator, no
 neighbour list) is timed as the baseline, so the engine's overhead (integrator, thermostat, Verlet
-list checks and rebuilds, graph filtering) is the difference.  Each thread count runs in a fresh
-subprocess.
+list checks and rebuilds, graph filtering) is the difference.  Optionally, also in the same worker:
+a run with an ensemble of --models copies (perturbed weights) writing the model deviation every
+--devi-freq steps, and ASE's VelocityVerlet driving dpmd's ASE calculator on the same system.
+Each (size, threads) runs in a fresh subprocess.
 
     PYTHONPATH=. python benchmarks/md_speed.py                      # 1 and 2 threads, 200 steps each
-    PYTHONPATH=. python benchmarks/md_speed.py --threads 2 --steps 50
+    PYTHONPATH=. python benchmarks/md_speed.py --threads 2 --steps 50 --models 4 --ase
+    PYTHONPATH=. python benchmarks/md_speed.py --sizes 1 2 4 8 --threads 2 --steps 20 --block 5
 """
 
 from __future__ import annotations
@@ -69,11 +72,58 @@ def worker(args) -> dict:
         steps.append(res["seconds"] / res["steps"])
         builds += res["neighbor_builds"]
     eval_s, step_s = statistics.median(evals), statistics.median(steps)
-    return {"threads": args.threads[0], "atoms": len(symbols), "steps": len(steps) * block,
-            "steps_per_s": 1.0 / step_s, "ns_per_day": args.timestep * 1e-6 / step_s * 86400,
-            "eval_only_steps_per_s": 1.0 / eval_s, "eval_ms": eval_s * 1e3,
-            "step_ms": step_s * 1e3, "neighbor_builds": builds,
-            "final_temp": float(sim.thermo()["temp"][0])}
+    row = {"threads": args.threads[0], "atoms": len(symbols), "steps": len(steps) * block,
+           "steps_per_s": 1.0 / step_s, "ns_per_day": args.timestep * 1e-6 / step_s * 86400,
+           "eval_only_steps_per_s": 1.0 / eval_s, "eval_ms": eval_s * 1e3,
+           "step_ms": step_s * 1e3, "neighbor_builds": builds,
+           "final_temp": float(sim.thermo()["temp"][0])}
+    if args.models > 1:
+        row["ensemble_steps_per_s"] = ensemble_speed(model, coord, symbols, box, args)
+    if args.ase:
+        row["ase_steps_per_s"] = ase_speed(model, coord, symbols, box, args)
+    return row
+
+
+def ensemble_speed(model, coord, symbols, box, args) -> float:
+    """steps/s of NVT with `args.models` models, the deviation written every `args.devi_freq` steps."""
+    import copy
+
+    import torch
+    from dpmd.md import Simulation
+
+    models = [model]
+    for k in range(1, args.models):  # a trained ensemble differs in its weights; perturb a copy
+        m = copy.deepcopy(model)
+        gen = torch.Generator().manual_seed(k)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(1e-3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        models.append(m)
+    sim = Simulation(models, coord, symbols, box, ensemble="nvt", thermostat={"type": "csvr", "damp": 0.1},
+                     temperature=300, timestep=args.timestep, seed=1, skin=args.skin, thermo_freq=0,
+                     model_devi_freq=args.devi_freq, log=None)
+    sim.run(args.warmup)
+    res = sim.run(sim.state.step + max(args.devi_freq, args.steps // 2))
+    return res["steps_per_second"]
+
+
+def ase_speed(model, coord, symbols, box, args) -> float:
+    """steps/s of ASE's VelocityVerlet with dpmd's ASE calculator (NVE; the thermostat costs ASE little)."""
+    from ase import Atoms, units
+    from ase.md.verlet import VelocityVerlet
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    from dpmd.calculator import DP
+
+    atoms = Atoms(symbols, positions=coord, cell=box, pbc=True)
+    atoms.calc = DP(model)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=__import__("numpy").random.default_rng(1))
+    dyn = VelocityVerlet(atoms, timestep=args.timestep * units.fs)
+    dyn.run(args.warmup)
+    n = max(5, args.steps // 2)
+    t0 = time.perf_counter()
+    dyn.run(n)
+    return n / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -88,6 +138,9 @@ def main() -> None:
     p.add_argument("--skin", type=float, default=2.0)
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--models", type=int, default=1, help="also time an ensemble of this many models (deviation output)")
+    p.add_argument("--devi-freq", type=int, default=10, help="model_devi_freq of the ensemble run")
+    p.add_argument("--ase", action="store_true", help="also time ASE's VelocityVerlet with dpmd's ASE calculator")
     p.add_argument("--json", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -99,7 +152,8 @@ def main() -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(t), "PYTHONPATH": str(ROOT)}
         cmd = [sys.executable, __file__, "--worker", "--size", str(n), "--threads", str(t), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--block", str(args.block), "--timestep",
-               str(args.timestep), "--skin", str(args.skin), "--model", args.model, "--data", args.data]
+               str(args.timestep), "--skin", str(args.skin), "--model", args.model, "--data", args.data,
+               "--models", str(args.models), "--devi-freq", str(args.devi_freq)] + (["--ase"] if args.ase else [])
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if out.returncode != 0:
             print(f"threads {t}: worker failed ({out.returncode}): {out.stderr.strip().splitlines()[-1:]}")
@@ -115,6 +169,16 @@ def main() -> None:
         print(f"{r['atoms']:>6} {r['threads']:>3} {r['steps_per_s']:>11.2f} {r['ns_per_day']:>8.4f} {r['step_ms']:>8.1f} "
               f"{r['eval_only_steps_per_s']:>18.2f} {r['eval_ms']:>8.1f} {overhead:>8.1%} "
               f"{r['neighbor_builds']:>4}/{r['steps']}")
+    for r in rows:
+        extra = []
+        if "ensemble_steps_per_s" in r:
+            extra.append(f"{args.models}-model ensemble (deviation every {args.devi_freq} steps) "
+                         f"{r['ensemble_steps_per_s']:.2f} steps/s ({r['ensemble_steps_per_s'] / r['steps_per_s']:.2f}x one model)")
+        if "ase_steps_per_s" in r:
+            extra.append(f"ASE VelocityVerlet + dpmd calculator {r['ase_steps_per_s']:.2f} steps/s "
+                         f"(dpmd md {r['steps_per_s'] / r['ase_steps_per_s']:.2f}x faster)")
+        if extra:
+            print(f"{r['atoms']:>6} atoms, {r['threads']} thr: " + "; ".join(extra))
     print(f"reference (quoted, not re-measured): LAMMPS + DeePMD-kit, uncompressed, 2 threads: "
           f"{LAMMPS_DEEPMD_STEPS_PER_S} steps/s")
     if args.json:

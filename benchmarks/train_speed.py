@@ -5,6 +5,7 @@ first few), peak RSS, and the validation energy/force RMSE after the run on wate
 trained on (data_2), next to DeePMD-kit 3.2's figures measured on this machine.
 
     python benchmarks/train_speed.py --steps 200 --threads 2
+    python benchmarks/train_speed.py --steps 1000 --set model.descriptor.seed=2 --set training.seed=2
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--config", default=str(REPO / "configs" / "water_se_e2_a.yaml"))
     parser.add_argument("--test-frames", type=int, default=None, help="frames of data_2 used for the final RMSE (all)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, as for `dpmd train --set` (e.g. model.descriptor.seed=2)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from dpmd.runtime import keep_freed_memory
@@ -44,7 +47,7 @@ def main() -> None:
 
     overrides = [f"training.numb_steps={args.steps}", f"training.disp_freq={max(1, args.steps // 10)}",
                  f"training.save_freq={args.steps}",
-                 f"training.training_data.systems=[{WATER / 'data_0'}, {WATER / 'data_1'}]"]
+                 f"training.training_data.systems=[{WATER / 'data_0'}, {WATER / 'data_1'}]", *args.set]
     config = read_input(args.config, overrides)
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()

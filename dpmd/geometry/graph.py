@@ -6,8 +6,11 @@
     box     (F, 3, 3)  lattice vectors as rows; zeros for a frame with open boundaries
     center, neighbor (E,), shift (E, 3)  edges, sorted by centre (see dpmd.geometry.neighbor)
 
-Edge vectors are recomputed from these by `edge_vectors`, so gradients with respect to
-them give forces and the virial in one place (dpmd.model.forces).
+    edge_vec (E, 3)    optional: the edge vectors, when the caller has them already (the MD
+                       engine's Verlet filter); must equal what `edge_vectors` computes
+
+Edge vectors come from `edge_vectors`, and gradients with respect to them give forces and the
+virial in one place (dpmd.model.forces).
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ def build_graph(coord, atype, box=None, rcut: float | None = None, neighbors: li
 
 def edge_vectors(graph: dict, edges: slice = slice(None)) -> torch.Tensor:
     """r_e = coord[neighbor] - coord[center] + shift @ box, for the edges selected by `edges`."""
+    if "edge_vec" in graph:
+        return graph["edge_vec"][edges]
     center, neighbor = graph["center"][edges], graph["neighbor"][edges]
     coord = graph["coord"]
     cell = graph["box"][graph["batch"][center]]

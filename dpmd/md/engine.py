@@ -152,11 +152,11 @@ class Simulation:
                 self._name_atom(f, i) for f, i in bad[:10]) + (" ..." if len(bad) > 10 else ""))
         if any(flags[:nf]):
             self.verlet.build(state.positions, state.box, [f for f in range(nf) if flags[f]])
-        center, neighbor, shift, d2 = self.verlet.within_cutoff(state.positions, state.box)
+        center, neighbor, shift, vec, d2 = self.verlet.within_cutoff(state.positions, state.box)
         box = state.box if state.box is not None else torch.zeros(nf, 3, 3, dtype=self.dtype, device=self.device)
         graph = {"coord": state.positions.reshape(-1, 3), "atype": state.atype.reshape(-1),
                  "batch": torch.arange(nf, device=self.device).repeat_interleave(n), "box": box,
-                 "center": center, "neighbor": neighbor, "shift": shift, "natoms": n}
+                 "center": center, "neighbor": neighbor, "shift": shift, "natoms": n, "edge_vec": vec}
         try:
             out = evaluate(self.models[0], graph)
         except NeighborOverflowError as err:

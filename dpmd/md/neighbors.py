@@ -73,11 +73,13 @@ class VerletList:
         self.builds += 1
 
     def within_cutoff(self, positions: torch.Tensor, box: torch.Tensor | None):
-        """Edges (center, neighbor, shift) with |r_e| < rcut in global atom indices, and their squared lengths."""
+        """Edges (center, neighbor, shift) with |r_e| < rcut in global atom indices, their vectors r_e
+        and squared lengths (the vectors are handed to the model, which then need not recompute them)."""
         x = positions.reshape(-1, 3)
-        vec = x[self.neighbor] - x[self.center]
+        vec = x.index_select(0, self.neighbor) - x.index_select(0, self.center)
         if box is not None:
-            vec = vec + torch.einsum("ei,eij->ej", self.shift, box[self.edge_frame])
+            vec = vec + torch.bmm(self.shift.unsqueeze(1), box.index_select(0, self.edge_frame)).squeeze(1)
         d2 = (vec * vec).sum(-1)
-        mask = d2 < self.rcut * self.rcut
-        return self.center[mask], self.neighbor[mask], self.shift[mask], d2[mask]
+        keep = (d2 < self.rcut * self.rcut).nonzero().squeeze(1)   # one nonzero for all five selections
+        return (self.center.index_select(0, keep), self.neighbor.index_select(0, keep),
+                self.shift.index_select(0, keep), vec.index_select(0, keep), d2.index_select(0, keep))
