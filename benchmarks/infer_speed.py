@@ -6,6 +6,11 @@ peak RSS (ru_maxrss) is its own; the worker prints one JSON line that the parent
 
     PYTHONPATH=. python benchmarks/infer_speed.py                    # the issue's table (several minutes)
     PYTHONPATH=. python benchmarks/infer_speed.py --sizes 1 2 --threads 1 --repeats 3 --json out.json
+    PYTHONPATH=. python benchmarks/infer_speed.py --sizes 1 --threads 2 --path both --kernels
+
+--path reference|ops|both: the pure-PyTorch path (DPMD_OPS=0) and/or the kernel library (dpmd.ops,
+`dpmd build-ops` first; its neighbour search included).  --kernels adds a per-kernel table at 192 atoms:
+each op (forward + backward where it has one) against the reference code it replaces.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ WARMUPS = {1: 2, 2: 2, 4: 1}          # per replication n; 1 for anything larger
 REPEATS = {1: 7, 2: 5, 4: 3}          # per replication n; 2 for anything larger
 # DeePMD-kit 3.2 (PyTorch backend, float64, CPU) measured earlier on this machine; quoted, not re-measured.
 BASELINE = {"192 atoms": "640 µs/atom", "1,536 atoms": "1400-2100 µs/atom", "12,288 atoms": "out of memory"}
-TARGETS = "≤400 µs/atom at 192 atoms with 2 threads; ≤1.3x per-atom cost at 98,304 vs 192; peak RSS < 8 GiB at 98,304"
+TARGETS = ("float64, 2 threads, 192 atoms: uncompressed ≤250 µs/atom, compressed ≤100 µs/atom and ≥3x faster "
+           "than uncompressed; per-atom cost flat to 98,304 atoms")
 
 
 def water(n: int, data: Path):
@@ -50,7 +56,11 @@ def timed(fn):
 def worker(args) -> dict:
     import torch
     torch.set_num_threads(args.threads[0])
+    from dpmd import ops
     from dpmd.runtime import keep_freed_memory
+
+    if args.path in ("ops", "compressed") and not ops.available():
+        raise SystemExit("kernel library not built: run `dpmd build-ops`")
 
     keep_freed_memory()
     from dpmd.geometry.graph import build_graph
@@ -60,26 +70,85 @@ def worker(args) -> dict:
     n = args.sizes[0]
     coord, atype, box = water(n, Path(args.data))
     model = load_model(args.model)
+    if args.path == "compressed":  # DeePMD-kit's `dp compress`, tables over the water data's range
+        from dpmd.model.compress import compress_model
+        model = compress_model(model, args.min_nbor_dist)
+    if args.precision == "float32":
+        model = model.to(torch.float32)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     warmups = WARMUPS.get(n, 1) if args.warmups is None else args.warmups
     repeats = REPEATS.get(n, 2) if args.repeats is None else args.repeats
     nl, ev = [], []
+
+    def neighbors():
+        if args.path == "reference":
+            return build_graph(coord, atype, box, model.rcut)
+        from dpmd.geometry.neighbor import NeighborList
+        c = torch.as_tensor(coord, dtype=torch.float64)
+        edges = ops.neighbor_list(c, torch.as_tensor(box, dtype=torch.float64), model.rcut)
+        return build_graph(c, atype, box, neighbors=[NeighborList(*edges)])
+
     for i in range(warmups + repeats):
         graph = out = None  # free the previous repeat's tensors before building new ones
-        graph, t_nl = timed(lambda: build_graph(coord, atype, box, model.rcut))
+        graph, t_nl = timed(neighbors)
         out, t_ev = timed(lambda: evaluate(model, graph, chunk_atoms=args.chunk_atoms))
         if i >= warmups:
             nl.append(t_nl)
             ev.append(t_ev)
     natoms = len(atype)
-    res = {"atoms": natoms, "threads": args.threads[0], "chunk_atoms": args.chunk_atoms, "repeats": repeats,
+    res = {"atoms": natoms, "threads": args.threads[0], "path": args.path + ("/f32" if args.precision == "float32" else ""),
+           "chunk_atoms": args.chunk_atoms, "repeats": repeats,
            "nl_us": statistics.median(nl) / natoms * 1e6, "eval_us": statistics.median(ev) / natoms * 1e6,
            "total_us": statistics.median(a + b for a, b in zip(nl, ev)) / natoms * 1e6,
            "energy_per_atom": float(out["energy"].sum()) / natoms, "base_rss_mib": base_rss}
     if args.deepmd:
         res["deepmd_us"] = deepmd_time(args, coord, atype, box, warmups, repeats)
+    if args.kernels and args.path == "ops":
+        res["kernels"] = kernel_table(model, graph, repeats=max(repeats, 5))
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return res
+
+
+def kernel_table(model, graph, repeats: int) -> list:
+    """(kernel, kernel ms, reference ms) for each op on this graph; forward + backward where differentiable."""
+    import torch
+    from dpmd import ops
+    from dpmd.geometry.graph import edge_vectors
+    from dpmd.geometry.neighbor import build_neighbor_list
+    from dpmd.model.forces import assemble
+
+    def best(fn):
+        fn()
+        return min(timed(fn)[1] for _ in range(repeats)) * 1e3
+
+    desc = model.descriptor
+    natoms = graph["atype"].numel()
+    coord, box = graph["coord"], graph["box"][0]
+    vec = edge_vectors(graph).detach().requires_grad_()
+    w4 = torch.randn(vec.shape[0], 4, dtype=vec.dtype)
+
+    def env(fast):
+        with (ops.first_derivative_only() if fast else ops.reference_only()):
+            torch.autograd.grad((desc.env_rows(vec) * w4).sum(), vec)
+
+    center = graph["center"]
+    rows = torch.randn(vec.shape[0], 4, dtype=vec.dtype, requires_grad=True)
+    emb = torch.randn(vec.shape[0], desc.width, dtype=vec.dtype, requires_grad=True)
+    wt = torch.randn(natoms, 4, desc.width, dtype=vec.dtype)
+
+    def contract(fast):
+        with (ops.first_derivative_only() if fast else ops.reference_only()):
+            torch.autograd.grad((desc._block(rows, emb, center, natoms) * wt).sum(), (rows, emb))
+
+    g, e = torch.randn_like(vec.detach()), torch.randn(natoms, dtype=vec.dtype)
+    args = (e, g, vec.detach(), center, graph["neighbor"], graph["batch"], 1, natoms, True)
+    return [
+        ("neighbor_list", best(lambda: ops.neighbor_list(coord, box, model.rcut)),
+         best(lambda: build_neighbor_list(coord, box, model.rcut))),
+        ("env_mat (+backward)", best(lambda: env(True)), best(lambda: env(False))),
+        ("contract (+backward)", best(lambda: contract(True)), best(lambda: contract(False))),
+        ("assemble (+atom virial)", best(lambda: ops.assemble(*args)), best(lambda: assemble(*args))),
+    ]
 
 
 def deepmd_time(args, coord, atype, box, warmups, repeats):
@@ -94,34 +163,54 @@ def deepmd_time(args, coord, atype, box, warmups, repeats):
         return f"failed: {type(err).__name__}: {err}"[:200]
 
 
-def run_config(args, n: int, threads: int) -> dict:
+def run_config(args, n: int, threads: int, path: str, precision: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--sizes", str(n), "--threads", str(threads),
-           "--model", str(args.model), "--data", str(args.data)]
+           "--model", str(args.model), "--data", str(args.data), "--path", path, "--precision", precision,
+           "--min-nbor-dist", str(args.min_nbor_dist)]
+    cmd += ["--kernels"] if args.kernels else []
     for opt in ("repeats", "warmups", "chunk_atoms"):
         if getattr(args, opt) is not None:
             cmd += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
     cmd += [] if args.deepmd else ["--no-deepmd"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if path == "reference":
+        env["DPMD_OPS"] = "0"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:  # e.g. killed for memory (-9)
         tail = proc.stderr.strip().splitlines()[-1:] or [""]
-        return {"atoms": 192 * n ** 3, "threads": threads, "error": f"exit {proc.returncode} {tail[0][:120]}"}
+        return {"atoms": 192 * n ** 3, "threads": threads, "path": path + ("/f32" if precision == "float32" else ""),
+                "error": f"exit {proc.returncode} {tail[0][:120]}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def report(results: list[dict], deepmd_installed: bool) -> None:
-    print(f"\n{'atoms':>7} {'thr':>3} {'nl µs/at':>9} {'eval µs/at':>10} {'total µs/at':>11} "
+    print(f"\n{'atoms':>7} {'thr':>3} {'path':>9} {'nl µs/at':>9} {'eval µs/at':>10} {'total µs/at':>11} "
           f"{'peak RSS MiB':>12} {'(base MiB)':>10}" + ("  deepmd µs/at" if deepmd_installed else ""))
     for r in results:
         if "error" in r:
-            print(f"{r['atoms']:>7} {r['threads']:>3}  {r['error']}")
+            print(f"{r['atoms']:>7} {r['threads']:>3} {r['path']:>9}  {r['error']}")
             continue
         dp = r.get("deepmd_us")
         dp = "" if dp is None else f"  {dp:>13.1f}" if isinstance(dp, float) else f"  {dp}"
-        print(f"{r['atoms']:>7} {r['threads']:>3} {r['nl_us']:>9.1f} {r['eval_us']:>10.1f} {r['total_us']:>11.1f} "
+        print(f"{r['atoms']:>7} {r['threads']:>3} {r['path']:>9} {r['nl_us']:>9.1f} {r['eval_us']:>10.1f} {r['total_us']:>11.1f} "
               f"{r['peak_rss_mib']:>12.0f} {r['base_rss_mib']:>10.0f}" + dp)
-    ok = [r for r in results if "error" not in r]
+    for r in results:
+        if r.get("kernels"):
+            print(f"\nper kernel, {r['atoms']} atoms, {r['threads']} thread(s): ms (kernel vs reference)")
+            for name, k_ms, r_ms in r["kernels"]:
+                print(f"  {name:<26} {k_ms:8.3f} {r_ms:8.3f}   {r_ms / k_ms:5.1f}x")
+    paths = sorted({r["path"] for r in results if "error" not in r})
+    if len(paths) > 1:
+        by_path = {(r["atoms"], r["threads"], r["path"]): r for r in results if "error" not in r}
+        for (a, t, p), r in sorted(by_path.items()):
+            for base in ("reference", "ops"):
+                if p != base and p in ("ops", "compressed") and (a, t, base) in by_path:
+                    ref = by_path[a, t, base]
+                    print(f"{p} vs {base} at {a:,} atoms, {t} thread(s): eval {ref['eval_us'] / r['eval_us']:.2f}x, "
+                          f"total {ref['total_us'] / r['total_us']:.2f}x faster")
+    main_path = "ops" if "ops" in paths else paths[0]  # the path whose size and thread scaling is reported
+    ok = [r for r in results if "error" not in r and r["path"] == main_path]
     by = {(r["atoms"], r["threads"]): r for r in ok}
     sizes, threads = sorted({r["atoms"] for r in ok}), sorted({r["threads"] for r in ok})
     print()
@@ -154,22 +243,35 @@ def main() -> None:
     p.add_argument("--chunk-atoms", type=int, help="evaluate(chunk_atoms=...); default: dpmd's default")
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--precision", nargs="+", choices=["float64", "float32"], default=["float64"])
+    p.add_argument("--min-nbor-dist", type=float, default=0.885, help="compression range (Å; shared water: 0.885)")
+    p.add_argument("--path", nargs="+", choices=["reference", "ops", "compressed", "both"], default=["both"],
+                   help="PyTorch reference (DPMD_OPS=0), the kernel library, the compressed model (kernel "
+                        "library), or both = reference ops (default)")
+    p.add_argument("--kernels", action="store_true", help="per-kernel table (ops path): kernel vs reference op")
     p.add_argument("--json", help="save results to this file")
     p.add_argument("--no-deepmd", dest="deepmd", action="store_false", help="don't time DeePMD-kit even if installed")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     installed = importlib.util.find_spec("deepmd") is not None  # found without importing it
     args.deepmd = args.deepmd and installed
+    results = []
     if args.worker:
+        args.path = args.path[0]
+        args.precision = args.precision[0]
         print(json.dumps(worker(args)))
         return
-    results = []
+    paths = [q for p in args.path for q in (["reference", "ops"] if p == "both" else [p])]
+    if {"ops", "compressed"} & set(paths):  # build once here, not in each worker
+        from dpmd import ops
+        ops.build()
     for n in args.sizes:
         for t in args.threads:
-            results.append(run_config(args, n, t))
-            r = results[-1]
-            print(f"done: {r['atoms']} atoms, {t} thread(s): " + (r.get("error") or f"{r['total_us']:.1f} µs/atom"),
-                  flush=True)
+            for path, precision in [(q, prec) for q in paths for prec in args.precision]:
+                results.append(run_config(args, n, t, path, precision))
+                r = results[-1]
+                print(f"done: {r['atoms']} atoms, {t} thread(s), {r['path']}: "
+                      + (r.get("error") or f"{r['total_us']:.1f} µs/atom"), flush=True)
     report(results, installed)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))

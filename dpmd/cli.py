@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 
 from dpmd.errors import DpmdError
@@ -70,10 +71,24 @@ def _convert_model(args) -> None:
     print(f"converted {args.input} ({args.source}) -> {args.output}")
 
 
-def _demo(args) -> None:
-    from dpmd.demo import run_demo
+def _compress(args) -> None:
+    from dpmd.model.compress import compress_file
 
-    run_demo(args.data, args.steps, args.seed, args.train_steps, args.output)
+    spec = compress_file(args.input, args.output, step=args.step, extrapolate=args.extrapolate,
+                         check_frequency=args.check_frequency, training_input=args.training_input,
+                         min_nbor_dist=args.min_nbor_dist)
+    print(f"compressed {args.input} -> {args.output}: min_nbor_dist {spec['min_nbor_dist']:.4f} Å, tables "
+          f"{spec['n_fine']} x {spec['step']} + {spec['n_coarse']} x {spec['step_coarse']} in normalised s, "
+          f"covering r >= {min(spec['rmin']):.4f} Å")
+
+
+def _demo(args) -> None:
+    from dpmd.demo import run_campaign_demo, run_demo
+
+    if args.quick:
+        run_demo(args.data, args.steps, args.seed, args.train_steps, args.output or "runs/demo-quick")
+    else:
+        run_campaign_demo(args.campaign, args.output)
 
 
 def _md(args) -> None:
@@ -87,6 +102,18 @@ def _md(args) -> None:
     if result.get("rank", 0) == 0:   # MPI runs: rank 0 reports
         print(f"md: {result['steps']} steps to step {result['final_step']}: {result['steps_per_second']:.2f} steps/s, "
               f"{result['ns_per_day']:.3f} ns/day, {result['neighbor_builds']} neighbour-list builds")
+
+
+def _build_ops(args) -> None:
+    from dpmd import ops
+
+    try:
+        path = ops.build(verbose=args.verbose)
+    except (RuntimeError, ImportError, subprocess.CalledProcessError) as err:  # compiler/ninja output is long
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        raise DpmdError(f"building the kernel library failed: {lines[-1] if lines else type(err).__name__} "
+                        f"(rerun with -v for the compiler output)") from None
+    print(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,12 +162,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=_convert_model)
 
-    p = sub.add_parser("demo", help="the README's main job on the bundled water example")
-    p.add_argument("--data", default=None, help="DeePMD system (default: examples/water/data_0)")
-    p.add_argument("--steps", type=int, default=20, help="MD steps")
-    p.add_argument("--train-steps", type=int, default=100, help="training steps")
-    p.add_argument("-o", "--output", default="runs/demo", help="working directory of the demo")
-    p.add_argument("--seed", type=int, default=1)
+    p = sub.add_parser("compress", help="tabulate the embedding nets (like dp compress); writes a frozen model")
+    p.add_argument("-i", "--input", default="frozen_model.pth",
+                   help="model file (frozen, dict or DeePMD-kit checkpoint)")
+    p.add_argument("-o", "--output", default="frozen_model_compressed.pth")
+    p.add_argument("-t", "--training-input", default=None,
+                   help="training input (YAML/JSON): its training systems give min_nbor_dist")
+    p.add_argument("--min-nbor-dist", type=float, default=None, help="smallest neighbour distance (Å) instead of -t")
+    p.add_argument("-s", "--step", type=float, default=0.01, help="table step in normalised s")
+    p.add_argument("-e", "--extrapolate", type=float, default=5.0,
+                   help="tables reach extrapolate x the data's upper bound")
+    p.add_argument("-f", "--check-frequency", type=int, default=-1,
+                   help="every N evaluations warn about edges in the extrapolated (coarse) table range; "
+                        "edges beyond the tables are always an error")
+    p.set_defaults(func=_compress)
+
+    p = sub.add_parser("demo", help="the README's main job: an active-learning campaign with GFN2-xTB labels")
+    p.add_argument("--campaign", default=None, help="campaign file (default: configs/campaign_water_xtb.yaml)")
+    p.add_argument("-o", "--output", default=None,
+                   help="working directory (default: the campaign's work_dir, runs/demo; --quick: runs/demo-quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="instead: train, freeze, test and NVE on the bundled water example (no labelling)")
+    p.add_argument("--data", default=None, help="--quick: DeePMD system (default: examples/water/data_0)")
+    p.add_argument("--steps", type=int, default=20, help="--quick: MD steps")
+    p.add_argument("--train-steps", type=int, default=100, help="--quick: training steps")
+    p.add_argument("--seed", type=int, default=1, help="--quick: velocity seed")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("md", help="molecular dynamics (NVE/NVT/NPT) with model deviation, from a YAML input")
@@ -148,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", default=None, help="continue from this checkpoint (output_dir/checkpoint.pt)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.set_defaults(func=_md)
+
+    p = sub.add_parser("build-ops", help="compile the C++/CUDA kernel library (csrc/) and print its path")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the compiler commands")
+    p.set_defaults(func=_build_ops)
+
+    from dpmd import lammps as lammps_plugin
+
+    p = sub.add_parser("build-lammps-plugin", help="compile the LAMMPS pair_style dpmd plugin; prints its path")
+    lammps_plugin.add_arguments(p)
+    p.set_defaults(func=lammps_plugin.run)
     return parser
 
 

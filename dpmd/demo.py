@@ -1,11 +1,18 @@
-"""The README's main job on the bundled water example: what a new user runs first.
+"""The README's main job: what a new user runs first.
 
-neighbour statistics -> `dpmd train` (configs/water_se_e2_a.yaml, a short run) -> `dpmd freeze`
--> `dpmd test` -> NVE with ASE's Velocity Verlet on the frozen model, checking energy conservation.
+`dpmd demo` (run_campaign_demo): a complete explore-label-train campaign, configs/campaign_water_xtb.yaml:
+water clusters labelled with GFN2-xTB (tblite), an ensemble of four se_e2_a models, NVT exploration at
+two temperatures, selection by model deviation, until the accurate ratio converges; then the report.
+Ends by printing where the trained models and the report are.
+
+`dpmd demo --quick` (run_demo): the bundled water example without labelling: neighbour statistics ->
+`dpmd train` (configs/water_se_e2_a.yaml, a short run) -> `dpmd freeze` -> `dpmd test` -> NVE with
+ASE's Velocity Verlet on the frozen model, checking energy conservation.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +20,39 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "water" / "data_0"
 CONFIG = REPO / "configs" / "water_se_e2_a.yaml"
+CAMPAIGN = REPO / "configs" / "campaign_water_xtb.yaml"
+
+
+def run_campaign_demo(campaign: str | Path | None = None, out_dir: str | Path | None = None) -> dict:
+    """Run (or resume) the demo campaign to its end, write the report; returns models, report and decision."""
+    from explore_label_train.campaign import Campaign
+    from explore_label_train.config import load_campaign
+    from explore_label_train.report import status_table, write_report
+
+    t0 = time.perf_counter()
+    path = Path(campaign or CAMPAIGN)
+    cfg = load_campaign(path)
+    if out_dir is not None:
+        cfg["work_dir"] = str(Path(out_dir).resolve())
+    lab = cfg["labeller"]
+    print(f"dpmd demo: explore-label-train campaign {path} in {cfg['work_dir']}")
+    print(f"  labels: {lab['calculator']} {lab['kwargs'] or ''}; ensemble of {cfg['train']['ensemble_size']}; "
+          f"trust levels {cfg['trust']['lo']} / {cfg['trust']['hi']} eV/Å; converged when "
+          f"{cfg['convergence']['accurate_ratio']:.0%} of the explored frames are accurate")
+    camp = Campaign(cfg, log=lambda line: print("  " + line, flush=True))
+    decision = camp.run()
+    print(status_table(camp.state))
+    report = write_report(camp.state, camp.root / "report")
+    last = camp.state.one("SELECT MAX(iteration) FROM iterations")
+    models = [camp.model_path(last, k) for k in range(cfg["train"]["ensemble_size"])]
+    labels = camp.total_labels()
+    seconds = time.perf_counter() - t0
+    print(f"finished: {decision} after {last + 1} iterations, {labels} {lab['calculator']} labels, {seconds:.0f} s")
+    print(f"trained model: {models[0]}  (ensemble: {', '.join(str(m.parent.name) for m in models)} beside it)")
+    print(f"training data: {camp.root / 'data'}")
+    print(f"report: {report}")
+    return {"decision": decision, "iterations": last + 1, "labels": labels, "models": models, "report": report,
+            "seconds": seconds}
 
 
 def run_demo(data: str | None = None, steps: int = 20, seed: int = 1, train_steps: int = 100,

@@ -59,6 +59,8 @@ def read_structure(spec: dict, type_map: list[str], name: str):
         if spec["bulk"] is not None:
             kw = {k: spec[k] for k in ("crystalstructure", "a", "c") if spec[k] is not None}
             atoms = ase.build.bulk(spec["bulk"], cubic=spec["cubic"], orthorhombic=spec["orthorhombic"], **kw)
+        elif spec["molecule"] is not None:
+            atoms = molecular_cluster(spec["molecule"], spec["copies"], spec["spacing"], spec["seed"])
         else:
             atoms = ase.io.read(spec["file"], index=spec["index"], format=spec["format"])
     except Exception as err:  # noqa: BLE001 - ASE raises many kinds
@@ -70,6 +72,34 @@ def read_structure(spec: dict, type_map: list[str], name: str):
         raise CampaignError(f"structures.{name}: element {bad[0]} is not in type_map {type_map}")
     if atoms.pbc.any() and not atoms.pbc.all():
         raise CampaignError(f"structures.{name}: mixed periodicity {atoms.pbc.tolist()} is not supported")
+    return atoms
+
+
+def molecular_cluster(name: str, copies: int, spacing: float, seed: int = 0):
+    """`copies` randomly oriented ASE molecules on the grid points (spacing Å) nearest the centre, open
+    boundaries; each orientation is redrawn until its atoms are at least spacing/2 from the others."""
+    import ase.build
+
+    mol = ase.build.molecule(name)
+    mol.positions -= mol.get_center_of_mass()
+    k = int(np.ceil(copies ** (1 / 3) - 1e-9))
+    grid = np.array([(i, j, m) for i in range(k) for j in range(k) for m in range(k)], dtype=float)
+    grid = grid[np.argsort(np.linalg.norm(grid - (k - 1) / 2, axis=1), kind="stable")][:copies] * spacing
+    rng = np.random.default_rng(seed)
+    atoms = mol[:0]
+    for centre in grid:
+        for _ in range(1000):
+            q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+            rot = q * np.sign(np.diag(r))
+            pos = mol.positions @ rot.T + centre
+            if len(atoms) == 0 or np.linalg.norm(atoms.positions[:, None] - pos[None], axis=-1).min() >= spacing / 2:
+                break
+        else:
+            raise ValueError(f"cannot place {copies} {name} molecules {spacing} Å apart without overlaps")
+        m = mol.copy()
+        m.positions = pos
+        atoms += m
+    atoms.pbc = False
     return atoms
 
 
@@ -92,25 +122,6 @@ def _thermal_velocities(masses: np.ndarray, temps, rng) -> np.ndarray:
         ke = 0.5 * MVV2E * (masses[i, :, None] * v[i] ** 2).sum()
         v[i] = v[i] * np.sqrt(0.5 * dof * BOLTZ * t / ke) if t > 0 and ke > 0 else 0.0 * v[i]
     return v
-
-
-def _batch_simulation(models, positions, symbols, box, *, temperatures, pressures, **kw):
-    """dpmd.md.Simulation with one temperature (and pressure) per system of the batch."""
-    import torch
-
-    from dpmd.md import Simulation
-    from dpmd.md.units import BOLTZ
-
-    class BatchSimulation(Simulation):
-        def kT(self, step):
-            return self._kT_all
-
-    sim = BatchSimulation(models, positions, symbols, box, temperature=float(max(temperatures)),
-                          pressure=float(pressures[0]), **kw)
-    sim._kT_all = torch.tensor(temperatures, dtype=torch.float64, device=sim.device) * BOLTZ
-    p = torch.tensor(pressures, dtype=torch.float64, device=sim.device)
-    sim.pressure = lambda step: p
-    return sim
 
 
 class Campaign:
@@ -408,7 +419,7 @@ class Campaign:
 
     def _simulate(self, it, stage, gi, members):
         """One batched Simulation of the group's trajectories; frames every traj_interval steps."""
-        from dpmd.md import MDStopError
+        from dpmd.md import MDStopError, Simulation
 
         models = self.models(it)
         atoms = [m[1] for m in members]
@@ -420,10 +431,15 @@ class Campaign:
         press = [m[3] for m in members]
         seed = stage["seed"] + 1000 * it + 37 * gi
         vel = _thermal_velocities(masses, temps, np.random.default_rng(seed))
-        sim = _batch_simulation(models, pos, symbols, box, temperatures=temps, pressures=press, masses=masses,
-                                ensemble=stage["ensemble"], thermostat=stage["thermostat"], barostat=stage["barostat"],
-                                timestep=stage["timestep"], steps=stage["steps"], seed=seed,
-                                min_distance=stage["min_distance"], velocities=vel, thermo_freq=0, log=None)
+        bias = None
+        if stage["bias"] is not None:
+            from explore_label_train.bias import DeviationBias
+
+            bias = DeviationBias(stage["bias"]["strength"], stage["bias"]["scale"])
+        sim = Simulation(models, pos, symbols, box, temperature=np.array(temps), pressure=np.array(press),
+                         masses=masses, ensemble=stage["ensemble"], thermostat=stage["thermostat"],
+                         barostat=stage["barostat"], timestep=stage["timestep"], steps=stage["steps"], seed=seed,
+                         min_distance=stage["min_distance"], velocities=vel, thermo_freq=0, log=None, bias=bias)
         coord, boxes, devi, steps, traj = [], [], [], [], []
         note = ""
         nf = len(members)

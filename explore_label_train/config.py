@@ -20,14 +20,16 @@ from dpmd.errors import ConfigError
 TOP = {"work_dir": None, "type_map": None, "structures": {}, "initial": {}, "train": None, "explore": None,
        "trust": None, "select": {}, "filters": {}, "labeller": {}, "dispatcher": {}, "convergence": {}}
 STRUCTURE = {"file": None, "format": None, "index": 0, "bulk": None, "crystalstructure": None, "a": None,
-             "c": None, "cubic": False, "orthorhombic": False, "repeat": None}
+             "c": None, "cubic": False, "orthorhombic": False, "repeat": None,
+             "molecule": None, "copies": 1, "spacing": 3.0, "seed": 0}
 INITIAL = {"data": [], "structures": [], "perturb": 4, "displacement": 0.05, "cell_strain": 0.02, "seed": 0}
 TRAIN = {"template": None, "ensemble_size": 4, "numb_steps": None, "reuse_numb_steps": None,
          "init_from_previous": True, "seed": 1}
 STAGE = {"name": None, "structures": None, "ensemble": "nvt", "temperatures": None, "pressures": [1.0],
          "steps": None, "traj_interval": 10, "timestep": 1.0, "thermostat": {"type": "langevin", "damp": 0.1},
          "barostat": {"damp": 1.0, "mode": "iso", "compressibility": 4.5e-5}, "iterations": None, "seed": 1,
-         "min_distance": 0.5}
+         "min_distance": 0.5, "bias": None}
+BIAS = {"strength": None, "scale": None}   # E_bias = -strength * tanh(sigma / scale): see explore_label_train/bias.py
 TRUST = {"lo": None, "hi": None}
 SELECT = {"budget": 10, "method": "fps"}
 FILTERS = {"min_distance": 1.0, "volume_per_atom": None, "min_cell_angle": 30.0, "max_cell_length": None}
@@ -97,8 +99,13 @@ def _structure(spec, name: str, base: Path, type_map: list[str]) -> dict:
     if isinstance(spec, str):
         spec = {"file": spec}
     s = complete(spec, STRUCTURE, where)
-    if (s["file"] is None) == (s["bulk"] is None):
-        raise ConfigError(f"'{where}' needs exactly one of 'file' (any file ASE reads) or 'bulk' (an element)")
+    if sum(s[k] is not None for k in ("file", "bulk", "molecule")) != 1:
+        raise ConfigError(f"'{where}' needs exactly one of 'file' (any file ASE reads), 'bulk' (an element) or "
+                          f"'molecule' (an ASE molecule name, with copies and spacing: a cluster)")
+    if s["molecule"] is not None:
+        _num(s["copies"], f"{where}.copies", integer=True, positive=True)
+        s["spacing"] = _num(s["spacing"], f"{where}.spacing", positive=True)
+        _num(s["seed"], f"{where}.seed", integer=True, minimum=0)
     if s["file"] is not None:
         s["file"] = _path(s["file"], f"{where}.file", base)
     if s["repeat"] is not None:
@@ -255,6 +262,11 @@ def normalize_campaign(raw, base_dir: Path, source: str = "campaign") -> dict:
         t[k] = _num(t[k], f"trust.{k}", minimum=0)
     if not t["lo"] < t["hi"]:
         raise ConfigError(f"'trust.lo' ({t['lo']}) must be smaller than 'trust.hi' ({t['hi']})")
+    for i, s in enumerate(stages):   # uncertainty-biased exploration ("reinforced dynamics")
+        if s["bias"] is not None:
+            b = s["bias"] = complete(s["bias"], BIAS, f"explore[{i}].bias")
+            b["strength"] = _num(b["strength"], f"explore[{i}].bias.strength", positive=True)
+            b["scale"] = _num(t["hi"] if b["scale"] is None else b["scale"], f"explore[{i}].bias.scale", positive=True)
     sel = c["select"] = complete(c["select"], SELECT, "select")
     _num(sel["budget"], "select.budget", integer=True, minimum=0)
     if sel["method"] not in ("fps", "random", "devi"):

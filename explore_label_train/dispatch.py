@@ -137,9 +137,9 @@ def check_dpdispatcher(cfg: dict) -> None:
 
 
 class DPDispatcherPool:
-    """Tasks as `python -m explore_label_train.dispatch task.pkl` jobs submitted through dpdispatcher.
-
-    Untested here (dpdispatcher is not installed in CI); results come back as result.pkl files.
+    """Tasks as `python -m explore_label_train.dispatch task.pkl` jobs submitted through dpdispatcher
+    (any batch_type: Shell, Slurm, PBS, LSF, ...; tests/test_elt.py runs Shell, and Slurm where sbatch exists).
+    Results come back as result.pkl files.
     """
 
     def __init__(self, cfg: dict, work_dir: Path):

@@ -2,8 +2,8 @@
 
     labeller: {calculator: emt, kwargs: {}}            # ase.calculators.emt.EMT
     labeller: {calculator: lj, kwargs: {sigma: 2.3}}    # ase.calculators.lj.LennardJones
-    labeller: {calculator: tblite, kwargs: {method: GFN2-xTB}}   # if tblite is importable
-    labeller: {calculator: pyscf, kwargs: {xc: pbe, basis: def2-svp}}   # if pyscf is importable
+    labeller: {calculator: tblite, kwargs: {method: GFN2-xTB}}   # tblite (xTB), molecules and cells
+    labeller: {calculator: pyscf, kwargs: {xc: pbe, basis: def2-svp}}   # PySCF DFT or HF, molecules
     labeller: {calculator: "package.module:Factory", kwargs: {...}}   # anything returning an ASE calculator
 
 `label(payload)` returns energy (eV), forces (eV/Å) and, for periodic cells when the calculator
@@ -17,6 +17,8 @@ from __future__ import annotations
 import importlib
 
 import numpy as np
+from ase.calculators.calculator import Calculator, all_changes
+from ase.units import Bohr, Hartree
 
 from dpmd.errors import ConfigError
 
@@ -24,10 +26,11 @@ BUILTIN = {
     "emt": ("ase.calculators.emt", "EMT"),
     "lj": ("ase.calculators.lj", "LennardJones"),
     "morse": ("ase.calculators.morse", "MorsePotential"),
-    "tblite": ("tblite.ase", "TBLite"),
-    "xtb": ("tblite.ase", "TBLite"),
+    "tblite": ("explore_label_train.labelers", "TBLiteCalculator"),
+    "xtb": ("explore_label_train.labelers", "TBLiteCalculator"),
     "pyscf": ("explore_label_train.labelers", "PySCFCalculator"),
 }
+REQUIRES = {"tblite": "tblite", "xtb": "tblite", "pyscf": "pyscf"}   # adapters defined here need these packages
 
 
 def _factory(name: str):
@@ -38,12 +41,13 @@ def _factory(name: str):
     else:
         raise ConfigError(f"'labeller.calculator': unknown calculator {name!r}; valid: "
                           f"{', '.join(sorted(BUILTIN))}, or module:attr returning an ASE calculator")
-    if name == "pyscf":
-        importlib.import_module("pyscf")
+    needed = REQUIRES.get(name, module)
     try:
+        importlib.import_module(needed)
         mod = importlib.import_module(module)
     except ImportError as err:
-        raise ConfigError(f"'labeller.calculator' {name!r} needs {module.split('.')[0] if name in BUILTIN else module}, "
+        package = needed.split(".")[0] if name in BUILTIN else module
+        raise ConfigError(f"'labeller.calculator' {name!r} needs {package}, "
                           f"which cannot be imported ({err})") from None
     try:
         return getattr(mod, attr)
@@ -53,13 +57,7 @@ def _factory(name: str):
 
 def check_labeller(lab: dict) -> None:
     """Validate the labeller up front (the calculator can be imported)."""
-    name = lab["calculator"]
-    if name == "pyscf":
-        try:
-            importlib.import_module("pyscf")
-        except ImportError as err:
-            raise ConfigError(f"'labeller.calculator' 'pyscf' needs pyscf, which cannot be imported ({err})") from None
-    _factory(name)
+    _factory(lab["calculator"])
 
 
 _CACHE: dict = {}
@@ -69,12 +67,20 @@ def make_calculator(name: str, kwargs: dict):
     key = (name, repr(sorted(kwargs.items())))
     calc = _CACHE.get(key)
     if calc is None:
-        kw = dict(kwargs)
-        if name in ("tblite", "xtb"):
-            kw.setdefault("method", "GFN2-xTB")
-            kw.setdefault("verbosity", 0)
-        calc = _CACHE[key] = _factory(name)(**kw)
+        calc = _CACHE[key] = _factory(name)(**kwargs)
     return calc
+
+
+def TBLiteCalculator(method: str = "GFN2-xTB", **kwargs):
+    """tblite's ASE calculator (GFN2-xTB by default), quiet, and with a fresh SCF start for every frame
+    (cache_api False: a label does not depend on which frame the worker labelled before).  SCF
+    non-convergence raises CalculationFailed("SCF not converged in N cycles"): the task fails with it.
+    kwargs: tblite.ase.TBLite's (accuracy, max_iterations, electronic_temperature, charge, ...)."""
+    from tblite.ase import TBLite
+
+    kwargs.setdefault("verbosity", 0)
+    kwargs.setdefault("cache_api", False)
+    return TBLite(method=method, **kwargs)
 
 
 def label(payload: dict) -> dict:
@@ -102,43 +108,42 @@ def label(payload: dict) -> dict:
     return {"energy": energy, "forces": forces, "virial": virial}
 
 
-try:  # the PySCF adapter (only defined when ASE is there, which it always is)
-    from ase.calculators.calculator import Calculator, all_changes
-    from ase.units import Bohr, Hartree
+class SCFNotConverged(RuntimeError):
+    """The labeller's self-consistent field did not converge: the frame gets no label."""
 
-    class PySCFCalculator(Calculator):
-        """Energy and forces from PySCF (Kohn-Sham DFT or Hartree-Fock) for molecules (open boundaries).
 
-        kwargs: xc (a functional name, or "hf"), basis, charge, spin (2S), max_cycle, conv_tol.
-        """
+class PySCFCalculator(Calculator):
+    """Energy and forces from PySCF (Kohn-Sham DFT, or Hartree-Fock with xc "hf") for molecules (open boundaries).
 
-        implemented_properties = ["energy", "forces"]
+    kwargs: xc (a functional name, or "hf"), basis, charge, spin (2S), max_cycle, conv_tol.
+    An SCF that has not converged after max_cycle cycles raises SCFNotConverged (never a label).
+    """
 
-        def __init__(self, xc="pbe", basis="def2-svp", charge=0, spin=0, max_cycle=100, conv_tol=1e-9, **kw):
-            super().__init__(**kw)
-            self.settings = dict(xc=xc, basis=basis, charge=charge, spin=spin, max_cycle=max_cycle, conv_tol=conv_tol)
+    implemented_properties = ["energy", "forces"]
 
-        def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-            super().calculate(atoms, properties, system_changes)
-            from pyscf import dft, gto, scf
+    def __init__(self, xc="pbe", basis="def2-svp", charge=0, spin=0, max_cycle=100, conv_tol=1e-9, **kw):
+        super().__init__(**kw)
+        self.settings = dict(xc=xc, basis=basis, charge=charge, spin=spin, max_cycle=max_cycle, conv_tol=conv_tol)
 
-            s = self.settings
-            if self.atoms.pbc.any():
-                raise ValueError("the pyscf labeller handles molecules only (open boundaries)")
-            mol = gto.M(atom=[(a.symbol, tuple(a.position)) for a in self.atoms], basis=s["basis"],
-                        charge=s["charge"], spin=s["spin"], unit="Angstrom", verbose=0)
-            if str(s["xc"]).lower() == "hf":
-                mf = scf.RHF(mol) if s["spin"] == 0 else scf.UHF(mol)
-            else:
-                mf = dft.RKS(mol) if s["spin"] == 0 else dft.UKS(mol)
-                mf.xc = s["xc"]
-            mf.max_cycle, mf.conv_tol = s["max_cycle"], s["conv_tol"]
-            e = mf.kernel()
-            if not mf.converged:
-                raise RuntimeError(f"SCF did not converge in {s['max_cycle']} cycles")
-            grad = mf.nuc_grad_method().kernel()
-            self.results["energy"] = float(e) * Hartree
-            self.results["free_energy"] = self.results["energy"]
-            self.results["forces"] = -np.asarray(grad) * Hartree / Bohr
-except ImportError:  # pragma: no cover
-    pass
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        from pyscf import dft, gto, scf
+
+        s = self.settings
+        if self.atoms.pbc.any():
+            raise ValueError("the pyscf labeller handles molecules only (open boundaries)")
+        mol = gto.M(atom=[(a.symbol, tuple(a.position)) for a in self.atoms], basis=s["basis"],
+                    charge=s["charge"], spin=s["spin"], unit="Angstrom", verbose=0)
+        if str(s["xc"]).lower() == "hf":
+            mf = scf.RHF(mol) if s["spin"] == 0 else scf.UHF(mol)
+        else:
+            mf = dft.RKS(mol) if s["spin"] == 0 else dft.UKS(mol)
+            mf.xc = s["xc"]
+        mf.max_cycle, mf.conv_tol = s["max_cycle"], s["conv_tol"]
+        e = mf.kernel()
+        if not mf.converged:
+            raise SCFNotConverged(f"SCF not converged in {s['max_cycle']} cycles (pyscf {s['xc']}/{s['basis']})")
+        grad = mf.nuc_grad_method().kernel()
+        self.results["energy"] = float(e) * Hartree
+        self.results["free_energy"] = self.results["energy"]
+        self.results["forces"] = -np.asarray(grad) * Hartree / Bohr

@@ -15,6 +15,18 @@ SHARED = REPO.parent / "shared"
 DEEPMD_REF = SHARED / "deepmd-kit" / "water_se_e2_a"
 
 
+def pytest_sessionstart(session):
+    """Compile the kernel library once per test run (cached by source hash; a file lock serialises parallel
+    runs), so every test exercises the kernels where the model uses them.  DPMD_OPS=0 skips it."""
+    from dpmd import ops
+
+    if not ops.disabled():
+        try:
+            ops.build()
+        except Exception as err:  # reported by tests/test_ops.py, which then fails
+            session.config.dpmd_ops_error = f"{type(err).__name__}: {str(err)[-2000:]}"
+
+
 def small_config(rcut=4.0, sel=(30, 60), type_one_side=True, precision="float64", resnet_dt=True):
     return {
         "type_map": ["O", "H"],

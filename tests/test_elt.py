@@ -122,17 +122,19 @@ def check_consistency(camp: Campaign) -> dict:
 
 def test_end_to_end_two_iterations_with_a_flaky_labeller(tmp_path, helpers, capsys):
     cfg = campaign_dict(tmp_path, labeller={"calculator": "elt_helpers:Flaky"})
+    cfg["explore"].append(dict(cfg["explore"][0], name="biased", iterations=[1], bias={"strength": 0.2}))
     path = write_campaign(tmp_path, cfg)
     camp = Campaign(load_campaign(path), log=None)
     assert camp.run() == "max_iterations"
     st = camp.state
     its = st.q("SELECT * FROM iterations ORDER BY iteration")
     assert [r["iteration"] for r in its] == [0, 1] and all(r["status"] == "done" for r in its)
-    for r in its:
-        assert r["n_frames"] == 8 and r["n_selected"] <= 3                       # 2 temperatures x 4 recorded steps
+    for r in its:   # 2 temperatures x 4 recorded steps per stage; iteration 1 adds the biased stage
+        assert r["n_frames"] == 8 * (1 + r["iteration"]) and r["n_selected"] <= 3
         assert r["accurate"] + r["candidate"] + r["failed"] == pytest.approx(1.0)
         assert {s[0] for s in st.q("SELECT stage FROM stages WHERE iteration=? AND status='done'", r["iteration"])} \
             == {"init", "train", "explore", "select", "label", "check"}
+    assert st.one("SELECT COUNT(*) FROM frames WHERE stage='biased' AND iteration=1") == 8
     # every selected frame is a candidate that passed the filters; every frame has a reason
     assert st.one("SELECT COUNT(*) FROM frames WHERE selected=1 AND (class!='candidate' OR filter IS NOT NULL)") == 0
     assert st.one("SELECT COUNT(*) FROM frames WHERE reason IS NULL") == 0
@@ -254,6 +256,11 @@ def test_selection_respects_trust_levels_and_budget():
     ({"labeller": {"calculator": "nosuchcalc"}}, "unknown calculator 'nosuchcalc'"),
     ({"dispatcher": {"backend": "dpdispatcher"}}, "dpdispatcher"),
     ({"explore": [{"structures": ["nothere"], "temperatures": [300], "steps": 10}]}, "unknown structure 'nothere'"),
+    ({"explore": [{"structures": ["fcc"], "temperatures": [300], "steps": 10, "bias": {"strength": 0}}]},
+     "'explore[0].bias.strength' must be positive, got 0"),
+    ({"explore": [{"structures": ["fcc"], "temperatures": [300], "steps": 10, "bias": {"strength": 1, "k": 2}}]},
+     "unknown key 'explore[0].bias.k'; valid keys: scale, strength"),
+    ({"structures": {"w": {"molecule": "H2O", "bulk": "Cu"}}}, "'structures.w' needs exactly one of 'file'"),
     ({"train": {"numb_steps": 10, "template": {"model": {"descriptor": {"rcut": 4.0, "sell": 1}}}}},
      "train.template: unknown key 'model.descriptor.sell'"),
 ])
@@ -275,3 +282,137 @@ def test_invalid_campaign_files_give_one_line_errors(tmp_path, change, message, 
 def test_example_campaign_file_is_valid():
     cfg = load_campaign(REPO / "configs" / "campaign_cu_emt.yaml")
     assert cfg["labeller"]["calculator"] == "emt" and cfg["train"]["ensemble_size"] == 4
+
+
+# ---------------------------------------------------------------- uncertainty-biased exploration
+def _toy_ensemble():
+    """Two small water models that differ only in their random initial weights (float64)."""
+    from dpmd.model import DeepPot
+    from tests.conftest import make_model, small_config
+
+    a = make_model()
+    cfg = small_config()
+    cfg["descriptor"]["seed"], cfg["fitting_net"]["seed"] = 11, 12
+    b = DeepPot(cfg)
+    b.load_state_dict({**b.state_dict(), **{k: v for k, v in a.state_dict().items() if "mean" in k or "std" in k
+                                            or "bias" in k and "energy" in k}})
+    return [a.eval(), b.eval()]
+
+
+def test_bias_forces_and_virial_are_derivatives_of_the_bias_energy(water):
+    import torch
+
+    from dpmd.geometry.graph import build_graph
+    from explore_label_train.bias import DeviationBias
+    from tests.conftest import triclinic_water
+
+    models = _toy_ensemble()
+    coord, atype, box = triclinic_water(water)
+    bias = DeviationBias(strength=0.5, scale=0.3)
+
+    def energy(x, cell):
+        g = build_graph(x, atype, cell, rcut=models[0].rcut)
+        return float(bias.sigma_and_energy(models, g)[1][0].detach())
+
+    g = build_graph(coord, atype, box, rcut=models[0].rcut)
+    zero = {"energy": torch.zeros(1, dtype=torch.float64), "force": torch.zeros_like(coord),
+            "virial": torch.zeros(1, 3, 3, dtype=torch.float64)}
+    out = bias(models, g, zero)
+    assert -0.5 < float(out["energy"][0]) < -0.01           # bounded, and the models do disagree
+    assert float(out["energy"][0]) == pytest.approx(energy(coord, box), abs=1e-12)
+    h = 1e-5
+    rng = np.random.default_rng(0)
+    for i, k in [tuple(x) for x in rng.integers(0, [len(coord), 3], size=(6, 2))]:
+        xp, xm = coord.clone(), coord.clone()
+        xp[i, k] += h
+        xm[i, k] -= h
+        fd = -(energy(xp, box) - energy(xm, box)) / (2 * h)
+        assert float(out["force"][i, k]) == pytest.approx(fd, abs=1e-7, rel=1e-5)
+    assert float(out["force"].abs().max()) > 1e-3
+    for a, b in [(0, 0), (0, 1), (2, 1)]:                   # virial = -dE/d(strain), DeePMD's sign
+        eps = torch.zeros(3, 3, dtype=torch.float64)
+        eps[a, b] = h
+        de = energy(coord @ (torch.eye(3) + eps), box @ (torch.eye(3) + eps)) - \
+            energy(coord @ (torch.eye(3) - eps), box @ (torch.eye(3) - eps))
+        assert float(out["virial"][0, b, a]) == pytest.approx(-de / (2 * h), abs=1e-7, rel=1e-5)
+
+
+def test_bias_drives_exploration_towards_larger_deviation(water):
+    """A trained water model and a copy with 3 % noise on its fitting weights: biased NVT strays further."""
+    import torch
+
+    from dpmd.md import Simulation
+    from dpmd.model import load_model
+    from explore_label_train.bias import DeviationBias
+    from tests.conftest import DEEPMD_REF, triclinic_water
+
+    if not (DEEPMD_REF / "model.ckpt.pt").is_file():
+        pytest.skip("shared DeePMD-kit water model not available")
+    models = [load_model(DEEPMD_REF / "model.ckpt.pt").eval(), load_model(DEEPMD_REF / "model.ckpt.pt").eval()]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in models[1].named_parameters():
+            if name.startswith("fitting"):
+                p.mul_(1 + 0.03 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    coord, atype, box = triclinic_water(water, scale=0.5)
+    symbols = [models[0].type_map[t] for t in atype]
+    pos = torch.stack([coord] * 2)                          # 2 systems at 2 temperatures, batched
+    means = {}
+    for name, bias in [("plain", None), ("biased", DeviationBias(strength=1.0, scale=0.02))]:
+        sim = Simulation(models, pos, symbols, box, ensemble="nvt", thermostat={"type": "langevin", "damp": 0.05},
+                         temperature=np.array([250.0, 350.0]), timestep=0.5, seed=3, thermo_freq=0,
+                         model_devi_freq=5, log=None, bias=bias)
+        sim.run(40)
+        devi = np.stack([d for step, d in sim.devi_history if step > 0])     # (records, F, 7)
+        means[name] = devi[..., 5].mean()                                     # avg_devi_f
+    assert means["biased"] > 1.2 * means["plain"], means
+
+
+# ---------------------------------------------------------------- dpdispatcher
+def _dispatch_through_dpdispatcher(tmp_path, batch_type):
+    from explore_label_train.dispatch import DPDispatcherPool
+
+    cfg = {"backend": "dpdispatcher",
+           "machine": {"batch_type": batch_type, "context_type": "LocalContext", "local_root": str(tmp_path),
+                       "remote_root": str(tmp_path / "remote")},
+           "resources": {"number_node": 1, "cpu_per_node": 1, "gpu_per_node": 0, "queue_name": "", "group_size": 1,
+                         "envs": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}}}
+    frame = {"symbols": ["Cu"] * 4, "positions": (np.eye(4, 3) * 1.8 + 0.1).tolist(),
+             "cell": (np.eye(3) * 3.61).tolist(), "kwargs": {}}
+    results = {}
+    DPDispatcherPool(cfg, tmp_path).run([("ok", "label", dict(frame, calculator="emt")),
+                                         ("bad", "label", dict(frame, calculator="nosuchcalc"))],
+                                        lambda t, ok, v, s: results.__setitem__(t, (ok, v)))
+    from explore_label_train.labelers import label
+
+    assert results["ok"][0]
+    np.testing.assert_allclose(results["ok"][1]["forces"], label(dict(frame, calculator="emt"))["forces"])
+    assert not results["bad"][0] and "unknown calculator 'nosuchcalc'" in results["bad"][1]
+
+
+@pytest.mark.slow   # dpdispatcher polls its jobs every few seconds: ~40 s
+def test_label_tasks_through_dpdispatcher_shell(tmp_path):
+    pytest.importorskip("dpdispatcher")
+    _dispatch_through_dpdispatcher(tmp_path, "Shell")
+
+
+@pytest.mark.skipif(__import__("shutil").which("sbatch") is None, reason="no Slurm here (sbatch is not on PATH)")
+def test_label_tasks_through_dpdispatcher_slurm(tmp_path):
+    pytest.importorskip("dpdispatcher")
+    _dispatch_through_dpdispatcher(tmp_path, "Slurm")
+
+
+def test_batched_simulation_takes_one_temperature_per_system(model, water):
+    import torch
+
+    from dpmd.md import Simulation
+
+    coord, atype, box = water
+    symbols = [model.type_map[t] for t in atype]
+    sim = Simulation(model, torch.stack([coord] * 3), symbols, box, ensemble="nvt",
+                     temperature=np.array([50.0, 200.0, 400.0]), thermostat={"type": "csvr", "damp": 0.01},
+                     timestep=0.5, seed=1, thermo_freq=0, log=None)
+    np.testing.assert_allclose(sim.thermo()["temp"], [50.0, 200.0, 400.0], rtol=1e-10)   # drawn per system
+    sim.run(10)                           # the thermostats read one kT per system (thermo() included)
+    th = sim.thermo()
+    assert th["temp"][0] < th["temp"][1] < th["temp"][2] and np.isfinite(th["conserved"]).all()

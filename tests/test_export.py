@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import DEEPMD_REF, make_model, triclinic_water
+import dpmd.ops
 from dpmd.geometry.graph import build_graph
 from dpmd.geometry.neighbor import build_neighbor_list
 from dpmd.model import load_model, save_model
@@ -183,12 +184,18 @@ def test_scripted_deepmd_reference():
 
 CPP = r"""
 #include <torch/script.h>
+#include <dlfcn.h>
 #include <cstdio>
 #include <fstream>
 #include <vector>
 
-// usage: smoke model.pth frame.txt  (frame: n, box (9 numbers), then n lines "type x y z")
+// usage: smoke model.pth frame.txt [dpmd_ops.so]  (frame: n, box (9 numbers), then n lines "type x y z");
+// a model frozen with the kernel library calls torch.ops.dpmd.*: load the library before the model
 int main(int argc, char** argv) {
+  if (argc > 3 && !dlopen(argv[3], RTLD_NOW | RTLD_GLOBAL)) {
+    std::fprintf(stderr, "cannot load %s: %s\n", argv[3], dlerror());
+    return 2;
+  }
   torch::jit::ExtraFilesMap extra{{"dpmd.json", ""}};
   torch::jit::Module m = torch::jit::load(argv[1], torch::kCPU, extra);
   std::ifstream in(argv[2]);
@@ -222,7 +229,7 @@ def test_cpp_loads_frozen_model(model, water, tmp_path):
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = ["c++", "-std=c++20", "-O1", "smoke.cpp", f"-I{tdir}/include", f"-I{tdir}/include/torch/csrc/api/include",
            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-L{tdir}/lib", "-ltorch", "-ltorch_cpu", "-lc10",
-           f"-Wl,-rpath,{tdir}/lib", "-o", "smoke"]
+           f"-Wl,-rpath,{tdir}/lib", "-ldl", "-o", "smoke"]
     res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
     if res.returncode != 0:
         pytest.skip(f"cannot build against libtorch: {res.stderr[-500:]}")
@@ -232,7 +239,10 @@ def test_cpp_loads_frozen_model(model, water, tmp_path):
         for t, (x, y, z) in zip(atype.tolist(), coord.tolist()):
             fh.write(f"{t} {x:.17g} {y:.17g} {z:.17g}\n")
     save_model(model, tmp_path / "model.pth")
-    res = subprocess.run(["./smoke", "model.pth", "frame.txt"], cwd=tmp_path, capture_output=True, text=True,
+    args = ["./smoke", "model.pth", "frame.txt"]
+    if read_metadata(tmp_path / "model.pth").get("ops_library"):
+        args.append(str(dpmd.ops.library_path()))
+    res = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     meta_len, rcut, energy, f0x, v4 = (float(x) for x in res.stdout.split())

@@ -86,8 +86,24 @@ def build_neighbor_list(coord: torch.Tensor, box: torch.Tensor | None, rcut: flo
     """All pairs (i, j, image) with 0 < |r_ij| < rcut, for one frame.
 
     coord: (N, 3); box: (3, 3) with lattice vectors as rows, or None for open boundaries.
-    Edges come sorted by centre.
+    Edges come sorted by centre.  The kernel library's cell list (same edges, same order) runs
+    when it is built; `reference_neighbor_list` otherwise.
     """
+    if rcut <= 0:
+        raise ValueError(f"rcut must be positive, got {rcut}")
+    from dpmd import ops  # imported here: dpmd.ops sits above the geometry layer
+
+    if coord.device.type == "cpu" and ops.available():
+        try:
+            return NeighborList(*ops.neighbor_list(coord.detach().to(torch.float64),
+                                                   None if box is None else box.detach().to(torch.float64), rcut))
+        except RuntimeError:
+            pass  # bad input: the reference path below raises its one-line error
+    return reference_neighbor_list(coord, box, rcut)
+
+
+def reference_neighbor_list(coord: torch.Tensor, box: torch.Tensor | None, rcut: float) -> NeighborList:
+    """The pure-PyTorch cell list behind `build_neighbor_list` (any device)."""
     if rcut <= 0:
         raise ValueError(f"rcut must be positive, got {rcut}")
     with torch.no_grad():

@@ -24,6 +24,7 @@ from dpmd.md.neighbors import VerletList
 from dpmd.md.state import MDState, kinetic_energy, maxwell_boltzmann, volume
 from dpmd.md.thermostats import make_thermostat
 from dpmd.md.units import BOLTZ, FS
+from dpmd.model.ensemble import evaluate_ensemble
 from dpmd.model.forces import evaluate
 
 CHECKPOINT_FORMAT = "dpmd-md-checkpoint"
@@ -37,6 +38,9 @@ def _ramp(value, total_steps: int):
     """A constant, or [start, end] ramped linearly over total_steps: a function of the step."""
     if value is None:
         return lambda step: None
+    if isinstance(value, (np.ndarray, torch.Tensor)):   # one constant per system of a batch
+        per_system = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
+        return lambda step: per_system
     if isinstance(value, (list, tuple)):
         a, b = float(value[0]), float(value[1])
         return lambda step: a + (b - a) * min(step, total_steps) / max(total_steps, 1)
@@ -50,10 +54,13 @@ class Simulation:
                  temperature=300.0, pressure=1.0, steps: int | None = None, seed: int = 1, skin: float = 2.0,
                  min_distance: float = 0.5, velocities=None, thermo_freq: int = 100, traj_freq: int = 0,
                  traj_format=("extxyz",), model_devi_freq: int = 0, checkpoint_freq: int = 0,
-                 output_dir=None, log=print):
+                 output_dir=None, log=print, bias=None):
         """models: a DeepPot or a list (the first drives the dynamics).
         positions: (N, 3) or (F, N, 3) Å; symbols: N element names (or F lists); box: (3, 3), (F, 3, 3) or None.
         timestep in fs, temperature in K, pressure in bar ([start, end] ramps linearly over `steps`),
+        temperature / pressure as a numpy array or tensor of shape (F,): one constant per system.
+        bias: None, or bias(models, graph, out) -> out with energy, force and virial of an added potential
+        (e.g. explore_label_train.bias.DeviationBias); the deviation is always that of the unbiased models.
         thermostat {type: langevin|csvr|nose_hoover, damp: ps, chain: 3},
         barostat {damp: ps, mode: iso|aniso, compressibility: 1/bar} (stochastic cell rescaling).
         output_dir None writes no files.
@@ -108,6 +115,7 @@ class Simulation:
         self.traj_format = [traj_format] if isinstance(traj_format, str) else list(traj_format)
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.log = log or (lambda *a, **k: None)
+        self.bias = bias
         self.verlet = VerletList(model.rcut, skin)
         self._graph = None
         self.outputs: list[out_mod.SystemOutput] = []
@@ -122,7 +130,11 @@ class Simulation:
             state.velocities = v.clone()
         else:
             t0 = self.temperature(0)
-            state.velocities = maxwell_boltzmann(masses, 0.0 if t0 is None else t0, rng, state.dof)
+            if torch.is_tensor(t0):   # per system: drawn at exactly 1 K, then scaled
+                scale = t0.to(self.device).sqrt().view(-1, 1, 1)
+                state.velocities = maxwell_boltzmann(masses, 1.0, rng, state.dof) * scale
+            else:
+                state.velocities = maxwell_boltzmann(masses, 0.0 if t0 is None else t0, rng, state.dof)
         self.state = state
         self._init, self._step = velocity_verlet(self._compute_forces, self.dt, self.thermostat, self.barostat)
         self._initialised = False
@@ -159,6 +171,8 @@ class Simulation:
                  "center": center, "neighbor": neighbor, "shift": shift, "natoms": n, "edge_vec": vec}
         try:
             out = evaluate(self.models[0], graph)
+            if self.bias is not None:
+                out = self.bias(self.models, graph, out)
         except NeighborOverflowError as err:
             self._stop(state, f"neighbour overflow: {err}")
         self._graph = graph
@@ -197,7 +211,8 @@ class Simulation:
         s = self.state
         ke = kinetic_energy(s)
         pe = s.energy
-        kT = self.kT(s.step) or 0.0
+        kT = self.kT(s.step)
+        kT = 0.0 if kT is None else kT
         p0 = self.pressure(s.step) if self.barostat is not None else None
         conserved = pe + ke - s.ext_work + self.thermostat.energy(s, kT)
         if self.barostat is not None:
@@ -212,15 +227,18 @@ class Simulation:
         self._ensure_init()
         s = self.state
         forces, virials, energies = [s.forces], [s.virial], [s.energy]
-        for k, model in enumerate(self.models[1:], start=1):
-            graph = self._graph
-            if model.rcut != self.models[0].rcut or not torch.equal(self.atypes[k], self.atypes[0]):
+        # models on the driving model's graph (same rcut and types) go through one ensemble call
+        shared = [k for k in range(1, len(self.models)) if self.models[k].rcut == self.models[0].rcut
+                  and torch.equal(self.atypes[k], self.atypes[0])]
+        outs = dict(zip(shared, evaluate_ensemble([self.models[k] for k in shared], dict(self._graph))))
+        for k in range(1, len(self.models)):
+            if k not in outs:
                 from dpmd.geometry.graph import build_graph
 
-                graph = build_graph(s.positions, self.atypes[k], s.box, model.rcut)
-            else:
-                graph = dict(graph)
-            out = evaluate(model, graph)
+                outs[k] = evaluate(self.models[k], build_graph(s.positions, self.atypes[k], s.box,
+                                                               self.models[k].rcut))
+        for k in range(1, len(self.models)):
+            out = outs[k]
             forces.append(out["force"].reshape(s.nframes, s.natoms, 3))
             virials.append(out["virial"])
             energies.append(out["energy"])

@@ -9,6 +9,7 @@ from torch import nn
 
 from dpmd.errors import ConfigError
 from dpmd.geometry.graph import build_graph
+from dpmd.model.compress import check_graph, normalize_compress
 from dpmd.model.descriptor import DescriptorSeA
 from dpmd.model.fitting import EnergyFitting
 from dpmd.model.forces import evaluate
@@ -32,7 +33,7 @@ MODEL_DEFAULTS = {
     "type_map": None, "descriptor": None, "fitting_net": None, "data_stat_nbatch": 10, "data_stat_protect": 0.01,
     "data_bias_nsample": 10, "pair_exclude_types": [], "atom_exclude_types": [], "preset_out_bias": None,
     "srtab_add_bias": True, "type": "standard", "info": None, "model_branch_alias": [], "bridging_method": "None",
-    "bridging_r_inner": 0.5, "bridging_r_outer": 0.8,
+    "bridging_r_inner": 0.5, "bridging_r_outer": 0.8, "compress": None,
 }
 _FIXED = {
     "descriptor": {"trainable": True, "exclude_types": [], "env_protection": 0.0, "set_davg_zero": False},
@@ -102,6 +103,7 @@ def normalize_model_config(config: dict) -> dict:
         raise ConfigError("model.descriptor.sel must be a list with one count per type, or 'auto'")
     if isinstance(sel, list) and len(sel) != len(cfg["type_map"]):
         raise ConfigError(f"model.descriptor.sel has {len(sel)} entries but model.type_map has {len(cfg['type_map'])}")
+    cfg["compress"] = normalize_compress(cfg["compress"], len(cfg["type_map"]))
     return cfg
 
 
@@ -123,6 +125,8 @@ class DeepPot(nn.Module):
         gen = torch.Generator().manual_seed(f["seed"]) if f["seed"] is not None else None
         self.fitting = EnergyFitting(len(self.type_map), self.descriptor.dim_out, f["neuron"], f["resnet_dt"],
                                      f["activation_function"], dtype=PRECISIONS[f["precision"]], generator=gen)
+        if cfg["compress"] is not None:  # tabulated embeddings (dpmd.model.compress); the table comes with the weights
+            self.descriptor.enable_compression(cfg["compress"], cfg["compress"]["check_frequency"])
 
     @property
     def rcut(self) -> float:
@@ -151,6 +155,8 @@ class DeepPot(nn.Module):
         coord = torch.as_tensor(coord)
         single = coord.dim() == 2
         graph = build_graph(coord, atype, box, self.rcut, neighbors)
+        if self.descriptor.compressed:  # an edge beyond the tables: one line naming the atoms
+            check_graph(self, graph)
         out = evaluate(self, graph, atom_virial=atom_virial, chunk_atoms=chunk_atoms)
         nf, n = graph["box"].shape[0], graph["natoms"]
         out["atom_energy"] = out["atom_energy"].reshape(nf, n)

@@ -12,15 +12,23 @@ DeePMD pads every neighbour list to `sel` slots; an empty slot has a zero row, w
 normalisation turns into the constant -mean/std and so still feeds T_i.  Padded slots are
 kept out of the arithmetic here: their total contribution is (sel - count) times one
 embedding evaluation per (centre type, net), which reproduces DeePMD-kit's numbers exactly.
+
+A compressed descriptor (dpmd.model.compress) evaluates G from piecewise quintic tables of the
+nets instead (buffer `table`, layout (net, interval, 6 coefficients, M)); the contraction
+sum_j R_j^T G_j then runs in the kernel library's fused op when it is loaded, in Triton on
+CUDA, or in the pure-PyTorch reference (`_tabulate` + `_block`) otherwise.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import List
 
 import torch
 from torch import nn
 
+from dpmd import ops
 from dpmd.model.network import MLP
 
 
@@ -30,7 +38,20 @@ def smooth_switch(r: torch.Tensor, rmin: float, rmax: float) -> torch.Tensor:
     return u * u * u * (-6.0 * u * u + 15.0 * u - 10.0) + 1.0
 
 
+def _short(x: float) -> str:
+    """x to 4 decimals, for messages (TorchScript has no format specs)."""
+    n = int(math.floor(abs(x) * 1e4 + 0.5))
+    frac = str(n % 10000)
+    while len(frac) < 4:
+        frac = "0" + frac
+    return ("-" if x < 0 else "") + str(n // 10000) + "." + frac
+
+
 class DescriptorSeA(nn.Module):
+    # TorchScript constants: the compressed code (and its `table` buffer) is compiled only for a compressed
+    # model, the torch.ops.dpmd.* calls only when scripted with the kernel library loaded (use_ops)
+    __constants__ = ["compressed", "use_ops"]
+
     def __init__(self, ntypes: int, sel: list[int], rcut: float, rcut_smth: float, neuron=(25, 50, 100),
                  axis_neuron: int = 16, resnet_dt: bool = False, type_one_side: bool = True,
                  activation_function: str = "tanh", dtype=torch.float64, generator=None):
@@ -53,6 +74,27 @@ class DescriptorSeA(nn.Module):
         )
         self.register_buffer("mean", torch.zeros(ntypes, 4, dtype=dtype))
         self.register_buffer("std", torch.ones(ntypes, 4, dtype=dtype))
+        # model compression (see enable_compression; it adds the buffer `table`)
+        self.compressed = False
+        self.table_lower, self.table_upper, self.table_end = 0.0, 0.0, 0.0
+        self.table_step, self.table_step_coarse = 1.0, 1.0
+        self.table_fine, self.table_coarse = 0, 0
+        self.table_rmin = [0.0] * ntypes  # per centre type: the shortest distance the tables cover
+        self.check_frequency, self.evaluations = -1, 0
+        self.use_ops = False  # set on the copy that dpmd.model.export scripts with the kernel library loaded
+
+    def enable_compression(self, layout: dict, check_frequency: int = -1) -> None:
+        """Use tabulated embeddings with the interval layout of dpmd.model.compress.table_layout; the
+        coefficients (buffer `table`) are filled by dpmd.model.compress or loaded from a state_dict."""
+        self.compressed = True
+        self.table_lower, self.table_upper = float(layout["lower"]), float(layout["upper"])
+        self.table_end = float(layout["end"])
+        self.table_step, self.table_step_coarse = float(layout["step"]), float(layout["step_coarse"])
+        self.table_fine, self.table_coarse = int(layout["n_fine"]), int(layout["n_coarse"])
+        self.table_rmin = [float(r) for r in layout["rmin"]]
+        self.check_frequency = int(check_frequency)
+        nint = self.table_fine + self.table_coarse
+        self.register_buffer("table", self.mean.new_zeros([len(self.embeddings), nint, 6, self.width]))
 
     @property
     def dim_out(self) -> int:
@@ -60,6 +102,11 @@ class DescriptorSeA(nn.Module):
 
     def env_rows(self, edge_vec: torch.Tensor) -> torch.Tensor:
         """Un-normalised environment rows (E, 4) from edge vectors (E, 3)."""
+        if self.use_ops:  # frozen with the kernel library
+            return torch.ops.dpmd.env_mat(edge_vec, self.rcut_smth, self.rcut)
+        if not torch.jit.is_scripting():
+            if ops.active(edge_vec):  # kernel library, first derivatives only (see dpmd.ops)
+                return ops.env_rows(edge_vec, self.rcut_smth, self.rcut)
         r = torch.linalg.vector_norm(edge_vec, 2.0, dim=-1, keepdim=True)  # = Tensor.norm(dim=-1); scriptable
         s = smooth_switch(r, self.rcut_smth, self.rcut) / r
         return torch.cat([s, s * edge_vec / r], dim=-1)
@@ -77,6 +124,8 @@ class DescriptorSeA(nn.Module):
         key = neighbor_type if self.type_one_side else neighbor_type * self.ntypes + ct_edge
         # Edges grouped by net, then by centre: each group becomes a dense (centre, slot)
         # block padded only to the largest real count, so T is one batched matmul per net.
+        if self.compressed:
+            self._check_table(rows[:, 0], edge_vec, center, ct_edge, neighbor_type)
         order = torch.argsort(key * ncent + center)
         counts: List[int] = torch.bincount(key, minlength=len(self.embeddings)).tolist()
         rows, center_sorted = rows[order], center[order]
@@ -87,7 +136,10 @@ class DescriptorSeA(nn.Module):
             n = counts[i]
             if n > 0:
                 r = rows[start:start + n]
-                T = T + self._block(r, net(r[:, :1]), center_sorted[start:start + n], ncent)
+                if self.compressed:
+                    T = T + self._tabulated_block(i, r, center_sorted[start:start + n], ncent)
+                else:
+                    T = T + self._block(r, net(r[:, :1]), center_sorted[start:start + n], ncent)
             start += n
         T = T + self._padding(center, center_type, neighbor_type)
         T = T / self.nnei
@@ -97,6 +149,11 @@ class DescriptorSeA(nn.Module):
     def _block(self, r: torch.Tensor, g: torch.Tensor, c: torch.Tensor, ncent: int) -> torch.Tensor:
         """sum_j R_j^T G_j (n_centers, 4, M) over the edges of one net: rows r (n, 4), embeddings g (n, M),
         centres c (n,) in ascending order."""
+        if self.use_ops:  # frozen with the kernel library: a segment sum, no padding
+            return torch.ops.dpmd.contract(r, g, c, ncent)
+        if not torch.jit.is_scripting():
+            if ops.active(r):
+                return ops.contract(r, g, c, ncent)
         n = r.shape[0]
         per_center = torch.bincount(c, minlength=ncent)
         nmax = int(per_center.max())
@@ -121,7 +178,97 @@ class DescriptorSeA(nn.Module):
             for tc in range(nt):
                 if self.type_one_side or tc == i % nt:
                     tn = i if self.type_one_side else i // nt
-                    g = net(pad_row[tc, :1].unsqueeze(0))[0]
+                    x = pad_row[tc, :1]
+                    if self.compressed:
+                        g = self._tabulate(i, x)[0]
+                    else:
+                        g = net(x.unsqueeze(0))[0]
                     per_pair[tc * nt + tn] = pad_row[tc].unsqueeze(1) * g.unsqueeze(0)
         table = torch.stack(per_pair).reshape(nt, nt, 4, self.width)[center_type]  # (ncent, nt, 4, M)
         return torch.einsum("cn,cnkm->ckm", n_pad, table)
+
+    # ---- compressed model ---------------------------------------------------------------------
+
+    def _tabulate(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Embedding (n, M) of net i at normalised s values x (n,) from its quintic table (reference path;
+        autograd differentiates the polynomial)."""
+        fine = x < self.table_upper
+        k_fine = torch.floor((x - self.table_lower) / self.table_step).clamp(0, self.table_fine - 1)
+        k_coarse = torch.floor((x - self.table_upper) / self.table_step_coarse).clamp(0, self.table_coarse - 1)
+        node = torch.where(fine, self.table_lower + k_fine * self.table_step,
+                           self.table_upper + k_coarse * self.table_step_coarse)
+        interval = torch.where(fine, k_fine, k_coarse + self.table_fine).to(torch.long)
+        t = (x - node).unsqueeze(1)
+        coef = self.table[i].reshape(-1, self.width)  # rows interval * 6 + power
+        g = coef.index_select(0, interval * 6 + 5)
+        for p in range(4, -1, -1):  # Horner
+            g = g * t + coef.index_select(0, interval * 6 + p)
+        return g
+
+    def _tabulated_block(self, i: int, r: torch.Tensor, c: torch.Tensor, ncent: int) -> torch.Tensor:
+        """sum_j R_j^T G(s_j) (n_centers, 4, M) for the edges of net i with tabulated G: the kernel library's
+        fused op, Triton on CUDA, else the PyTorch reference (one call, same numbers)."""
+        if self.use_ops:  # frozen with the kernel library
+            return torch.ops.dpmd.tabulate_fusion_se_a(
+                self.table[i], r, c, ncent, self.table_lower, self.table_upper, self.table_step,
+                self.table_step_coarse, self.table_fine, self.table_coarse)
+        if not torch.jit.is_scripting():
+            fast = self._fast_tabulated_block(i, r, c, ncent)
+            if fast is not None:
+                return fast
+        return self._block(r, self._tabulate(i, r[:, 0]), c, ncent)
+
+    @torch.jit.unused
+    def _fast_tabulated_block(self, i: int, r: torch.Tensor, c: torch.Tensor, ncent: int):
+        """The fused kernels (differentiable once: forces, not training), or None for the reference."""
+        from dpmd.ops import triton_tabulate
+
+        grid = (self.table_lower, self.table_upper, self.table_step, self.table_step_coarse, self.table_fine,
+                self.table_coarse)
+        if ops.active(r):
+            return torch.ops.dpmd.tabulate_fusion_se_a(self.table[i], r, c, ncent, *grid)
+        if r.is_cuda and triton_tabulate.available() and getattr(ops._local, "inference", False):
+            return triton_tabulate.tabulate_fusion(self.table[i], r, c, ncent, grid)
+        return None
+
+    def table_violation(self, x: torch.Tensor) -> int:
+        """Index of the first normalised s value outside the tables, -1 if none."""
+        # s >= 0 exactly, but float32 rounds the switch near rcut to about -1e-6: allow 1 % of a step below
+        slack = 1e-4 * max(1.0, abs(self.table_lower))
+        bad = (x > self.table_end) | (x < self.table_lower - slack) | torch.isnan(x)
+        if not bool(bad.any()):
+            return -1
+        return int(bad.nonzero()[0, 0])
+
+    def edge_outside_table(self, edge_vec: torch.Tensor, center_type_of_edge: torch.Tensor) -> int:
+        """Index of the first edge (vectors (E, 3)) outside the tables, -1 if none."""
+        if edge_vec.shape[0] == 0:
+            return -1
+        ct = center_type_of_edge
+        x = (self.env_rows(edge_vec.to(self.mean.dtype))[:, 0] - self.mean[ct, 0]) / self.std[ct, 0]
+        return self.table_violation(x)
+
+    def table_message(self, where: str, r: float, center_type: int) -> str:
+        """One line for an edge outside the tables (`where` names the atoms)."""
+        return ("dpmd: compressed model: " + where + " at distance " + _short(r) + " Å is outside the "
+                + "embedding tables (they cover r >= " + _short(self.table_rmin[center_type])
+                + " Å around type-" + str(center_type) + " centres, normalised s in [" + _short(self.table_lower)
+                + ", " + _short(self.table_end) + "]); compress again with a larger --extrapolate")
+
+    def _check_table(self, x: torch.Tensor, edge_vec: torch.Tensor, center: torch.Tensor, ct_edge: torch.Tensor,
+                     neighbor_type: torch.Tensor) -> None:
+        """Never extrapolate silently: an edge beyond the tables is an error; with check_frequency N > 0,
+        every N-th evaluation also warns about edges in the coarse (extrapolated) part of the tables."""
+        k = self.table_violation(x)
+        if k >= 0:
+            r = float(torch.linalg.vector_norm(edge_vec[k].detach(), 2.0, dim=-1))
+            where = ("the edge from centre " + str(int(center[k])) + " to a type-" + str(int(neighbor_type[k]))
+                     + " neighbour")
+            raise RuntimeError(self.table_message(where, r, int(ct_edge[k])))
+        if self.check_frequency > 0:
+            self.evaluations += 1
+            if self.evaluations % self.check_frequency == 0:
+                n = int((x >= self.table_upper).sum())
+                if n > 0:
+                    warnings.warn("dpmd: compressed model: " + str(n) + " edges in the coarse (extrapolated) part "
+                                  + "of the embedding tables at evaluation " + str(self.evaluations))

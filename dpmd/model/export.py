@@ -77,6 +77,9 @@ def model_metadata(model) -> dict:
 class FrozenDeepPot(nn.Module):
     """TorchScript-compilable inference module around a DeepPot's descriptor and fitting net."""
 
+    # use_ops: scripted with dpmd's kernel library loaded; the torch.ops.dpmd.* calls are compiled only then
+    __constants__ = ["use_ops"]
+
     def __init__(self, model, chunk_atoms: int = DEFAULT_CHUNK_ATOMS):
         super().__init__()
         self.descriptor = model.descriptor
@@ -88,6 +91,7 @@ class FrozenDeepPot(nn.Module):
         self.ntypes: int = meta["ntypes"]
         self.chunk_atoms: int = int(chunk_atoms)
         self.metadata: str = json.dumps(meta)
+        self.use_ops = False
 
     @torch.jit.export
     def get_type_map(self) -> List[str]:
@@ -181,6 +185,14 @@ class FrozenDeepPot(nn.Module):
             order = torch.argsort(center, stable=True)
             center, neighbor, vec = center[order], neighbor[order], vec[order]
         neighbor_type = atype.index_select(0, neighbor)
+        if self.descriptor.compressed:  # an edge beyond the compressed model's tables: name the atoms
+            bad = self.descriptor.edge_outside_table(vec, atype.index_select(0, center))
+            if bad >= 0:
+                i, j = int(center[bad]), int(neighbor[bad])
+                raise RuntimeError(self.descriptor.table_message(
+                    "atom " + str(i) + " (" + self.type_map[int(atype[i])] + ") and its neighbour " + str(j) + " ("
+                    + self.type_map[int(atype[j])] + ")", float(torch.linalg.vector_norm(vec[bad], 2.0, dim=-1)),
+                    int(atype[i])))
         nt = self.ntypes
         counts = torch.bincount(center * nt + neighbor_type, minlength=nloc * nt).reshape(nloc, nt)
         over = counts > torch.tensor(self.sel, device=counts.device)
@@ -209,8 +221,15 @@ class FrozenDeepPot(nn.Module):
         atom_energy = torch.cat(energies).to(dtype) if len(energies) > 0 else coord.new_zeros([0])
         g = torch.cat(grads).to(dtype) if len(grads) > 0 else coord.new_zeros([0, 3])
 
-        out = assemble(atom_energy, g, vec, center, neighbor,
-                       torch.zeros([nloc], dtype=torch.long, device=coord.device), 1, natoms, atom_virial)
+        atom_frame = torch.zeros([nloc], dtype=torch.long, device=coord.device)
+        if self.use_ops:
+            force, virial, av = torch.ops.dpmd.assemble(g, vec, center, neighbor, atom_frame, 1, natoms, atom_virial)
+            out = {"energy": g.new_zeros([1]).index_add(0, atom_frame, atom_energy), "atom_energy": atom_energy, "force": force,
+                   "virial": virial}
+            if atom_virial:
+                out["atom_virial"] = av
+        else:
+            out = assemble(atom_energy, g, vec, center, neighbor, atom_frame, 1, natoms, atom_virial)
         out["energy"] = out["energy"][0]
         out["virial"] = out["virial"].reshape(9)
         if atom_virial:
@@ -222,7 +241,12 @@ def script_model(model, chunk_atoms: int = DEFAULT_CHUNK_ATOMS) -> torch.jit.Scr
     """The TorchScript module of a DeepPot (weights copied, so the eager model stays independent)."""
     import copy
 
+    from dpmd import ops
+
     frozen = FrozenDeepPot(copy.deepcopy(model).eval(), chunk_atoms)
+    if ops.available():  # the archive then calls torch.ops.dpmd.*: loaders need the library (DPMD_OPS=0: portable)
+        frozen.use_ops = frozen.descriptor.use_ops = True
+        frozen.metadata = json.dumps({**json.loads(frozen.metadata), "ops_library": True})
     for p in frozen.parameters():
         p.requires_grad_(False)
     with warnings.catch_warnings():  # torch >= 2.10 flags TorchScript as deprecated; libtorch still loads it

@@ -8,13 +8,20 @@ vector r_e = x_j - x_i + shift @ box:
     W   = - sum_e g_e (x) r_e            (virial, -dE/d(strain); DeePMD-kit's sign)
 Large systems are evaluated in chunks of centre atoms so memory stays bounded: the
 energy is a sum of atomic terms, each depending only on its own edges.
+
+With the kernel library built (dpmd.ops), inference (create_graph=False) runs the environment
+matrix, the contraction and this assembly as C++/CUDA ops behind the same calls; training
+(create_graph=True: the force loss needs second derivatives) always takes the PyTorch reference.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict
 
 import torch
+
+from dpmd import ops
 
 from dpmd.geometry.graph import edge_vectors
 from dpmd.geometry.neighbor import NeighborList, check_sel, count_neighbors
@@ -45,32 +52,43 @@ def evaluate(model, graph: dict, *, create_graph: bool = False, chunk_atoms: int
     create_graph=True keeps the graph for training on forces (no chunking then).
     """
     check_neighbors(model, graph)
-    nframes, natoms_total = graph["box"].shape[0], graph["atype"].numel()
-    center, neighbor, atype, batch = graph["center"], graph["neighbor"], graph["atype"], graph["batch"]
+
+    def energy_and_gradient(vec, center, center_type, neighbor_type):
+        e = model.atomic_energy(vec, center, center_type, neighbor_type)
+        # allow_unused: a chunk of isolated atoms has no edges, hence no gradient
+        (g,) = torch.autograd.grad(e.sum(), vec, create_graph=create_graph, allow_unused=True)
+        return e, (torch.zeros_like(vec) if g is None else g)
+
+    # the kernels' backward gives first derivatives only: the force loss of training needs the reference
+    kernels = contextlib.nullcontext if create_graph else ops.first_derivative_only
+    with kernels():
+        atom_energy, g, vec = edge_gradients(energy_and_gradient, graph, create_graph, chunk_atoms)
+        return assemble(atom_energy, g, vec, graph["center"], graph["neighbor"], graph["batch"],
+                        graph["box"].shape[0], graph["atype"].numel(), atom_virial)
+
+
+def edge_gradients(energy_and_gradient, graph: dict, create_graph: bool = False, chunk_atoms: int | None = None):
+    """Atomic energies (..., N) and their gradients g = dE/dr (..., E, 3) with respect to the edge vectors
+    (..., E, 3), evaluated in chunks of centre atoms.  A leading axis (..., an ensemble's models) is allowed:
+    energy_and_gradient(vec (E, 3), center, center_type, neighbor_type) -> (e (..., n), g (..., E, 3))."""
+    natoms_total = graph["atype"].numel()
+    center, neighbor, atype = graph["center"], graph["neighbor"], graph["atype"]
     chunk = natoms_total if create_graph else (chunk_atoms or DEFAULT_CHUNK_ATOMS)
     # edges are sorted by centre: each chunk of atoms owns a contiguous range of edges
     bounds = torch.searchsorted(center, torch.arange(0, natoms_total + chunk, chunk, device=center.device)).tolist()
-
     dtype = graph["coord"].dtype
-    atom_energy, g_parts, vec_parts = [], [], []
+    energies, g_parts, vec_parts = [], [], []
     with torch.enable_grad():
         for k, a0 in enumerate(range(0, natoms_total, chunk)):
             a1 = min(a0 + chunk, natoms_total)
             edges = slice(bounds[k], bounds[k + 1])
             vec = edge_vectors(graph, edges)
             vec = vec if vec.requires_grad else vec.detach().requires_grad_()
-            e = model.atomic_energy(vec, center[edges] - a0, atype[a0:a1], atype[neighbor[edges]])
-            # allow_unused: a chunk of isolated atoms has no edges, hence no gradient
-            (g,) = torch.autograd.grad(e.sum(), vec, create_graph=create_graph, allow_unused=True)
-            g = torch.zeros_like(vec) if g is None else g
-            atom_energy.append(e if create_graph else e.detach())
+            e, g = energy_and_gradient(vec, center[edges] - a0, atype[a0:a1], atype[neighbor[edges]])
+            energies.append(e if create_graph else e.detach())
             g_parts.append(g)
             vec_parts.append(vec.detach())
-    atom_energy = torch.cat(atom_energy).to(dtype)
-    g = torch.cat(g_parts).to(dtype)
-    vec = torch.cat(vec_parts)
-
-    return assemble(atom_energy, g, vec, center, neighbor, batch, nframes, natoms_total, atom_virial)
+    return torch.cat(energies, dim=-1).to(dtype), torch.cat(g_parts, dim=-2).to(dtype), torch.cat(vec_parts)
 
 
 def assemble(atom_energy: torch.Tensor, g: torch.Tensor, vec: torch.Tensor, center: torch.Tensor,
@@ -82,6 +100,9 @@ def assemble(atom_energy: torch.Tensor, g: torch.Tensor, vec: torch.Tensor, cent
     cover all `natoms` atoms an edge can reach (ghosts included).  TorchScript-compatible:
     the frozen model (dpmd.model.export) calls it too.
     """
+    if not torch.jit.is_scripting():
+        if ops.active(g) and not g.requires_grad:  # one pass over the edges instead of index_add
+            return ops.assemble(atom_energy, g, vec, center, neighbor, atom_frame, nframes, natoms, atom_virial)
     force = torch.zeros([natoms, 3], dtype=g.dtype, device=g.device)
     force = force.index_add(0, center, g).index_add(0, neighbor, -g)
     edge_virial = -(g.unsqueeze(2) * vec.unsqueeze(1))  # (E, 3, 3)

@@ -99,10 +99,22 @@ def read_metadata(path) -> dict:
         raise DpmdError(f"{path}: not a frozen dpmd model ({err})")
 
 
+def _needs_ops_library(path: Path) -> bool:
+    """A frozen model scripted with dpmd's kernel library (e.g. a compressed model's fused op) calls it."""
+    try:
+        return bool(read_metadata(path).get("ops_library", False))
+    except DpmdError:
+        return False
+
+
 def _load_torchscript(path: Path, device) -> DeepPot:
     from dpmd.model.export import FORMAT_VERSION, METADATA_FILE
 
     extra = {METADATA_FILE: ""}
+    if _needs_ops_library(path):
+        from dpmd import ops
+
+        ops.require(str(path))
     try:
         with _no_jit_deprecation():
             module = torch.jit.load(str(path), map_location=device, _extra_files=extra)

@@ -1,0 +1,193 @@
+#include "neighbor.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <sstream>
+
+namespace dpmd {
+namespace {
+
+using Vec3 = std::array<double, 3>;
+
+Vec3 cross(const double* a, const double* b) {
+  return {a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]};
+}
+
+double norm(const Vec3& v) { return std::sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]); }
+
+// Images of the atoms that lie within rcut of the cell (all of them for open boundaries).
+struct Images {
+  std::vector<int64_t> owner;
+  std::vector<double> shift, position, bin_coord;  // (M, 3) each
+  Vec3 extent{};
+  std::vector<double> wrap;  // (n, 3) lattice vectors subtracted to wrap each atom into the cell
+};
+
+std::string periodic_images(const double* coord, int64_t n, const double* box, double rcut, Images& im) {
+  const double* a = box;
+  const double* b = box + 3;
+  const double* c = box + 6;
+  const Vec3 bc = cross(b, c), ca = cross(c, a), ab = cross(a, b);
+  const double det = a[0] * bc[0] + a[1] * bc[1] + a[2] * bc[2];
+  const double volume = std::fabs(det);
+  const Vec3 heights = {volume / norm(bc), volume / norm(ca), volume / norm(ab)};
+  for (double h : heights)
+    if (!(h > 0) || !std::isfinite(h)) return "box is singular: its lattice vectors must span a volume";
+  // inverse of the row-vector box: frac = x @ inv, inv columns = (b x c, c x a, a x b) / det
+  double inv[3][3];
+  for (int i = 0; i < 3; ++i) {
+    inv[i][0] = bc[i] / det;
+    inv[i][1] = ca[i] / det;
+    inv[i][2] = ab[i] / det;
+  }
+  std::vector<double> frac(3 * n);
+  im.wrap.assign(3 * n, 0.0);
+  for (int64_t i = 0; i < n; ++i)
+    for (int k = 0; k < 3; ++k) {
+      const double* x = coord + 3 * i;
+      const double f = x[0] * inv[0][k] + x[1] * inv[1][k] + x[2] * inv[2][k];
+      const double w = std::floor(f);
+      im.wrap[3 * i + k] = w;
+      frac[3 * i + k] = f - w;
+    }
+  Vec3 margin;
+  int nimg[3];
+  for (int k = 0; k < 3; ++k) {
+    margin[k] = rcut / heights[k];
+    nimg[k] = static_cast<int>(std::ceil(margin[k]));
+    im.extent[k] = (1 + 2 * margin[k]) * heights[k];
+  }
+  // lattice shifts in itertools.product order, the zero shift first (images 0..n-1 = the atoms)
+  std::vector<std::array<int, 3>> shifts = {{0, 0, 0}};
+  for (int i = -nimg[0]; i <= nimg[0]; ++i)
+    for (int j = -nimg[1]; j <= nimg[1]; ++j)
+      for (int k = -nimg[2]; k <= nimg[2]; ++k)
+        if (i != 0 || j != 0 || k != 0) shifts.push_back({i, j, k});
+  for (size_t s = 0; s < shifts.size(); ++s) {
+    for (int64_t i = 0; i < n; ++i) {
+      double f[3];
+      bool inside = true;
+      for (int k = 0; k < 3; ++k) {
+        f[k] = frac[3 * i + k] + shifts[s][k];
+        inside = inside && f[k] >= -margin[k] && f[k] < 1 + margin[k];
+      }
+      if (s != 0 && !inside) continue;
+      im.owner.push_back(i);
+      for (int k = 0; k < 3; ++k) {
+        im.shift.push_back(shifts[s][k] - im.wrap[3 * i + k]);
+        im.position.push_back(f[0] * a[k] + f[1] * b[k] + f[2] * c[k]);
+        im.bin_coord.push_back((f[k] + margin[k]) * heights[k]);
+      }
+    }
+  }
+  return "";
+}
+
+void open_images(const double* coord, int64_t n, Images& im) {
+  Vec3 lo = {coord[0], coord[1], coord[2]}, hi = lo;
+  for (int64_t i = 0; i < n; ++i)
+    for (int k = 0; k < 3; ++k) {
+      lo[k] = std::min(lo[k], coord[3 * i + k]);
+      hi[k] = std::max(hi[k], coord[3 * i + k]);
+    }
+  im.owner.resize(n);
+  im.shift.assign(3 * n, 0.0);
+  im.position.assign(coord, coord + 3 * n);
+  im.bin_coord.resize(3 * n);
+  for (int64_t i = 0; i < n; ++i) {
+    im.owner[i] = i;
+    for (int k = 0; k < 3; ++k) im.bin_coord[3 * i + k] = coord[3 * i + k] - lo[k];
+  }
+  for (int k = 0; k < 3; ++k) im.extent[k] = hi[k] - lo[k] + 1e-9;
+}
+
+}  // namespace
+
+std::string neighbor_list_cpu(const double* coord, int64_t n, const double* box, double rcut, EdgeList& out) {
+  out = EdgeList();
+  if (!(rcut > 0)) return "rcut must be positive";
+  if (n == 0) return "";
+  for (int64_t i = 0; i < 3 * n; ++i)
+    if (!std::isfinite(coord[i])) {
+      std::ostringstream msg;
+      msg << "atom " << i / 3 << " has a non-finite coordinate";
+      return msg.str();
+    }
+  Images im;
+  if (box != nullptr) {
+    std::string err = periodic_images(coord, n, box, rcut, im);
+    if (!err.empty()) return err;
+  } else {
+    open_images(coord, n, im);
+  }
+  // bins at least rcut wide; images are explicit, so bins never wrap around
+  int64_t nb[3];
+  double width[3];
+  for (int k = 0; k < 3; ++k) {
+    nb[k] = std::max<int64_t>(1, static_cast<int64_t>(std::floor(im.extent[k] / rcut)));
+    width[k] = im.extent[k] / nb[k];
+  }
+  const int64_t nimages = static_cast<int64_t>(im.owner.size());
+  const int64_t nbins = nb[0] * nb[1] * nb[2];
+  std::vector<int64_t> ib(3 * nimages), bin(nimages), count(nbins + 1, 0);
+  for (int64_t m = 0; m < nimages; ++m) {
+    for (int k = 0; k < 3; ++k) {
+      int64_t v = static_cast<int64_t>(im.bin_coord[3 * m + k] / width[k]);  // truncation, as .long()
+      ib[3 * m + k] = std::min(std::max<int64_t>(v, 0), nb[k] - 1);
+    }
+    bin[m] = (ib[3 * m] * nb[1] + ib[3 * m + 1]) * nb[2] + ib[3 * m + 2];
+    ++count[bin[m] + 1];
+  }
+  for (int64_t b = 0; b < nbins; ++b) count[b + 1] += count[b];  // count[b] = start of bin b
+  std::vector<int64_t> members(nimages), fill(count.begin(), count.end() - 1);
+  for (int64_t m = 0; m < nimages; ++m) members[fill[bin[m]]++] = m;  // stable: image order within a bin
+
+  const double rc2 = rcut * rcut;
+  const bool periodic = box != nullptr;
+  const int nthreads = n > 256 ? omp_get_max_threads() : 1;
+  std::vector<EdgeList> part(nthreads);
+#pragma omp parallel num_threads(nthreads)
+  {
+    EdgeList& mine = part[omp_get_thread_num()];
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {  // image i is atom i itself
+      const double* xi = im.position.data() + 3 * i;
+      for (int dx = -1; dx <= 1; ++dx)
+        for (int dy = -1; dy <= 1; ++dy)
+          for (int dz = -1; dz <= 1; ++dz) {
+            const int64_t bx = ib[3 * i] + dx, by = ib[3 * i + 1] + dy, bz = ib[3 * i + 2] + dz;
+            if (bx < 0 || by < 0 || bz < 0 || bx >= nb[0] || by >= nb[1] || bz >= nb[2]) continue;
+            const int64_t b = (bx * nb[1] + by) * nb[2] + bz;
+            for (int64_t q = count[b]; q < count[b + 1]; ++q) {
+              const int64_t m = members[q];
+              if (m == i) continue;
+              const double* xm = im.position.data() + 3 * m;
+              const double d0 = xm[0] - xi[0], d1 = xm[1] - xi[1], d2 = xm[2] - xi[2];
+              if (d0 * d0 + d1 * d1 + d2 * d2 >= rc2) continue;
+              mine.center.push_back(i);
+              mine.neighbor.push_back(im.owner[m]);
+              for (int k = 0; k < 3; ++k)
+                mine.shift.push_back(im.shift[3 * m + k] + (periodic ? im.wrap[3 * i + k] : 0.0));
+            }
+          }
+    }
+  }
+  // static schedule: thread t holds a contiguous, ascending range of centres
+  for (auto& p : part) {
+    out.center.insert(out.center.end(), p.center.begin(), p.center.end());
+    out.neighbor.insert(out.neighbor.end(), p.neighbor.begin(), p.neighbor.end());
+    out.shift.insert(out.shift.end(), p.shift.begin(), p.shift.end());
+  }
+  return "";
+}
+
+void neighbor_counts_cpu(const int64_t* center, const int64_t* neighbor, const int64_t* atype, int64_t n,
+                         int64_t natoms, int64_t ntypes, int64_t* counts) {
+  std::fill(counts, counts + natoms * ntypes, 0);
+  for (int64_t e = 0; e < n; ++e) ++counts[center[e] * ntypes + atype[neighbor[e]]];
+}
+
+}  // namespace dpmd

@@ -1,0 +1,74 @@
+// pair_style dpmd: a dpmd frozen (TorchScript) model as a LAMMPS many-body pair style.
+//
+//   pair_style dpmd model1.pth [model2.pth ...] [out_freq N] [out_file model_devi.out] [atomic] [relative EPS]
+//   pair_coeff * * O H
+//
+// The first model drives the dynamics.  With several models every model is evaluated every
+// out_freq steps and the ensemble deviation is written (by rank 0) with DeePMD-kit's columns.
+// The model runs in "ghost" mode: local atoms followed by LAMMPS's ghost atoms, a full neighbour
+// list from local centres; forces on ghosts go back to their owners by reverse communication.
+// SPDX-License-Identifier: LGPL-3.0-or-later
+
+#ifndef DPMD_PAIR_DPMD_H
+#define DPMD_PAIR_DPMD_H
+
+#include "pair.h"
+
+#include <torch/script.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+namespace LAMMPS_NS {
+
+class PairDPMD : public Pair {
+ public:
+  PairDPMD(class LAMMPS *);
+  ~PairDPMD() override;
+
+  void compute(int, int) override;
+  void settings(int, char **) override;
+  void coeff(int, char **) override;
+  void init_style() override;
+  double init_one(int, int) override;
+  int pack_reverse_comm(int, int, double *) override;
+  void unpack_reverse_comm(int, int *, double *) override;
+
+ private:
+  struct Model {
+    std::string path;
+    torch::jit::Module module;
+    std::vector<std::string> type_map;
+    double rcut = 0.0;
+    std::vector<int> lmp_to_model;  // LAMMPS type (1-based) -> model type index
+  };
+
+  std::vector<Model> models;
+  double rcut_max = 0.0;
+  int out_freq = 100;
+  std::string out_file = "model_devi.out";
+  bool atomic = false;
+  bool relative = false;
+  double relative_eps = 0.0;
+  FILE *devi_fp = nullptr;
+  bigint last_devi_step = -1;
+
+  // forces of every model on every (local + ghost) atom, for the deviation's reverse communication
+  std::vector<double> model_forces;
+  int comm_models = 0;
+
+  void allocate();
+  void load_model(const std::string &path);
+  void open_devi_file();
+  torch::Tensor types_for(const Model &model, int nall);
+  c10::Dict<c10::IValue, c10::IValue> evaluate(Model &model, const torch::Tensor &coord, int nall, int nlocal,
+                                               const torch::Tensor &center, const torch::Tensor &neighbor,
+                                               bool atom_virial);
+  void write_deviation(const std::vector<torch::Tensor> &forces, const std::vector<double> &virials,
+                       const std::vector<double> &energies, int nlocal, int nall);
+};
+
+}    // namespace LAMMPS_NS
+
+#endif

@@ -1,0 +1,116 @@
+// torch.ops.dpmd.contract: T[c] = sum_{e of centre c} rows[e]^T emb[e]  (ncent, K, M), first-derivative autograd.
+//   contract(rows (E,K), emb (E,M), center (E,) ascending, ncent) -> T (ncent, K, M)
+//   contract_backward(grad_T, rows, emb, center) -> (d_rows, d_emb)
+#include "contract.h"
+#include "ops_common.h"
+
+using at::Tensor;
+
+namespace {
+
+Tensor contract_device(const Tensor& rows_in, const Tensor& emb_in, const Tensor& center_in, int64_t ncent) {
+  dpmd_torch::check_float_2d(rows_in, -1, "rows");
+  dpmd_torch::check_float_2d(emb_in, -1, "emb");
+  const int64_t n = rows_in.size(0), K = rows_in.size(1), M = emb_in.size(1);
+  TORCH_CHECK(emb_in.size(0) == n && emb_in.scalar_type() == rows_in.scalar_type(),
+              "dpmd: contract: emb must be (", n, ", M) of the rows' dtype, got ", emb_in.sizes());
+  dpmd_torch::check_index(center_in, n, "center");
+  Tensor rows = rows_in.contiguous(), emb = emb_in.contiguous(), center = center_in.contiguous();
+  Tensor out = at::empty({ncent, K, M}, rows.options());
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "dpmd_contract", [&] {
+    if (rows.is_cuda()) {
+#if defined(DPMD_WITH_CUDA)
+      c10::cuda::CUDAGuard guard(rows.device());
+      dpmd::contract_cuda<scalar_t>(rows.data_ptr<scalar_t>(), emb.data_ptr<scalar_t>(), center.data_ptr<int64_t>(),
+                                    n, ncent, K, M, out.data_ptr<scalar_t>(), dpmd_torch::current_stream());
+#endif
+    } else {
+      std::vector<int64_t> seg(ncent + 1);
+      TORCH_CHECK(dpmd::segment_offsets(center.data_ptr<int64_t>(), n, ncent, seg.data()),
+                  "dpmd: contract: center must be ascending and in [0, ", ncent, ")");
+      dpmd::contract_cpu<scalar_t>(rows.data_ptr<scalar_t>(), emb.data_ptr<scalar_t>(), seg.data(), ncent, K, M,
+                                   out.data_ptr<scalar_t>());
+    }
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> contract_backward(const Tensor& grad_in, const Tensor& rows, const Tensor& emb,
+                                             const Tensor& center) {
+  Tensor grad = grad_in.contiguous();
+  const int64_t n = rows.size(0), K = rows.size(1), M = emb.size(1);
+  Tensor d_rows = at::empty_like(rows), d_emb = at::empty_like(emb);
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "dpmd_contract_backward", [&] {
+    if (rows.is_cuda()) {
+#if defined(DPMD_WITH_CUDA)
+      c10::cuda::CUDAGuard guard(rows.device());
+      dpmd::contract_backward_cuda<scalar_t>(grad.data_ptr<scalar_t>(), rows.data_ptr<scalar_t>(),
+                                             emb.data_ptr<scalar_t>(), center.data_ptr<int64_t>(), n, K, M,
+                                             d_rows.data_ptr<scalar_t>(), d_emb.data_ptr<scalar_t>(),
+                                             dpmd_torch::current_stream());
+#endif
+    } else {
+      dpmd::contract_backward_cpu<scalar_t>(grad.data_ptr<scalar_t>(), rows.data_ptr<scalar_t>(),
+                                            emb.data_ptr<scalar_t>(), center.data_ptr<int64_t>(), n, K, M,
+                                            d_rows.data_ptr<scalar_t>(), d_emb.data_ptr<scalar_t>());
+    }
+  });
+  return {d_rows, d_emb};
+}
+
+class Contract : public torch::autograd::Function<Contract> {
+ public:
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& rows, const Tensor& emb,
+                        const Tensor& center, int64_t ncent) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("dpmd::contract", "")
+                         .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t)>();
+    Tensor rows_c = rows.contiguous(), emb_c = emb.contiguous(), center_c = center.contiguous();
+    ctx->save_for_backward({rows_c, emb_c, center_c});
+    return op.call(rows_c, emb_c, center_c, ncent);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("dpmd::contract_backward", "")
+                         .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                           const Tensor&)>();
+    auto saved = ctx->get_saved_variables();
+    auto [d_rows, d_emb] = op.call(grads[0], saved[0], saved[1], saved[2]);
+    return {d_rows, d_emb, Tensor(), Tensor()};
+  }
+};
+
+Tensor contract_autograd(const Tensor& rows, const Tensor& emb, const Tensor& center, int64_t ncent) {
+  return Contract::apply(rows, emb, center, ncent);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(dpmd, m) {
+  m.def("contract(Tensor rows, Tensor emb, Tensor center, int ncent) -> Tensor");
+  m.def("contract_backward(Tensor grad, Tensor rows, Tensor emb, Tensor center) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dpmd, CPU, m) {
+  m.impl("contract", contract_device);
+  m.impl("contract_backward", contract_backward);
+}
+
+#if defined(DPMD_WITH_CUDA)
+TORCH_LIBRARY_IMPL(dpmd, CUDA, m) {
+  m.impl("contract", contract_device);
+  m.impl("contract_backward", contract_backward);
+}
+#endif
+
+// Shapes only (FakeTensor / torch.compile tracing)
+TORCH_LIBRARY_IMPL(dpmd, Meta, m) {
+  m.impl("contract", [](const Tensor& rows, const Tensor& emb, const Tensor&, int64_t ncent) {
+    return at::empty({ncent, rows.size(1), emb.size(1)}, rows.options());
+  });
+  m.impl("contract_backward", [](const Tensor&, const Tensor& rows, const Tensor& emb, const Tensor&) {
+    return std::make_tuple(at::empty_like(rows), at::empty_like(emb));
+  });
+}
+
+TORCH_LIBRARY_IMPL(dpmd, Autograd, m) { m.impl("contract", contract_autograd); }

@@ -1,0 +1,145 @@
+"""dpmd's kernel library (csrc/): C++/OpenMP and CUDA kernels registered as `torch.ops.dpmd.*`.
+
+    dpmd.ops.build(verbose=False) -> Path   compile (once; cached by source hash) and return the library
+    dpmd.ops.library_path() -> Path | None  the built library for these sources, or None
+    dpmd.ops.available() -> bool            loads the library if it is built; never builds it
+
+The model calls the same functions either way (DescriptorSeA.env_rows, dpmd.model.forces); the kernels
+are used when all of these hold, else the pure-PyTorch reference runs:
+  - the library is built (`dpmd build-ops`) and DPMD_OPS is not 0;
+  - the caller only needs first derivatives (`first_derivative_only()`, which dpmd.model.forces.evaluate
+    enters unless create_graph=True).  The ops' backward is not itself differentiable, so training
+    (whose force loss differentiates forces again) always runs on the reference path.
+When the library would be used but is not built, one line is printed once per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from dpmd.ops import build as _build
+
+MISSING_WARNING = "dpmd: kernel library not built (run `dpmd build-ops`); using the PyTorch reference path"
+
+_state = {"loaded": None, "warned": False}
+_local = threading.local()
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the library (if not already built for these sources) and load it into this process."""
+    path = _build.build(verbose)
+    _load(path)
+    return path
+
+
+def library_path() -> Path | None:
+    path = _build.target_path()
+    return path if path.is_file() else None
+
+
+def disabled() -> bool:
+    return os.environ.get("DPMD_OPS", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def available() -> bool:
+    """True when the library is built and loaded (loading it now if needed); never builds."""
+    if _state["loaded"] is not None:
+        return True
+    if disabled():
+        return False
+    path = library_path()
+    if path is None:
+        return False
+    _load(path)
+    return True
+
+
+def has_cuda() -> bool:
+    """The loaded library has CUDA kernels (it was built against a CUDA PyTorch)."""
+    return _state["loaded"] is not None and "-cuda-" in _state["loaded"].parent.name
+
+
+def _load(path: Path) -> None:
+    if _state["loaded"] is not None:
+        return
+    if _build.built_in_this_process != path:  # a build in this process has registered the ops already
+        torch.ops.load_library(str(path))
+    _state["loaded"] = path
+
+
+def require(what: str) -> None:
+    """Load the library for `what` (e.g. a frozen model that calls torch.ops.dpmd.*), or a one-line error."""
+    from dpmd.errors import DpmdError
+
+    if _state["loaded"] is None and (library_path() is None or not available()):
+        raise DpmdError(f"{what} calls dpmd's kernel library, which is not built here: run `dpmd build-ops`")
+
+
+@contextlib.contextmanager
+def first_derivative_only():
+    """Within this block the model may use the kernels (their backward gives forces, not force gradients)."""
+    previous = getattr(_local, "inference", False)
+    _local.inference = True
+    try:
+        yield
+    finally:
+        _local.inference = previous
+
+
+@contextlib.contextmanager
+def reference_only():
+    """Force the PyTorch reference path inside this block (tests, benchmarks)."""
+    previous = getattr(_local, "inference", False)
+    _local.inference = False
+    try:
+        yield
+    finally:
+        _local.inference = previous
+
+
+def active(tensor: torch.Tensor | None = None) -> bool:
+    """Should the current call (on `tensor`'s device) use the kernels?  Warns once when it would but the
+    library is missing."""
+    if not getattr(_local, "inference", False) or torch.jit.is_scripting():
+        return False
+    if available():
+        return tensor is None or tensor.device.type == "cpu" or (tensor.is_cuda and has_cuda())
+    if not disabled() and not _state["warned"]:
+        _state["warned"] = True
+        print(MISSING_WARNING, file=sys.stderr)
+    return False
+
+
+# ---- thin wrappers around the ops (eager callers) ----
+
+def env_rows(edge_vec: torch.Tensor, rcut_smth: float, rcut: float) -> torch.Tensor:
+    """(s, s x/r, s y/r, s z/r) rows (E, 4) of edge vectors (E, 3); differentiable once."""
+    return torch.ops.dpmd.env_mat(edge_vec, rcut_smth, rcut)
+
+
+def contract(rows: torch.Tensor, emb: torch.Tensor, center: torch.Tensor, ncent: int) -> torch.Tensor:
+    """T[c] = sum_{e: center[e] = c} rows[e]^T emb[e], (ncent, 4, M); center ascending."""
+    return torch.ops.dpmd.contract(rows, emb, center, ncent)
+
+
+def assemble(atom_energy, g, vec, center, neighbor, atom_frame, nframes: int, natoms: int,
+             atom_virial: bool = False) -> dict:
+    """What dpmd.model.forces.assemble computes, in one pass over the edges."""
+    force, virial, av = torch.ops.dpmd.assemble(g, vec, center, neighbor, atom_frame, nframes, natoms,
+                                                atom_virial)
+    energy = torch.zeros([nframes], dtype=g.dtype, device=g.device).index_add(0, atom_frame, atom_energy)
+    out = {"energy": energy, "atom_energy": atom_energy, "force": force, "virial": virial}
+    if atom_virial:
+        out["atom_virial"] = av
+    return out
+
+
+def neighbor_list(coord: torch.Tensor, box: torch.Tensor | None, rcut: float):
+    """(center, neighbor, shift) like dpmd.geometry.neighbor.build_neighbor_list, same order."""
+    return torch.ops.dpmd.neighbor_list(coord, box, rcut)

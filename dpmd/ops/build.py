@@ -1,0 +1,119 @@
+"""Building dpmd's kernel library (csrc/) into one shared object with torch.utils.cpp_extension.
+
+Every `csrc/kernels/*.cc` and `csrc/torch/*.cpp` (plus `csrc/kernels/*.cu` when PyTorch has
+CUDA) goes into one library, `dpmd_ops.so`, in a cache folder keyed by a hash of the sources,
+the flags and the PyTorch version:
+
+    $DPMD_OPS_DIR (if set), else $XDG_CACHE_HOME/dpmd/ops (~/.cache/dpmd/ops)
+        <torch version>-<cpu|cuda>-<hash>/dpmd_ops.so
+
+A file lock serialises concurrent builds (MPI ranks, DDP workers, pytest processes), and the
+library is compiled in a private folder and renamed into place, so a process never sees a
+half-written `.so`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+LIB_NAME = "dpmd_ops"
+CXX_FLAGS = ["-O3", "-fopenmp", "-std=c++17"]
+LD_FLAGS = ["-fopenmp"]
+NVCC_FLAGS = ["-O3", "-std=c++17"]
+
+# Set when this process compiled the library: load() has then already registered its ops,
+# and loading the renamed copy again would register them twice.
+built_in_this_process: Path | None = None
+
+
+def cache_root() -> Path:
+    if os.environ.get("DPMD_OPS_DIR"):
+        return Path(os.environ["DPMD_OPS_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dpmd" / "ops"
+
+
+def with_cuda() -> bool:
+    """Link the CUDA kernels in when this PyTorch is a CUDA build and nvcc can be found."""
+    if torch.version.cuda is None:
+        return False
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return CUDA_HOME is not None
+
+
+def sources(cuda: bool | None = None) -> list[Path]:
+    cuda = with_cuda() if cuda is None else cuda
+    files = sorted((CSRC / "kernels").glob("*.cc")) + sorted((CSRC / "torch").glob("*.cpp"))
+    if cuda:
+        files += sorted((CSRC / "kernels").glob("*.cu"))
+    return files
+
+
+def _headers() -> list[Path]:
+    return sorted((CSRC / "kernels").glob("*.h")) + sorted((CSRC / "torch").glob("*.h"))
+
+
+def build_key(cuda: bool | None = None) -> str:
+    """<torch version>-<cpu|cuda>-<hash of sources, headers and flags>."""
+    cuda = with_cuda() if cuda is None else cuda
+    h = hashlib.sha256()
+    for f in sources(cuda) + _headers():
+        h.update(str(f.relative_to(CSRC)).encode() + b"\0" + f.read_bytes() + b"\0")
+    h.update(" ".join(CXX_FLAGS + LD_FLAGS + (NVCC_FLAGS if cuda else [])).encode())
+    return f"{torch.__version__.replace('+', '_')}-{'cuda' if cuda else 'cpu'}-{h.hexdigest()[:16]}"
+
+
+def target_path(cuda: bool | None = None) -> Path:
+    return cache_root() / build_key(cuda) / f"{LIB_NAME}.so"
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the library unless an up-to-date one exists; returns its path (does not load it)."""
+    cuda = with_cuda()
+    target = target_path(cuda)
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others wait, then find the library
+        try:
+            if target.is_file():
+                return target
+            _compile(target, cuda, verbose)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return target
+
+
+def _compile(target: Path, cuda: bool, verbose: bool) -> None:
+    from torch.utils.cpp_extension import load
+
+    global built_in_this_process
+    # One ninja folder per torch version and backend, reused (under the lock) so that a change to
+    # one source recompiles only that file; the finished library is copied out and renamed into place.
+    work = cache_root() / f"build-{torch.__version__.replace('+', '_')}-{'cuda' if cuda else 'cpu'}"
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            cflags = CXX_FLAGS + (["-DDPMD_WITH_CUDA"] if cuda else [])
+            # load() runs ninja in `work` and loads the result into this process (is_python_module=False:
+            # a plain library of torch ops, no Python module).
+            load(name=LIB_NAME, sources=[str(s) for s in sources(cuda)], extra_cflags=cflags,
+                 extra_cuda_cflags=NVCC_FLAGS + ["-DDPMD_WITH_CUDA"], extra_ldflags=LD_FLAGS,
+                 extra_include_paths=[str(CSRC / "kernels"), str(CSRC / "torch")], build_directory=str(work),
+                 with_cuda=cuda, is_python_module=False, verbose=verbose)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}")
+            shutil.copy2(work / f"{LIB_NAME}.so", tmp)
+            os.replace(tmp, target)
+            built_in_this_process = target  # load() has already registered the ops here
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
