@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dpmd import ops
 from dpmd.errors import DpmdError, NeighborOverflowError
 from dpmd.md import devi as devi_mod
 from dpmd.md.domain import Comm, Domain
@@ -35,6 +36,7 @@ from dpmd.md.integrator import velocity_verlet
 from dpmd.md.state import MDState, kinetic_energy
 from dpmd.md.thermostats import Thermostat, _as_frames, _zero_energy
 from dpmd.md.units import MVV2E
+from dpmd.model.forces import edge_gradients, energy_and_gradient
 
 _SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 
@@ -122,26 +124,6 @@ class _NullOutput:
 
     def close(self):
         pass
-
-
-def atomic_energies_and_gradients(model, vec, center, center_type, neighbor_type, chunk: int = 512):
-    """Atomic energies of the centres (n,) and dE/dr_e (E, 3), in chunks of centres (as dpmd.model.evaluate,
-    but only the listed centres get an energy: ghosts are neighbours, never centres).  Edges sorted by centre."""
-    n = center_type.numel()
-    bounds = torch.searchsorted(center, torch.arange(0, n + chunk, chunk, device=center.device)).tolist()
-    energies, grads = [], []
-    with torch.enable_grad():
-        for k, a0 in enumerate(range(0, n, chunk)):
-            a1 = min(a0 + chunk, n)
-            edges = slice(bounds[k], bounds[k + 1])
-            v = vec[edges].detach().requires_grad_()
-            e = model.atomic_energy(v, center[edges] - a0, center_type[a0:a1], neighbor_type[edges])
-            (g,) = torch.autograd.grad(e.sum(), v, allow_unused=True)    # a chunk may have no edges
-            energies.append(e.detach())
-            grads.append(torch.zeros_like(v) if g is None else g)
-    if not energies:
-        return torch.zeros(0, dtype=vec.dtype, device=vec.device), torch.zeros_like(vec)
-    return torch.cat(energies).to(vec.dtype), torch.cat(grads).to(vec.dtype)
 
 
 class ParallelSimulation(Simulation):
@@ -232,8 +214,10 @@ class ParallelSimulation(Simulation):
         over = counts > torch.tensor(list(model.sel), device=counts.device)
         n_over = int(over.any(dim=1).sum())
         nslots = coord.shape[0]
-        if n_over == 0:
-            atom_e, g = atomic_energies_and_gradients(model, vec, center, atype[:nlocal], atype[neighbor])
+        if n_over == 0 and nlocal > 0:  # ghosts are neighbours, never centres; kernels as in the serial engine
+            graph = {"coord": coord, "atype": atype, "center": center, "neighbor": neighbor, "edge_vec": vec}
+            with ops.first_derivative_only():
+                atom_e, g, _ = edge_gradients(energy_and_gradient(model), graph, ncenters=nlocal)
         else:
             atom_e, g = torch.zeros(nlocal, dtype=self.dtype), torch.zeros_like(vec)
         force = torch.zeros(nslots, 3, dtype=self.dtype, device=coord.device)

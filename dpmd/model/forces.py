@@ -52,26 +52,32 @@ def evaluate(model, graph: dict, *, create_graph: bool = False, chunk_atoms: int
     create_graph=True keeps the graph for training on forces (no chunking then).
     """
     check_neighbors(model, graph)
-
-    def energy_and_gradient(vec, center, center_type, neighbor_type):
-        e = model.atomic_energy(vec, center, center_type, neighbor_type)
-        # allow_unused: a chunk of isolated atoms has no edges, hence no gradient
-        (g,) = torch.autograd.grad(e.sum(), vec, create_graph=create_graph, allow_unused=True)
-        return e, (torch.zeros_like(vec) if g is None else g)
-
     # the kernels' backward gives first derivatives only: the force loss of training needs the reference
     kernels = contextlib.nullcontext if create_graph else ops.first_derivative_only
     with kernels():
-        atom_energy, g, vec = edge_gradients(energy_and_gradient, graph, create_graph, chunk_atoms)
+        atom_energy, g, vec = edge_gradients(energy_and_gradient(model, create_graph), graph, create_graph,
+                                             chunk_atoms)
         return assemble(atom_energy, g, vec, graph["center"], graph["neighbor"], graph["batch"],
                         graph["box"].shape[0], graph["atype"].numel(), atom_virial)
 
 
-def edge_gradients(energy_and_gradient, graph: dict, create_graph: bool = False, chunk_atoms: int | None = None):
+def energy_and_gradient(model, create_graph: bool = False):
+    """The function edge_gradients evaluates per chunk: a model's atomic energies and dE/d(edge vectors)."""
+    def fn(vec, center, center_type, neighbor_type):
+        e = model.atomic_energy(vec, center, center_type, neighbor_type)
+        # allow_unused: a chunk of isolated atoms has no edges, hence no gradient
+        (g,) = torch.autograd.grad(e.sum(), vec, create_graph=create_graph, allow_unused=True)
+        return e, (torch.zeros_like(vec) if g is None else g)
+    return fn
+
+
+def edge_gradients(energy_and_gradient, graph: dict, create_graph: bool = False, chunk_atoms: int | None = None,
+                   ncenters: int | None = None):
     """Atomic energies (..., N) and their gradients g = dE/dr (..., E, 3) with respect to the edge vectors
     (..., E, 3), evaluated in chunks of centre atoms.  A leading axis (..., an ensemble's models) is allowed:
-    energy_and_gradient(vec (E, 3), center, center_type, neighbor_type) -> (e (..., n), g (..., E, 3))."""
-    natoms_total = graph["atype"].numel()
+    energy_and_gradient(vec (E, 3), center, center_type, neighbor_type) -> (e (..., n), g (..., E, 3)).
+    ncenters: only atoms 0..ncenters-1 are centres (the others are ghosts: neighbours only)."""
+    natoms_total = graph["atype"].numel() if ncenters is None else ncenters
     center, neighbor, atype = graph["center"], graph["neighbor"], graph["atype"]
     chunk = natoms_total if create_graph else (chunk_atoms or DEFAULT_CHUNK_ATOMS)
     # edges are sorted by centre: each chunk of atoms owns a contiguous range of edges
