@@ -32,13 +32,19 @@ _local = threading.local()
 
 
 def build(verbose: bool = False) -> Path:
-    """Compile the library (if not already built for these sources) and load it into this process."""
+    """Compile the library (if not already built for these sources) and load it into this process.
+    Once a library is loaded, that one is returned: a process cannot register the ops twice."""
+    if _state["loaded"] is not None:
+        return _state["loaded"]
     path = _build.build(verbose)
     _load(path)
     return path
 
 
 def library_path() -> Path | None:
+    """The library this process has loaded, else the built one for these sources, else None."""
+    if _state["loaded"] is not None:
+        return _state["loaded"]
     path = _build.target_path()
     return path if path.is_file() else None
 
