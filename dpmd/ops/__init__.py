@@ -74,8 +74,7 @@ def has_cuda() -> bool:
 def _load(path: Path) -> None:
     if _state["loaded"] is not None:
         return
-    if _build.built_in_this_process != path:  # a build in this process has registered the ops already
-        torch.ops.load_library(str(path))
+    torch.ops.load_library(str(path))
     _state["loaded"] = path
 
 

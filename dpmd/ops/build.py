@@ -18,6 +18,8 @@ import fcntl
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -27,11 +29,6 @@ LIB_NAME = "dpmd_ops"
 CXX_FLAGS = ["-O3", "-fopenmp", "-std=c++17"]
 LD_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "-std=c++17"]
-
-# Set when this process compiled the library: load() has then already registered its ops,
-# and loading the renamed copy again would register them twice.
-built_in_this_process: Path | None = None
-
 
 def cache_root() -> Path:
     if os.environ.get("DPMD_OPS_DIR"):
@@ -94,26 +91,27 @@ def build(verbose: bool = False) -> Path:
 
 
 def _compile(target: Path, cuda: bool, verbose: bool) -> None:
-    from torch.utils.cpp_extension import load
-
-    global built_in_this_process
     # One ninja folder per torch version and backend, reused (under the lock) so that a change to
     # one source recompiles only that file; the finished library is copied out and renamed into place.
+    # The compile runs in a child process: cpp_extension.load() also loads what it built, and a process
+    # that later opened the renamed copy too (the LAMMPS plugin does) would register the ops twice.
     work = cache_root() / f"build-{torch.__version__.replace('+', '_')}-{'cuda' if cuda else 'cpu'}"
     work.mkdir(parents=True, exist_ok=True)
     with open(work / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            cflags = CXX_FLAGS + (["-DDPMD_WITH_CUDA"] if cuda else [])
-            # load() runs ninja in `work` and loads the result into this process (is_python_module=False:
-            # a plain library of torch ops, no Python module).
-            load(name=LIB_NAME, sources=[str(s) for s in sources(cuda)], extra_cflags=cflags,
-                 extra_cuda_cflags=NVCC_FLAGS + ["-DDPMD_WITH_CUDA"], extra_ldflags=LD_FLAGS,
-                 extra_include_paths=[str(CSRC / "kernels"), str(CSRC / "torch")], build_directory=str(work),
-                 with_cuda=cuda, is_python_module=False, verbose=verbose)
+            args = dict(name=LIB_NAME, sources=[str(s) for s in sources(cuda)],
+                        extra_cflags=CXX_FLAGS + (["-DDPMD_WITH_CUDA"] if cuda else []),
+                        extra_cuda_cflags=NVCC_FLAGS + ["-DDPMD_WITH_CUDA"], extra_ldflags=LD_FLAGS,
+                        extra_include_paths=[str(CSRC / "kernels"), str(CSRC / "torch")], build_directory=str(work),
+                        with_cuda=cuda, is_python_module=False, verbose=verbose)
+            script = f"from torch.utils.cpp_extension import load; load(**{args!r})"
+            proc = subprocess.run([sys.executable, "-c", script], capture_output=not verbose, text=True)
+            if proc.returncode != 0:
+                tail = (proc.stderr or "").strip().splitlines()[-15:]
+                raise RuntimeError("compiling the kernel library failed:\n" + "\n".join(tail))
             tmp = target.with_name(f".{target.name}.{os.getpid()}")
             shutil.copy2(work / f"{LIB_NAME}.so", tmp)
             os.replace(tmp, target)
-            built_in_this_process = target  # load() has already registered the ops here
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
