@@ -73,6 +73,12 @@ def write_report(state: State, out_dir: Path) -> Path:
     its = [r["iteration"] for r in rows]
     images = []
 
+    def save(fig, name: str, title: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
+        images.append((title, name))
+
     # 1. accurate / candidate / failed fractions per iteration
     fig, ax = plt.subplots(figsize=(6, 3.5))
     acc = np.array([r["accurate"] or 0 for r in rows])
@@ -83,10 +89,7 @@ def write_report(state: State, out_dir: Path) -> Path:
     ax.bar(its, fail, bottom=acc + cand, color="tab:red", label="failed")
     ax.set(xlabel="iteration", ylabel="fraction of explored frames", ylim=(0, 1.05), xticks=its)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "fractions.png", dpi=100)
-    plt.close(fig)
-    images.append(("Accurate / candidate / failed fractions", "fractions.png"))
+    save(fig, "fractions.png", "Accurate / candidate / failed fractions")
 
     # 2. max_devi_f histograms with the trust levels
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -105,10 +108,7 @@ def write_report(state: State, out_dir: Path) -> Path:
     ax.set(xlabel="max_devi_f (eV/Å)", ylabel="frames")
     if allv:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "devi_hist.png", dpi=100)
-    plt.close(fig)
-    images.append(("max_devi_f per iteration vs trust levels", "devi_hist.png"))
+    save(fig, "devi_hist.png", "max_devi_f per iteration vs trust levels")
 
     # 3. labels so far vs validation error
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -116,11 +116,8 @@ def write_report(state: State, out_dir: Path) -> Path:
     if pts:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
     ax.set(xlabel="labels so far", ylabel="force RMSE on the new labels (eV/Å)")
-    fig.tight_layout()
-    fig.savefig(out_dir / "labels_vs_error.png", dpi=100)
-    plt.close(fig)
-    images.append(("Labels so far vs validation error (model 0 on the labels its exploration produced)",
-                   "labels_vs_error.png"))
+    save(fig, "labels_vs_error.png",
+         "Labels so far vs validation error (model 0 on the labels its exploration produced)")
 
     # 4. time per stage
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -134,10 +131,7 @@ def write_report(state: State, out_dir: Path) -> Path:
         table.append((stage, secs))
     ax.set(xlabel="iteration", ylabel="seconds", xticks=its)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "stage_times.png", dpi=100)
-    plt.close(fig)
-    images.append(("Time per stage", "stage_times.png"))
+    save(fig, "stage_times.png", "Time per stage")
 
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>elt campaign report</title>",
              "<style>body{font-family:sans-serif;margin:2em} td,th{padding:2px 8px;text-align:right} "

@@ -89,8 +89,6 @@ def build_neighbor_list(coord: torch.Tensor, box: torch.Tensor | None, rcut: flo
     Edges come sorted by centre.  The kernel library's cell list (same edges, same order) runs
     when it is built; `reference_neighbor_list` otherwise.
     """
-    if rcut <= 0:
-        raise ValueError(f"rcut must be positive, got {rcut}")
     from dpmd import ops  # imported here: dpmd.ops sits above the geometry layer
 
     if coord.device.type == "cpu" and ops.available():

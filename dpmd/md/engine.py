@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dpmd.errors import DpmdError, NeighborOverflowError
+from dpmd.geometry.graph import build_graph
 from dpmd.md import devi as devi_mod
 from dpmd.md import output as out_mod
 from dpmd.md.barostats import pressure_tensor, stochastic_cell_rescaling
@@ -233,8 +234,6 @@ class Simulation:
         outs = dict(zip(shared, evaluate_ensemble([self.models[k] for k in shared], dict(self._graph))))
         for k in range(1, len(self.models)):
             if k not in outs:
-                from dpmd.geometry.graph import build_graph
-
                 outs[k] = evaluate(self.models[k], build_graph(s.positions, self.atypes[k], s.box,
                                                                self.models[k].rcut))
         for k in range(1, len(self.models)):

@@ -38,8 +38,7 @@ def evaluate_ensemble(models, graph: dict, *, batched: bool | None = None, chunk
         batched = device.type == "cuda"
     if not batched or len(models) < 2 or not shares_layout(models):
         return [evaluate(m, graph, chunk_atoms=chunk_atoms) for m in models]
-    for m in models:
-        check_neighbors(m, graph)
+    check_neighbors(models[0], graph)  # equal layouts: equal sel
     params, buffers = torch.func.stack_module_state(list(models))
     template = _AtomicEnergy(models[0])
 

@@ -87,25 +87,23 @@ def require(what: str) -> None:
 
 
 @contextlib.contextmanager
+def _kernels_allowed(allowed: bool):
+    previous = getattr(_local, "inference", False)
+    _local.inference = allowed
+    try:
+        yield
+    finally:
+        _local.inference = previous
+
+
 def first_derivative_only():
     """Within this block the model may use the kernels (their backward gives forces, not force gradients)."""
-    previous = getattr(_local, "inference", False)
-    _local.inference = True
-    try:
-        yield
-    finally:
-        _local.inference = previous
+    return _kernels_allowed(True)
 
 
-@contextlib.contextmanager
 def reference_only():
     """Force the PyTorch reference path inside this block (tests, benchmarks)."""
-    previous = getattr(_local, "inference", False)
-    _local.inference = False
-    try:
-        yield
-    finally:
-        _local.inference = previous
+    return _kernels_allowed(False)
 
 
 def active(tensor: torch.Tensor | None = None) -> bool:
