@@ -35,7 +35,7 @@ SELECT = {"budget": 10, "method": "fps"}
 FILTERS = {"min_distance": 1.0, "volume_per_atom": None, "min_cell_angle": 30.0, "max_cell_length": None}
 LABELLER = {"calculator": "emt", "kwargs": {}}
 DISPATCHER = {"backend": "local", "workers": 1, "timeout": 600.0, "start_method": "spawn", "machine": None,
-              "resources": None}
+              "resources": None, "retries": 3, "retry_wait": 30.0}
 CONVERGENCE = {"accurate_ratio": 0.95, "max_iterations": 5, "max_labels": 1000}
 
 SCHEMA = {"": TOP, "structures.*": STRUCTURE, "initial": INITIAL, "train": TRAIN, "explore[]": STAGE,
@@ -292,6 +292,8 @@ def normalize_campaign(raw, base_dir: Path, source: str = "campaign") -> dict:
         raise ConfigError(f"'dispatcher.backend' must be local or dpdispatcher, got {d['backend']!r}")
     _num(d["workers"], "dispatcher.workers", integer=True, positive=True)
     d["timeout"] = _num(d["timeout"], "dispatcher.timeout", positive=True)
+    _num(d["retries"], "dispatcher.retries", integer=True, minimum=0)
+    d["retry_wait"] = _num(d["retry_wait"], "dispatcher.retry_wait", minimum=0)
     if d["start_method"] not in ("spawn", "forkserver", "fork"):
         raise ConfigError(f"'dispatcher.start_method' must be spawn, forkserver or fork, got {d['start_method']!r}")
     if d["backend"] == "dpdispatcher":

@@ -8,6 +8,10 @@ the task (SystemExit included), a worker that dies (os._exit, a signal, out of m
 over its time limit (the worker is killed and replaced) all give ok=False with the reason.
 
 `DPDispatcherPool` submits the same tasks through dpdispatcher (only if `import dpdispatcher` works).
+A submission that fails (sbatch refused, squeue or the SSH link down: the transient scheduler errors
+that kill long DP-GEN runs) is retried `retries` times after waiting `retry_wait` seconds, doubled
+each time; tasks that already wrote a result are not submitted again.  Each job enforces the task
+time limit itself, so a labeller over its limit is a failed task, not a failed job.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import sys
 import time
 import traceback
@@ -142,42 +147,63 @@ class DPDispatcherPool:
     Results come back as result.pkl files.
     """
 
-    def __init__(self, cfg: dict, work_dir: Path):
+    def __init__(self, cfg: dict, work_dir: Path, sleep=time.sleep):
         check_dpdispatcher(cfg)
-        self.cfg, self.work_dir = cfg, Path(work_dir)
+        self.cfg, self.work_dir, self.sleep = cfg, Path(work_dir), sleep
+        self.root = self.work_dir / "dispatch"
 
-    def run(self, tasks, on_done) -> None:
+    def _submit(self, tasks) -> None:
+        """One dpdispatcher submission of `tasks`; raises on scheduler errors."""
         from dpdispatcher import Machine, Resources, Submission, Task
 
+        jobs = [Task(command=f"{sys.executable} -m explore_label_train.dispatch task.pkl",
+                     task_work_path=task_id, forward_files=["task.pkl"], backward_files=["result.pkl"],
+                     outlog="out.log", errlog="err.log") for task_id, _, _ in tasks]
+        machine = Machine.load_from_dict(self.cfg["machine"])
+        resources = Resources.load_from_dict(self.cfg["resources"])
+        Submission(work_base=str(self.root), machine=machine, resources=resources, task_list=jobs).run_submission()
+
+    def run(self, tasks, on_done) -> None:
         tasks = list(tasks)
         if not tasks:
             return
-        root = self.work_dir / "dispatch"
-        root.mkdir(parents=True, exist_ok=True)
-        jobs = []
+        self.root.mkdir(parents=True, exist_ok=True)
         for task_id, fn, payload in tasks:
-            d = root / task_id
+            d = self.root / task_id
             d.mkdir(exist_ok=True)
-            (d / "task.pkl").write_bytes(pickle.dumps((task_id, fn, payload)))
+            (d / "task.pkl").write_bytes(pickle.dumps((task_id, fn, payload, self.cfg.get("timeout", 600.0))))
             (d / "result.pkl").unlink(missing_ok=True)
-            jobs.append(Task(command=f"{sys.executable} -m explore_label_train.dispatch task.pkl",
-                             task_work_path=task_id, forward_files=["task.pkl"], backward_files=["result.pkl"],
-                             outlog="out.log", errlog="err.log"))
-        machine = Machine.load_from_dict(self.cfg["machine"])
-        resources = Resources.load_from_dict(self.cfg["resources"])
         t0 = time.monotonic()
-        sub = Submission(work_base=str(root), machine=machine, resources=resources, task_list=jobs)
-        try:
-            sub.run_submission()
-        except Exception as err:  # noqa: BLE001
-            reason = f"dpdispatcher: {type(err).__name__}: {err}"
-            for task_id, _, _ in tasks:
-                if not (root / task_id / "result.pkl").is_file():
-                    on_done(task_id, False, reason, time.monotonic() - t0)
+        retries, wait_s = int(self.cfg.get("retries", 3)), float(self.cfg.get("retry_wait", 30.0))
+        reported: set = set()
+        error = None
+        for attempt in range(retries + 1):
+            todo = [t for t in tasks if not (self.root / t[0] / "result.pkl").is_file()]
+            if not todo:
+                break
+            try:
+                self._submit(todo)
+                error = None
+            except Exception as err:  # noqa: BLE001 - any scheduler/transport error is worth a retry
+                error = f"dpdispatcher: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            self._report(tasks, on_done, t0, reported)   # commit what finished before trying again
+            if error is None:
+                break
+            if attempt < retries:
+                delay = wait_s * 2 ** attempt
+                print(f"[elt] {error}; retrying {len(todo)} task(s) in {delay:g} s "
+                      f"(attempt {attempt + 2} of {retries + 1})", flush=True)
+                self.sleep(delay)
         for task_id, _, _ in tasks:
-            res = root / task_id / "result.pkl"
-            if res.is_file():
+            if task_id not in reported:
+                on_done(task_id, False, error or "dpdispatcher: the job wrote no result.pkl", time.monotonic() - t0)
+
+    def _report(self, tasks, on_done, t0, reported: set) -> None:
+        for task_id, _, _ in tasks:
+            res = self.root / task_id / "result.pkl"
+            if task_id not in reported and res.is_file():
                 rid, ok, value = pickle.loads(res.read_bytes())
+                reported.add(task_id)
                 on_done(task_id, ok, value, time.monotonic() - t0)
 
 
@@ -187,13 +213,27 @@ def make_pool(cfg: dict, work_dir: Path):
     return LocalPool(cfg["workers"], cfg["timeout"], cfg["start_method"])
 
 
+class _TaskTimeout(Exception):
+    pass
+
+
+def _on_alarm(signum, frame):
+    raise _TaskTimeout()
+
+
 def _main(argv) -> int:
     """Run one pickled task in the current directory and write result.pkl (the dpdispatcher job)."""
-    task_id, fn, payload = pickle.loads(Path(argv[0]).read_bytes())
+    task_id, fn, payload, timeout = pickle.loads(Path(argv[0]).read_bytes())
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, float(timeout))
     try:
         reply = (task_id, True, call(fn, payload))
+    except _TaskTimeout:
+        reply = (task_id, False, f"timeout: over the {timeout:g} s time limit")
     except BaseException as err:  # noqa: BLE001
         reply = (task_id, False, f"{type(err).__name__}: {err}")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
     tmp = Path(f".result.pkl.{os.getpid()}")
     tmp.write_bytes(pickle.dumps(reply))
     os.replace(tmp, "result.pkl")

@@ -390,6 +390,65 @@ def _dispatch_through_dpdispatcher(tmp_path, batch_type):
     assert not results["bad"][0] and "unknown calculator 'nosuchcalc'" in results["bad"][1]
 
 
+def _flaky_pool(tmp_path, monkeypatch, failures: int, retries: int):
+    """A DPDispatcherPool whose scheduler fails `failures` times (after the first job of the first
+    submission has run), then runs every job in-process; returns (pool, submitted task ids, waits)."""
+    from explore_label_train import dispatch
+
+    submitted, waits = [], []
+
+    def run_job(task_id):
+        monkeypatch.chdir(tmp_path / "dispatch" / task_id)
+        dispatch._main(["task.pkl"])
+
+    def submit(self, tasks):
+        submitted.append([t[0] for t in tasks])
+        if len(submitted) <= failures:
+            if len(submitted) == 1:
+                run_job(tasks[0][0])
+            raise RuntimeError("sbatch: error: Batch job submission failed: Socket timed out on send/recv")
+        for t in tasks:
+            run_job(t[0])
+
+    monkeypatch.setattr(dispatch.DPDispatcherPool, "_submit", submit)
+    cfg = {"backend": "dpdispatcher", "machine": {}, "resources": {}, "retries": retries, "retry_wait": 2.0,
+           "timeout": 60.0}
+    return dispatch.DPDispatcherPool(cfg, tmp_path, sleep=waits.append), submitted, waits
+
+
+def test_dpdispatcher_pool_retries_scheduler_errors_with_backoff(tmp_path, monkeypatch):
+    pytest.importorskip("dpdispatcher")
+    pool, submitted, waits = _flaky_pool(tmp_path, monkeypatch, failures=2, retries=3)
+    frame = {"symbols": ["Cu"] * 4, "positions": (np.eye(4, 3) * 1.8 + 0.1).tolist(),
+             "cell": (np.eye(3) * 3.61).tolist(), "kwargs": {}, "calculator": "emt"}
+    done = []
+    pool.run([(name, "label", frame) for name in ("a", "b", "c")], lambda t, ok, v, s: done.append((t, ok)))
+    # the job that finished before the scheduler failed is committed once and never resubmitted
+    assert submitted == [["a", "b", "c"], ["b", "c"], ["b", "c"]]
+    assert waits == [2.0, 4.0]                  # back-off doubles
+    assert sorted(done) == [("a", True), ("b", True), ("c", True)]
+
+
+def test_dpdispatcher_pool_gives_up_after_retries_and_enforces_time_limits(tmp_path, monkeypatch):
+    pytest.importorskip("dpdispatcher")
+    from explore_label_train import dispatch
+
+    pool, submitted, waits = _flaky_pool(tmp_path, monkeypatch, failures=5, retries=1)
+    done = {}
+    pool.run([("a", "label", {}), ("b", "label", {})], lambda t, ok, v, s: done.__setitem__(t, (ok, v)))
+    assert len(submitted) == 2 and waits == [2.0]
+    assert not done["b"][0] and "Socket timed out" in done["b"][1]
+    # a job enforces its task's time limit itself: a slow labeller is a failed task with the reason
+    monkeypatch.setitem(dispatch.FUNCTIONS, "sleep", ("time", "sleep"))
+    d = tmp_path / "slow"
+    d.mkdir()
+    (d / "task.pkl").write_bytes(__import__("pickle").dumps(("slow", "sleep", 30, 0.2)))
+    monkeypatch.chdir(d)
+    dispatch._main(["task.pkl"])
+    _, ok, reason = __import__("pickle").loads((d / "result.pkl").read_bytes())
+    assert not ok and reason == "timeout: over the 0.2 s time limit"
+
+
 @pytest.mark.slow   # dpdispatcher polls its jobs every few seconds: ~40 s
 def test_label_tasks_through_dpdispatcher_shell(tmp_path):
     pytest.importorskip("dpdispatcher")

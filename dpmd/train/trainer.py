@@ -140,6 +140,10 @@ class Trainer:
             descriptor_stats(self.model, self.train_systems, max_frames=mcfg["data_stat_nbatch"],
                              protection=mcfg["data_stat_protect"])
             energy_bias(self.model, self.train_systems, rcond=mcfg["fitting_net"]["rcond"])
+            # The untrained fitting net adds a random offset to every atomic energy (0.3-1.6 eV/atom on
+            # water, from its N(0, 1) output biases), which DeePMD-kit leaves for training to remove.
+            # Absorbing it into the bias (DeePMD's change-by-statistic) starts training centred.
+            refit_energy_bias(self.model, self.train_systems, max_frames=mcfg["data_stat_nbatch"])
         self.stat_seconds = time.perf_counter() - t0
 
         lr_cfg = config["learning_rate"]
