@@ -154,6 +154,10 @@ def kernel_table(model, graph, repeats: int) -> list:
 def deepmd_time(args, coord, atype, box, warmups, repeats):
     """DeePMD-kit's own DeepPot.eval (neighbour list included), µs/atom; an error message if it fails."""
     try:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from deepmd_compat import prepare_deepmd_import
+
+        prepare_deepmd_import()
         from deepmd.infer import DeepPot
         dp = DeepPot(args.model)
         times = [timed(lambda: dp.eval(coord.reshape(1, -1), box.reshape(1, 9), atype))[1]

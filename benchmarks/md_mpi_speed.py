@@ -7,6 +7,10 @@ the worker times `steps` steps after `warmup` untimed ones (so start-up and the 
 excluded) and rank 0 prints one JSON line.  The MPI run's final positions are checked against nothing here
 (tests/test_md_mpi.py does that); this only times.
 
+The "ceiling" column is what this machine allows: R independent serial runs of the same system started
+together, their summed steps/s over one run alone.  Where R cores share memory bandwidth or are hyperthreads
+of fewer physical cores, no decomposition can beat it; "of ceiling" is the MPI speed-up divided by it.
+
     PYTHONPATH=. python benchmarks/md_mpi_speed.py                          # 192 and 1,536 atoms, 1 and 2 ranks
     PYTHONPATH=. python benchmarks/md_mpi_speed.py --sizes 1 --ranks 1 2 4 --steps 20
 """
@@ -62,6 +66,13 @@ def worker(args) -> None:
                           "steps": args.steps, "seconds": dt, "steps_per_s": args.steps / dt}), flush=True)
 
 
+def concurrent_serial(copies: int, worker_cmd: list, env: dict) -> float:
+    """Summed steps/s of `copies` independent serial workers run at the same time."""
+    procs = [subprocess.Popen(worker_cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for _ in range(copies)]
+    return sum(json.loads(p.communicate()[0].strip().splitlines()[-1])["steps_per_s"] for p in procs)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 2], help="replication n: 192 n^3 atoms")
@@ -81,7 +92,7 @@ def main() -> None:
     mpiexec = str(mpiexec) if mpiexec.is_file() else "mpiexec"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     results = []
-    print(f"{'atoms':>6} {'ranks':>5} {'grid':>9} {'steps/s':>9} {'speed-up':>8}")
+    print(f"{'atoms':>6} {'ranks':>5} {'grid':>9} {'steps/s':>9} {'speed-up':>8} {'ceiling':>8} {'of ceiling':>10}")
     for n in args.sizes:
         steps = args.steps or (30 if n == 1 else 6)
         base = None
@@ -95,9 +106,10 @@ def main() -> None:
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             base = base or res["steps_per_s"]
             res["speedup"] = res["steps_per_s"] / base
+            res["ceiling"] = concurrent_serial(r, cmd[3:], env) / base if r > 1 else 1.0
             results.append(res)
             print(f"{res['atoms']:>6} {r:>5} {'x'.join(map(str, res['grid'])):>9} {res['steps_per_s']:>9.3f} "
-                  f"{res['speedup']:>8.2f}", flush=True)
+                  f"{res['speedup']:>8.2f} {res['ceiling']:>8.2f} {res['speedup'] / res['ceiling']:>10.0%}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -10,8 +10,7 @@ and all models are evaluated on the 80 frames of data_2 (not trained on): energy
 DeePMD-kit need not be importable here: pass the interpreter of an environment that has it, e.g.
     python -m venv --system-site-packages /tmp/dpvenv && /tmp/dpvenv/bin/pip install -c constraints.txt deepmd-kit
     PYTHONPATH=. python benchmarks/train_vs_deepmd.py --deepmd-python /tmp/dpvenv/bin/python --seeds 2 3
-(DeePMD-kit 3.2's wheel carries custom ops built for torch 2.11; this se_e2_a model needs none of them, so
-the worker tells DeePMD-kit they are already loaded instead of loading a library built for another torch.)
+(DeePMD-kit 3.2's wheel carries custom ops built for torch 2.11; this model needs none: see deepmd_compat.py.)
 A DeePMD-kit run is ~6 min per 1000 steps here (2 threads), dpmd's ~4 min.
 """
 
@@ -50,9 +49,10 @@ def deepmd_worker(out: Path, steps: int, seed: int, threads: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     os.chdir(out)
     (out / "input.json").write_text(json.dumps(make_input(steps, seed), indent=1))
-    # DeePMD-kit skips loading its op library when torch.ops.deepmd.enable_mpi exists (see module docstring)
-    lib = torch.library.Library("deepmd", "DEF")  # noqa: F841 - must stay alive
-    lib.define("enable_mpi() -> ()")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from deepmd_compat import prepare_deepmd_import
+
+    prepare_deepmd_import()
     import deepmd.pt.train.training as training
     from deepmd.pt.entrypoints.main import train
 
