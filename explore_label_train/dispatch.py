@@ -32,6 +32,15 @@ from dpmd.errors import ConfigError
 FUNCTIONS = {"label": ("explore_label_train.labelers", "label")}
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err)
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _timeout_reason(seconds: float) -> str:
+    return f"timeout: over the {seconds:g} s time limit"
+
+
 def call(fn: str, payload):
     import importlib
 
@@ -55,7 +64,7 @@ def _worker_main(conn) -> None:
         except BaseException as err:  # noqa: BLE001 - SystemExit from a labeller is a failed task too
             where = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
             at = f" (at {Path(where.filename).name}:{where.lineno})" if where else ""
-            reply = (task_id, False, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}{at}")
+            reply = (task_id, False, f"{_first_line(err)}{at}")
         try:
             conn.send(reply)
         except (EOFError, OSError, BrokenPipeError):
@@ -112,7 +121,7 @@ class LocalPool:
                         w[0].kill()
                         w[0].join(5)
                         conn.close()
-                        on_done(task_id, False, f"timeout: over the {self.timeout:g} s time limit", now - t0)
+                        on_done(task_id, False, _timeout_reason(self.timeout), now - t0)
         finally:
             for proc, conn in idle:
                 try:
@@ -148,8 +157,10 @@ class DPDispatcherPool:
     """
 
     def __init__(self, cfg: dict, work_dir: Path, sleep=time.sleep):
+        from explore_label_train.config import DISPATCHER
+
         check_dpdispatcher(cfg)
-        self.cfg, self.work_dir, self.sleep = cfg, Path(work_dir), sleep
+        self.cfg, self.work_dir, self.sleep = {**DISPATCHER, **cfg}, Path(work_dir), sleep
         self.root = self.work_dir / "dispatch"
 
     def _submit(self, tasks) -> None:
@@ -171,10 +182,10 @@ class DPDispatcherPool:
         for task_id, fn, payload in tasks:
             d = self.root / task_id
             d.mkdir(exist_ok=True)
-            (d / "task.pkl").write_bytes(pickle.dumps((task_id, fn, payload, self.cfg.get("timeout", 600.0))))
+            (d / "task.pkl").write_bytes(pickle.dumps((task_id, fn, payload, self.cfg["timeout"])))
             (d / "result.pkl").unlink(missing_ok=True)
         t0 = time.monotonic()
-        retries, wait_s = int(self.cfg.get("retries", 3)), float(self.cfg.get("retry_wait", 30.0))
+        retries, wait_s = int(self.cfg["retries"]), float(self.cfg["retry_wait"])
         reported: set = set()
         error = None
         for attempt in range(retries + 1):
@@ -185,7 +196,7 @@ class DPDispatcherPool:
                 self._submit(todo)
                 error = None
             except Exception as err:  # noqa: BLE001 - any scheduler/transport error is worth a retry
-                error = f"dpdispatcher: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                error = f"dpdispatcher: {_first_line(err)}"
             self._report(tasks, on_done, t0, reported)   # commit what finished before trying again
             if error is None:
                 break
@@ -229,7 +240,7 @@ def _main(argv) -> int:
     try:
         reply = (task_id, True, call(fn, payload))
     except _TaskTimeout:
-        reply = (task_id, False, f"timeout: over the {timeout:g} s time limit")
+        reply = (task_id, False, _timeout_reason(timeout))
     except BaseException as err:  # noqa: BLE001
         reply = (task_id, False, f"{type(err).__name__}: {err}")
     finally:
