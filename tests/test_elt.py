@@ -456,7 +456,21 @@ def test_label_tasks_through_dpdispatcher_shell(tmp_path):
     _dispatch_through_dpdispatcher(tmp_path, "Shell")
 
 
-@pytest.mark.skipif(__import__("shutil").which("sbatch") is None, reason="no Slurm here (sbatch is not on PATH)")
+def _slurm_controller_up() -> bool:
+    """sbatch on PATH is not enough: a machine can have Slurm installed with no controller running."""
+    import shutil
+    import subprocess
+
+    if shutil.which("sbatch") is None or shutil.which("scontrol") is None:
+        return False
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return ping.returncode == 0 and " is UP" in ping.stdout
+
+
+@pytest.mark.skipif(not _slurm_controller_up(), reason="no Slurm controller here (`scontrol ping` is not UP)")
 def test_label_tasks_through_dpdispatcher_slurm(tmp_path):
     pytest.importorskip("dpdispatcher")
     _dispatch_through_dpdispatcher(tmp_path, "Slurm")
