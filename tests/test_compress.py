@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import DEEPMD_REF, EXAMPLE, REPO, SHARED, make_model
+from dpmd import ops
 from dpmd.errors import DpmdError
 from dpmd.geometry.graph import build_graph
 from dpmd.model import DeepPot, load_model, save_model
@@ -302,13 +303,15 @@ def test_cpp_op_matches_reference(small):
 
 
 @pytest.mark.skipif(not ops_available(), reason="kernel library not built (dpmd build-ops)")
-def test_compressed_model_with_ops_matches_reference(small):
-    _, comp = small
+@pytest.mark.parametrize("type_one_side", [True, False])
+def test_compressed_model_with_ops_matches_reference(type_one_side):
+    """The fused descriptor op (CPU) against the PyTorch reference: energy, atomic energies, forces, virial,
+    with the atoms in data order and shuffled (the model regroups the centres by type)."""
+    comp = compress_model(make_model(type_one_side=type_one_side), min_nbor_dist=0.9)
     coord, atype, box = example_frame(2)
-    graph = build_graph(coord, atype, box, comp.rcut)
-    ref = evaluate(comp, graph, create_graph=True)  # training mode: always the PyTorch reference
+    shuffle = torch.randperm(len(atype), generator=torch.Generator().manual_seed(1))
     calls = []
-    real_op = torch.ops.dpmd.tabulate_fusion_se_a
+    real_op = torch.ops.dpmd.se_a_tabulated_descriptor
 
     class Spy:  # counts the fused op's calls, so the test knows the fast path ran
         def __call__(self, *args):
@@ -317,12 +320,41 @@ def test_compressed_model_with_ops_matches_reference(small):
 
     from unittest import mock
 
-    with mock.patch.object(torch.ops.dpmd, "tabulate_fusion_se_a", Spy()):
-        fast = evaluate(comp, graph)  # evaluate enters first_derivative_only: the fused op runs
-    assert calls, "the compressed model did not use the kernel library"
-    assert abs(float(fast["energy"] - ref["energy"])) < 1e-10
-    assert float((fast["force"] - ref["force"]).abs().max()) < 1e-10
-    assert float((fast["virial"] - ref["virial"].detach()).abs().max()) < 1e-10
+    for order in (torch.arange(len(atype)), shuffle):
+        graph = build_graph(coord[order], atype[order], box, comp.rcut)
+        ref = evaluate(comp, graph, create_graph=True)  # training mode: always the PyTorch reference
+        with mock.patch.object(torch.ops.dpmd, "se_a_tabulated_descriptor", Spy()):
+            fast = evaluate(comp, graph, atom_virial=True)  # first_derivative_only: the fused op runs
+        assert calls, "the compressed model did not use the kernel library"
+        for key in ("energy", "atom_energy", "force", "virial"):
+            assert float((fast[key] - ref[key].detach()).abs().max()) < 1e-10, key
+
+
+@pytest.mark.skipif(not ops_available(), reason="kernel library not built (dpmd build-ops)")
+def test_fused_descriptor_op_gradcheck(small):
+    """d(descriptor)/d(edge vectors) of the fused op by finite differences, on a few atoms' edges, centres
+    given out of order (as the model passes them after grouping by type)."""
+    _, comp = small
+    d = comp.descriptor
+    coord, atype, box = example_frame()
+    graph = build_graph(coord, atype, box, comp.rcut)
+    keep = graph["center"] < 3
+    center = torch.tensor([2, 0, 1])[graph["center"][keep]]  # centre runs 0, 1, 2 renumbered to 2, 0, 1
+    vec = (coord[graph["neighbor"][keep]] - coord[graph["center"][keep]]
+           + graph["shift"][keep].to(coord.dtype) @ box).requires_grad_()
+    ntype = atype[graph["neighbor"][keep]]
+    ctype = atype[:3][torch.tensor([1, 2, 0])]  # types in the new numbering
+    grid = [d.rcut_smth, d.rcut, d.table_lower, d.table_upper, d.table_step, d.table_step_coarse, d.table_end,
+            d._table_slack()]
+
+    def fused(v):
+        return torch.ops.dpmd.se_a_tabulated_descriptor(v, center, ctype, ntype, d.mean, d.std, d.table, d.sel, grid,
+                                                        d.table_fine, d.table_coarse, True, d.axis_neuron)[0]
+
+    with ops.reference_only():
+        ref = d(vec, center, ctype, ntype)
+    assert torch.allclose(fused(vec), ref, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(fused, (vec,))
 
 
 TRITON_SCRIPT = r"""

@@ -60,6 +60,8 @@ def edge_vectors(graph: dict, edges: slice = slice(None)) -> torch.Tensor:
     if "edge_vec" in graph:
         return graph["edge_vec"][edges]
     center, neighbor = graph["center"][edges], graph["neighbor"][edges]
-    coord = graph["coord"]
-    cell = graph["box"][graph["batch"][center]]
-    return coord[neighbor] - coord[center] + torch.einsum("ei,eij->ej", graph["shift"][edges], cell)
+    coord, box, shift = graph["coord"], graph["box"], graph["shift"][edges]
+    vec = coord.index_select(0, neighbor) - coord.index_select(0, center)
+    if box.shape[0] == 1:  # one frame: one small matrix product instead of a 3x3 product per edge
+        return vec + shift @ box[0]
+    return vec + torch.einsum("ei,eij->ej", shift, box.index_select(0, graph["batch"].index_select(0, center)))

@@ -11,7 +11,7 @@ from dpmd.errors import ConfigError
 from dpmd.geometry.graph import build_graph
 from dpmd.model.compress import check_graph, normalize_compress
 from dpmd.model.descriptor import DescriptorSeA
-from dpmd.model.fitting import EnergyFitting
+from dpmd.model.fitting import EnergyFitting, group_by_type
 from dpmd.model.forces import evaluate
 
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32, "default": torch.float64}
@@ -141,9 +141,9 @@ class DeepPot(nn.Module):
         return len(self.type_map)
 
     def atomic_energy(self, edge_vec, center, center_type, neighbor_type) -> torch.Tensor:
+        center, center_type, position = group_by_type(center, center_type)
         desc = self.descriptor(edge_vec, center, center_type, neighbor_type)
-        fit_dtype = self.fitting.energy_bias.dtype
-        return self.fitting(desc.to(fit_dtype), center_type)
+        return self.fitting(desc.to(self.fitting.energy_bias.dtype), center_type).index_select(0, position)
 
     def forward(self, coord, atype, box=None, neighbors=None, *, atom_virial=False, chunk_atoms=None) -> dict:
         """Energy, atomic energies, forces and virial of one frame (coord (N, 3)) or several (F, N, 3).

@@ -118,17 +118,23 @@ class DescriptorSeA(nn.Module):
         center_type (n_centers,); neighbor_type (E,).
         """
         dtype = self.mean.dtype
+        if self.compressed and edge_vec.device.type == "cpu":
+            if self.use_ops:  # frozen with the kernel library
+                return self._fused_tabulated(edge_vec.to(dtype), center, center_type, neighbor_type)
+            if not torch.jit.is_scripting():
+                if ops.active(edge_vec):
+                    return self._fused_tabulated(edge_vec.to(dtype), center, center_type, neighbor_type)
         ncent = center_type.shape[0]
-        ct_edge = center_type[center]
-        rows = (self.env_rows(edge_vec.to(dtype)) - self.mean[ct_edge]) / self.std[ct_edge]
+        ct_edge = center_type.index_select(0, center)
+        rows = (self.env_rows(edge_vec.to(dtype)) - self.mean.index_select(0, ct_edge)) / self.std.index_select(0, ct_edge)
         key = neighbor_type if self.type_one_side else neighbor_type * self.ntypes + ct_edge
         # Edges grouped by net, then by centre: each group becomes a dense (centre, slot)
         # block padded only to the largest real count, so T is one batched matmul per net.
         if self.compressed:
-            self._check_table(rows[:, 0], edge_vec, center, ct_edge, neighbor_type)
+            self._check_table(rows[:, 0], edge_vec, center, center_type, neighbor_type)
         order = torch.argsort(key * ncent + center)
         counts: List[int] = torch.bincount(key, minlength=len(self.embeddings)).tolist()
-        rows, center_sorted = rows[order], center[order]
+        rows, center_sorted = rows.index_select(0, order), center.index_select(0, order)
 
         T = rows.new_zeros([ncent, 4, self.width])
         start = 0
@@ -171,6 +177,16 @@ class DescriptorSeA(nn.Module):
         ncent, nt = center_type.shape[0], self.ntypes
         count = torch.bincount(center * nt + neighbor_type, minlength=ncent * nt).reshape(ncent, nt)
         n_pad = (torch.tensor(self.sel, device=count.device) - count).to(self.mean.dtype)  # (ncent, nt)
+        per_slot = None
+        if not torch.jit.is_scripting():
+            per_slot = self._cached_padding_per_slot()
+        if per_slot is None:
+            per_slot = self._padding_per_slot()
+        return (n_pad.unsqueeze(-1).unsqueeze(-1) * per_slot.index_select(0, center_type)).sum(1)
+
+    def _padding_per_slot(self) -> torch.Tensor:
+        """(nt_centre, nt_neighbour, 4, M): what one empty slot adds to T, per pair of types."""
+        nt = self.ntypes
         pad_row = -self.mean / self.std  # (nt_center, 4): a zero row, normalised
         # per_pair[tc * nt + tn]: one padded slot of centre type tc in the block of neighbour type tn
         per_pair: List[torch.Tensor] = [pad_row.new_empty(0)] * (nt * nt)
@@ -184,8 +200,26 @@ class DescriptorSeA(nn.Module):
                     else:
                         g = net(x.unsqueeze(0))[0]
                     per_pair[tc * nt + tn] = pad_row[tc].unsqueeze(1) * g.unsqueeze(0)
-        table = torch.stack(per_pair).reshape(nt, nt, 4, self.width)[center_type]  # (ncent, nt, 4, M)
-        return torch.einsum("cn,cnkm->ckm", n_pad, table)
+        return torch.stack(per_pair).reshape(nt, nt, 4, self.width)
+
+    @torch.jit.unused
+    def _cached_padding_per_slot(self):
+        """_padding_per_slot, computed once per set of weights while only forces are asked for (dpmd.ops'
+        first-derivative mode: no gradient to the weights is needed); None otherwise (training, vmap)."""
+        if not getattr(ops._local, "inference", False):
+            return None
+        tensors = [self.mean, self.std] + list(self.embeddings.parameters())
+        if self.compressed:
+            tensors.append(self.table)
+        if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):  # an ensemble under vmap
+            return None
+        key = [(t.data_ptr(), t._version) for t in tensors]  # an optimizer step or a load bumps _version
+        cached = self.__dict__.get("_padding_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self._padding_per_slot())
+            self.__dict__["_padding_cache"] = cached
+        return cached[1]
 
     # ---- compressed model ---------------------------------------------------------------------
 
@@ -204,6 +238,17 @@ class DescriptorSeA(nn.Module):
         for p in range(4, -1, -1):  # Horner
             g = g * t + coef.index_select(0, interval * 6 + p)
         return g
+
+    def _fused_tabulated(self, edge_vec, center, center_type, neighbor_type) -> torch.Tensor:
+        """This whole forward for a compressed model in one kernel-library op (CPU; forces, not training):
+        the same numbers, without the edge-sized intermediate tensors."""
+        grid = [self.rcut_smth, self.rcut, self.table_lower, self.table_upper, self.table_step,
+                self.table_step_coarse, self.table_end, self._table_slack()]
+        D, stats = torch.ops.dpmd.se_a_tabulated_descriptor(
+            edge_vec, center, center_type, neighbor_type, self.mean, self.std, self.table, self.sel, grid,
+            self.table_fine, self.table_coarse, self.type_one_side, self.axis_neuron)
+        self._report_table(int(stats[0]), stats[1:], edge_vec, center, center_type, neighbor_type)
+        return D
 
     def _tabulated_block(self, i: int, r: torch.Tensor, c: torch.Tensor, ncent: int) -> torch.Tensor:
         """sum_j R_j^T G(s_j) (n_centers, 4, M) for the edges of net i with tabulated G: the kernel library's
@@ -231,11 +276,13 @@ class DescriptorSeA(nn.Module):
             return triton_tabulate.tabulate_fusion(self.table[i], r, c, ncent, grid)
         return None
 
+    def _table_slack(self) -> float:
+        # s >= 0 exactly, but float32 rounds the switch near rcut to about -1e-6: allow 1 % of a step below
+        return 1e-4 * max(1.0, abs(self.table_lower))
+
     def table_violation(self, x: torch.Tensor) -> int:
         """Index of the first normalised s value outside the tables, -1 if none."""
-        # s >= 0 exactly, but float32 rounds the switch near rcut to about -1e-6: allow 1 % of a step below
-        slack = 1e-4 * max(1.0, abs(self.table_lower))
-        bad = (x > self.table_end) | (x < self.table_lower - slack) | torch.isnan(x)
+        bad = (x > self.table_end) | (x < self.table_lower - self._table_slack()) | torch.isnan(x)
         if not bool(bad.any()):
             return -1
         return int(bad.nonzero()[0, 0])
@@ -255,20 +302,25 @@ class DescriptorSeA(nn.Module):
                 + " Å around type-" + str(center_type) + " centres, normalised s in [" + _short(self.table_lower)
                 + ", " + _short(self.table_end) + "]); compress again with a larger --extrapolate")
 
-    def _check_table(self, x: torch.Tensor, edge_vec: torch.Tensor, center: torch.Tensor, ct_edge: torch.Tensor,
+    def _check_table(self, x: torch.Tensor, edge_vec: torch.Tensor, center: torch.Tensor, center_type: torch.Tensor,
                      neighbor_type: torch.Tensor) -> None:
         """Never extrapolate silently: an edge beyond the tables is an error; with check_frequency N > 0,
         every N-th evaluation also warns about edges in the coarse (extrapolated) part of the tables."""
-        k = self.table_violation(x)
+        self._report_table(self.table_violation(x), x >= self.table_upper, edge_vec, center, center_type,
+                           neighbor_type)
+
+    def _report_table(self, k: int, coarse: torch.Tensor, edge_vec: torch.Tensor, center: torch.Tensor,
+                      center_type: torch.Tensor, neighbor_type: torch.Tensor) -> None:
+        """k: the first edge outside the tables (-1: none); coarse.sum(): edges in the coarse part."""
         if k >= 0:
             r = float(torch.linalg.vector_norm(edge_vec[k].detach(), 2.0, dim=-1))
-            where = ("the edge from centre " + str(int(center[k])) + " to a type-" + str(int(neighbor_type[k]))
-                     + " neighbour")
-            raise RuntimeError(self.table_message(where, r, int(ct_edge[k])))
+            tc = int(center_type[center[k]])
+            where = "an edge from a type-" + str(tc) + " centre to a type-" + str(int(neighbor_type[k])) + " neighbour"
+            raise RuntimeError(self.table_message(where, r, tc))
         if self.check_frequency > 0:
             self.evaluations += 1
             if self.evaluations % self.check_frequency == 0:
-                n = int((x >= self.table_upper).sum())
+                n = int(coarse.sum())
                 if n > 0:
                     warnings.warn("dpmd: compressed model: " + str(n) + " edges in the coarse (extrapolated) part "
                                   + "of the embedding tables at evaluation " + str(self.evaluations))

@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from dpmd.model.fitting import group_by_type
 from dpmd.model.forces import DEFAULT_CHUNK_ATOMS, assemble
 
 FORMAT = "dpmd-model"
@@ -115,8 +116,9 @@ class FrozenDeepPot(nn.Module):
 
     def atomic_energy(self, edge_vec: torch.Tensor, center: torch.Tensor, center_type: torch.Tensor,
                       neighbor_type: torch.Tensor) -> torch.Tensor:
+        center, center_type, position = group_by_type(center, center_type)
         desc = self.descriptor(edge_vec, center, center_type, neighbor_type)
-        return self.fitting(desc.to(self.fitting.energy_bias.dtype), center_type)
+        return self.fitting(desc.to(self.fitting.energy_bias.dtype), center_type).index_select(0, position)
 
     @torch.jit.export
     def neighbor_list(self, coord: torch.Tensor, box: Optional[torch.Tensor] = None

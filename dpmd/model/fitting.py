@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import List, Tuple
+
 import torch
 from torch import nn
 
@@ -21,10 +23,24 @@ class EnergyFitting(nn.Module):
         self.register_buffer("energy_bias", torch.zeros(ntypes, dtype=dtype))
 
     def forward(self, descriptor: torch.Tensor, atype: torch.Tensor) -> torch.Tensor:
-        """Atomic energies (n,) for descriptors (n, dim_in) of atoms of types atype (n,)."""
-        energy = self.energy_bias[atype]
+        """Atomic energies (n,) for descriptors (n, dim_in) of atoms of types atype (n,), grouped by type in
+        ascending order (see group_by_type): each net takes one contiguous block, no gather or scatter."""
+        counts: List[int] = torch.bincount(atype, minlength=len(self.nets)).tolist()
+        parts = torch.split(descriptor, counts)
+        energies: List[torch.Tensor] = []
         for t, net in enumerate(self.nets):
-            idx = (atype == t).nonzero().squeeze(1)
-            if idx.numel() > 0:
-                energy = energy.index_add(0, idx, net(descriptor.index_select(0, idx)).squeeze(1))
-        return energy
+            energies.append(net(parts[t]).squeeze(1))
+        return torch.cat(energies) + self.energy_bias.index_select(0, atype)
+
+
+def group_by_type(center: torch.Tensor, center_type: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Centres renumbered so that each type is one contiguous block, types ascending (what EnergyFitting
+    takes): (new centre index of every edge, the centres' types in the new order, each centre's new
+    position).  Atomic energies in the original order are e_new.index_select(0, position)."""
+    n = center_type.shape[0]
+    if n < 2 or bool((center_type[1:] >= center_type[:-1]).all()):  # already grouped (DeePMD data usually is)
+        return center, center_type, torch.arange(n, device=center_type.device)
+    order = torch.argsort(center_type, stable=True)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(n, device=order.device)
+    return position.index_select(0, center), center_type.index_select(0, order), position

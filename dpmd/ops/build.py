@@ -30,6 +30,24 @@ CXX_FLAGS = ["-O3", "-fopenmp", "-std=c++17"]
 LD_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "-std=c++17"]
 
+
+def arch_flags() -> list[str]:
+    """-march for the CPU kernels: this machine's instruction set by default (AVX2/AVX-512 make the
+    kernels 2-4x faster than plain x86-64); DPMD_CPU_ARCH=x86-64-v3 (say) for a library that must also
+    run on older nodes, DPMD_CPU_ARCH=generic for the compiler's default."""
+    arch = os.environ.get("DPMD_CPU_ARCH", "native").strip()
+    return [] if arch in ("", "generic") else [f"-march={arch}"]
+
+
+def _cpu_identity() -> bytes:
+    """The CPU's feature flags: a library built with -march=native must not be reused (shared home
+    folders on clusters) on a node with another instruction set."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "").encode()
+    except OSError:
+        return b""
+
 def cache_root() -> Path:
     if os.environ.get("DPMD_OPS_DIR"):
         return Path(os.environ["DPMD_OPS_DIR"]).expanduser()
@@ -64,7 +82,9 @@ def build_key(cuda: bool | None = None) -> str:
     h = hashlib.sha256()
     for f in sources(cuda) + _headers():
         h.update(str(f.relative_to(CSRC)).encode() + b"\0" + f.read_bytes() + b"\0")
-    h.update(" ".join(CXX_FLAGS + LD_FLAGS + (NVCC_FLAGS if cuda else [])).encode())
+    h.update(" ".join(CXX_FLAGS + arch_flags() + LD_FLAGS + (NVCC_FLAGS if cuda else [])).encode())
+    if "-march=native" in arch_flags():
+        h.update(_cpu_identity())
     return f"{torch.__version__.replace('+', '_')}-{'cuda' if cuda else 'cpu'}-{h.hexdigest()[:16]}"
 
 
@@ -101,7 +121,7 @@ def _compile(target: Path, cuda: bool, verbose: bool) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             args = dict(name=LIB_NAME, sources=[str(s) for s in sources(cuda)],
-                        extra_cflags=CXX_FLAGS + (["-DDPMD_WITH_CUDA"] if cuda else []),
+                        extra_cflags=CXX_FLAGS + arch_flags() + (["-DDPMD_WITH_CUDA"] if cuda else []),
                         extra_cuda_cflags=NVCC_FLAGS + ["-DDPMD_WITH_CUDA"], extra_ldflags=LD_FLAGS,
                         extra_include_paths=[str(CSRC / "kernels"), str(CSRC / "torch")], build_directory=str(work),
                         with_cuda=cuda, is_python_module=False, verbose=verbose)
