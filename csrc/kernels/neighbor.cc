@@ -147,7 +147,7 @@ std::string neighbor_list_cpu(const double* coord, int64_t n, const double* box,
 
   const double rc2 = rcut * rcut;
   const bool periodic = box != nullptr;
-  const int nthreads = n > 256 ? omp_get_max_threads() : 1;
+  const int nthreads = n > 64 ? omp_get_max_threads() : 1;  // a parallel region costs ~10 us
   std::vector<EdgeList> part(nthreads);
 #pragma omp parallel num_threads(nthreads)
   {

@@ -126,7 +126,8 @@ class DescriptorSeA(nn.Module):
                     return self._fused_tabulated(edge_vec.to(dtype), center, center_type, neighbor_type)
         ncent = center_type.shape[0]
         ct_edge = center_type.index_select(0, center)
-        rows = (self.env_rows(edge_vec.to(dtype)) - self.mean.index_select(0, ct_edge)) / self.std.index_select(0, ct_edge)
+        rows = self.env_rows(edge_vec.to(dtype))
+        rows = (rows - self.mean.index_select(0, ct_edge)) / self.std.index_select(0, ct_edge)
         key = neighbor_type if self.type_one_side else neighbor_type * self.ntypes + ct_edge
         # Edges grouped by net, then by centre: each group becomes a dense (centre, slot)
         # block padded only to the largest real count, so T is one batched matmul per net.
