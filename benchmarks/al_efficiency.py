@@ -1,17 +1,24 @@
 """Active-learning efficiency: held-out force RMSE vs number of labels, campaign selection vs random selection.
 
 Reference: EMT copper (ASE).  Held-out test frames come from long reference (EMT) Langevin MD at the explored
-temperatures.  The campaign (configs/campaign_cu_emt.yaml's structures and NVT stage, shortened) runs for a
-few iterations; after each iteration k, one model is trained from scratch (the same steps and seed for every
-point) on
+temperatures (--temperatures; the campaign's NVT stage explores exactly these, so the test set covers what the
+campaign explores and nothing else).  The campaign (configs/campaign_cu_emt.yaml's structures, model template,
+trust levels and NVT stage, shortened) runs for a few iterations; after each iteration k, models are trained
+from scratch on
   - campaign: every label the campaign holds after iteration k, and
   - random:   the same initial labels plus the same number of frames drawn at random from ALL frames the
-              campaign explored (labelled with EMT here),
-and evaluated on the test frames.  Random is also run at 2x and 3x the campaign's final count, so the labels
-random needs for the campaign's final RMSE can be interpolated: the ratio is reported (target: >= 2).
+              campaign explored (any class, every iteration; labelled with EMT here),
+and evaluated on the test frames.  Every point is trained --seeds times (template seeds 0..N-1, the same for
+both arms and for every point, the same steps; random also redraws its frames per seed), and the curve is the
+mean ± std over seeds: a single model per point is dominated by its seed (differences of 2x in held-out RMSE
+between seeds on the same data), not by its data.  Random is also run at --random-multiples of the campaign's
+final count, so the labels random needs for each campaign RMSE can be interpolated on the mean curve; the
+ratio at the campaign's final point is the figure of merit (target: >= 2), also printed per seed.  The RMSE
+per test group (structure x temperature) shows where the difference comes from.
 
-    PYTHONPATH=. python benchmarks/al_efficiency.py                       # small: a few minutes on 2 cores
-    PYTHONPATH=. python benchmarks/al_efficiency.py --iterations 5 --budget 12 --train-steps 2000 --test-steps 4000
+    PYTHONPATH=. python benchmarks/al_efficiency.py                    # ~16 min on one core
+    PYTHONPATH=. python benchmarks/al_efficiency.py --temperatures 300 600 900 1200 --random-multiples 2 3
+    PYTHONPATH=. python benchmarks/al_efficiency.py --seeds 1 --train-steps 600 --campaign-steps 200   # quick look
 """
 
 from __future__ import annotations
@@ -55,15 +62,20 @@ def reference_md(structure, temperature: float, steps: int, every: int, seed: in
     return frames
 
 
-def force_rmse(model, frames) -> float:
+def force_sq_errors(model, frames) -> np.ndarray:
+    """(F, 2): per test frame, the sum of squared force errors and the number of force components."""
     import torch
 
-    se, n = 0.0, 0
-    for coord, box, _, force in frames:
-        out = model(torch.as_tensor(coord), torch.zeros(len(coord), dtype=torch.long), torch.as_tensor(box))
-        se += float(((out["force"].detach().numpy() - force) ** 2).sum())
-        n += force.size
-    return (se / n) ** 0.5
+    out = np.zeros((len(frames), 2))
+    for i, (coord, box, _, force) in enumerate(frames):
+        pred = model(torch.as_tensor(coord), torch.zeros(len(coord), dtype=torch.long), torch.as_tensor(box))
+        out[i] = float(((pred["force"].detach().numpy() - force) ** 2).sum()), force.size
+    return out
+
+
+def force_rmse(model, frames) -> float:
+    se = force_sq_errors(model, frames)
+    return float((se[:, 0].sum() / se[:, 1].sum()) ** 0.5)
 
 
 def write_labels(frames_by_key: dict, root: Path, type_map) -> list[str]:
@@ -81,27 +93,54 @@ def write_labels(frames_by_key: dict, root: Path, type_map) -> list[str]:
     return dirs
 
 
-def train_one(cfg: dict, systems: list[str], steps: int, out: Path):
+def train_one(cfg: dict, systems: list[str], steps: int, out: Path, seed: int = 0):
+    """One model from scratch; `seed` picks the ensemble-member seeds of the campaign's template (0, 1, ...)."""
     from dpmd.train.trainer import Trainer
     from explore_label_train.config import training_input
 
-    config = training_input(cfg, systems, steps, member=0, iteration=0)
+    config = training_input(cfg, systems, steps, member=seed, iteration=0)
     trainer = Trainer(config, out_dir=out, progress=False)
     trainer.run()
     return trainer.model.eval()
 
 
+def labels_needed(curve_n, curve_rmse, target):
+    """Labels at which a (mean) curve first reaches `target`: linear interpolation; None if it never does."""
+    rn, rr = np.asarray(curve_n, dtype=float), np.asarray(curve_rmse)
+    below = np.nonzero(rr <= target)[0]
+    if not len(below):
+        return None
+    k = below[0]
+    if k == 0:
+        return float(rn[0])
+    return float(rn[k - 1] + (rn[k] - rn[k - 1]) * (rr[k - 1] - target) / (rr[k - 1] - rr[k]))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iterations", type=int, default=3, help="campaign iterations")
-    ap.add_argument("--budget", type=int, default=8, help="labels per iteration (select.budget)")
-    ap.add_argument("--campaign-steps", type=int, default=200,
-                    help="campaign ensemble training steps (first iteration; half of it later)")
+    ap.add_argument("--iterations", type=int, default=4, help="campaign iterations")
+    ap.add_argument("--budget", type=int, default=6, help="labels per iteration (select.budget)")
+    ap.add_argument("--method", default=None, choices=["fps", "devi", "random"],
+                    help="select.method (default: the campaign file's)")
+    ap.add_argument("--campaign-steps", type=int, default=None,
+                    help="campaign ensemble training steps (first iteration; half of it later; default: the "
+                         "campaign file's numb_steps and reuse_numb_steps)")
     ap.add_argument("--explore-steps", type=int, default=300, help="MD steps per exploration trajectory")
-    ap.add_argument("--train-steps", type=int, default=600, help="steps of each from-scratch evaluation model")
+    ap.add_argument("--train-steps", type=int, default=2000, help="steps of each from-scratch evaluation model")
+    ap.add_argument("--seeds", type=int, default=3,
+                    help="evaluation models per point (seeds 0..N-1, the same for campaign and random; random "
+                         "also draws its frames with a different order per seed)")
+    ap.add_argument("--random-multiples", type=float, nargs="+", default=[1.5, 2.0, 3.0],
+                    help="extra random points at these multiples of the campaign's final explored-label count")
     ap.add_argument("--test-steps", type=int, default=3000, help="reference MD steps per temperature (test set)")
     ap.add_argument("--temperatures", type=float, nargs="+", default=[300.0, 900.0])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trust", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="trust levels (default: the campaign file's)")
+    ap.add_argument("--config", default=str(REPO / "configs" / "campaign_cu_emt.yaml"),
+                    help="campaign file (structures, model template, trust levels, selection)")
+    ap.add_argument("--seed", type=int, default=0, help="random selection's draws")
+    ap.add_argument("--campaign-seed", type=int, default=None,
+                    help="initial.seed and the exploration stage's seed (default: the campaign file's)")
     ap.add_argument("--work-dir", default=None, help="default: a temporary directory")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -113,28 +152,38 @@ def main(argv=None) -> int:
     from explore_label_train.labelers import label
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    t_start = time.perf_counter()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="al_efficiency_"))
-    cfg = load_campaign(REPO / "configs" / "campaign_cu_emt.yaml")
+    cfg = load_campaign(args.config)
     cfg["work_dir"] = str(work / "campaign")
     stage = cfg["explore"][0]
     stage.update(temperatures=args.temperatures, steps=args.explore_steps)
     cfg["explore"] = [stage]
-    cfg["train"].update(numb_steps=args.campaign_steps, reuse_numb_steps=max(1, args.campaign_steps // 2))
+    if args.campaign_steps:
+        cfg["train"].update(numb_steps=args.campaign_steps, reuse_numb_steps=max(1, args.campaign_steps // 2))
     cfg["select"]["budget"] = args.budget
+    if args.method:
+        cfg["select"]["method"] = args.method
+    if args.campaign_seed is not None:
+        cfg["initial"]["seed"] = stage["seed"] = args.campaign_seed
+    if args.trust:
+        cfg["trust"].update(lo=args.trust[0], hi=args.trust[1])
     cfg["convergence"].update(max_iterations=args.iterations, accurate_ratio=1.0, max_labels=10 ** 6)
     times = {}
 
     # held-out test frames: reference MD of every explored structure at every explored temperature
     t0 = time.perf_counter()
-    test = []
+    test, test_groups = [], []
     for si, name in enumerate(stage["structures"]):
         atoms = read_structure(cfg["structures"][name], cfg["type_map"], name)
         for ti, temp in enumerate(args.temperatures):
-            test += reference_md(atoms, temp, args.test_steps, every=max(1, args.test_steps // 100),
-                                 seed=1000 + 10 * si + ti)
+            fr = reference_md(atoms, temp, args.test_steps, every=max(1, args.test_steps // 100),
+                              seed=1000 + 10 * si + ti)
+            test_groups.append((f"{name} {temp:g} K", len(test), len(test) + len(fr)))
+            test += fr
     times["reference MD (test set)"] = time.perf_counter() - t0
     print(f"test set: {len(test)} frames from EMT MD at {args.temperatures} K "
-          f"({times['reference MD (test set)']:.1f} s)")
+          f"({times['reference MD (test set)']:.1f} s)", flush=True)
 
     t0 = time.perf_counter()
     camp = Campaign(cfg, log=None)
@@ -143,6 +192,15 @@ def main(argv=None) -> int:
     st = camp.state
     for s in ("init", "train", "explore", "select", "label", "check"):
         times[f"  campaign {s}"] = sum(r[0] or 0.0 for r in st.q("SELECT seconds FROM stages WHERE stage=?", s))
+    print(f"campaign: {times['campaign (total)']:.1f} s (ensemble steps {cfg['train']['numb_steps']}, then "
+          f"{cfg['train']['reuse_numb_steps']}; trust lo {cfg['trust']['lo']:g}, hi {cfg['trust']['hi']:g}, "
+          f"select {cfg['select']['method']}, budget {args.budget})")
+    print(f"{'iter':>4} {'frames':>6} {'accurate':>8} {'candidate':>9} {'failed':>6}  selected (structure/temperature)")
+    for r in st.q("SELECT * FROM iterations ORDER BY iteration"):
+        sel = st.q("SELECT structure, temperature, COUNT(*) AS n FROM frames WHERE iteration=? AND selected=1 "
+                   "GROUP BY structure, temperature ORDER BY structure, temperature", r["iteration"])
+        print(f"{r['iteration']:>4} {r['n_frames']:>6} {r['accurate']:>8.1%} {r['candidate']:>9.1%} {r['failed']:>6.1%}  "
+              + ", ".join(f"{s['structure']}/{s['temperature']:g}K:{s['n']}" for s in sel), flush=True)
 
     def frames_of(rows):
         out = {}
@@ -158,75 +216,90 @@ def main(argv=None) -> int:
         pool.append((z["coord"][r["idx"]], z["box"][r["idx"]]))
     initial = st.q("SELECT file FROM labels WHERE frame_id IS NULL ORDER BY label_id")
     n_init = len(initial)
-    rng = np.random.default_rng(args.seed)
-    order = rng.permutation(len(pool))
-    random_labels: list = []   # labelled lazily, in the random order
+    pool_labels: dict = {}   # pool index -> EMT label, labelled lazily
 
-    def random_set(n_explored):
-        while len(random_labels) < min(n_explored, len(pool)):
-            coord, box = pool[order[len(random_labels)]]
-            v = label({"symbols": ["Cu"] * len(coord), "positions": coord.tolist(), "cell": box.tolist(),
-                       "calculator": "emt", "kwargs": {}})
-            random_labels.append((coord, box, v["energy"], v["forces"]))
+    def random_set(n_explored, seed):
+        order = np.random.default_rng([args.seed, seed]).permutation(len(pool))
         out = frames_of(initial)
-        for f in random_labels[:n_explored]:
+        for i in order[:n_explored]:
+            if i not in pool_labels:
+                coord, box = pool[i]
+                v = label({"symbols": ["Cu"] * len(coord), "positions": coord.tolist(), "cell": box.tolist(),
+                           "calculator": "emt", "kwargs": {}})
+                pool_labels[i] = (coord, box, v["energy"], v["forces"])
+            f = pool_labels[i]
             out.setdefault(f"Cu{len(f[0])}", []).append(f)
         return out
 
-    curve = {"campaign": [], "random": []}
-    t_train = 0.0
+    seeds = list(range(args.seeds))
+    curve = {"campaign": {}, "random": {}}       # labels -> [rmse per seed]
+    groups = {"campaign": {}, "random": {}}      # labels -> [[rmse per test group] per seed]
+
+    def evaluate(kind, n, sets, tag, s):
+        model = train_one(cfg, write_labels(sets, work / f"eval/{tag}", cfg["type_map"]), args.train_steps,
+                          work / f"eval/{tag}/train", seed=s)
+        se = force_sq_errors(model, test)
+        curve[kind].setdefault(n, []).append(float((se[:, 0].sum() / se[:, 1].sum()) ** 0.5))
+        groups[kind].setdefault(n, []).append([float((se[a:b, 0].sum() / se[a:b, 1].sum()) ** 0.5)
+                                               for _, a, b in test_groups])
+        print(f"  {kind:>8} {n:>4} labels seed {s}: {curve[kind][n][-1]:.4f}", flush=True)
+
+    t0 = time.perf_counter()
     its = [r[0] for r in st.q("SELECT iteration FROM iterations WHERE status='done' ORDER BY iteration")]
     counts = []
     for it in its:
         rows = st.q("SELECT file FROM labels WHERE iteration<=? ORDER BY label_id", it)
-        t0 = time.perf_counter()
-        model = train_one(cfg, write_labels(frames_of(rows), work / f"eval/campaign{it}", cfg["type_map"]),
-                          args.train_steps, work / f"eval/campaign{it}/train")
-        t_train += time.perf_counter() - t0
-        curve["campaign"].append((len(rows), force_rmse(model, test)))
+        for s in seeds:
+            evaluate("campaign", len(rows), frames_of(rows), f"campaign{it}_s{s}", s)
         counts.append(len(rows) - n_init)
-    final = len(counts) and counts[-1]
-    for n_explored in counts + [2 * final, 3 * final]:
+    final = counts[-1] if counts else 0
+    extra = sorted({int(round(m * final)) for m in args.random_multiples} - set(counts))
+    for n_explored in counts + extra:
         if n_explored > len(pool):
             break
-        t0 = time.perf_counter()
-        sets = random_set(n_explored)
-        model = train_one(cfg, write_labels(sets, work / f"eval/random{n_explored}", cfg["type_map"]),
-                          args.train_steps, work / f"eval/random{n_explored}/train")
-        t_train += time.perf_counter() - t0
-        curve["random"].append((n_init + n_explored, force_rmse(model, test)))
-    times["evaluation training (from scratch)"] = t_train
+        for s in seeds:
+            evaluate("random", n_init + n_explored, random_set(n_explored, s), f"random{n_explored}_s{s}", s)
+    times["evaluation training (from scratch)"] = time.perf_counter() - t0
 
-    print(f"\nheld-out force RMSE (eV/Å) vs labels ({n_init} initial labels in both; "
-          f"{len(pool)} explored frames in the random pool; {args.train_steps} training steps per point)")
-    print(f"{'labels':>7}  {'campaign':>9}  {'random':>9}")
-    rows = sorted({n for n, _ in curve["campaign"]} | {n for n, _ in curve["random"]})
-    c, r = dict(curve["campaign"]), dict(curve["random"])
-    for n in rows:
-        print(f"{n:>7}  {c[n] if n in c else float('nan'):>9.4f}  {r[n] if n in r else float('nan'):>9.4f}")
-    target_n, target = curve["campaign"][-1]
-    ratio = None
-    rn = np.array([n for n, _ in curve["random"]], dtype=float)
-    rr = np.array([e for _, e in curve["random"]])
-    below = np.nonzero(rr <= target)[0]
-    if len(below):
-        k = below[0]
-        if k == 0:
-            need = rn[0]
-        else:   # linear interpolation between the last point above and the first at or below the target
-            need = rn[k - 1] + (rn[k] - rn[k - 1]) * (rr[k - 1] - target) / (rr[k - 1] - rr[k])
-        ratio = need / target_n
-        print(f"random selection needs ~{need:.0f} labels for the campaign's RMSE {target:.4f} at {target_n} labels: "
-              f"ratio {ratio:.2f} (target >= 2)")
-    else:
-        print(f"random selection does not reach the campaign's RMSE {target:.4f} within {int(rn.max())} labels: "
-              f"ratio > {rn.max() / target_n:.2f} (target >= 2)")
+    mean = {k: {n: float(np.mean(v)) for n, v in c.items()} for k, c in curve.items()}
+    std = {k: {n: float(np.std(v)) for n, v in c.items()} for k, c in curve.items()}
+    print(f"\nheld-out force RMSE (eV/Å) vs labels, mean ± std over {len(seeds)} seeds ({n_init} initial labels in "
+          f"both; {len(pool)} explored frames in the random pool; {args.train_steps} training steps per model)")
+    names = [g[0] for g in test_groups]
+    print(f"{'labels':>7}  {'campaign':>15}  {'random':>15}   per test group, campaign | random: " + ", ".join(names))
+    c, r = mean["campaign"], mean["random"]
+    for n in sorted(set(c) | set(r)):
+        cs = f"{c[n]:.4f} ± {std['campaign'][n]:.4f}" if n in c else "-"
+        rs = f"{r[n]:.4f} ± {std['random'][n]:.4f}" if n in r else "-"
+        gc = " ".join(f"{x:.3f}" for x in np.mean(groups["campaign"][n], axis=0)) if n in c else "-"
+        gr = " ".join(f"{x:.3f}" for x in np.mean(groups["random"][n], axis=0)) if n in r else "-"
+        print(f"{n:>7}  {cs:>15}  {rs:>15}   {gc} | {gr}")
+    rn = sorted(r)
+    ratios = {}
+    for n in sorted(c):
+        need = labels_needed(rn, [r[k] for k in rn], c[n])
+        ratios[n] = None if need is None else need / n
+        print(f"campaign at {n:>3} labels ({c[n]:.4f}): random needs "
+              + (f"~{need:.0f} labels, ratio {need / n:.2f}" if need is not None
+                 else f"more than {rn[-1]} labels, ratio > {rn[-1] / n:.2f}"))
+    target_n = max(c)
+    ratio = ratios[target_n]
+    per_seed = []
+    for i in seeds:
+        need = labels_needed(rn, [curve["random"][k][i] for k in rn], curve["campaign"][target_n][i])
+        per_seed.append(None if need is None else need / target_n)
+    print(f"ratio at the campaign's final point ({target_n} labels): "
+          + (f"{ratio:.2f}" if ratio is not None else f"> {rn[-1] / target_n:.2f}")
+          + " (target >= 2); per seed: " + ", ".join(f"> {rn[-1] / target_n:.2f}" if x is None else f"{x:.2f}"
+                                                  for x in per_seed))
+    times["total"] = time.perf_counter() - t_start
     print("\nwall time per stage (s):")
     for k, v in times.items():
         print(f"  {k:<36} {v:8.1f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"curve": curve, "ratio": ratio, "times": times,
-                                               "args": vars(args)}, indent=1))
+        Path(args.json).write_text(json.dumps({"curve": curve, "groups": groups, "test_groups": names,
+                                               "ratios": ratios, "ratio": ratio, "ratio_per_seed": per_seed,
+                                               "times": times, "args": vars(args)}, indent=1))
     return 0
 
 
