@@ -3,6 +3,8 @@
 
 #include <algorithm>
 
+#include "tabulate_cpu.h"
+
 namespace dpmd {
 
 template <typename T>
@@ -17,16 +19,7 @@ void tabulate_fusion_cpu(const T* table, const TableGrid<T>& grid, const T* rows
       int64_t interval;
       T t;
       table_locate(grid, r[0], interval, t);
-      const T* coef = table + interval * 6 * m;
-      const T r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
-#pragma omp simd
-      for (int64_t k = 0; k < m; ++k) {
-        const T g = table_value(coef, m, k, t);
-        o[k] += r0 * g;
-        o[m + k] += r1 * g;
-        o[2 * m + k] += r2 * g;
-        o[3 * m + k] += r3 * g;
-      }
+      table_contract_add(table + interval * 6 * m, m, t, r, o);
     }
   }
 }
@@ -37,28 +30,10 @@ void tabulate_fusion_backward_cpu(const T* table, const TableGrid<T>& grid, cons
 #pragma omp parallel for schedule(static)
   for (int64_t e = 0; e < n; ++e) {
     const T* r = rows + e * 4;
-    const T* go = grad_out + center[e] * 4 * m;
     int64_t interval;
     T t;
     table_locate(grid, r[0], interval, t);
-    const T* coef = table + interval * 6 * m;
-    T d0 = 0, d1 = 0, d2 = 0, d3 = 0, dx = 0;
-#pragma omp simd reduction(+ : d0, d1, d2, d3, dx)
-    for (int64_t k = 0; k < m; ++k) {
-      T g, dg;
-      table_value_deriv(coef, m, k, t, g, dg);
-      const T a0 = go[k], a1 = go[m + k], a2 = go[2 * m + k], a3 = go[3 * m + k];
-      d0 += a0 * g;
-      d1 += a1 * g;
-      d2 += a2 * g;
-      d3 += a3 * g;
-      dx += (a0 * r[0] + a1 * r[1] + a2 * r[2] + a3 * r[3]) * dg;
-    }
-    T* gr = grad_rows + e * 4;
-    gr[0] = d0 + dx;
-    gr[1] = d1;
-    gr[2] = d2;
-    gr[3] = d3;
+    table_contract_grad(table + interval * 6 * m, m, t, r, grad_out + center[e] * 4 * m, grad_rows + e * 4);
   }
 }
 
