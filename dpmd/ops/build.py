@@ -15,6 +15,7 @@ half-written `.so`.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import os
 import shutil
@@ -39,6 +40,7 @@ def arch_flags() -> list[str]:
     return [] if arch in ("", "generic") else [f"-march={arch}"]
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_identity() -> bytes:
     """The CPU's feature flags: a library built with -march=native must not be reused (shared home
     folders on clusters) on a node with another instruction set."""
