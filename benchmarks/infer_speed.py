@@ -8,7 +8,7 @@ peak RSS (ru_maxrss) is its own; the worker prints one JSON line that the parent
     PYTHONPATH=. python benchmarks/infer_speed.py --sizes 1 2 --threads 1 --repeats 3 --json out.json
     PYTHONPATH=. python benchmarks/infer_speed.py --sizes 1 --threads 2 --path both --kernels
 
---path reference|ops|both: the pure-PyTorch path (DPMD_OPS=0) and/or the kernel library (dpmd.ops,
+--path reference|ops|both: the pure-PyTorch reference (DPMD_OPS=0 DPMD_LINEARIZE=0) and/or the kernel library (dpmd.ops,
 `dpmd build-ops` first; its neighbour search included).  --kernels adds a per-kernel table at 192 atoms:
 each op (forward + backward where it has one) against the reference code it replaces.
 """
@@ -177,8 +177,8 @@ def run_config(args, n: int, threads: int, path: str, precision: str) -> dict:
             cmd += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
     cmd += [] if args.deepmd else ["--no-deepmd"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    if path == "reference":
-        env["DPMD_OPS"] = "0"
+    if path == "reference":  # the reference code itself (not even the PyTorch linearised nets)
+        env["DPMD_OPS"], env["DPMD_LINEARIZE"] = "0", "0"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:  # e.g. killed for memory (-9)

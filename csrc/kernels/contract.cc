@@ -65,10 +65,47 @@ void contract_backward_cpu(const T* grad, const T* rows, const T* emb, const int
   }
 }
 
+template <typename T>
+void expand_cpu(const T* a, const T* tm, const int64_t* center, int64_t n, int64_t K, int64_t M, T* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t e = 0; e < n; ++e) {
+    const T* t = tm + center[e] * K * M;
+    const T* ae = a + e * K;
+    T* o = out + e * M;
+    const T a0 = ae[0];
+#pragma omp simd
+    for (int64_t m = 0; m < M; ++m) o[m] = a0 * t[m];
+    for (int64_t k = 1; k < K; ++k) {
+      const T ak = ae[k];
+      const T* tk = t + k * M;
+#pragma omp simd
+      for (int64_t m = 0; m < M; ++m) o[m] += ak * tk[m];
+    }
+  }
+}
+
+template <typename T>
+void project_cpu(const T* b, const T* tm, const int64_t* center, int64_t n, int64_t K, int64_t M, T* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t e = 0; e < n; ++e) {
+    const T* t = tm + center[e] * K * M;
+    const T* be = b + e * M;
+    for (int64_t k = 0; k < K; ++k) {
+      const T* tk = t + k * M;
+      T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+      for (int64_t m = 0; m < M; ++m) acc += tk[m] * be[m];
+      out[e * K + k] = acc;
+    }
+  }
+}
+
 #define DPMD_INSTANTIATE(T)                                                                                  \
   template void contract_cpu<T>(const T*, const T*, const int64_t*, int64_t, int64_t, int64_t, T*);        \
   template void contract_backward_cpu<T>(const T*, const T*, const T*, const int64_t*, int64_t, int64_t,    \
-                                         int64_t, T*, T*);
+                                         int64_t, T*, T*);                                                 \
+  template void expand_cpu<T>(const T*, const T*, const int64_t*, int64_t, int64_t, int64_t, T*);           \
+  template void project_cpu<T>(const T*, const T*, const int64_t*, int64_t, int64_t, int64_t, T*);
 DPMD_INSTANTIATE(float)
 DPMD_INSTANTIATE(double)
 #undef DPMD_INSTANTIATE

@@ -1,6 +1,9 @@
 // torch.ops.dpmd.contract: T[c] = sum_{e of centre c} rows[e]^T emb[e]  (ncent, K, M), first-derivative autograd.
 //   contract(rows (E,K), emb (E,M), center (E,) ascending, ncent) -> T (ncent, K, M)
 //   contract_backward(grad_T, rows, emb, center) -> (d_rows, d_emb)
+// and, CPU only, the two halves of that backward (dpmd.ops wraps the three into autograd Functions that
+// differentiate to any order, for training):
+//   edge_expand(a (E,K), T (ncent,K,M), center) -> (E,M),  edge_project(b (E,M), T, center) -> (E,K)
 #include "contract.h"
 #include "ops_common.h"
 
@@ -58,6 +61,40 @@ std::tuple<Tensor, Tensor> contract_backward(const Tensor& grad_in, const Tensor
   return {d_rows, d_emb};
 }
 
+// a (E, cols) against T (ncent, K, M): checks shared by edge_expand (cols = K) and edge_project (cols = M)
+void check_edge_op(const Tensor& a, const Tensor& t, const Tensor& center, int64_t cols, const char* name) {
+  dpmd_torch::check_float_2d(a, cols, name);
+  TORCH_CHECK(t.dim() == 3 && t.scalar_type() == a.scalar_type() && t.device() == a.device(), "dpmd: ", name,
+              ": T must be (ncent, K, M) of the same dtype and device, got ", t.sizes());
+  dpmd_torch::check_index(center, a.size(0), "center");
+  TORCH_CHECK(a.size(0) == 0 || (center.min().item<int64_t>() >= 0 && center.max().item<int64_t>() < t.size(0)),
+              "dpmd: ", name, ": center out of range [0, ", t.size(0), ")");
+}
+
+Tensor edge_expand(const Tensor& a_in, const Tensor& t_in, const Tensor& center_in) {
+  check_edge_op(a_in, t_in, center_in, t_in.size(1), "edge_expand");
+  Tensor a = a_in.contiguous(), t = t_in.contiguous(), center = center_in.contiguous();
+  const int64_t n = a.size(0), K = t.size(1), M = t.size(2);
+  Tensor out = at::empty({n, M}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "dpmd_edge_expand", [&] {
+    dpmd::expand_cpu<scalar_t>(a.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), center.data_ptr<int64_t>(), n, K,
+                               M, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+Tensor edge_project(const Tensor& b_in, const Tensor& t_in, const Tensor& center_in) {
+  check_edge_op(b_in, t_in, center_in, t_in.size(2), "edge_project");
+  Tensor b = b_in.contiguous(), t = t_in.contiguous(), center = center_in.contiguous();
+  const int64_t n = b.size(0), K = t.size(1), M = t.size(2);
+  Tensor out = at::empty({n, K}, b.options());
+  AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "dpmd_edge_project", [&] {
+    dpmd::project_cpu<scalar_t>(b.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), center.data_ptr<int64_t>(), n, K,
+                                M, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
 class Contract : public torch::autograd::Function<Contract> {
  public:
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& rows, const Tensor& emb,
@@ -89,11 +126,15 @@ Tensor contract_autograd(const Tensor& rows, const Tensor& emb, const Tensor& ce
 TORCH_LIBRARY_FRAGMENT(dpmd, m) {
   m.def("contract(Tensor rows, Tensor emb, Tensor center, int ncent) -> Tensor");
   m.def("contract_backward(Tensor grad, Tensor rows, Tensor emb, Tensor center) -> (Tensor, Tensor)");
+  m.def("edge_expand(Tensor a, Tensor T, Tensor center) -> Tensor");
+  m.def("edge_project(Tensor b, Tensor T, Tensor center) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dpmd, CPU, m) {
   m.impl("contract", contract_device);
   m.impl("contract_backward", contract_backward);
+  m.impl("edge_expand", edge_expand);
+  m.impl("edge_project", edge_project);
 }
 
 #if defined(DPMD_WITH_CUDA)
@@ -110,6 +151,12 @@ TORCH_LIBRARY_IMPL(dpmd, Meta, m) {
   });
   m.impl("contract_backward", [](const Tensor&, const Tensor& rows, const Tensor& emb, const Tensor&) {
     return std::make_tuple(at::empty_like(rows), at::empty_like(emb));
+  });
+  m.impl("edge_expand", [](const Tensor& a, const Tensor& t, const Tensor&) {
+    return at::empty({a.size(0), t.size(2)}, a.options());
+  });
+  m.impl("edge_project", [](const Tensor& b, const Tensor& t, const Tensor&) {
+    return at::empty({b.size(0), t.size(1)}, b.options());
   });
 }
 

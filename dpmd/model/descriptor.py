@@ -13,6 +13,9 @@ normalisation turns into the constant -mean/std and so still feeds T_i.  Padded 
 kept out of the arithmetic here: their total contribution is (sel - count) times one
 embedding evaluation per (centre type, net), which reproduces DeePMD-kit's numbers exactly.
 
+For forces and training the embedding nets may be linearised in s (dpmd.model.network.linearized_embedding:
+same value and first derivative, no double differentiation of the nets); see _linearized_block.
+
 A compressed descriptor (dpmd.model.compress) evaluates G from piecewise quintic tables of the
 nets instead (buffer `table`, layout (net, interval, 6 coefficients, M)); the contraction
 sum_j R_j^T G_j then runs in the kernel library's fused op when it is loaded, in Triton on
@@ -29,7 +32,8 @@ import torch
 from torch import nn
 
 from dpmd import ops
-from dpmd.model.network import MLP
+from dpmd.ops import contraction
+from dpmd.model.network import MLP, embedding_with_tangent, linearize_at
 
 
 def smooth_switch(r: torch.Tensor, rmin: float, rmax: float) -> torch.Tensor:
@@ -146,7 +150,11 @@ class DescriptorSeA(nn.Module):
                 if self.compressed:
                     T = T + self._tabulated_block(i, r, center_sorted[start:start + n], ncent)
                 else:
-                    T = T + self._block(r, net(r[:, :1]), center_sorted[start:start + n], ncent)
+                    c = center_sorted[start:start + n]
+                    linearized = None
+                    if not torch.jit.is_scripting():
+                        linearized = self._linearized_block(i, r, c, ncent)
+                    T = T + (self._block(r, net(r[:, :1]), c, ncent) if linearized is None else linearized)
             start += n
         T = T + self._padding(center, center_type, neighbor_type)
         T = T / self.nnei
@@ -161,6 +169,8 @@ class DescriptorSeA(nn.Module):
         if not torch.jit.is_scripting():
             if ops.active(r):
                 return ops.contract(r, g, c, ncent)
+            if ops.any_order(r):  # training: kernels that differentiate again
+                return contraction.contract(r, g, c, ncent)
         n = r.shape[0]
         per_center = torch.bincount(c, minlength=ncent)
         nmax = int(per_center.max())
@@ -172,6 +182,18 @@ class DescriptorSeA(nn.Module):
         g_pad[flat] = g
         r_pad, g_pad = r_pad.view(ncent, nmax, 4), g_pad.view(ncent, nmax, self.width)
         return torch.bmm(r_pad.transpose(1, 2), g_pad)
+
+    @torch.jit.unused
+    def _linearized_block(self, i: int, r: torch.Tensor, c: torch.Tensor, ncent: int):
+        """_block with net i linearised in s = r[:, 0] (exact forces, cheaper derivatives; dpmd.model.network)
+        when the caller allows it (dpmd.ops.linearize_embeddings), else None."""
+        net = self.embeddings[i]
+        if not (ops.linearize_embeddings() and net.can_linearize()):
+            return None
+        g, gp = embedding_with_tangent(net, r[:, 0], weight_gradients=not ops.forces_only())
+        if ops.any_order(r):  # (CPU)
+            return contraction.contract_linearized(r, g, gp, c, ncent)
+        return self._block(r, linearize_at(g, gp, r[:, 0]), c, ncent)
 
     def _padding(self, center, center_type, neighbor_type):
         """Contribution of DeePMD's empty neighbour slots, (n_centers, 4, M)."""
@@ -207,7 +229,7 @@ class DescriptorSeA(nn.Module):
     def _cached_padding_per_slot(self):
         """_padding_per_slot, computed once per set of weights while only forces are asked for (dpmd.ops'
         first-derivative mode: no gradient to the weights is needed); None otherwise (training, vmap)."""
-        if not getattr(ops._local, "inference", False):
+        if not ops.forces_only():
             return None
         tensors = [self.mean, self.std] + list(self.embeddings.parameters())
         if self.compressed:
@@ -273,7 +295,7 @@ class DescriptorSeA(nn.Module):
                 self.table_coarse)
         if ops.active(r):
             return torch.ops.dpmd.tabulate_fusion_se_a(self.table[i], r, c, ncent, *grid)
-        if r.is_cuda and triton_tabulate.available() and getattr(ops._local, "inference", False):
+        if r.is_cuda and triton_tabulate.available() and ops.forces_only() and not ops.reference_forced():
             return triton_tabulate.tabulate_fusion(self.table[i], r, c, ncent, grid)
         return None
 

@@ -10,8 +10,9 @@ Large systems are evaluated in chunks of centre atoms so memory stays bounded: t
 energy is a sum of atomic terms, each depending only on its own edges.
 
 With the kernel library built (dpmd.ops), inference (create_graph=False) runs the environment
-matrix, the contraction and this assembly as C++/CUDA ops behind the same calls; training
-(create_graph=True: the force loss needs second derivatives) always takes the PyTorch reference.
+matrix, the contraction and this assembly as C++/CUDA ops behind the same calls; with create_graph=True
+(training: the force loss differentiates forces again) only the contraction ops that differentiate to any
+order (dpmd.ops.contraction) run, the rest is the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def evaluate(model, graph: dict, *, create_graph: bool = False, chunk_atoms: int
     create_graph=True keeps the graph for training on forces (no chunking then).
     """
     check_neighbors(model, graph)
-    # the kernels' backward gives first derivatives only: the force loss of training needs the reference
+    # most kernels' backward gives first derivatives only: the force loss of training needs other code
     kernels = contextlib.nullcontext if create_graph else ops.first_derivative_only
     with kernels():
         atom_energy, g, vec = edge_gradients(energy_and_gradient(model, create_graph), graph, create_graph,

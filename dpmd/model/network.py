@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dpmd import ops
+
 ACTIVATIONS = {
     "tanh": torch.tanh,
     "gelu": nn.functional.gelu,
@@ -82,3 +84,159 @@ class MLP(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return x
+
+    def can_linearize(self) -> bool:
+        return all(layer.activation == "tanh" for layer in self.layers) and self.layers[0].matrix.shape[0] == 1
+
+
+# ---- an embedding net of one scalar, linearised in its input ------------------------------------
+#
+# Forces need dE/ds through a net G(s) of a scalar s.  Instead of differentiating backwards through the
+# net (and, for the force loss of training, differentiating that backward pass again), the net's value
+# G and derivative G' = dG/ds are computed together in one forward sweep (forward-mode, the tangent of
+# every layer alongside its value), and the model sees
+#     G_lin(s) = G(s0) + (s - s0) G'(s0),   s0 = s (detached):
+# the same value, the same first derivative dG/ds = G', and G, G' differentiable in the weights.  The
+# force loss then needs only first derivatives of the net (hand-written below, no autograd graph of the
+# net), and the force-only backward is one dot product per edge.  What is lost: second derivatives with
+# respect to positions (d2G/ds2 is taken as 0), so callers opt in (dpmd.ops.linearized_embedding()).
+
+class _Tangent(torch.autograd.Function):
+    """(G, G') of an MLP at s0 (n,), a function of the weights only; backward by hand.  The elementwise work
+    of each layer runs in one fused kernel-library op when the library is loaded (CPU), else in PyTorch."""
+
+    @staticmethod
+    def forward(ctx, mlp: MLP, fused: bool, s0: torch.Tensor, *params):
+        y, yp, saved = _tangent_sweep(mlp, fused, s0, keep=True)
+        ctx.mlp, ctx.fused = mlp, fused
+        ctx.save_for_backward(*saved)
+        return y, yp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy, gyp):
+        mlp, saved = ctx.mlp, ctx.saved_tensors
+        gy = torch.zeros_like(saved[-2]) if gy is None else gy.contiguous()
+        gyp = torch.zeros_like(saved[-2]) if gyp is None else gyp.contiguous()
+        grads = []
+        for k in range(len(mlp.layers) - 1, -1, -1):
+            layer = mlp.layers[k]
+            x, xp, t, tp = saved[4 * k: 4 * k + 4]
+            res = _residual_kind(layer)
+            if ctx.fused:
+                gz, gzp, g_bias, g_idt, gres, gresp = torch.ops.dpmd.tangent_backward(gy, gyp, t, tp, layer.idt, res)
+            else:
+                g_idt = None
+                gt, gtp = gy, gyp
+                if layer.idt is not None:
+                    g_idt = (gy * t).sum(0) + (gyp * tp).sum(0)
+                    gt, gtp = gy * layer.idt, gyp * layer.idt
+                # t' = (1 - t^2) z':  dt'/dz' = 1 - t^2,  dt'/dt = -2 t z' = -2 t t' / (1 - t^2)
+                gzp = torch.ops.aten.tanh_backward(gtp, t)
+                gz = torch.ops.aten.tanh_backward(gt, t).sub_(t * tp * gtp, alpha=2.0)
+                g_bias = gz.sum(0)
+                gres, gresp = (_residual_grad(gy), _residual_grad(gyp)) if res == 2 else (None, None)
+            grads.append((torch.addmm(x.t() @ gz, xp.t(), gzp), g_bias, g_idt))
+            if k > 0:
+                w_t = layer.matrix.t()
+                if res == 0:
+                    gy, gyp = gz @ w_t, gzp @ w_t
+                elif res == 1:
+                    gy, gyp = torch.addmm(gy, gz, w_t), torch.addmm(gyp, gzp, w_t)
+                else:
+                    gy, gyp = torch.addmm(gres, gz, w_t), torch.addmm(gresp, gzp, w_t)
+        out = []
+        for (g_matrix, g_bias, g_idt), layer in zip(reversed(grads), mlp.layers):
+            out += [g_matrix, g_bias] + ([g_idt] if layer.idt is not None else [])
+        return (None, None, None, *out)
+
+
+def _tangent_sweep(mlp: MLP, fused: bool, s0: torch.Tensor, keep: bool):
+    """(G, G', what the backward needs: per layer x, x', t, t'); keep=False: nothing kept, layers in place."""
+    x = s0.unsqueeze(1)
+    xp = torch.ones_like(x)  # dx/ds
+    saved = []
+    for layer in mlp.layers:
+        t = torch.addmm(layer.bias, x, layer.matrix).tanh_()
+        zp = xp @ layer.matrix
+        res = _residual_kind(layer)
+        if fused and not keep:  # t becomes y, z' becomes y'
+            torch.ops.dpmd.tangent_forward_(t, zp, x if res else None, xp if res else None, layer.idt, res)
+            x, xp = t, zp
+            continue
+        if fused:
+            tp, y, yp = torch.ops.dpmd.tangent_forward(t, zp, x if res else None, xp if res else None, layer.idt, res)
+            if y.numel() == 0:
+                y, yp = t, tp
+        else:
+            tp = torch.ops.aten.tanh_backward(zp, t)  # (1 - t^2) z'
+            y, yp = t, tp
+            if layer.idt is not None:
+                y, yp = y * layer.idt, yp * layer.idt
+            if res:
+                y, yp = _add_residual(y, x), _add_residual(yp, xp)
+        if keep:
+            saved += [x, xp, t, tp]
+        x, xp = y, yp
+    return x, xp, saved
+
+
+def _residual_kind(layer: Layer) -> int:
+    """0: no residual, 1: y + x, 2: y + (x, x) (the width doubles)."""
+    if not layer.residual:
+        return 0
+    return 1 if layer.matrix.shape[0] == layer.matrix.shape[1] else 2
+
+
+def _add_residual(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if y.shape[-1] == x.shape[-1]:
+        return y + x
+    return (y.unflatten(-1, (2, -1)) + x.unsqueeze(-2)).flatten(-2)
+
+
+def _residual_grad(gy: torch.Tensor) -> torch.Tensor:
+    """The gradient of (x, x) -> x for a doubling residual."""
+    return gy.unflatten(-1, (2, -1)).sum(-2)
+
+
+class _LinearizeAt(torch.autograd.Function):
+    """G_lin = G with dG_lin/ds = G' (see above); its backward is differentiable (the force loss)."""
+
+    @staticmethod
+    def forward(ctx, g, gp, s):
+        ctx.save_for_backward(gp)
+        return g.view_as(g)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (gp,) = ctx.saved_tensors
+        return grad, None, (grad * gp).sum(-1)
+
+
+def _layer_params(mlp: MLP) -> list[torch.Tensor]:
+    params = []
+    for layer in mlp.layers:
+        params += [layer.matrix, layer.bias] + ([layer.idt] if layer.idt is not None else [])
+    return params
+
+
+def embedding_with_tangent(mlp: MLP, s0: torch.Tensor, weight_gradients: bool = True):
+    """(G, G') = (mlp(s0[:, None]), its derivative in s0), each (n, M), differentiable in the weights only
+    (weight_gradients=False: constants, computed without keeping anything)."""
+    fused = ops.any_order(s0)
+    if not weight_gradients:
+        with torch.no_grad():
+            g, gp, _ = _tangent_sweep(mlp, fused, s0.detach(), keep=False)
+        return g, gp
+    return _Tangent.apply(mlp, fused, s0.detach(), *_layer_params(mlp))
+
+
+def linearize_at(g: torch.Tensor, gp: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """G_lin(s) = g + (s - s0) gp: value g, derivative gp in s (differentiable again in g and gp)."""
+    return _LinearizeAt.apply(g, gp, s)
+
+
+def linearized_embedding(mlp: MLP, s: torch.Tensor) -> torch.Tensor:
+    """mlp(s[:, None]) (n, M) with exact value and first derivative in s, differentiable in the weights;
+    its second derivative in s is not available (see above)."""
+    return linearize_at(*embedding_with_tangent(mlp, s), s)

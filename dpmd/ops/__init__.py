@@ -8,8 +8,10 @@ The model calls the same functions either way (DescriptorSeA.env_rows, dpmd.mode
 are used when all of these hold, else the pure-PyTorch reference runs:
   - the library is built (`dpmd build-ops`) and DPMD_OPS is not 0;
   - the caller only needs first derivatives (`first_derivative_only()`, which dpmd.model.forces.evaluate
-    enters unless create_graph=True).  The ops' backward is not itself differentiable, so training
-    (whose force loss differentiates forces again) always runs on the reference path.
+    enters unless create_graph=True): most ops' backward is not itself differentiable;
+  - not inside `reference_only()`.
+Training (create_graph=True: its force loss differentiates the forces again) uses the contraction ops
+of dpmd.ops.contraction, which differentiate to any order (CPU), and the PyTorch reference for the rest.
 When the library would be used but is not built, one line is printed once per process.
 """
 
@@ -87,29 +89,58 @@ def require(what: str) -> None:
 
 
 @contextlib.contextmanager
-def _kernels_allowed(allowed: bool):
-    previous = getattr(_local, "inference", False)
-    _local.inference = allowed
+def _flag(name: str):
+    previous = getattr(_local, name, False)
+    setattr(_local, name, True)
     try:
         yield
     finally:
-        _local.inference = previous
+        setattr(_local, name, previous)
 
 
 def first_derivative_only():
     """Within this block the model may use the kernels (their backward gives forces, not force gradients)."""
-    return _kernels_allowed(True)
+    return _flag("inference")
 
 
 def reference_only():
-    """Force the PyTorch reference path inside this block (tests, benchmarks)."""
-    return _kernels_allowed(False)
+    """Force the PyTorch reference path inside this block, whatever is entered inside it (tests, benchmarks)."""
+    return _flag("reference")
+
+
+def weight_gradients_only():
+    """Within this block forces are differentiated again with respect to the weights only (training's
+    force loss), never the positions: the model may linearise its embedding nets (dpmd.model.network)."""
+    return _flag("weights_only")
+
+
+def reference_forced() -> bool:
+    return getattr(_local, "reference", False) or torch.jit.is_scripting()
+
+
+def forces_only() -> bool:
+    """Inside first_derivative_only(): no gradient to the weights is needed."""
+    return getattr(_local, "inference", False)
+
+
+def linearize_embeddings() -> bool:
+    """May the model use dpmd.model.network.linearized_embedding (exact forces, no second derivatives in
+    the positions)?  Yes for forces only and for training's force loss; DPMD_LINEARIZE=0 turns it off."""
+    if reference_forced() or not (getattr(_local, "inference", False) or getattr(_local, "weights_only", False)):
+        return False
+    return os.environ.get("DPMD_LINEARIZE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def any_order(tensor: torch.Tensor) -> bool:
+    """May the current call use the kernels that differentiate to any order (dpmd.ops.contraction: training
+    and second derivatives)?  CPU only, library built, not inside reference_only()."""
+    return not reference_forced() and tensor.device.type == "cpu" and available()
 
 
 def active(tensor: torch.Tensor | None = None) -> bool:
     """Should the current call (on `tensor`'s device) use the kernels?  Warns once when it would but the
     library is missing."""
-    if not getattr(_local, "inference", False) or torch.jit.is_scripting():
+    if not getattr(_local, "inference", False) or reference_forced():
         return False
     if available():
         return tensor is None or tensor.device.type == "cpu" or (tensor.is_cuda and has_cuda())

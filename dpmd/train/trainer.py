@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from dpmd import ops
 from dpmd.data import load_systems
 from dpmd.errors import ConfigError, DpmdError
 from dpmd.geometry.graph import build_graph
@@ -188,7 +189,9 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def _step_loss(self, store, i, frames, lr, train=True):
         graph, label = store.batch(i, frames)
-        pred = evaluate(self.model, graph, create_graph=train)
+        # the force loss differentiates forces by the weights only: the embedding nets may be linearised
+        with ops.weight_gradients_only():
+            pred = evaluate(self.model, graph, create_graph=train)
         pred["virial"] = pred["virial"].reshape(-1, 9)
         if label["virial"] is not None:
             label["virial"] = label["virial"].reshape(-1, 9)
