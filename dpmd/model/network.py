@@ -143,8 +143,8 @@ class _Tangent(torch.autograd.Function):
                     gy, gyp = gz @ w_t, gzp @ w_t
                 elif res == 1:
                     gy, gyp = torch.addmm(gy, gz, w_t), torch.addmm(gyp, gzp, w_t)
-                else:
-                    gy, gyp = torch.addmm(gres, gz, w_t), torch.addmm(gresp, gzp, w_t)
+                else:  # gres, gresp are ours (fresh): accumulate into them
+                    gy, gyp = gres.addmm_(gz, w_t), gresp.addmm_(gzp, w_t)
         out = []
         for (g_matrix, g_bias, g_idt), layer in zip(reversed(grads), mlp.layers):
             out += [g_matrix, g_bias] + ([g_idt] if layer.idt is not None else [])

@@ -104,6 +104,16 @@ def _dist_info() -> tuple[int, int]:
     return rank, world
 
 
+def adam(params, lr: float) -> torch.optim.Adam:
+    """Adam, with its fused kernel where this torch has one for the device (CPU: torch >= 2.4; ~3x faster
+    than the per-tensor loop), else the default implementation (the same update rule)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(params, lr=lr)
+
+
 class Trainer:
     def __init__(self, config: dict, *, restart: str | None = None, init_model: str | None = None,
                  finetune: str | None = None, out_dir: str | Path = ".", progress: bool = True):
@@ -152,7 +162,7 @@ class Trainer:
         self.lr_scale = self.world if (self.world > 1 and lr_cfg["scale_by_worker"] == "linear") else (
             self.world ** 0.5 if self.world > 1 and lr_cfg["scale_by_worker"] == "sqrt" else 1.0)
         self.loss = EnergyLoss(config["loss"], lr_cfg["start_lr"])
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr_cfg["start_lr"])
+        self.optimizer = adam(self.model.parameters(), lr_cfg["start_lr"])
         data = tr["training_data"]
         self.sampler = BatchSampler(self.train_systems, data["batch_size"], data["auto_prob"], tr["seed"], self.world)
         if self.valid_systems:
