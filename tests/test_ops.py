@@ -151,7 +151,8 @@ def contraction_inputs(seed, n=80, ncent=7, m=6):
 def test_contract_matches_block_reference(lib):
     rows, emb, center, ncent = contraction_inputs(4)
     desc = DescriptorSeA(2, [4, 4], 4.0, 1.0, neuron=(2, 4, 6), axis_neuron=2)
-    ref = desc._block(rows, emb, center, ncent)  # the padded bmm reference
+    with ops.reference_only():
+        ref = desc._block(rows, emb, center, ncent)  # the padded bmm reference
     out = ops.contract(rows, emb, center, ncent)
     torch.testing.assert_close(out, ref, rtol=1e-14, atol=1e-14)
     w = torch.randn(out.shape, dtype=F64)
@@ -160,6 +161,43 @@ def test_contract_matches_block_reference(lib):
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
     assert torch.autograd.gradcheck(lambda r, e: ops.contract(r, e, center, ncent), (rows, emb))
+
+
+@pytest.mark.parametrize("linearized", [False, True])
+def test_any_order_contraction_matches_reference(lib, linearized):
+    """dpmd.ops.contraction (training's kernels): values, first and second derivatives against the padded
+    PyTorch reference, and gradgradcheck; linearized: the embedding g + (rows[:, 0] - s0) g'."""
+    from dpmd.model.network import linearize_at
+    from dpmd.ops import contraction
+
+    rows, emb, center, ncent = contraction_inputs(6, n=40, ncent=6, m=5)
+    gp = torch.randn(emb.shape, dtype=F64, generator=torch.Generator().manual_seed(7)).requires_grad_()
+    desc = DescriptorSeA(2, [4, 4], 4.0, 1.0, neuron=(2, 4, 5), axis_neuron=2)
+
+    def fast(r, e, p):
+        return contraction.contract_linearized(r, e, p, center, ncent) if linearized else contraction.contract(r, e, center, ncent)
+
+    def ref(r, e, p):
+        with ops.reference_only():
+            return desc._block(r, linearize_at(e, p, r[:, 0]) if linearized else e, center, ncent)
+
+    w = torch.randn(ncent, 4, 5, dtype=F64, generator=torch.Generator().manual_seed(8))
+    inputs = (rows, emb, gp)
+    # linearised: only what training needs (d/drows, and its derivatives in the embedding's g and g');
+    # second derivatives in the rows are not defined by the linearisation
+    wrt = (emb, gp) if linearized else inputs
+    out = []
+    for f in (fast, ref):
+        t = f(*inputs)
+        g = torch.autograd.grad((t * w).sum(), inputs, create_graph=True, allow_unused=True)
+        first = [x for x in (g[:1] if linearized else g) if x is not None]
+        second = torch.autograd.grad(sum((x ** 2).sum() for x in first), wrt, allow_unused=True)
+        out.append([t] + [x for x in g + second if x is not None])
+    assert len(out[0]) == len(out[1])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    if not linearized:  # (the linearised form is exact to first order only, by design)
+        assert torch.autograd.gradgradcheck(lambda r, e: contraction.contract(r, e, center, ncent), (rows, emb))
 
 
 def test_contract_refuses_unsorted_centres(lib):

@@ -108,10 +108,21 @@ def adam(params, lr: float) -> torch.optim.Adam:
     """Adam, with its fused kernel where this torch has one for the device (CPU: torch >= 2.4; ~3x faster
     than the per-tensor loop), else the default implementation (the same update rule)."""
     params = list(params)
+    if not hasattr(torch.autograd.graph, "increment_version"):  # needed below
+        return torch.optim.Adam(params, lr=lr)
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        opt = torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, ValueError):
         return torch.optim.Adam(params, lr=lr)
+
+    def bump_versions(*_):
+        # the fused kernel leaves the weights' version counters as they were; caches keyed on them (the
+        # descriptor's padding term) must see every update
+        for p in params:
+            torch.autograd.graph.increment_version(p)
+
+    opt.register_step_post_hook(bump_versions)
+    return opt
 
 
 class Trainer:
@@ -162,7 +173,8 @@ class Trainer:
         self.lr_scale = self.world if (self.world > 1 and lr_cfg["scale_by_worker"] == "linear") else (
             self.world ** 0.5 if self.world > 1 and lr_cfg["scale_by_worker"] == "sqrt" else 1.0)
         self.loss = EnergyLoss(config["loss"], lr_cfg["start_lr"])
-        self.optimizer = adam(self.model.parameters(), lr_cfg["start_lr"])
+        self.trained_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = adam(self.trained_params, lr_cfg["start_lr"])
         data = tr["training_data"]
         self.sampler = BatchSampler(self.train_systems, data["batch_size"], data["auto_prob"], tr["seed"], self.world)
         if self.valid_systems:
@@ -257,7 +269,9 @@ class Trainer:
             i, frames = self.sampler.next(self.rank)
             loss, metrics = self._step_loss(self.train_store, i, frames, lr)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # inputs=: only the weights' gradients (not the edge vectors', which would cost second derivatives
+            # in the positions)
+            loss.backward(inputs=self.trained_params)
             if self.world > 1:
                 for p in self.model.parameters():
                     if p.grad is not None:
