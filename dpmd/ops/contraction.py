@@ -16,6 +16,18 @@ from __future__ import annotations
 import torch
 
 
+def _needed(ctx, i: int, tensor: torch.Tensor) -> bool:
+    """Does this backward pass need the gradient of input i?  ctx.needs_input_grad says whether it could;
+    the engine knows whether the current pass reaches it (a force pass never reaches the weights, the
+    trainer's weight pass never reaches the edge vectors), which saves an edge-sized kernel each time."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    try:
+        return torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(tensor).node)
+    except (AttributeError, RuntimeError):  # an older torch, or not inside a backward pass: compute it
+        return True
+
+
 class _Contract(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, center, ncent: int):
@@ -25,8 +37,8 @@ class _Contract(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a, b, center = ctx.saved_tensors
-        da = _Project.apply(b, grad, center) if ctx.needs_input_grad[0] else None
-        db = _Expand.apply(a, grad, center) if ctx.needs_input_grad[1] else None
+        da = _Project.apply(b, grad, center) if _needed(ctx, 0, a) else None
+        db = _Expand.apply(a, grad, center) if _needed(ctx, 1, b) else None
         return da, db, None, None
 
 
@@ -39,8 +51,8 @@ class _Expand(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a, t, center = ctx.saved_tensors
-        da = _Project.apply(grad, t, center) if ctx.needs_input_grad[0] else None
-        dt = _Contract.apply(a, grad, center, t.shape[0]) if ctx.needs_input_grad[1] else None
+        da = _Project.apply(grad, t, center) if _needed(ctx, 0, a) else None
+        dt = _Contract.apply(a, grad, center, t.shape[0]) if _needed(ctx, 1, t) else None
         return da, dt, None
 
 
@@ -53,8 +65,8 @@ class _Project(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         b, t, center = ctx.saved_tensors
-        db = _Expand.apply(grad, t, center) if ctx.needs_input_grad[0] else None
-        dt = _Contract.apply(grad, b, center, t.shape[0]) if ctx.needs_input_grad[1] else None
+        db = _Expand.apply(grad, t, center) if _needed(ctx, 0, b) else None
+        dt = _Contract.apply(grad, b, center, t.shape[0]) if _needed(ctx, 1, t) else None
         return db, dt, None
 
 
@@ -68,10 +80,10 @@ class _ContractLinearized(torch.autograd.Function):
     def backward(ctx, grad):
         a, g, gp, center = ctx.saved_tensors
         da = dg = None
-        if ctx.needs_input_grad[0]:
+        if _needed(ctx, 0, a):
             ds = (a * _Project.apply(gp, grad, center)).sum(1, keepdim=True)
             da = _Project.apply(g, grad, center) + torch.cat([ds, torch.zeros_like(a[:, 1:])], 1)
-        if ctx.needs_input_grad[1]:
+        if _needed(ctx, 1, g):
             dg = _Expand.apply(a, grad, center)
         return da, dg, None, None, None
 
