@@ -114,7 +114,7 @@ def kernel_table(model, graph, repeats: int) -> list:
     import torch
     from dpmd import ops
     from dpmd.geometry.graph import edge_vectors
-    from dpmd.geometry.neighbor import build_neighbor_list
+    from dpmd.geometry.neighbor import reference_neighbor_list
     from dpmd.model.forces import assemble
 
     def best(fn):
@@ -140,13 +140,26 @@ def kernel_table(model, graph, repeats: int) -> list:
         with (ops.first_derivative_only() if fast else ops.reference_only()):
             torch.autograd.grad((desc._block(rows, emb, center, natoms) * wt).sum(), (rows, emb))
 
+    def embedding_and_contract(fast):
+        """net 0 on every edge's s, contracted, d/d(rows): the linearised net (value and tangent in one sweep,
+        forces only) with the fused kernels, against autograd through the net and the padded reference."""
+        r = rows.detach().requires_grad_()
+        with (ops.first_derivative_only() if fast else ops.reference_only()):
+            if fast:
+                t = desc._linearized_block(0, r, center, natoms)
+            else:
+                t = desc._block(r, desc.embeddings[0](r[:, :1]), center, natoms)
+            torch.autograd.grad((t * wt).sum(), r)
+
     g, e = torch.randn_like(vec.detach()), torch.randn(natoms, dtype=vec.dtype)
     args = (e, g, vec.detach(), center, graph["neighbor"], graph["batch"], 1, natoms, True)
     return [
         ("neighbor_list", best(lambda: ops.neighbor_list(coord, box, model.rcut)),
-         best(lambda: build_neighbor_list(coord, box, model.rcut))),
+         best(lambda: reference_neighbor_list(coord, box, model.rcut))),
         ("env_mat (+backward)", best(lambda: env(True)), best(lambda: env(False))),
         ("contract (+backward)", best(lambda: contract(True)), best(lambda: contract(False))),
+        ("embedding net + contract (+d/drows)", best(lambda: embedding_and_contract(True)),
+         best(lambda: embedding_and_contract(False))),
         ("assemble (+atom virial)", best(lambda: ops.assemble(*args)), best(lambda: assemble(*args))),
     ]
 
@@ -203,7 +216,7 @@ def report(results: list[dict], deepmd_installed: bool) -> None:
         if r.get("kernels"):
             print(f"\nper kernel, {r['atoms']} atoms, {r['threads']} thread(s): ms (kernel vs reference)")
             for name, k_ms, r_ms in r["kernels"]:
-                print(f"  {name:<26} {k_ms:8.3f} {r_ms:8.3f}   {r_ms / k_ms:5.1f}x")
+                print(f"  {name:<36} {k_ms:8.3f} {r_ms:8.3f}   {r_ms / k_ms:5.1f}x")
     paths = sorted({r["path"] for r in results if "error" not in r})
     if len(paths) > 1:
         by_path = {(r["atoms"], r["threads"], r["path"]): r for r in results if "error" not in r}

@@ -87,11 +87,11 @@ def build_neighbor_list(coord: torch.Tensor, box: torch.Tensor | None, rcut: flo
 
     coord: (N, 3); box: (3, 3) with lattice vectors as rows, or None for open boundaries.
     Edges come sorted by centre.  The kernel library's cell list (same edges, same order) runs
-    when it is built; `reference_neighbor_list` otherwise.
+    when it is built (outside dpmd.ops.reference_only()); `reference_neighbor_list` otherwise.
     """
     from dpmd import ops  # imported here: dpmd.ops sits above the geometry layer
 
-    if coord.device.type == "cpu" and ops.available():
+    if coord.device.type == "cpu" and not ops.reference_forced() and ops.available():
         try:
             return NeighborList(*ops.neighbor_list(coord.detach().to(torch.float64),
                                                    None if box is None else box.detach().to(torch.float64), rcut))
