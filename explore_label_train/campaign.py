@@ -469,7 +469,7 @@ class Campaign:
         return out, note
 
     def _stage_select(self, it: int, t0) -> bool:
-        from explore_label_train.selection import check_frame, choose, frame_descriptors
+        from explore_label_train.selection import check_frame, choose, choose_stratified, frame_descriptors
 
         sel, filters = self.cfg["select"], self.cfg["filters"]
         frames = self.state.q("SELECT * FROM frames WHERE iteration=? ORDER BY frame_id", it)
@@ -512,7 +512,12 @@ class Campaign:
                 for (j, _, _), row in zip(items, f):
                     feats[j] = row
             features = np.stack(feats)
-        chosen, reasons = choose([dict(r) for r in passing], budget, sel["method"], features, seed=it)
+        if sel["stratify"]:  # each exploration condition gets its share of the budget
+            strata = [(r["structure"], r["temperature"], r["pressure"]) for r in passing]
+            chosen, reasons = choose_stratified([dict(r) for r in passing], strata, budget, sel["method"], features,
+                                                seed=it)
+        else:
+            chosen, reasons = choose([dict(r) for r in passing], budget, sel["method"], features, seed=it)
         chosen_ids = {passing[j]["frame_id"] for j in chosen}
         for j, r in enumerate(passing):
             updates[r["frame_id"]] = (None, reasons[j])

@@ -31,7 +31,7 @@ STAGE = {"name": None, "structures": None, "ensemble": "nvt", "temperatures": No
          "min_distance": 0.5, "bias": None}
 BIAS = {"strength": None, "scale": None}   # E_bias = -strength * tanh(sigma / scale): see explore_label_train/bias.py
 TRUST = {"lo": None, "hi": None}
-SELECT = {"budget": 10, "method": "fps"}
+SELECT = {"budget": 10, "method": "fps", "stratify": False}
 FILTERS = {"min_distance": 1.0, "volume_per_atom": None, "min_cell_angle": 30.0, "max_cell_length": None}
 LABELLER = {"calculator": "emt", "kwargs": {}}
 DISPATCHER = {"backend": "local", "workers": 1, "timeout": 600.0, "start_method": "spawn", "machine": None,
@@ -271,6 +271,8 @@ def normalize_campaign(raw, base_dir: Path, source: str = "campaign") -> dict:
     _num(sel["budget"], "select.budget", integer=True, minimum=0)
     if sel["method"] not in ("fps", "random", "devi"):
         raise ConfigError(f"'select.method' must be fps, random or devi, got {sel['method']!r}")
+    if not isinstance(sel["stratify"], bool):
+        raise ConfigError(f"'select.stratify' must be true or false, got {sel['stratify']!r}")
     f = c["filters"] = complete(c["filters"], FILTERS, "filters")
     f["min_distance"] = _num(f["min_distance"], "filters.min_distance", minimum=0, allow_none=True)
     f["min_cell_angle"] = _num(f["min_cell_angle"], "filters.min_cell_angle", minimum=0, allow_none=True)

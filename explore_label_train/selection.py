@@ -9,6 +9,11 @@ a side or a volume per atom outside a range, non-finite positions) are never lab
 rest, up to `budget` frames are chosen by farthest-point sampling on per-frame descriptors (the mean
 se_e2_a descriptor of each element, from the first ensemble model), starting from the frame with the
 largest deviation; every frame gets a reason.
+
+With `stratify`, the budget is first shared among the exploration conditions (structure, temperature,
+pressure): one label for each condition with candidates while the budget lasts, the rest in proportion
+to their candidates; each share is then chosen within its condition: the conditions with the largest deviations can no longer take every label, so the labels keep
+covering everything the exploration visits.
 """
 
 from __future__ import annotations
@@ -117,6 +122,47 @@ def farthest_point_sampling(features: np.ndarray, k: int, start: int = 0) -> tup
         dmin = np.minimum(dmin, np.linalg.norm(features - features[i], axis=1))
         dmin[chosen] = -1.0
     return chosen, dist_at
+
+
+def stratum_shares(strata: list, budget: int) -> dict:
+    """{stratum: labels} summing to min(budget, len(strata)): one for every stratum while the budget lasts
+    (the largest strata first), the rest in proportion to the strata's remaining candidates (largest
+    remainders).  Ties go to the stratum seen first: deterministic."""
+    counts: dict = {}
+    for key in strata:
+        counts[key] = counts.get(key, 0) + 1
+    budget = min(budget, len(strata))
+    by_size = sorted(counts, key=lambda k: -counts[k])  # stable
+    shares = {k: 0 for k in counts}
+    for k in by_size[:budget]:
+        shares[k] = 1
+    rest = budget - sum(shares.values())
+    left = {k: counts[k] - shares[k] for k in counts}
+    total = sum(left.values())
+    if rest > 0 and total > 0:
+        exact = {k: rest * n / total for k, n in left.items()}
+        extra = {k: int(np.floor(v)) for k, v in exact.items()}
+        for k in sorted(counts, key=lambda k: -(exact[k] - extra[k]))[:rest - sum(extra.values())]:
+            extra[k] += 1
+        for k in counts:
+            shares[k] += extra[k]
+    return shares
+
+
+def choose_stratified(candidates: list[dict], strata: list, budget: int, method: str,
+                      features: np.ndarray | None, seed: int = 0):
+    """choose() within each stratum (e.g. an exploration condition) on its share of the budget."""
+    chosen: list[int] = []
+    reasons: dict[int, str] = {}
+    for key, share in stratum_shares(strata, budget).items():
+        idx = [i for i, k in enumerate(strata) if k == key]
+        sub, sub_reasons = choose([candidates[i] for i in idx], share, method,
+                                  None if features is None else features[idx], seed)
+        chosen += [idx[j] for j in sub]
+        label = "/".join(str(x) for x in key) if isinstance(key, tuple) else str(key)
+        for j, why in sub_reasons.items():
+            reasons[idx[j]] = f"{why} [{label}: share {share} of {len(idx)}]"
+    return chosen, reasons
 
 
 def choose(candidates: list[dict], budget: int, method: str, features: np.ndarray | None, seed: int = 0):

@@ -122,7 +122,7 @@ def check_consistency(camp: Campaign) -> dict:
 
 
 def test_end_to_end_two_iterations_with_a_flaky_labeller(tmp_path, helpers, capsys):
-    cfg = campaign_dict(tmp_path, labeller={"calculator": "elt_helpers:Flaky"})
+    cfg = campaign_dict(tmp_path, labeller={"calculator": "elt_helpers:Flaky"}, select={"stratify": True})
     cfg["explore"].append(dict(cfg["explore"][0], name="biased", iterations=[1], bias={"strength": 0.2}))
     path = write_campaign(tmp_path, cfg)
     camp = Campaign(load_campaign(path), log=None)
@@ -136,6 +136,9 @@ def test_end_to_end_two_iterations_with_a_flaky_labeller(tmp_path, helpers, caps
         assert {s[0] for s in st.q("SELECT stage FROM stages WHERE iteration=? AND status='done'", r["iteration"])} \
             == {"init", "train", "explore", "select", "label", "check"}
     assert st.one("SELECT COUNT(*) FROM frames WHERE stage='biased' AND iteration=1") == 8
+    for r in its:  # stratified: the budget of 3 covers both temperatures every iteration
+        assert {t for (t,) in st.q("SELECT temperature FROM frames WHERE iteration=? AND selected=1",
+                                  r["iteration"])} == {300.0, 800.0}
     # every selected frame is a candidate that passed the filters; every frame has a reason
     assert st.one("SELECT COUNT(*) FROM frames WHERE selected=1 AND (class!='candidate' OR filter IS NOT NULL)") == 0
     assert st.one("SELECT COUNT(*) FROM frames WHERE reason IS NULL") == 0
@@ -248,9 +251,29 @@ def test_selection_respects_trust_levels_and_budget():
     assert chosen == [14, 13, 12, 11]
 
 
+def test_stratified_selection_shares_the_budget_among_conditions():
+    from explore_label_train.selection import choose_stratified, stratum_shares
+
+    # one each, then the other 2 by the remaining candidates 5 : 2 : 0 (1.43, 0.57: largest remainders)
+    assert stratum_shares(["a"] * 6 + ["b"] * 3 + ["c"], 5) == {"a": 2, "b": 2, "c": 1}
+    assert stratum_shares(["a"] * 6 + ["b"] * 3 + ["c"], 2) == {"a": 1, "b": 1, "c": 0}  # the largest first
+    assert stratum_shares(["a"] * 2 + ["b"], 10) == {"a": 2, "b": 1}                      # all of them
+    assert sum(stratum_shares(["a", "b", "c", "d"] * 5, 7).values()) == 7
+    # the hot condition has the largest deviations: by deviation alone it would take the whole budget
+    strata = [("fcc", 900.0)] * 10 + [("fcc", 300.0)] * 10
+    cands = [{"max_devi_f": 0.2 + 0.001 * i} for i in range(10)] + [{"max_devi_f": 0.06 + 0.001 * i} for i in range(10)]
+    chosen, reasons = choose_stratified(cands, strata, 4, "devi", None)
+    assert sorted(chosen) == [8, 9, 18, 19]                       # 2 + 2, the largest deviations within each
+    assert len(reasons) == 20 and "fcc/300.0: share 2 of 10" in reasons[18]
+    assert all(reasons[i].startswith("not selected") for i in range(20) if i not in chosen)
+    feats = np.random.default_rng(1).normal(size=(20, 3))
+    chosen, _ = choose_stratified(cands, strata, 5, "fps", feats)
+    assert len(chosen) == 5 and {i // 10 for i in chosen} == {0, 1}
+
+
 @pytest.mark.parametrize("change, message", [
     ({"bogus": 1}, "unknown key 'bogus'; valid keys: convergence, dispatcher, explore, filters, initial"),
-    ({"select": {"budget": 3, "fps": True}}, "unknown key 'select.fps'; valid keys: budget, method"),
+    ({"select": {"budget": 3, "fps": True}}, "unknown key 'select.fps'; valid keys: budget, method, stratify"),
     ({"structures": {"x": {"file": "nope/POSCAR"}}}, "nope/POSCAR does not exist"),
     ({"initial": {"data": ["missing_data"], "structures": []}}, "'initial.data[0]': missing_data does not exist"),
     ({"trust": {"lo": 0.3, "hi": 0.1}}, "'trust.lo' (0.3) must be smaller than 'trust.hi' (0.1)"),
