@@ -17,13 +17,13 @@ ratio at the campaign's final point is the figure of merit (target: >= 2), also 
 per test group (structure x temperature) shows where the difference comes from.
 
 --vacancy adds a harder third structure, fcc_vac: a 2x2x2 cubic fcc cell (a = 3.61 Å) with one atom removed
-(31 atoms).  It is explored and tested like the others but not labelled initially, so the campaign has to find
-it; with only the 4- and 8-atom cells the learning curve is flat beyond ~20 labels and no selection can win.
+(31 atoms), meant to need more labels than the 4- and 8-atom cells, whose learning curve is flat beyond ~20.
+It is explored and tested like them but is not in the initial labels, so the campaign has to find it.
 
     PYTHONPATH=. python benchmarks/al_efficiency.py                    # ~16 min on one core
     PYTHONPATH=. python benchmarks/al_efficiency.py --temperatures 300 600 900 1200 --random-multiples 2 3
     PYTHONPATH=. python benchmarks/al_efficiency.py --seeds 1 --train-steps 600 --campaign-steps 200   # quick look
-    PYTHONPATH=. python benchmarks/al_efficiency.py --vacancy --random-multiples 2 3   # ~RUNTIME min on one core
+    PYTHONPATH=. python benchmarks/al_efficiency.py --vacancy --random-multiples 2 3   # ~17 min on one core
 """
 
 from __future__ import annotations
