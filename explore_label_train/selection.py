@@ -12,11 +12,13 @@ largest deviation; every frame gets a reason.
 
 With `stratify`, the budget is first shared among the exploration conditions (structure, temperature,
 pressure): one label for each condition with candidates while the budget lasts, the rest in proportion
-to their candidates; each share is then chosen within its condition: the conditions with the largest deviations can no longer take every label, so the labels keep
-covering everything the exploration visits.
+to their candidates; each share is then chosen within its condition.  The conditions with the largest
+deviations can no longer take every label, so the labels keep covering everything the exploration visits.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import numpy as np
 
@@ -128,9 +130,7 @@ def stratum_shares(strata: list, budget: int) -> dict:
     """{stratum: labels} summing to min(budget, len(strata)): one for every stratum while the budget lasts
     (the largest strata first), the rest in proportion to the strata's remaining candidates (largest
     remainders).  Ties go to the stratum seen first: deterministic."""
-    counts: dict = {}
-    for key in strata:
-        counts[key] = counts.get(key, 0) + 1
+    counts = Counter(strata)  # (in order of first appearance)
     budget = min(budget, len(strata))
     by_size = sorted(counts, key=lambda k: -counts[k])  # stable
     shares = {k: 0 for k in counts}

@@ -34,70 +34,58 @@ void contract_cpu(const T* rows, const T* emb, const int64_t* seg, int64_t ncent
   }
 }
 
+namespace {
+
+// One edge's halves of the backward (also the edge_expand / edge_project ops), for centre matrix t (K, M):
+//   out (M) = sum_k a[k] t[k]        and        out (K)[k] = t[k] . b
+// two separate streaming passes vectorise better than one loop with a reduction and a store
+template <typename T>
+inline void expand_edge(const T* a, const T* t, int64_t K, int64_t M, T* out) {
+  const T a0 = a[0];
+#pragma omp simd
+  for (int64_t m = 0; m < M; ++m) out[m] = a0 * t[m];
+  for (int64_t k = 1; k < K; ++k) {
+    const T ak = a[k];
+    const T* tk = t + k * M;
+#pragma omp simd
+    for (int64_t m = 0; m < M; ++m) out[m] += ak * tk[m];
+  }
+}
+
+template <typename T>
+inline void project_edge(const T* b, const T* t, int64_t K, int64_t M, T* out) {
+  for (int64_t k = 0; k < K; ++k) {
+    const T* tk = t + k * M;
+    T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+    for (int64_t m = 0; m < M; ++m) acc += tk[m] * b[m];
+    out[k] = acc;
+  }
+}
+
+}  // namespace
+
 template <typename T>
 void contract_backward_cpu(const T* grad, const T* rows, const T* emb, const int64_t* center, int64_t n,
                            int64_t K, int64_t M, T* d_rows, T* d_emb) {
 #pragma omp parallel for schedule(static)
   for (int64_t e = 0; e < n; ++e) {
     const T* dT = grad + center[e] * K * M;
-    const T* g = emb + e * M;
-    const T* r = rows + e * K;
-    T* dg = d_emb + e * M;
-    // two separate streaming passes vectorise better than one loop with a reduction and a store
-    {
-      const T r0 = r[0];
-#pragma omp simd
-      for (int64_t m = 0; m < M; ++m) dg[m] = r0 * dT[m];
-    }
-    for (int64_t k = 1; k < K; ++k) {
-      const T rk = r[k];
-      const T* dTk = dT + k * M;
-#pragma omp simd
-      for (int64_t m = 0; m < M; ++m) dg[m] += rk * dTk[m];
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      const T* dTk = dT + k * M;
-      T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-      for (int64_t m = 0; m < M; ++m) acc += dTk[m] * g[m];
-      d_rows[e * K + k] = acc;
-    }
+    expand_edge(rows + e * K, dT, K, M, d_emb + e * M);
+    project_edge(emb + e * M, dT, K, M, d_rows + e * K);
   }
 }
 
 template <typename T>
 void expand_cpu(const T* a, const T* tm, const int64_t* center, int64_t n, int64_t K, int64_t M, T* out) {
 #pragma omp parallel for schedule(static)
-  for (int64_t e = 0; e < n; ++e) {
-    const T* t = tm + center[e] * K * M;
-    const T* ae = a + e * K;
-    T* o = out + e * M;
-    const T a0 = ae[0];
-#pragma omp simd
-    for (int64_t m = 0; m < M; ++m) o[m] = a0 * t[m];
-    for (int64_t k = 1; k < K; ++k) {
-      const T ak = ae[k];
-      const T* tk = t + k * M;
-#pragma omp simd
-      for (int64_t m = 0; m < M; ++m) o[m] += ak * tk[m];
-    }
-  }
+  for (int64_t e = 0; e < n; ++e) expand_edge(a + e * K, tm + center[e] * K * M, K, M, out + e * M);
 }
 
 template <typename T>
 void project_cpu(const T* b, const T* tm, const int64_t* center, int64_t n, int64_t K, int64_t M, T* out) {
 #pragma omp parallel for schedule(static)
-  for (int64_t e = 0; e < n; ++e) {
-    const T* t = tm + center[e] * K * M;
-    const T* be = b + e * M;
-    for (int64_t k = 0; k < K; ++k) {
-      const T* tk = t + k * M;
-      T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-      for (int64_t m = 0; m < M; ++m) acc += tk[m] * be[m];
-      out[e * K + k] = acc;
-    }
-  }
+  for (int64_t e = 0; e < n; ++e) project_edge(b + e * M, tm + center[e] * K * M, K, M, out + e * K);
 }
 
 #define DPMD_INSTANTIATE(T)                                                                                  \

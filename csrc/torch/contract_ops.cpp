@@ -61,39 +61,29 @@ std::tuple<Tensor, Tensor> contract_backward(const Tensor& grad_in, const Tensor
   return {d_rows, d_emb};
 }
 
-// a (E, cols) against T (ncent, K, M): checks shared by edge_expand (cols = K) and edge_project (cols = M)
-void check_edge_op(const Tensor& a, const Tensor& t, const Tensor& center, int64_t cols, const char* name) {
-  dpmd_torch::check_float_2d(a, cols, name);
-  TORCH_CHECK(t.dim() == 3 && t.scalar_type() == a.scalar_type() && t.device() == a.device(), "dpmd: ", name,
-              ": T must be (ncent, K, M) of the same dtype and device, got ", t.sizes());
-  dpmd_torch::check_index(center, a.size(0), "center");
-  TORCH_CHECK(a.size(0) == 0 || (center.min().item<int64_t>() >= 0 && center.max().item<int64_t>() < t.size(0)),
-              "dpmd: ", name, ": center out of range [0, ", t.size(0), ")");
-}
-
-Tensor edge_expand(const Tensor& a_in, const Tensor& t_in, const Tensor& center_in) {
-  check_edge_op(a_in, t_in, center_in, t_in.size(1), "edge_expand");
+// edge_expand (a (E, K) -> (E, M)) and edge_project (b (E, M) -> (E, K)) against T (ncent, K, M)
+Tensor edge_op(const Tensor& a_in, const Tensor& t_in, const Tensor& center_in, bool expand) {
+  const char* name = expand ? "edge_expand" : "edge_project";
+  TORCH_CHECK(t_in.dim() == 3 && t_in.scalar_type() == a_in.scalar_type() && t_in.device() == a_in.device(),
+              "dpmd: ", name, ": T must be (ncent, K, M) of the input's dtype and device, got ", t_in.sizes());
+  const int64_t K = t_in.size(1), M = t_in.size(2);
+  dpmd_torch::check_float_2d(a_in, expand ? K : M, name);
+  const int64_t n = a_in.size(0);
+  dpmd_torch::check_index(center_in, n, "center");
+  TORCH_CHECK(n == 0 || (center_in.min().item<int64_t>() >= 0 && center_in.max().item<int64_t>() < t_in.size(0)),
+              "dpmd: ", name, ": center out of range [0, ", t_in.size(0), ")");
   Tensor a = a_in.contiguous(), t = t_in.contiguous(), center = center_in.contiguous();
-  const int64_t n = a.size(0), K = t.size(1), M = t.size(2);
-  Tensor out = at::empty({n, M}, a.options());
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "dpmd_edge_expand", [&] {
-    dpmd::expand_cpu<scalar_t>(a.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), center.data_ptr<int64_t>(), n, K,
-                               M, out.data_ptr<scalar_t>());
+  Tensor out = at::empty({n, expand ? M : K}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "dpmd_edge_op", [&] {
+    auto kernel = expand ? dpmd::expand_cpu<scalar_t> : dpmd::project_cpu<scalar_t>;
+    kernel(a.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), center.data_ptr<int64_t>(), n, K, M,
+           out.data_ptr<scalar_t>());
   });
   return out;
 }
 
-Tensor edge_project(const Tensor& b_in, const Tensor& t_in, const Tensor& center_in) {
-  check_edge_op(b_in, t_in, center_in, t_in.size(2), "edge_project");
-  Tensor b = b_in.contiguous(), t = t_in.contiguous(), center = center_in.contiguous();
-  const int64_t n = b.size(0), K = t.size(1), M = t.size(2);
-  Tensor out = at::empty({n, K}, b.options());
-  AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "dpmd_edge_project", [&] {
-    dpmd::project_cpu<scalar_t>(b.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), center.data_ptr<int64_t>(), n, K,
-                                M, out.data_ptr<scalar_t>());
-  });
-  return out;
-}
+Tensor edge_expand(const Tensor& a, const Tensor& t, const Tensor& center) { return edge_op(a, t, center, true); }
+Tensor edge_project(const Tensor& b, const Tensor& t, const Tensor& center) { return edge_op(b, t, center, false); }
 
 class Contract : public torch::autograd::Function<Contract> {
  public:

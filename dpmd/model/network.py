@@ -18,6 +18,13 @@ ACTIVATIONS = {
 }
 
 
+def _add_residual(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y + x, or y + (x, x) when y is twice as wide (without materialising the concatenation)."""
+    if y.shape[-1] == x.shape[-1]:
+        return y + x
+    return (y.unflatten(-1, (2, -1)) + x.unsqueeze(-2)).flatten(-2)
+
+
 class Layer(nn.Module):
     """y = act(x W + b) [* idt] [+ x, or + (x, x) when the width doubles].
 
@@ -57,10 +64,7 @@ class Layer(nn.Module):
         if self.idt is not None:
             y = y * self.idt
         if self.residual:
-            if y.shape[-1] == x.shape[-1]:
-                return y + x
-            # doubling width: y + (x, x) without materialising the concatenation
-            return (y.unflatten(-1, (2, -1)) + x.unsqueeze(-2)).flatten(-2)
+            return _add_residual(y, x)
         return y
 
 
@@ -99,7 +103,7 @@ class MLP(nn.Module):
 # the same value, the same first derivative dG/ds = G', and G, G' differentiable in the weights.  The
 # force loss then needs only first derivatives of the net (hand-written below, no autograd graph of the
 # net), and the force-only backward is one dot product per edge.  What is lost: second derivatives with
-# respect to positions (d2G/ds2 is taken as 0), so callers opt in (dpmd.ops.linearized_embedding()).
+# respect to positions (d2G/ds2 is taken as 0), so callers opt in (dpmd.ops.linearize_embeddings()).
 
 class _Tangent(torch.autograd.Function):
     """(G, G') of an MLP at s0 (n,), a function of the weights only; backward by hand.  The elementwise work
@@ -186,12 +190,6 @@ def _residual_kind(layer: Layer) -> int:
     if not layer.residual:
         return 0
     return 1 if layer.matrix.shape[0] == layer.matrix.shape[1] else 2
-
-
-def _add_residual(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    if y.shape[-1] == x.shape[-1]:
-        return y + x
-    return (y.unflatten(-1, (2, -1)) + x.unsqueeze(-2)).flatten(-2)
 
 
 def _residual_grad(gy: torch.Tensor) -> torch.Tensor:

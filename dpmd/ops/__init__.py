@@ -126,7 +126,7 @@ def forces_only() -> bool:
 def linearize_embeddings() -> bool:
     """May the model use dpmd.model.network.linearized_embedding (exact forces, no second derivatives in
     the positions)?  Yes for forces only and for training's force loss; DPMD_LINEARIZE=0 turns it off."""
-    if reference_forced() or not (getattr(_local, "inference", False) or getattr(_local, "weights_only", False)):
+    if reference_forced() or not (forces_only() or getattr(_local, "weights_only", False)):
         return False
     return os.environ.get("DPMD_LINEARIZE", "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -140,7 +140,7 @@ def any_order(tensor: torch.Tensor) -> bool:
 def active(tensor: torch.Tensor | None = None) -> bool:
     """Should the current call (on `tensor`'s device) use the kernels?  Warns once when it would but the
     library is missing."""
-    if not getattr(_local, "inference", False) or reference_forced():
+    if not forces_only() or reference_forced():
         return False
     if available():
         return tensor is None or tensor.device.type == "cpu" or (tensor.is_cuda and has_cuda())
