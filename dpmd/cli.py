@@ -207,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launcher_rank() -> int:
+    """This process's MPI rank as mpiexec set it (0 outside mpiexec); reading it does not initialise MPI."""
+    return int(next((os.environ[k] for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK") if k in os.environ), 0))
+
+
 def main(argv=None) -> int:
     from dpmd.runtime import keep_freed_memory
 
@@ -217,7 +222,8 @@ def main(argv=None) -> int:
     except (DpmdError, ValueError, OSError) as err:
         if os.environ.get("DPMD_DEBUG"):
             raise
-        print(f"dpmd {args.command}: error: {err}", file=sys.stderr)
+        if _launcher_rank() == 0:   # under mpiexec every rank fails alike: one line
+            print(f"dpmd {args.command}: error: {err}", file=sys.stderr)
         return 1
     return 0
 

@@ -512,4 +512,4 @@ def test_batched_simulation_takes_one_temperature_per_system(model, water):
     np.testing.assert_allclose(sim.thermo()["temp"], [50.0, 200.0, 400.0], rtol=1e-10)   # drawn per system
     sim.run(10)                           # the thermostats read one kT per system (thermo() included)
     th = sim.thermo()
-    assert th["temp"][0] < th["temp"][1] < th["temp"][2] and np.isfinite(th["conserved"]).all()
+    assert th["temp"][0] < th["temp"][1] < th["temp"][2] and np.isfinite(th["econserve"]).all()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import DEEPMD_REF, EXAMPLE, make_model
-from dpmd.errors import ConfigError
+from dpmd.errors import ConfigError, DpmdError
 from dpmd.geometry.graph import build_graph
 from dpmd.md import MDStopError, Simulation, normalize_md_config, run_md
 from dpmd.md.units import NKTV2P
@@ -87,7 +87,7 @@ def test_nve_conserves_energy(water_model):
     for k in range(1, 21):
         sim.run(5 * k)
         th = sim.thermo()
-        etot.append(th["conserved"][0])
+        etot.append(th["econserve"][0])
         ke.append(th["ke"][0])
     etot, ke = np.array(etot), np.array(ke)
     assert np.ptp(ke) > 0.5                                        # real dynamics: KE changes by > 0.5 eV
@@ -279,15 +279,66 @@ def test_stops_on_close_atoms(tmp_path):
 
 def test_stops_on_lost_atoms_and_overflow(tmp_path):
     pos, sym, box = gas(nframes=1)
-    sim = Simulation(make_model(), pos[0], sym, box, ensemble="nve", thermo_freq=0, log=None)
+    sim = Simulation(make_model(), pos[0], sym, box, ensemble="nve", thermo_freq=0, log=None,
+                     output_dir=tmp_path / "lost")
     sim.run(2)
     sim.state.velocities[0, 7] = float("nan")
-    with pytest.raises(MDStopError, match=r"step 3: lost atoms \(non-finite positions\): atom 7 \(O\)"):
+    with pytest.raises(MDStopError, match=r"step 3: lost atoms \(non-finite positions\): atom 7 \(O\).*crash.extxyz"):
         sim.run(5)
     dense = small_water()
-    sim = Simulation(make_model(sel=(2, 4)), *dense, ensemble="nve", thermo_freq=0, log=None)
-    with pytest.raises(MDStopError, match=r"step 0: neighbour overflow: atom \d+ \(type [OH]\) has"):
+    sim = Simulation(make_model(sel=(2, 4)), *dense, ensemble="nve", thermo_freq=0, log=None,
+                     output_dir=tmp_path / "overflow")
+    with pytest.raises(MDStopError, match=r"step 0: neighbour overflow: atom \d+ \(type [OH]\) has.*crash.extxyz"):
         sim.run(5)
+    for case in ("lost", "overflow"):   # the last state, readable
+        assert torch.load(tmp_path / case / "crash.checkpoint.pt", weights_only=True)["format"] == "dpmd-md-checkpoint"
+        assert len(read_xyz(tmp_path / case / "crash.extxyz")) == len(sym if case == "lost" else dense[1])
+
+
+def read_xyz(path):
+    from ase.io import read
+
+    return read(path)
+
+
+class NaNAt(SoftSpheres):
+    """Soft spheres whose atom `bad` gets a NaN energy once `armed` (a model blowing up on one atom)."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.bad, self.armed = bad, False
+
+    def atomic_energy(self, edge_vec, center, center_type, neighbor_type):
+        e = super().atomic_energy(edge_vec, center, center_type, neighbor_type)
+        return e.index_fill(0, torch.tensor([self.bad]), float("nan")) if self.armed else e
+
+
+def test_stops_on_nan_energy_naming_the_atom(tmp_path):
+    pos, sym, box = gas(nframes=1)
+    model = NaNAt(bad=11)
+    sim = Simulation(model, pos[0], sym, box, ensemble="nve", thermo_freq=0, log=None, output_dir=tmp_path)
+    sim.run(3)
+    model.armed = True
+    with pytest.raises(MDStopError, match=r"step 4: non-finite energy or forces at atom 11 \(O\).*crash.extxyz"):
+        sim.run(10)
+    assert (tmp_path / "crash.checkpoint.pt").is_file() and len(read_xyz(tmp_path / "crash.extxyz")) == len(sym)
+
+
+def test_temperature_ramp_is_followed():
+    """temperature [start, end] ramps linearly over `steps`: a tightly coupled CSVR run follows it."""
+    pos, sym, box = gas(nframes=8)
+    sim = Simulation(SoftSpheres(), pos, sym, box, ensemble="nvt", thermostat={"type": "csvr", "damp": 0.02},
+                     temperature=[200.0, 600.0], steps=400, timestep=2.0, seed=3, thermo_freq=0, log=None)
+    assert sim.temperature(0) == 200.0 and sim.temperature(100) == 300.0 and sim.temperature(400) == 600.0
+    temps = []
+    for step in range(10, 401, 10):
+        sim.run(step)
+        temps.append((step, sim.thermo()["temp"].mean()))
+    lag = 10   # steps: the thermostat follows the target with its time constant (damp / timestep)
+    for lo, hi in ((100, 160), (340, 400)):   # window means against the ramp's mean over the window
+        got = np.mean([t for s, t in temps if lo < s <= hi])
+        want = np.mean([200.0 + 400.0 * (s - lag) / 400 for s, _ in temps if lo < s <= hi])
+        assert abs(got / want - 1) < 0.06, (lo, hi, got, want)
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
@@ -331,6 +382,9 @@ def test_trajectory_files_read_back(tmp_path):
     ({"structure": "ch4.xyz"}, "element C is not in the model's type_map"),
     ({"timestep": 0}, "'timestep' must be positive, got 0"),
     ({"structure": "nothere.xyz"}, "nothere.xyz: file not found"),
+    ({"output_dir": "afile/out"}, "output_dir: "),
+    pytest.param({"device": "cuda"}, "device: cuda asked for, but this PyTorch sees no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
 ])
 def test_bad_md_inputs_give_one_line_errors(tmp_path, capsys, case, message):
     import yaml
@@ -349,8 +403,61 @@ def test_bad_md_inputs_give_one_line_errors(tmp_path, capsys, case, message):
     cfg = {"structure": str(tmp_path / "water.xyz"), "models": [str(tmp_path / "m.pth")], "steps": 2,
            "output_dir": str(tmp_path / "out")}
     cfg.update({k: ([str(tmp_path / x) for x in v] if k == "models" else
-                    str(tmp_path / v) if k == "structure" else v) for k, v in case.items()})
+                    str(tmp_path / v) if k in ("structure", "output_dir") else v) for k, v in case.items()})
+    (tmp_path / "afile").write_text("a file, not a directory")
     (tmp_path / "in.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["md", str(tmp_path / "in.yaml")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def _write_structures(tmp_path):
+    """small_water in every format the md input reads: (spec, expected symbols)."""
+    from ase import Atoms
+    from ase.io import write
+
+    from dpmd.data import load_system
+
+    pos, sym, box = small_water()
+    atoms = Atoms(sym, positions=pos, cell=box, pbc=True)
+    specs = {}
+    for name, fmt in (("w.extxyz", "extxyz"), ("POSCAR", "vasp"), ("w.cif", "cif")):
+        write(tmp_path / name, atoms, format=fmt)
+        specs[name] = str(tmp_path / name)
+    write(tmp_path / "w.data", atoms, format="lammps-data", specorder=["O", "H"], masses=True)
+    specs["lammps-data"] = str(tmp_path / "w.data")
+    specs["deepmd frame"] = {"system": str(EXAMPLE), "frame": 24}
+    ref = load_system(EXAMPLE, ["O", "H"])
+    return specs, (pos, sym, box), ref
+
+
+@pytest.mark.parametrize("which", ["w.extxyz", "POSCAR", "w.cif", "lammps-data", "deepmd frame"])
+def test_structure_formats_read_the_same_atoms(tmp_path, which):
+    from dpmd.md.config import read_structure
+
+    specs, (pos, sym, box), ref = _write_structures(tmp_path)
+    got_pos, got_sym, got_box = read_structure(specs[which], ["O", "H"])
+    if which == "deepmd frame":
+        pos, box = ref.coord[24].reshape(-1, 3), ref.box[24].reshape(3, 3)
+        sym = [["O", "H"][t] for t in ref.atype]
+    assert got_sym == list(sym)
+    assert np.allclose(got_box, box, atol=1e-6)
+    frac = lambda x, b: x @ np.linalg.inv(b)   # noqa: E731  (CIF may wrap into the cell)
+    d = frac(got_pos, got_box) - frac(np.asarray(pos), box)
+    assert np.allclose(d - np.round(d), 0, atol=1e-6)
+
+
+def test_structure_errors_name_the_problem(tmp_path):
+    from ase import Atoms
+    from ase.io import write
+
+    from dpmd.md.config import read_structure
+
+    pos, sym, box = small_water()
+    write(tmp_path / "swapped.data", Atoms(sym, positions=pos, cell=box, pbc=True), format="lammps-data",
+          specorder=["H", "O"], masses=True)
+    with pytest.raises(DpmdError, match=r"LAMMPS type 1 has mass 1.008 \(H\) but type_map\[0\] is O"):
+        read_structure(str(tmp_path / "swapped.data"), ["O", "H"])
+    (tmp_path / "empty.xyz").write_text("0\n\n")
+    with pytest.raises(DpmdError, match="empty.xyz: no atoms"):
+        read_structure(str(tmp_path / "empty.xyz"), ["O", "H"])

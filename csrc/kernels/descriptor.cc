@@ -157,23 +157,28 @@ void se_a_tabulated_descriptor_backward_cpu(const SeAParams<T>& p, const T* edge
     // dL/dT of this thread's centres (T = sum / nnei; the padding does not move with the edges)
     std::vector<T> dt_all((mine.c1 - mine.c0) * 4 * m);
     const T scale = T(1) / T(nnei);
+    std::vector<T> cols(axis);
     for (int64_t c = mine.c0; c < mine.c1; ++c) {
       const T* tt = t_saved + c * 4 * m;
       const T* gd = grad_d + c * m * axis;
       T* dt = dt_all.data() + (c - mine.c0) * 4 * m;
       // D[k][l] = sum_a T[a][k] T[a][l] (l < axis): dT[a][k] = sum_l gD[k][l] T[a][l] + sum_j gD[j][k] T[a][j]
+      // both loops run along gD's rows (contiguous), so they vectorise
       for (int a = 0; a < 4; ++a) {
         const T* ta = tt + a * m;
+        std::fill(cols.begin(), cols.end(), T(0));
         for (int64_t k = 0; k < m; ++k) {
+          const T* row = gd + k * axis;
+          const T tk = ta[k];
           T acc = T(0);
-          for (int64_t l = 0; l < axis; ++l) acc += gd[k * axis + l] * ta[l];
+#pragma omp simd reduction(+ : acc)
+          for (int64_t l = 0; l < axis; ++l) {
+            acc += row[l] * ta[l];
+            cols[l] += row[l] * tk;
+          }
           dt[a * m + k] = acc * scale;
         }
-        for (int64_t k = 0; k < axis; ++k) {
-          T acc = T(0);
-          for (int64_t j = 0; j < m; ++j) acc += gd[j * axis + k] * ta[j];
-          dt[a * m + k] += acc * scale;
-        }
+        for (int64_t k = 0; k < axis; ++k) dt[a * m + k] += cols[k] * scale;
       }
     }
     for (size_t i = 0; i < mine.edge.size(); ++i) {

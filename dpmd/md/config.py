@@ -9,6 +9,7 @@ import numbers
 from pathlib import Path
 
 from dpmd.errors import ConfigError, DpmdError
+from dpmd.md.barostats import MODES
 from dpmd.train.config import check_number
 
 DEFAULTS = {
@@ -75,8 +76,8 @@ def _barostat(v) -> dict:
     out = {"type": "scr", "damp": 1.0, "mode": "iso", "compressibility": 4.5e-5, **v}
     if out["type"] not in ("scr", "stochastic_cell_rescaling", "c-rescale"):
         raise ConfigError(f"barostat.type: unknown {out['type']!r}; valid: scr (stochastic cell rescaling)")
-    if out["mode"] not in ("iso", "aniso"):
-        raise ConfigError(f"barostat.mode: expected iso or aniso, got {out['mode']!r}")
+    if out["mode"] not in MODES:
+        raise ConfigError(f"barostat.mode: expected {', '.join(MODES[:-1])} or {MODES[-1]}, got {out['mode']!r}")
     _number(out, "damp", "barostat.", positive=True)
     _number(out, "compressibility", "barostat.", positive=True)
     return out
@@ -180,17 +181,41 @@ def read_structure(spec, type_map: list[str]):
         from ase.data import atomic_numbers
 
         fmt = "lammps-data"
-        kwargs = {"Z_of_type": {i + 1: atomic_numbers[s] for i, s in enumerate(type_map)}, "style": "atomic"}
+        kwargs = {"Z_of_type": {i + 1: atomic_numbers[s] for i, s in enumerate(type_map)}, "atom_style": "atomic"}
     try:
         atoms = read(path, format=fmt, **kwargs)
     except Exception as err:
         raise DpmdError(f"structure: {path}: ASE cannot read it ({err.__class__.__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    if len(atoms) == 0:
+        raise DpmdError(f"structure: {path}: no atoms")
+    if fmt == "lammps-data":
+        _check_lammps_types(path, atoms, type_map)
     pbc = atoms.get_pbc()
     if pbc.any() and not pbc.all():
         raise DpmdError(f"structure: {path}: pbc={pbc.tolist()}; use fully periodic or fully open boundaries")
     box = np.asarray(atoms.cell, dtype=float) if pbc.all() else None
     return atoms.positions.copy(), atoms.get_chemical_symbols(), box
+
+
+def _check_lammps_types(path, atoms, type_map: list[str]) -> None:
+    """LAMMPS types are the model's type_map in order (type 1 = type_map[0], as DeePMD's pair style); a
+    Masses section that says otherwise (e.g. H as type 1 for type_map [O, H]) is an error, not a mis-typed run."""
+    import numpy as np
+    from ase.data import atomic_masses, chemical_symbols
+
+    types = atoms.arrays["type"]
+    if types.max() > len(type_map):
+        raise DpmdError(f"structure: {path}: LAMMPS type {types.max()} but the model's type_map {type_map} has "
+                        f"{len(type_map)} types (type i is type_map[i-1])")
+    if "masses" not in atoms.arrays:
+        return
+    for t in np.unique(types):
+        mass = float(atoms.arrays["masses"][types == t][0])
+        nearest = chemical_symbols[int(np.argmin(np.abs(atomic_masses[1:] - mass))) + 1]
+        if nearest != type_map[t - 1]:
+            raise DpmdError(f"structure: {path}: LAMMPS type {t} has mass {mass:.3f} ({nearest}) but type_map[{t - 1}] "
+                            f"is {type_map[t - 1]}; order the LAMMPS types as the model's type_map {type_map}")
 
 
 def build_simulation(cfg: dict, log=print):
@@ -200,6 +225,18 @@ def build_simulation(cfg: dict, log=print):
     from dpmd.md.engine import Simulation
     from dpmd.model import load_model
 
+    import torch
+
+    try:
+        device = torch.device(cfg["device"])
+    except (RuntimeError, TypeError):
+        raise DpmdError(f"device: expected cpu, cuda or cuda:N, got {cfg['device']!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DpmdError(f"device: {cfg['device']} asked for, but this PyTorch sees no CUDA GPU; use device: cpu")
+    try:
+        Path(cfg["output_dir"]).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DpmdError(f"output_dir: {cfg['output_dir']}: cannot create it ({err.strerror})") from None
     models = [load_model(m, device=cfg["device"]) for m in cfg["models"]]
     structs = cfg["structure"] if isinstance(cfg["structure"], list) else [cfg["structure"]]
     read = [read_structure(s, models[0].type_map) for s in structs]

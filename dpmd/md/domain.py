@@ -6,26 +6,22 @@ position lies in its brick.  The model (the "pair style") never sees any of this
 followed by ghost atoms and an edge list whose centres are all local (dpmd.md.parallel).
 
 At a neighbour-list rebuild (the same displacement/strain criterion as the serial Verlet list,
-decided globally):
-  1. migration: every rank gathers (id, position, velocity) of all atoms (Allgather), recomputes the
-     owners and keeps its own atoms, sorted by global id;
-  2. ghosts: every periodic image whose fractional position lies within rcut + skin of the brick
-     (measured across the lattice planes, so exact for triclinic cells, and any number of images
-     when the brick is thinner than rcut + skin) is a candidate; an open-boundary cell list over the
-     candidates gives the rcut + skin edges of the local atoms.  Each edge is stored the way the serial
-     list stores it -- (centre, neighbour, integer lattice shift) on *unwrapped* coordinates, in the
-     same canonical order -- with the neighbour either a local atom or a ghost slot; a ghost slot is
-     one remote atom (all its images share the slot: the edge shifts tell them apart);
-  3. a communication plan: which ghost slots come from which rank, and which local atoms each
-     neighbour rank needs (one alltoall).
+decided globally), only ranks that share atoms talk (`Comm.exchange`: an alltoall of counts, then point
+to point):
+  1. migration: each rank computes the owner of each of its atoms and sends the leavers (id, position,
+     velocity) to their new owners; it keeps its atoms sorted by global id;
+  2. ghosts: each rank sends every other rank within reach the (id, position) of its atoms having a
+     periodic image within rcut + skin of that rank's brick (measured across the lattice planes, so
+     exact for triclinic cells; when a brick is thinner than rcut + skin more distant ranks are in reach
+     and an atom may have several such images).  The receiver takes the images of its own and the
+     received atoms within rcut + skin of its brick, and an open-boundary cell list over them gives the
+     rcut + skin edges of its local atoms.  Each edge is stored the way the serial list stores it --
+     (centre, neighbour, integer lattice shift) on *unwrapped* coordinates, in the same canonical
+     order -- with the neighbour either a local atom or a ghost slot; a ghost slot is one remote atom
+     (all its images share the slot: the edge shifts tell them apart);
+  3. a communication plan: each rank tells the owners which of their atoms its ghost slots hold.
 Between rebuilds, every step sends the positions of the ghost slots forward (point to point, only
 between ranks that share ghosts) and the forces on ghost slots back to their owners.
-
-Trade-off: step 1 moves O(N) data through every rank at each rebuild (every ~10-20 steps), which is
-simple and exactly correct for any cell shape and rank count, and cheap next to the model evaluation
-at the sizes a Python engine runs; a code for millions of atoms would migrate only leavers to the 26
-neighbour bricks and build ghosts with LAMMPS' staged 6-direction border exchange (multi-hop when the
-brick is thinner than the cutoff).  The per-step traffic is already neighbour-only.
 
 Global sums (energies, virial, kinetic energy, momentum) are `Comm.allsum`: an Allgather then a sum in
 rank order, so every rank gets bit-identical values (the replicated thermostat/barostat variables can
@@ -69,6 +65,24 @@ class Comm:
         self.comm.Allreduce(a, out, op=MPI.MAX)
         return out
 
+    def exchange(self, rows: list[np.ndarray]) -> list[np.ndarray]:
+        """Send rows[r] (k_r, ...) to rank r; returns the rows each rank sent here (same dtype and trailing
+        shape).  Collective, but ranks with nothing for each other exchange only the counts."""
+        from mpi4py import MPI
+
+        me, comm = self.rank, self.comm
+        rows = [np.ascontiguousarray(a) for a in rows]
+        counts = np.array([len(a) for a in rows], dtype=np.int64)
+        got = np.empty_like(counts)
+        comm.Alltoall(counts, got)
+        out = [rows[me] if r == me else np.empty((int(k),) + rows[me].shape[1:], rows[me].dtype)
+               for r, k in enumerate(got)]
+        others = [r for r in range(self.size) if r != me]
+        reqs = [comm.Irecv(out[r], source=r, tag=13) for r in others if got[r]]
+        reqs += [comm.Isend(rows[r], dest=r, tag=13) for r in others if counts[r]]
+        MPI.Request.Waitall(reqs)
+        return out
+
     def allgather(self, obj):
         return self.comm.allgather(obj)
 
@@ -105,8 +119,7 @@ class Domain:
         self.grid = np.array(grid if grid is not None else choose_grid(box, comm.size), dtype=np.int64)
         if int(np.prod(self.grid)) != comm.size:
             raise ValueError(f"processor grid {self.grid.tolist()} does not match {comm.size} ranks")
-        self.cell = np.array(np.unravel_index(comm.rank, tuple(self.grid)), dtype=np.int64)
-        self.lo, self.hi = self.cell / self.grid, (self.cell + 1) / self.grid
+        self.lo, self.hi = self.brick(comm.rank)
         self.builds = 0
         self.frames = None          # set at a build (for symmetry with VerletList: None = must rebuild)
         self.ref_positions = self.ref_inv = None
@@ -141,6 +154,31 @@ class Domain:
         return 2.0 * max_displacement + (self.rcut + self.skin) * eps > self.skin
 
     # ------------------------------------------------------------------ rebuild
+    def brick(self, rank: int):
+        """Fractional bounds (lo, hi) of a rank's brick."""
+        cell = np.array(np.unravel_index(rank, tuple(self.grid)), dtype=np.int64)
+        return cell / self.grid, (cell + 1) / self.grid
+
+    @staticmethod
+    def span(s: np.ndarray, lo, hi, e):
+        """Per atom and axis: the lowest lattice image n with s + n >= lo - e, and how many images lie within
+        [lo - e, hi + e] (fractional s (k, 3); e: rcut + skin across the lattice planes)."""
+        nmin = np.ceil(lo - e - s).astype(np.int64)
+        return nmin, np.floor(hi + e - s).astype(np.int64) - nmin + 1
+
+    def images(self, s: np.ndarray, e):
+        """(atom index, lattice image n) of every image s + n within rcut + skin of this rank's brick."""
+        nmin, count = self.span(s, self.lo, self.hi, e)
+        idx = np.nonzero((count > 0).all(1))[0]
+        kmax = count[idx].max(0) if idx.size else np.zeros(3, dtype=np.int64)
+        out_i, out_n = [np.zeros(0, dtype=np.int64)], [np.zeros((0, 3), dtype=np.int64)]
+        for off in itertools.product(*[range(int(k)) for k in kmax]):
+            off = np.array(off, dtype=np.int64)
+            i = idx[(off < count[idx]).all(1)]
+            out_i.append(i)
+            out_n.append(nmin[i] + off)
+        return np.concatenate(out_i), np.concatenate(out_n)
+
     def rebuild(self, gid: torch.Tensor, positions: torch.Tensor, velocities: torch.Tensor, box: torch.Tensor):
         """Migrate atoms and build ghosts/edges.  Collective.
 
@@ -149,73 +187,71 @@ class Domain:
         afterwards self.ghost_gid, self.ghost_positions, self.center/neighbor/shift describe the list.
         """
         dev, dtype = positions.device, positions.dtype
-        parts = self.comm.allgather((gid.cpu().numpy(), positions.detach().cpu().numpy(),
-                                     velocities.detach().cpu().numpy()))
-        N = self.natoms
-        X, V = np.empty((N, 3)), np.empty((N, 3))
-        for g, x, v in parts:
-            X[g], V[g] = x, v
+        comm, me = self.comm, self.comm.rank
         h = box.detach().cpu().numpy()
-        owner, fl, s = self.owners(X, h)
-        mine = np.nonzero(owner == self.comm.rank)[0]
+
+        # 1. migration: (id, position, velocity) rows of the leavers to their new owners (ids as float64:
+        # exact below 2**53)
+        rows = np.concatenate([gid.cpu().numpy()[:, None], positions.detach().cpu().numpy(),
+                               velocities.detach().cpu().numpy()], axis=1)
+        owner, _, _ = self.owners(rows[:, 1:4], h)
+        rows = np.concatenate(comm.exchange(_split(rows, owner, comm.size)))
+        rows = rows[np.argsort(rows[:, 0])]
+        mine, X, V = rows[:, 0].astype(np.int64), rows[:, 1:4], rows[:, 4:7]
         nlocal = mine.size
 
-        # candidate images: s + n within [lo - e, hi + e] on every axis
+        # 2. ghosts: to each other rank, (id, position) of my atoms with an image within rcut + skin of its brick
         R = self.rcut + self.skin
         e = R * np.linalg.norm(np.linalg.inv(h), axis=0)           # |column a of h^-1|: planes a apart
-        nmin = np.ceil(self.lo - e - s).astype(np.int64)
-        nmax = np.floor(self.hi + e - s).astype(np.int64)
-        count = nmax - nmin + 1
-        keep = (count > 0).all(1)
-        idx = np.nonzero(keep)[0]
-        kmax = count[idx].max(0) if idx.size else np.zeros(3, dtype=np.int64)
-        cand_gid, cand_n = [], []
-        for off in itertools.product(*[range(int(k)) for k in kmax]):
-            off = np.array(off, dtype=np.int64)
-            ok = (off < count[idx]).all(1)
-            cand_gid.append(idx[ok])
-            cand_n.append(nmin[idx[ok]] + off)
-        cand_gid = np.concatenate(cand_gid) if cand_gid else np.zeros(0, dtype=np.int64)
-        cand_n = np.concatenate(cand_n) if cand_n else np.zeros((0, 3), dtype=np.int64)
-        home = (owner[cand_gid] == self.comm.rank) & (cand_n == 0).all(1)
-
-        cand_pos = torch.as_tensor((s[cand_gid] + cand_n) @ h, dtype=torch.float64)
+        _, _, s = self.owners(X, h)
+        send = []
+        for r in range(comm.size):
+            lo, hi = self.brick(r)
+            i = np.zeros(0, dtype=np.int64)
+            if r != me and (np.floor(hi + e - self.lo) >= np.ceil(lo - e - self.hi)).all():   # brick r in reach
+                i = np.nonzero((self.span(s, lo, hi, e)[1] > 0).all(1))[0]
+            send.append(np.concatenate([mine[i, None], X[i]], axis=1))
+        got = comm.exchange(send)
+        src = np.concatenate([np.full(nlocal, me)] + [np.full(len(a), r) for r, a in enumerate(got)])
+        rows = np.concatenate([np.concatenate([mine[:, None], X], axis=1)] + got)
+        # my atoms, then the received ones grouped by owner, each group by id: candidate images of all of them
+        all_gid, all_x = rows[:, 0].astype(np.int64), rows[:, 1:4]
+        _, fl, s = self.owners(all_x, h)
+        cand, cand_n = self.images(s, e)
+        cand_pos = torch.as_tensor((s[cand] + cand_n) @ h, dtype=torch.float64)
         nl = build_neighbor_list(cand_pos, None, R)
         c, nb = nl.center.numpy(), nl.neighbor.numpy()
-        sel = home[c]
-        c, nb = c[sel], nb[sel]
-        cg, ng = cand_gid[c], cand_gid[nb]
-        shift = cand_n[nb] - fl[ng] + fl[cg]                         # on unwrapped coordinates
-        center_local = np.searchsorted(mine, cg)
+        home = (cand < nlocal) & (cand_n == 0).all(1)              # my atoms at their wrapped positions
+        c, nb = c[home[c]], nb[home[c]]
+        c, j = cand[c], cand[nb]                                   # centre (a local index), neighbour atom
+        ng = all_gid[j]
+        shift = cand_n[nb] - fl[j] + fl[c]                         # on unwrapped coordinates
 
-        # slots: local atoms (by global id), then ghost atoms grouped by owner rank
-        remote = np.unique(ng[owner[ng] != self.comm.rank])
-        remote = remote[np.lexsort((remote, owner[remote]))]
-        slot = np.full(N, -1, dtype=np.int64)
-        slot[mine] = np.arange(nlocal)
-        slot[remote] = nlocal + np.arange(remote.size)
-        order = np.lexsort((shift[:, 2], shift[:, 1], shift[:, 0], ng, center_local))   # serial canonical order
-        self.center = torch.as_tensor(center_local[order], device=dev)
-        self.neighbor = torch.as_tensor(slot[ng[order]], device=dev)
+        # slots: local atoms (by global id), then ghost atoms grouped by owner rank (the order of `rows`)
+        remote = np.unique(j[j >= nlocal])
+        slot = np.where(j < nlocal, j, nlocal + np.searchsorted(remote, j))
+        order = np.lexsort((shift[:, 2], shift[:, 1], shift[:, 0], ng, c))   # serial canonical order
+        self.center = torch.as_tensor(c[order], device=dev)
+        self.neighbor = torch.as_tensor(slot[order], device=dev)
         self.neighbor_gid = torch.as_tensor(ng[order], device=dev)
         self.shift = torch.as_tensor(shift[order], dtype=dtype, device=dev)
-        self.ghost_gid = torch.as_tensor(remote, device=dev)
-        self.ghost_positions = torch.as_tensor(X[remote], dtype=dtype, device=dev)
+        self.ghost_gid = torch.as_tensor(all_gid[remote], device=dev)
+        self.ghost_positions = torch.as_tensor(all_x[remote], dtype=dtype, device=dev)
 
-        # communication plan
-        ghost_owner = owner[remote]
-        self.recv = {}                                   # rank -> (first, last) ghost slot (0-based in ghosts)
-        need = [np.zeros(0, dtype=np.int64) for _ in range(self.comm.size)]
-        for r in np.unique(ghost_owner):
-            where = np.nonzero(ghost_owner == r)[0]
-            self.recv[int(r)] = (int(where[0]), int(where[-1]) + 1)
-            need[int(r)] = remote[where]
-        asked = self.comm.comm.alltoall(need)
+        # 3. communication plan: tell each owner which of its atoms my ghost slots hold
+        ghost_owner = src[remote]
+        self.recv, need = {}, []                         # rank -> (first, last) ghost slot (0-based in ghosts)
+        for r in range(comm.size):
+            a, b = (int(k) for k in np.searchsorted(ghost_owner, [r, r + 1]))
+            if b > a:
+                self.recv[r] = (a, b)
+            need.append(all_gid[remote[a:b]])
+        asked = comm.exchange(need)
         self.send = {r: np.searchsorted(mine, g) for r, g in enumerate(asked) if g.size}
 
         gid_new = torch.as_tensor(mine, device=gid.device)
-        pos_new = torch.as_tensor(X[mine], dtype=dtype, device=dev)
-        vel_new = torch.as_tensor(V[mine], dtype=dtype, device=dev)
+        pos_new = torch.as_tensor(X, dtype=dtype, device=dev)
+        vel_new = torch.as_tensor(V, dtype=dtype, device=dev)
         self.ref_positions = pos_new.clone()
         self.ref_inv = torch.linalg.inv(box)
         self.frames = True
@@ -262,3 +298,9 @@ class Domain:
             add = torch.as_tensor(np.moveaxis(bufs[r], 0, -2), dtype=out.dtype, device=out.device)
             out = out.index_add(out.dim() - 2, torch.as_tensor(self.send[r], device=out.device), add)
         return out
+
+
+def _split(rows: np.ndarray, dest: np.ndarray, n: int) -> list[np.ndarray]:
+    """rows grouped by destination rank (dest (k,) in [0, n)): a list of n arrays."""
+    order = np.argsort(dest, kind="stable")
+    return np.split(rows[order], np.cumsum(np.bincount(dest, minlength=n))[:-1])

@@ -63,7 +63,7 @@ class Simulation:
         bias: None, or bias(models, graph, out) -> out with energy, force and virial of an added potential
         (e.g. explore_label_train.bias.DeviationBias); the deviation is always that of the unbiased models.
         thermostat {type: langevin|csvr|nose_hoover, damp: ps, chain: 3},
-        barostat {damp: ps, mode: iso|aniso, compressibility: 1/bar} (stochastic cell rescaling).
+        barostat {damp: ps, mode: iso|aniso|tri, compressibility: 1/bar} (stochastic cell rescaling).
         output_dir None writes no files.
         """
         self.models = list(models) if isinstance(models, (list, tuple)) else [models]
@@ -184,13 +184,19 @@ class Simulation:
         too_close, bad_energy = torch.stack([dmin2 < self.min_distance ** 2,
                                              ~torch.isfinite(state.energy).all()]).tolist()   # one host sync
         if too_close:
-            close = (d2 < self.min_distance ** 2).nonzero().reshape(-1)
+            # each pair once (the list holds i->j and j->i)
+            close = ((d2 < self.min_distance ** 2) & (center <= neighbor)).nonzero().reshape(-1)
             pairs = [(int(center[e]), int(neighbor[e]), float(d2[e]) ** 0.5) for e in close[:10]]
             self._stop(state, f"atoms closer than min_distance {self.min_distance} Å: " + ", ".join(
                 f"{self._name_atom(i // n, i % n)} and {j % n} at {d:.3f} Å" for i, j, d in pairs))
         if bad_energy:
-            frames = (~torch.isfinite(state.energy)).nonzero().reshape(-1).tolist()
-            self._stop(state, f"non-finite energy in system(s) {frames}")
+            bad = ~torch.isfinite(state.forces).all(-1)
+            if out.get("atom_energy") is not None:
+                bad |= ~torch.isfinite(out["atom_energy"].reshape(nf, n))
+            atoms = bad.nonzero().tolist()
+            self._stop(state, "non-finite energy or forces at " + (", ".join(
+                self._name_atom(f, i) for f, i in atoms[:10]) + (" ..." if len(atoms) > 10 else "")
+                if atoms else "no single atom (the total is not finite)"))
         return state
 
     def _name_atom(self, frame: int, i: int) -> str:
@@ -380,10 +386,13 @@ class Simulation:
         raise MDStopError(f"{err}{suffix}") from None
 
     def _write_crash_frame(self, path) -> None:
+        from dpmd.model.io import atomic_write
+
         s = self.state
-        path.write_text("".join(out_mod.extxyz_frame(
+        text = "".join(out_mod.extxyz_frame(
             s.step, self.symbols[f], s.positions[f].detach().cpu().numpy(),
-            None if s.box is None else s.box[f].detach().cpu().numpy()) for f in range(s.nframes)))
+            None if s.box is None else s.box[f].detach().cpu().numpy()) for f in range(s.nframes))
+        atomic_write(path, lambda fh: fh.write(text), mode="w")
 
     def close(self) -> None:
         for o in self.outputs:

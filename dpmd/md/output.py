@@ -14,7 +14,7 @@ import numpy as np
 
 from dpmd.md import devi
 
-THERMO_COLUMNS = ["step", "time", "pe", "ke", "temp", "press", "vol", "etotal", "conserved"]
+THERMO_COLUMNS = ["step", "time", "pe", "ke", "temp", "press", "vol", "etotal", "econserve"]
 
 
 class TextFile:
