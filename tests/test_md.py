@@ -227,6 +227,11 @@ def test_restart_is_bit_for_bit(tmp_path):
         assert (tmp_path / "a/out" / name).read_bytes() == (tmp_path / "b/out" / name).read_bytes(), name
     assert len((tmp_path / "a/out/thermo.log").read_text().splitlines()) == 1 + 21
 
+    nvt = {k: v for k, v in cfg_b.items() if k not in ("barostat", "pressure")}
+    other = build_simulation(normalize_md_config({**nvt, "ensemble": "nvt"}), log=None)
+    with pytest.raises(DpmdError, match=r"ckpt10.pt: written by a npt langevin aniso run, this input is nvt langevin"):
+        other.restore(tmp_path / "b/ckpt10.pt")
+
 
 @needs_water_model
 def test_verlet_list_gives_the_same_forces_as_a_fresh_list(water_model):

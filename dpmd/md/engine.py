@@ -102,6 +102,10 @@ class Simulation:
             self.thermostat = make_thermostat(thermostat.get("type", "langevin"), thermostat.get("damp", 0.1),
                                               thermostat.get("chain", 3))
         self.barostat = None
+        # what a checkpoint's extended variables belong to (restore refuses another kind of run)
+        self.dynamics = {"ensemble": ensemble,
+                         "thermostat": None if ensemble == "nve" else thermostat.get("type", "langevin"),
+                         "barostat": dict(barostat or {}).get("mode", "iso") if ensemble == "npt" else None}
         if ensemble == "npt":
             b = dict(barostat or {})
             self.barostat = stochastic_cell_rescaling(b.get("damp", 1.0), b.get("compressibility", 4.5e-5),
@@ -300,7 +304,7 @@ class Simulation:
         state = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in self.state.tensors().items()}
         state["thermostat"] = {k: v.cpu() for k, v in state["thermostat"].items()}
         state["barostat"] = {k: v.cpu() for k, v in state["barostat"].items()}
-        atomic_torch_save({"format": CHECKPOINT_FORMAT, "version": 1, "state": state,
+        atomic_torch_save({"format": CHECKPOINT_FORMAT, "version": 1, "state": state, "dynamics": self.dynamics,
                            "files": out_mod.sizes(self.outputs), "symbols": self.symbols}, path)
         return path
 
@@ -318,6 +322,11 @@ class Simulation:
                             f"{tuple(self.state.positions.shape)}")
         if blob.get("symbols") != self.symbols:
             raise DpmdError(f"{path}: the checkpoint's elements differ from this run's structure")
+        written = blob.get("dynamics", self.dynamics)   # (checkpoints before this key: not checked)
+        if written != self.dynamics:
+            describe = lambda d: " ".join(str(v) for v in d.values() if v is not None)  # noqa: E731
+            raise DpmdError(f"{path}: written by a {describe(written)} run, this input is {describe(self.dynamics)}; "
+                            f"its thermostat/barostat state belongs to the other")
         self.state = MDState.from_tensors(st, self.device)
         self._initialised = False
         self.verlet.frames = None
