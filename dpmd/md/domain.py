@@ -111,9 +111,8 @@ def choose_grid(box: np.ndarray, nprocs: int) -> tuple[int, int, int]:
 class Domain:
     """One rank's brick of a periodic cell, its ghosts and the communication plan (single system)."""
 
-    def __init__(self, comm: Comm, box, natoms: int, rcut: float, skin: float, grid=None):
+    def __init__(self, comm: Comm, box, rcut: float, skin: float, grid=None):
         self.comm = comm
-        self.natoms = int(natoms)
         self.rcut, self.skin = float(rcut), float(skin)
         box = np.asarray(box.detach().cpu() if torch.is_tensor(box) else box, dtype=np.float64).reshape(3, 3)
         self.grid = np.array(grid if grid is not None else choose_grid(box, comm.size), dtype=np.int64)

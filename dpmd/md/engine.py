@@ -101,15 +101,15 @@ class Simulation:
         else:
             self.thermostat = make_thermostat(thermostat.get("type", "langevin"), thermostat.get("damp", 0.1),
                                               thermostat.get("chain", 3))
-        self.barostat = None
+        self.barostat, mode = None, None
+        if ensemble == "npt":
+            b = dict(barostat or {})
+            mode = b.get("mode", "iso")
+            self.barostat = stochastic_cell_rescaling(b.get("damp", 1.0), b.get("compressibility", 4.5e-5), mode)
         # what a checkpoint's extended variables belong to (restore refuses another kind of run)
         self.dynamics = {"ensemble": ensemble,
                          "thermostat": None if ensemble == "nve" else thermostat.get("type", "langevin"),
-                         "barostat": dict(barostat or {}).get("mode", "iso") if ensemble == "npt" else None}
-        if ensemble == "npt":
-            b = dict(barostat or {})
-            self.barostat = stochastic_cell_rescaling(b.get("damp", 1.0), b.get("compressibility", 4.5e-5),
-                                                      b.get("mode", "iso"))
+                         "barostat": mode}
         self.dt = float(timestep) * FS
         self.total_steps = steps
         self.temperature = _ramp(temperature, steps or 0)
@@ -164,9 +164,7 @@ class Simulation:
         flags = torch.cat([need, (~finite).any(dim=1)]).tolist()          # one host sync
         nf = state.nframes
         if any(flags[nf:]):
-            bad = (~finite).nonzero().tolist()
-            self._stop(state, "lost atoms (non-finite positions): " + ", ".join(
-                self._name_atom(f, i) for f, i in bad[:10]) + (" ..." if len(bad) > 10 else ""))
+            self._stop(state, "lost atoms (non-finite positions): " + self._name_atoms((~finite).nonzero().tolist()))
         if any(flags[:nf]):
             self.verlet.build(state.positions, state.box, [f for f in range(nf) if flags[f]])
         center, neighbor, shift, vec, d2 = self.verlet.within_cutoff(state.positions, state.box)
@@ -198,10 +196,13 @@ class Simulation:
             if out.get("atom_energy") is not None:
                 bad |= ~torch.isfinite(out["atom_energy"].reshape(nf, n))
             atoms = bad.nonzero().tolist()
-            self._stop(state, "non-finite energy or forces at " + (", ".join(
-                self._name_atom(f, i) for f, i in atoms[:10]) + (" ..." if len(atoms) > 10 else "")
-                if atoms else "no single atom (the total is not finite)"))
+            self._stop(state, "non-finite energy or forces at " + (
+                self._name_atoms(atoms) if atoms else "no single atom (the total is not finite)"))
         return state
+
+    def _name_atoms(self, atoms: list) -> str:
+        """The first ten (frame, index) pairs, named."""
+        return ", ".join(self._name_atom(f, i) for f, i in atoms[:10]) + (" ..." if len(atoms) > 10 else "")
 
     def _name_atom(self, frame: int, i: int) -> str:
         label = f"atom {i} ({self.symbols[frame][i]})"

@@ -144,7 +144,7 @@ class ParallelSimulation(Simulation):
         if self.ensemble != "nve" and thermostat.get("type", "langevin") == "langevin":
             self.thermostat = langevin(thermostat.get("damp", 0.1))
         rc = max(float(m.rcut) for m in self.models)
-        self.domain = Domain(self.comm, s.box[0], s.natoms, rc, self.verlet.skin, grid)
+        self.domain = Domain(self.comm, s.box[0], rc, self.verlet.skin, grid)
         self.verlet = self.domain                       # .builds and .frames, as the engine expects
         self._masses = s.masses[0].clone()
         self._atypes = [a[0].clone() for a in self.atypes]
@@ -263,8 +263,7 @@ class ParallelSimulation(Simulation):
         flags = self.comm.allmax(np.array([float(nbad > 0), disp]))
         if flags[0] > 0:
             bad = sorted(i for part in self.comm.allgather(state.gid[~finite].tolist()) for i in part)
-            self._stop(state, "lost atoms (non-finite positions): " + ", ".join(
-                self._name_atom(0, i) for i in bad[:10]) + (" ..." if len(bad) > 10 else ""))
+            self._stop(state, "lost atoms (non-finite positions): " + self._name_atoms([(0, i) for i in bad]))
         if dom.needs_rebuild(float(flags[1]), box):
             gid, pos, vel = dom.rebuild(state.gid, x, state.velocities[0], box)
             state.gid, state.positions, state.velocities = gid, pos.unsqueeze(0), vel.unsqueeze(0)
