@@ -11,6 +11,7 @@ Each (size, threads) runs in a fresh subprocess.
     PYTHONPATH=. python benchmarks/md_speed.py --threads 2 --steps 50 --models 4 --ase
     PYTHONPATH=. python benchmarks/md_speed.py --sizes 1 2 4 8 --threads 2 --steps 20 --block 5
     PYTHONPATH=. python benchmarks/md_speed.py --sizes 1 2 --threads 2 --models 4 --devi-freq 1 --ase
+    PYTHONPATH=. python benchmarks/md_speed.py --sizes 1 2 --threads 2 --sync-free   # the GPU mode on the CPU
         # the issue's targets (printed at the end): overhead at 1,536 atoms, 192 atoms vs LAMMPS + DeePMD-kit;
         # devi-freq 1 evaluates the whole ensemble every step (the worst case for exploration runs)
 """
@@ -59,13 +60,19 @@ def worker(args) -> dict:
     graph = build_graph(torch.tensor(coord), torch.tensor(atype), torch.tensor(box), model.rcut)
     sim = Simulation(model, coord, symbols, box, ensemble="nvt", thermostat={"type": "csvr", "damp": 0.1},
                      temperature=300, timestep=args.timestep, seed=1, skin=args.skin, thermo_freq=0, log=None)
+    free = None
+    if args.sync_free:  # the GPU mode, timed here on the CPU alongside (same blocks)
+        free = Simulation(model, coord, symbols, box, ensemble="nvt", thermostat={"type": "csvr", "damp": 0.1},
+                          temperature=300, timestep=args.timestep, seed=1, skin=args.skin, thermo_freq=0, log=None,
+                          sync_free=True)
+        free.run(args.warmup)
     for _ in range(2):
         evaluate(model, graph)
     sim.run(args.warmup)
     # Interleave blocks of model-only evaluations and MD steps, so that load changes on a shared
     # machine hit both alike; compare the medians of the per-block times.
     block = args.block
-    evals, steps, builds = [], [], 0
+    evals, steps, builds, free_steps = [], [], 0, []
     for _ in range(max(1, args.steps // block)):
         t0 = time.perf_counter()
         for _ in range(block):
@@ -74,12 +81,23 @@ def worker(args) -> dict:
         res = sim.run(sim.state.step + block)
         steps.append(res["seconds"] / res["steps"])
         builds += res["neighbor_builds"]
+        if free is not None:
+            res = free.run(free.state.step + block)
+            free_steps.append(res["seconds"] / res["steps"])
     eval_s, step_s = statistics.median(evals), statistics.median(steps)
     row = {"threads": args.threads[0], "atoms": len(symbols), "steps": len(steps) * block,
            "steps_per_s": 1.0 / step_s, "ns_per_day": args.timestep * 1e-6 / step_s * 86400,
            "eval_only_steps_per_s": 1.0 / eval_s, "eval_ms": eval_s * 1e3,
            "step_ms": step_s * 1e3, "neighbor_builds": builds,
            "final_temp": float(sim.thermo()["temp"][0])}
+    if free is not None:
+        from dpmd.md.host_sync import count_host_syncs
+
+        row["sync_free_steps_per_s"] = 1.0 / statistics.median(free_steps)
+        for key, run in (("syncs_per_step", sim), ("sync_free_syncs_per_step", free)):
+            with count_host_syncs() as c:
+                run.run(run.state.step + 20)
+            row[key] = c.count / 20
     if args.models > 1:
         row["ensemble_steps_per_s"] = ensemble_speed(model, coord, symbols, box, args)
     if args.ase:
@@ -157,6 +175,8 @@ def main() -> None:
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--models", type=int, default=1, help="also time an ensemble of this many models (deviation output)")
     p.add_argument("--devi-freq", type=int, default=10, help="model_devi_freq of the ensemble run")
+    p.add_argument("--sync-free", action="store_true",
+                   help="also time the sync-free mode (the GPU path) and count host reads per step")
     p.add_argument("--ase", action="store_true", help="also time ASE's VelocityVerlet with dpmd's ASE calculator")
     p.add_argument("--json", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -170,7 +190,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", "--size", str(n), "--threads", str(t), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--block", str(args.block), "--timestep",
                str(args.timestep), "--skin", str(args.skin), "--model", args.model, "--data", args.data,
-               "--models", str(args.models), "--devi-freq", str(args.devi_freq)] + (["--ase"] if args.ase else [])
+               "--models", str(args.models), "--devi-freq", str(args.devi_freq)] + (["--ase"] if args.ase else []) \
+            + (["--sync-free"] if args.sync_free else [])
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if out.returncode != 0:
             print(f"threads {t}: worker failed ({out.returncode}): {out.stderr.strip().splitlines()[-1:]}")
@@ -191,6 +212,11 @@ def main() -> None:
         if "ensemble_steps_per_s" in r:
             extra.append(f"{args.models}-model ensemble (deviation every {args.devi_freq} steps) "
                          f"{r['ensemble_steps_per_s']:.2f} steps/s ({r['ensemble_steps_per_s'] / r['steps_per_s']:.2f}x one model)")
+        if "sync_free_steps_per_s" in r:
+            extra.append(f"sync-free {r['sync_free_steps_per_s']:.2f} steps/s "
+                         f"({r['sync_free_steps_per_s'] / r['steps_per_s']:.2f}x checked); host reads per step "
+                         f"(rebuilds and outputs aside): checked {r['syncs_per_step']:.1f}, "
+                         f"sync-free {r['sync_free_syncs_per_step']:.1f}")
         if "ase_steps_per_s" in r:
             extra.append(f"ASE VelocityVerlet + dpmd calculator {r['ase_steps_per_s']:.2f} steps/s "
                          f"(dpmd md {r['steps_per_s'] / r['ase_steps_per_s']:.2f}x faster)")

@@ -37,6 +37,12 @@ void contract_cuda(const T* rows, const T* emb, const int64_t* center, int64_t n
 template <typename T>
 void contract_backward_cuda(const T* grad, const T* rows, const T* emb, const int64_t* center, int64_t n,
                             int64_t K, int64_t M, T* d_rows, T* d_emb, void* stream);
+template <typename T>
+void expand_cuda(const T* a, const T* tm, const int64_t* center, int64_t n, int64_t K, int64_t M, T* out,
+                 void* stream);
+template <typename T>
+void project_cuda(const T* b, const T* tm, const int64_t* center, int64_t n, int64_t K, int64_t M, T* out,
+                  void* stream);
 #endif
 
 }  // namespace dpmd

@@ -27,4 +27,19 @@ template <typename T>
 void tangent_backward_cpu(const T* gy, const T* gyp, const T* t, const T* tp, const T* idt, int64_t n, int64_t w,
                           int residual, T* gz, T* gzp, T* g_bias, T* g_idt, T* gres, T* gresp);
 
+#if defined(DPMD_WITH_CUDA)
+// The same passes on the device (tangent.cu), on `stream`.  The backward's column sums go through `scratch`,
+// a device buffer of tangent_backward_cuda_scratch(n, w) entries (per-row-block partial sums, added in order).
+template <typename T>
+void tangent_forward_cuda(const T* t, const T* zp, const T* x, const T* xp, const T* idt, int64_t n, int64_t w,
+                          int residual, T* tp, T* y, T* yp, void* stream);
+
+int64_t tangent_backward_cuda_scratch(int64_t n, int64_t w);
+
+template <typename T>
+void tangent_backward_cuda(const T* gy, const T* gyp, const T* t, const T* tp, const T* idt, int64_t n, int64_t w,
+                           int residual, T* gz, T* gzp, T* g_bias, T* g_idt, T* gres, T* gresp, T* scratch,
+                           void* stream);
+#endif
+
 }  // namespace dpmd

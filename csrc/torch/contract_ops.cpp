@@ -1,8 +1,8 @@
 // torch.ops.dpmd.contract: T[c] = sum_{e of centre c} rows[e]^T emb[e]  (ncent, K, M), first-derivative autograd.
 //   contract(rows (E,K), emb (E,M), center (E,) ascending, ncent) -> T (ncent, K, M)
 //   contract_backward(grad_T, rows, emb, center) -> (d_rows, d_emb)
-// and, CPU only, the two halves of that backward (dpmd.ops wraps the three into autograd Functions that
-// differentiate to any order, for training):
+// and the two halves of that backward (dpmd.ops wraps the three into autograd Functions that differentiate
+// to any order, for training):
 //   edge_expand(a (E,K), T (ncent,K,M), center) -> (E,M),  edge_project(b (E,M), T, center) -> (E,K)
 #include "contract.h"
 #include "ops_common.h"
@@ -66,18 +66,31 @@ Tensor edge_op(const Tensor& a_in, const Tensor& t_in, const Tensor& center_in, 
   const char* name = expand ? "edge_expand" : "edge_project";
   TORCH_CHECK(t_in.dim() == 3 && t_in.scalar_type() == a_in.scalar_type() && t_in.device() == a_in.device(),
               "dpmd: ", name, ": T must be (ncent, K, M) of the input's dtype and device, got ", t_in.sizes());
+  TORCH_CHECK(center_in.device() == a_in.device(), "dpmd: ", name, ": center must be on ", a_in.device(), ", got ",
+              center_in.device());
   const int64_t K = t_in.size(1), M = t_in.size(2);
   dpmd_torch::check_float_2d(a_in, expand ? K : M, name);
   const int64_t n = a_in.size(0);
   dpmd_torch::check_index(center_in, n, "center");
-  TORCH_CHECK(n == 0 || (center_in.min().item<int64_t>() >= 0 && center_in.max().item<int64_t>() < t_in.size(0)),
+  // (CPU only: on a GPU the check would read back from the device, stalling its queue)
+  TORCH_CHECK(a_in.is_cuda() || n == 0 ||
+                  (center_in.min().item<int64_t>() >= 0 && center_in.max().item<int64_t>() < t_in.size(0)),
               "dpmd: ", name, ": center out of range [0, ", t_in.size(0), ")");
   Tensor a = a_in.contiguous(), t = t_in.contiguous(), center = center_in.contiguous();
   Tensor out = at::empty({n, expand ? M : K}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "dpmd_edge_op", [&] {
-    auto kernel = expand ? dpmd::expand_cpu<scalar_t> : dpmd::project_cpu<scalar_t>;
-    kernel(a.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), center.data_ptr<int64_t>(), n, K, M,
-           out.data_ptr<scalar_t>());
+    if (a.is_cuda()) {
+#if defined(DPMD_WITH_CUDA)
+      c10::cuda::CUDAGuard guard(a.device());
+      auto kernel = expand ? dpmd::expand_cuda<scalar_t> : dpmd::project_cuda<scalar_t>;
+      kernel(a.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), center.data_ptr<int64_t>(), n, K, M,
+             out.data_ptr<scalar_t>(), dpmd_torch::current_stream());
+#endif
+    } else {
+      auto kernel = expand ? dpmd::expand_cpu<scalar_t> : dpmd::project_cpu<scalar_t>;
+      kernel(a.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), center.data_ptr<int64_t>(), n, K, M,
+             out.data_ptr<scalar_t>());
+    }
   });
   return out;
 }
@@ -131,6 +144,8 @@ TORCH_LIBRARY_IMPL(dpmd, CPU, m) {
 TORCH_LIBRARY_IMPL(dpmd, CUDA, m) {
   m.impl("contract", contract_device);
   m.impl("contract_backward", contract_backward);
+  m.impl("edge_expand", edge_expand);
+  m.impl("edge_project", edge_project);
 }
 #endif
 

@@ -1,6 +1,6 @@
 // torch.ops.dpmd.tangent_forward / tangent_backward: the fused elementwise part of one tanh layer of an
 // embedding net evaluated with its tangent (csrc/kernels/tangent.h; dpmd.model.network calls them from its
-// hand-written autograd Function, so they need no autograd of their own).  CPU only.
+// hand-written autograd Function, so they need no autograd of their own).  CPU and CUDA (tangent.cu).
 //   tangent_forward(t, zp, x?, xp?, idt?, residual) -> (tp, y, yp)          y, yp empty: y = t, y' = t'
 //   tangent_forward_(t!, zp!, x?, xp?, idt?, residual)     in place: t becomes y, zp becomes y' (forces only)
 //   tangent_backward(gy, gyp, t, tp, idt?, residual) -> (gz, gzp, g_bias, g_idt, gres, gresp)
@@ -17,14 +17,17 @@ const T* ptr_or_null(const c10::optional<Tensor>& t) {
 }
 
 void check_layer(const Tensor& a, const Tensor& like, const char* name) {
-  TORCH_CHECK(a.device().is_cpu() && a.sizes() == like.sizes() && a.scalar_type() == like.scalar_type() &&
+  TORCH_CHECK(a.device() == like.device() && a.sizes() == like.sizes() && a.scalar_type() == like.scalar_type() &&
                   a.is_contiguous(),
-              "dpmd: tangent layer: ", name, " must be a contiguous CPU tensor shaped ", like.sizes(), " of dtype ",
-              like.scalar_type(), ", got ", a.sizes());
+              "dpmd: tangent layer: ", name, " must be a contiguous tensor on ", like.device(), " shaped ",
+              like.sizes(), " of dtype ", like.scalar_type(), ", got ", a.sizes(), " on ", a.device());
 }
 
-c10::optional<Tensor> contiguous_opt(const c10::optional<Tensor>& t) {
+// optional inputs (x, xp, idt): contiguous, on the layer's device
+c10::optional<Tensor> contiguous_opt(const c10::optional<Tensor>& t, const Tensor& like, const char* name) {
   if (!t.has_value() || !t->defined()) return c10::nullopt;
+  TORCH_CHECK(t->device() == like.device(), "dpmd: tangent layer: ", name, " must be on ", like.device(), ", got ",
+              t->device());
   return t->contiguous();
 }
 
@@ -40,7 +43,7 @@ std::tuple<Tensor, Tensor, Tensor> tangent_forward_impl(const Tensor& t_in, cons
   const int64_t n = t.size(0), w = t.size(1);
   TORCH_CHECK(residual >= 0 && residual <= 2 && (residual != 2 || w % 2 == 0), "dpmd: tangent layer: residual ",
               residual, " with width ", w);
-  auto x = contiguous_opt(x_in), xp = contiguous_opt(xp_in), idt = contiguous_opt(idt_in);
+  auto x = contiguous_opt(x_in, t, "x"), xp = contiguous_opt(xp_in, t, "xp"), idt = contiguous_opt(idt_in, t, "idt");
   if (residual > 0) {
     TORCH_CHECK(x.has_value() && xp.has_value(), "dpmd: tangent layer: a residual needs x and xp");
     const int64_t w_in = residual == 2 ? w / 2 : w;
@@ -56,11 +59,22 @@ std::tuple<Tensor, Tensor, Tensor> tangent_forward_impl(const Tensor& t_in, cons
   Tensor y = inplace ? t : has_y ? at::empty_like(t) : at::empty({0}, t.options());
   Tensor yp = inplace ? zp : has_y ? at::empty_like(t) : at::empty({0}, t.options());
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "dpmd_tangent_forward", [&] {
-    dpmd::tangent_forward_cpu<scalar_t>(t.data_ptr<scalar_t>(), zp.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(x),
-                                        ptr_or_null<scalar_t>(xp), ptr_or_null<scalar_t>(idt), n, w,
-                                        static_cast<int>(residual), tp.data_ptr<scalar_t>(),
-                                        has_y ? y.data_ptr<scalar_t>() : nullptr,
-                                        has_y ? yp.data_ptr<scalar_t>() : nullptr);
+    if (t.is_cuda()) {
+#if defined(DPMD_WITH_CUDA)
+      c10::cuda::CUDAGuard guard(t.device());
+      dpmd::tangent_forward_cuda<scalar_t>(t.data_ptr<scalar_t>(), zp.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(x),
+                                           ptr_or_null<scalar_t>(xp), ptr_or_null<scalar_t>(idt), n, w,
+                                           static_cast<int>(residual), tp.data_ptr<scalar_t>(),
+                                           has_y ? y.data_ptr<scalar_t>() : nullptr,
+                                           has_y ? yp.data_ptr<scalar_t>() : nullptr, dpmd_torch::current_stream());
+#endif
+    } else {
+      dpmd::tangent_forward_cpu<scalar_t>(t.data_ptr<scalar_t>(), zp.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(x),
+                                          ptr_or_null<scalar_t>(xp), ptr_or_null<scalar_t>(idt), n, w,
+                                          static_cast<int>(residual), tp.data_ptr<scalar_t>(),
+                                          has_y ? y.data_ptr<scalar_t>() : nullptr,
+                                          has_y ? yp.data_ptr<scalar_t>() : nullptr);
+    }
   });
   return {tp, y, yp};
 }
@@ -87,7 +101,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> tangent_backward(
   const int64_t n = t.size(0), w = t.size(1);
   TORCH_CHECK(residual >= 0 && residual <= 2 && (residual != 2 || w % 2 == 0), "dpmd: tangent layer: residual ",
               residual, " with width ", w);
-  auto idt = contiguous_opt(idt_in);
+  auto idt = contiguous_opt(idt_in, t, "idt");
   if (idt.has_value())
     TORCH_CHECK(idt->numel() == w && idt->scalar_type() == t.scalar_type(), "dpmd: tangent layer: idt must have ",
                 w, " entries");
@@ -97,11 +111,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> tangent_backward(
   Tensor gres = residual == 2 ? at::empty({n, w / 2}, t.options()) : at::empty({0}, t.options());
   Tensor gresp = residual == 2 ? at::empty({n, w / 2}, t.options()) : at::empty({0}, t.options());
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "dpmd_tangent_backward", [&] {
-    dpmd::tangent_backward_cpu<scalar_t>(
-        gy.data_ptr<scalar_t>(), gyp.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), tp.data_ptr<scalar_t>(),
-        ptr_or_null<scalar_t>(idt), n, w, static_cast<int>(residual), gz.data_ptr<scalar_t>(),
-        gzp.data_ptr<scalar_t>(), g_bias.data_ptr<scalar_t>(), idt.has_value() ? g_idt.data_ptr<scalar_t>() : nullptr,
-        residual == 2 ? gres.data_ptr<scalar_t>() : nullptr, residual == 2 ? gresp.data_ptr<scalar_t>() : nullptr);
+    scalar_t* g_idt_ptr = idt.has_value() ? g_idt.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gres_ptr = residual == 2 ? gres.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gresp_ptr = residual == 2 ? gresp.data_ptr<scalar_t>() : nullptr;
+    if (t.is_cuda()) {
+#if defined(DPMD_WITH_CUDA)
+      c10::cuda::CUDAGuard guard(t.device());
+      Tensor scratch = at::empty({dpmd::tangent_backward_cuda_scratch(n, w)}, t.options());
+      dpmd::tangent_backward_cuda<scalar_t>(gy.data_ptr<scalar_t>(), gyp.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(),
+                                            tp.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(idt), n, w,
+                                            static_cast<int>(residual), gz.data_ptr<scalar_t>(),
+                                            gzp.data_ptr<scalar_t>(), g_bias.data_ptr<scalar_t>(), g_idt_ptr, gres_ptr,
+                                            gresp_ptr, scratch.data_ptr<scalar_t>(), dpmd_torch::current_stream());
+#endif
+    } else {
+      dpmd::tangent_backward_cpu<scalar_t>(gy.data_ptr<scalar_t>(), gyp.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(),
+                                           tp.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(idt), n, w,
+                                           static_cast<int>(residual), gz.data_ptr<scalar_t>(),
+                                           gzp.data_ptr<scalar_t>(), g_bias.data_ptr<scalar_t>(), g_idt_ptr, gres_ptr,
+                                           gresp_ptr);
+    }
   });
   return {gz, gzp, g_bias, g_idt, gres, gresp};
 }
@@ -121,3 +150,11 @@ TORCH_LIBRARY_IMPL(dpmd, CPU, m) {
   m.impl("tangent_forward_", tangent_forward_);
   m.impl("tangent_backward", tangent_backward);
 }
+
+#if defined(DPMD_WITH_CUDA)
+TORCH_LIBRARY_IMPL(dpmd, CUDA, m) {
+  m.impl("tangent_forward", tangent_forward);
+  m.impl("tangent_forward_", tangent_forward_);
+  m.impl("tangent_backward", tangent_backward);
+}
+#endif

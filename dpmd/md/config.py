@@ -16,7 +16,7 @@ DEFAULTS = {
     "structure": None, "models": None, "ensemble": "nve", "thermostat": None, "barostat": None,
     "timestep": 0.5, "steps": None, "temperature": 300.0, "pressure": None, "seed": 1, "skin": 2.0,
     "thermo_freq": 100, "traj_freq": 100, "traj_format": "extxyz", "model_devi_freq": 0,
-    "checkpoint_freq": 1000, "output_dir": ".", "min_distance": 0.5, "device": "cpu",
+    "checkpoint_freq": 1000, "output_dir": ".", "min_distance": 0.5, "device": "cpu", "sync_free": "auto",
 }
 REQUIRED = ("structure", "models", "steps")
 THERMOSTAT_KEYS = {"langevin": {"damp"}, "csvr": {"damp"}, "nose_hoover": {"damp", "chain"}}
@@ -119,6 +119,8 @@ def normalize_md_config(config: dict) -> dict:
             raise ConfigError("pressure: required for ensemble npt (bar, a number or [start, end])")
     for key in ("timestep", "skin", "min_distance"):
         _number(cfg, key, "", positive=key == "timestep", nonneg=True)
+    if cfg["sync_free"] not in ("auto", True, False):
+        raise ConfigError(f"sync_free: expected auto, true or false, got {cfg['sync_free']!r}")
     for key in ("steps", "thermo_freq", "traj_freq", "model_devi_freq", "checkpoint_freq", "seed"):
         _number(cfg, key, "", nonneg=True, integer=True)
     cfg["temperature"] = _schedule(cfg, "temperature")
@@ -261,7 +263,8 @@ def build_simulation(cfg: dict, log=print):
                       pressure=cfg["pressure"], steps=cfg["steps"], seed=cfg["seed"], skin=cfg["skin"],
                       min_distance=cfg["min_distance"], thermo_freq=cfg["thermo_freq"], traj_freq=cfg["traj_freq"],
                       traj_format=cfg["traj_format"], model_devi_freq=cfg["model_devi_freq"],
-                      checkpoint_freq=cfg["checkpoint_freq"], output_dir=cfg["output_dir"], log=log)
+                      checkpoint_freq=cfg["checkpoint_freq"], output_dir=cfg["output_dir"], log=log,
+                      sync_free=None if cfg["sync_free"] == "auto" else cfg["sync_free"])
 
 
 def run_md(config, restart=None, log=print) -> dict:

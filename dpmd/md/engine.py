@@ -18,11 +18,13 @@ import torch
 from dpmd.errors import DpmdError, NeighborOverflowError
 from dpmd.geometry.graph import build_graph
 from dpmd.md import devi as devi_mod
+from dpmd.md import host_sync
 from dpmd.md import output as out_mod
 from dpmd.md.barostats import pressure_tensor, stochastic_cell_rescaling
 from dpmd.md.integrator import velocity_verlet
 from dpmd.md.neighbors import VerletList
 from dpmd.md.state import MDState, kinetic_energy, maxwell_boltzmann, volume
+from dpmd.md.sync_free import SyncFreeForces
 from dpmd.md.thermostats import make_thermostat
 from dpmd.md.units import BOLTZ, FS
 from dpmd.model.ensemble import evaluate_ensemble
@@ -55,7 +57,7 @@ class Simulation:
                  temperature=300.0, pressure=1.0, steps: int | None = None, seed: int = 1, skin: float = 2.0,
                  min_distance: float = 0.5, velocities=None, thermo_freq: int = 100, traj_freq: int = 0,
                  traj_format=("extxyz",), model_devi_freq: int = 0, checkpoint_freq: int = 0,
-                 output_dir=None, log=print, bias=None):
+                 output_dir=None, log=print, bias=None, sync_free=None):
         """models: a DeepPot or a list (the first drives the dynamics).
         positions: (N, 3) or (F, N, 3) Å; symbols: N element names (or F lists); box: (3, 3), (F, 3, 3) or None.
         timestep in fs, temperature in K, pressure in bar ([start, end] ramps linearly over `steps`),
@@ -65,6 +67,8 @@ class Simulation:
         thermostat {type: langevin|csvr|nose_hoover, damp: ps, chain: 3},
         barostat {damp: ps, mode: iso|aniso|tri, compressibility: 1/bar} (stochastic cell rescaling).
         output_dir None writes no files.
+        sync_free: step without the host waiting for the device except on output steps
+        (dpmd.md.sync_free); None: on CUDA devices (not with a bias).
         """
         self.models = list(models) if isinstance(models, (list, tuple)) else [models]
         model = self.models[0]
@@ -123,6 +127,13 @@ class Simulation:
         self.bias = bias
         self.verlet = VerletList(model.rcut, skin)
         self._graph = None
+        if sync_free and bias is not None:
+            raise DpmdError("sync_free: a bias potential is not supported in sync-free mode; set sync_free: false")
+        padded = hasattr(model, "descriptor")   # a DeepPot (a test's pair potential has no padded layout)
+        self.sync_free = (self.device.type == "cuda" and bias is None and padded) if sync_free is None else bool(sync_free)
+        if self.sync_free and not padded:
+            raise DpmdError("sync_free: needs a DeepPot model (its padded layout); set sync_free: false")
+        self._sync_free = SyncFreeForces(self) if self.sync_free else None
         self.outputs: list[out_mod.SystemOutput] = []
         self.devi_history: list[tuple[int, np.ndarray]] = []   # (step, (F, 7)) for the Python API
 
@@ -157,7 +168,11 @@ class Simulation:
         raise MDStopError(f"step {state.step}: {message}")
 
     def _compute_forces(self, state: MDState) -> MDState:
-        """Forces, energy and virial of the driving model on a Verlet list filtered to rcut."""
+        return self._sync_free(state) if self.sync_free else self._forces_checked(state)
+
+    def _forces_checked(self, state: MDState) -> MDState:
+        """Forces, energy and virial of the driving model on a Verlet list filtered to rcut; every safety
+        check read at once."""
         n = state.natoms
         need = self.verlet.needs_rebuild(state.positions, state.box)
         finite = torch.isfinite(state.positions).all(dim=-1)
@@ -167,11 +182,10 @@ class Simulation:
             self._stop(state, "lost atoms (non-finite positions): " + self._name_atoms((~finite).nonzero().tolist()))
         if any(flags[:nf]):
             self.verlet.build(state.positions, state.box, [f for f in range(nf) if flags[f]])
-        center, neighbor, shift, vec, d2 = self.verlet.within_cutoff(state.positions, state.box)
-        box = state.box if state.box is not None else torch.zeros(nf, 3, 3, dtype=self.dtype, device=self.device)
-        graph = {"coord": state.positions.reshape(-1, 3), "atype": state.atype.reshape(-1),
-                 "batch": torch.arange(nf, device=self.device).repeat_interleave(n), "box": box,
-                 "center": center, "neighbor": neighbor, "shift": shift, "natoms": n, "edge_vec": vec}
+            if self._sync_free is not None:   # its padded tables no longer match
+                self._sync_free.reset()
+        graph, d2 = self._edge_graph(state)
+        center, neighbor = graph["center"], graph["neighbor"]
         try:
             out = evaluate(self.models[0], graph)
             if self.bias is not None:
@@ -199,6 +213,20 @@ class Simulation:
             self._stop(state, "non-finite energy or forces at " + (
                 self._name_atoms(atoms) if atoms else "no single atom (the total is not finite)"))
         return state
+
+    def _edge_graph(self, state: MDState):
+        """The model's graph of the Verlet list filtered to rcut, and the edges' squared lengths."""
+        nf, n = state.nframes, state.natoms
+        center, neighbor, shift, vec, d2 = self.verlet.within_cutoff(state.positions, state.box)
+        graph = {"coord": state.positions.reshape(-1, 3), "atype": state.atype.reshape(-1),
+                 "batch": torch.arange(nf, device=self.device).repeat_interleave(n), "box": self._box(state),
+                 "center": center, "neighbor": neighbor, "shift": shift, "natoms": n, "edge_vec": vec}
+        return graph, d2
+
+    def _box(self, state: MDState) -> torch.Tensor:
+        if state.box is not None:
+            return state.box
+        return torch.zeros(state.nframes, 3, 3, dtype=self.dtype, device=self.device)
 
     def _name_atoms(self, atoms: list) -> str:
         """The first ten (frame, index) pairs, named."""
@@ -242,7 +270,8 @@ class Simulation:
         # models on the driving model's graph (same rcut and types) go through one ensemble call
         shared = [k for k in range(1, len(self.models)) if self.models[k].rcut == self.models[0].rcut
                   and torch.equal(self.atypes[k], self.atypes[0])]
-        outs = dict(zip(shared, evaluate_ensemble([self.models[k] for k in shared], dict(self._graph))))
+        graph = self._edge_graph(s)[0] if self.sync_free else self._graph   # (sync-free: read back here)
+        outs = dict(zip(shared, evaluate_ensemble([self.models[k] for k in shared], dict(graph))))
         for k in range(1, len(self.models)):
             if k not in outs:
                 outs[k] = evaluate(self.models[k], build_graph(s.positions, self.atypes[k], s.box,
@@ -331,6 +360,8 @@ class Simulation:
         self.state = MDState.from_tensors(st, self.device)
         self._initialised = False
         self.verlet.frames = None
+        if self._sync_free is not None:
+            self._sync_free.reset()
         if self.output_dir is not None:
             out_mod.truncate(blob.get("files", {}))
             self._open_outputs(restart=True)
@@ -348,15 +379,21 @@ class Simulation:
         try:
             self._ensure_init()
             if fresh:
+                if self.sync_free:
+                    self._sync_free.drain(self.state)
                 self._write(self.state.step)
             while self.state.step < target:
                 self.state = self._step(self.state, self.kT(self.state.step), self.pressure(self.state.step))
                 step = self.state.step
-                self._write(step)
-                if self.output_dir is not None and self.checkpoint_freq > 0 and step % self.checkpoint_freq == 0:
-                    self.checkpoint()
-                if self.thermo_freq > 0 and step % self.thermo_freq == 0:
-                    self._progress(start_step, step, target, t0)
+                if step == target or self._output_step(step):
+                    with host_sync.expected("output"):
+                        if self.sync_free:
+                            self._sync_free.drain(self.state)
+                        self._write(step)
+                        if self.output_dir is not None and self.checkpoint_freq > 0 and step % self.checkpoint_freq == 0:
+                            self.checkpoint()
+                        if self.thermo_freq > 0 and step % self.thermo_freq == 0:
+                            self._progress(start_step, step, target, t0)
         except MDStopError as err:
             self._on_stop(err)
         if self.output_dir is not None:
@@ -368,6 +405,13 @@ class Simulation:
         return {"steps": done, "seconds": elapsed, "steps_per_second": done / elapsed if elapsed > 0 else float("inf"),
                 "ns_per_day": done * self.dt * 1e-3 / elapsed * 86400 if elapsed > 0 else float("inf"),
                 "neighbor_builds": self.verlet.builds - builds0}
+
+    def _output_step(self, step: int) -> bool:
+        """Does this step write or log anything?"""
+        freqs = [self.model_devi_freq, self.thermo_freq]
+        if self.output_dir is not None:
+            freqs += [self.traj_freq, self.checkpoint_freq]
+        return any(f > 0 and step % f == 0 for f in freqs)
 
     def _progress(self, start_step: int, step: int, target: int, t0: float) -> None:
         elapsed = time.perf_counter() - t0

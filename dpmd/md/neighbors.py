@@ -39,15 +39,19 @@ class VerletList:
         """(F,) bool on the positions' device (no host synchronisation)."""
         if self.frames is None or len(self.frames) != positions.shape[0]:
             return torch.ones(positions.shape[0], dtype=torch.bool, device=positions.device)
+        d, eps = self.drift(positions, box)
+        return 2.0 * d + (self.rcut + self.skin) * eps > self.skin
+
+    def drift(self, positions: torch.Tensor, box: torch.Tensor | None):
+        """(F,) largest displacement since the build d and cell strain eps (see the module doc)."""
         if box is None:
             d = (positions - self.ref_positions).norm(dim=-1).amax(dim=1)
-            return 2.0 * d > self.skin
+            return d, torch.zeros_like(d)
         inv = torch.linalg.inv(box)
         ds = positions @ inv - self.ref_positions @ self.ref_inv
         d = (ds @ box).norm(dim=-1).amax(dim=1)
         eye = torch.eye(3, dtype=box.dtype, device=box.device)
-        eps = torch.linalg.matrix_norm(self.ref_inv @ box - eye)   # Frobenius >= spectral norm
-        return 2.0 * d + (self.rcut + self.skin) * eps > self.skin
+        return d, torch.linalg.matrix_norm(self.ref_inv @ box - eye)   # Frobenius >= spectral norm
 
     def build(self, positions: torch.Tensor, box: torch.Tensor | None, frames=None) -> None:
         nf, n = positions.shape[:2]
@@ -83,3 +87,73 @@ class VerletList:
         keep = (d2 < self.rcut * self.rcut).nonzero().squeeze(1)   # one nonzero for all five selections
         return (self.center.index_select(0, keep), self.neighbor.index_select(0, keep),
                 self.shift.index_select(0, keep), vec.index_select(0, keep), d2.index_select(0, keep))
+
+    def adopt(self, other: "VerletList", device) -> None:
+        """Take the lists (and padded tables) that `other` built on the host, copied to `device` without
+        making the host wait (pinned memory, non-blocking)."""
+        def to(t):
+            if t is None or t.device == torch.device(device):
+                return t
+            return t.pin_memory().to(device, non_blocking=True)
+        for name in ("center", "neighbor", "shift", "edge_frame", "ref_positions", "ref_box", "ref_inv",
+                     "pad_rows", "pad_neighbor", "pad_shift", "pad_valid", "pad_type", "pad_frame"):
+            setattr(self, name, to(getattr(other, name)))
+        self.frames, self.capacity = other.frames, other.capacity
+        self.builds += 1
+
+    # ---- the padded form (the MD engine's sync-free mode: every shape known on the host) ----
+
+    def pad(self, rows: torch.Tensor, atype: torch.Tensor) -> None:
+        """After a build: the list as tables of K slots per row (the atom rows[r] of row r), in the canonical
+        order, K grown (never shrunk) to the longest row plus a margin.  rows (R,) and atype (R,) flat."""
+        natoms = atype.numel()
+        count = torch.bincount(self.center, minlength=natoms)
+        k = int(count.max()) if natoms else 0
+        if k > getattr(self, "capacity", 0):
+            self.capacity = max(8, -(-int(1.2 * k) // 8) * 8)
+        K = self.capacity
+        first = torch.cumsum(count, 0) - count
+        slot = torch.arange(self.center.numel(), device=self.center.device) - first.index_select(0, self.center)
+        # slot tables indexed by atom, then permuted to the row order
+        nbr = torch.arange(natoms, device=atype.device).unsqueeze(1).repeat(1, K)   # empty: the atom itself
+        nbr[self.center, slot] = self.neighbor
+        shift = self.shift.new_zeros([natoms, K, 3])
+        shift[self.center, slot] = self.shift
+        valid = torch.zeros([natoms, K], dtype=torch.bool, device=atype.device)
+        valid[self.center, slot] = True
+        self.pad_rows = rows
+        self.pad_neighbor, self.pad_shift = nbr.index_select(0, rows), shift.index_select(0, rows)
+        self.pad_valid = valid.index_select(0, rows)
+        self.pad_type = torch.where(self.pad_valid, atype.index_select(0, self.pad_neighbor.reshape(-1)).view(-1, K), -1)
+        self.pad_frame = rows // (natoms // len(self.frames))
+
+    def padded_within_cutoff(self, positions: torch.Tensor, box: torch.Tensor | None, sel: list[int]):
+        """This step's edges within rcut in DeePMD's padded layout: for each row sum(sel) slots, sel[t] for
+        neighbour type t in the canonical order, an empty slot holding the row's own atom and a vector beyond
+        rcut (so it is DeePMD's padding).  Returns (edge_vec (R * nnei, 3), neighbor (R * nnei,), overflow (R,)
+        a type's count beyond sel, dmin2 the smallest squared distance).  Fixed shapes: no host synchronisation."""
+        x = positions.reshape(-1, 3)
+        nb, R, K = self.pad_neighbor, self.pad_neighbor.shape[0], self.capacity
+        vec = x.index_select(0, nb.reshape(-1)).view(R, K, 3) - x.index_select(0, self.pad_rows).unsqueeze(1)
+        if box is not None:
+            vec = vec + torch.bmm(self.pad_shift, box.index_select(0, self.pad_frame))
+        d2 = (vec * vec).sum(-1)
+        inside = self.pad_valid & (d2 < self.rcut * self.rcut)
+        nnei = sum(sel)
+        dest = torch.full_like(nb, nnei)   # column nnei collects what is dropped
+        overflow = torch.zeros(R, dtype=torch.bool, device=x.device)
+        first = 0
+        for t, s in enumerate(sel):
+            mine = inside & (self.pad_type == t)
+            rank = torch.cumsum(mine, 1) - 1
+            dest = torch.where(mine & (rank < s), first + rank, dest)
+            overflow |= rank[:, -1] >= s
+            first += s
+        slot_k = torch.full([R, nnei + 1], K, dtype=torch.long, device=x.device)
+        slot_k.scatter_(1, dest, torch.arange(K, device=x.device).expand(R, K))
+        slot_k = slot_k[:, :nnei]
+        far = vec.new_tensor([self.rcut + 1.0, 0.0, 0.0]).expand(R, 1, 3)
+        edge_vec = torch.gather(torch.cat([vec, far], 1), 1, slot_k.unsqueeze(-1).expand(R, nnei, 3))
+        neighbor = torch.gather(torch.cat([nb, self.pad_rows.unsqueeze(1)], 1), 1, slot_k)
+        dmin2 = torch.where(inside, d2, torch.full_like(d2, float("inf"))).amin() if d2.numel() else d2.new_tensor(float("inf"))
+        return edge_vec.reshape(-1, 3), neighbor.reshape(-1), overflow, dmin2

@@ -134,6 +134,10 @@ class ParallelSimulation(Simulation):
         self.comm = comm if isinstance(comm, Comm) else Comm(comm)
         if self.comm.rank != 0:
             kwargs["log"] = None
+        if kwargs.get("sync_free"):
+            raise DpmdError("sync_free: not available under MPI (ghost atoms go through the host every step); "
+                            "set sync_free: auto or false")
+        kwargs["sync_free"] = False
         super().__init__(models, positions, symbols, box, **kwargs)
         s = self.state
         if s.nframes != 1:

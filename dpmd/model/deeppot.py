@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -140,7 +141,13 @@ class DeepPot(nn.Module):
     def ntypes(self) -> int:
         return len(self.type_map)
 
-    def atomic_energy(self, edge_vec, center, center_type, neighbor_type) -> torch.Tensor:
+    def atomic_energy(self, edge_vec, center, center_type, neighbor_type,
+                      type_counts: Optional[List[int]] = None) -> torch.Tensor:
+        """Atomic energies (n_centers,) of an edge list (dpmd.model.forces), or, with type_counts, of edges in
+        DeePMD's padded layout with the centres grouped by type (DescriptorSeA.forward_padded)."""
+        if type_counts is not None:
+            desc = self.descriptor.forward_padded(edge_vec, center_type, type_counts)
+            return self.fitting(desc.to(self.fitting.energy_bias.dtype), center_type, type_counts)
         center, center_type, position = group_by_type(center, center_type)
         desc = self.descriptor(edge_vec, center, center_type, neighbor_type)
         return self.fitting(desc.to(self.fitting.energy_bias.dtype), center_type).index_select(0, position)

@@ -33,6 +33,7 @@ from torch import nn
 
 from dpmd import ops
 from dpmd.ops import contraction
+from dpmd.model import deferred
 from dpmd.model.network import MLP, embedding_with_tangent, linearize_at
 
 
@@ -119,7 +120,7 @@ class DescriptorSeA(nn.Module):
         """Descriptors (n_centers, M * axis_neuron).
 
         edge_vec (E, 3) vectors from centre to neighbour; center (E,) index in [0, n_centers);
-        center_type (n_centers,); neighbor_type (E,).
+        center_type (n_centers,); neighbor_type (E,).  (forward_padded: the same for DeePMD's padded layout.)
         """
         dtype = self.mean.dtype
         if self.compressed and edge_vec.device.type == "cpu":
@@ -161,9 +162,13 @@ class DescriptorSeA(nn.Module):
         D = torch.bmm(T.transpose(1, 2), T[:, :, : self.axis_neuron])
         return D.reshape(ncent, -1)
 
-    def _block(self, r: torch.Tensor, g: torch.Tensor, c: torch.Tensor, ncent: int) -> torch.Tensor:
+    def _block(self, r: torch.Tensor, g: torch.Tensor, c: torch.Tensor, ncent: int, per_center: int = 0) -> torch.Tensor:
         """sum_j R_j^T G_j (n_centers, 4, M) over the edges of one net: rows r (n, 4), embeddings g (n, M),
-        centres c (n,) in ascending order."""
+        centres c (n,) in ascending order; per_center > 0: every centre has exactly that many edges."""
+        if per_center > 0 and not torch.jit.is_scripting():
+            if not ops.active(r) and not ops.any_order(r):
+                # padded layout: a dense block already, no counts to read back from the device
+                return torch.bmm(r.view(ncent, per_center, 4).transpose(1, 2), g.view(ncent, per_center, self.width))
         if self.use_ops:  # frozen with the kernel library: a segment sum, no padding
             return torch.ops.dpmd.contract(r, g, c, ncent)
         if not torch.jit.is_scripting():
@@ -184,16 +189,63 @@ class DescriptorSeA(nn.Module):
         return torch.bmm(r_pad.transpose(1, 2), g_pad)
 
     @torch.jit.unused
-    def _linearized_block(self, i: int, r: torch.Tensor, c: torch.Tensor, ncent: int):
+    def _linearized_block(self, i: int, r: torch.Tensor, c: torch.Tensor, ncent: int, per_center: int = 0):
         """_block with net i linearised in s = r[:, 0] (exact forces, cheaper derivatives; dpmd.model.network)
         when the caller allows it (dpmd.ops.linearize_embeddings), else None."""
         net = self.embeddings[i]
         if not (ops.linearize_embeddings() and net.can_linearize()):
             return None
         g, gp = embedding_with_tangent(net, r[:, 0], weight_gradients=not ops.forces_only())
-        if ops.any_order(r):  # (CPU)
+        if ops.any_order(r):
             return contraction.contract_linearized(r, g, gp, c, ncent)
-        return self._block(r, linearize_at(g, gp, r[:, 0]), c, ncent)
+        return self._block(r, linearize_at(g, gp, r[:, 0]), c, ncent, per_center)
+
+    def forward_padded(self, edge_vec, center_type, type_counts):
+        """forward() for edges in DeePMD's own padded layout, which the MD engine uses on a GPU: every centre
+        has nnei = sum(sel) edges, centre-major, in blocks of sel[t] slots for neighbour type t; an empty slot
+        holds a vector beyond rcut (a zero environment row: DeePMD's padding).  The centres are grouped by type
+        with these counts.  Every shape is then known on the host, so nothing is read back from the device;
+        an edge outside a compressed model's tables is recorded with dpmd.model.deferred when a caller
+        collects such flags (else it is an error at once)."""
+        dtype, device = self.mean.dtype, edge_vec.device
+        ncent, nnei, nt = center_type.shape[0], self.nnei, self.ntypes
+        center = torch.arange(ncent, device=device).repeat_interleave(nnei)   # (for the kernels and messages)
+        if self.compressed and device.type == "cpu" and ops.active(edge_vec):
+            neighbor_type = self.slot_types(device).repeat(ncent)
+            return self._fused_tabulated(edge_vec.to(dtype), center, center_type, neighbor_type, padded=True)
+        rows = self.env_rows(edge_vec.to(dtype)).view(ncent, nnei, 4)
+        rows = (rows - self.mean.index_select(0, center_type).unsqueeze(1)) / self.std.index_select(0, center_type).unsqueeze(1)
+        if self.compressed:
+            x = rows[:, :, 0].reshape(-1)
+            bad = (x > self.table_end) | (x < self.table_lower - self._table_slack()) | torch.isnan(x)
+            if not deferred.record(bad.any()):
+                self._check_table(x, edge_vec, center, center_type, self.slot_types(device).repeat(ncent))
+        slot0 = [sum(self.sel[:t]) for t in range(nt)]
+        type0 = [sum(type_counts[:t]) for t in range(nt)]
+        T = rows.new_zeros([ncent, 4, self.width])
+        for i, net in enumerate(self.embeddings):
+            tn = i if self.type_one_side else i // nt
+            c0, nc = (0, ncent) if self.type_one_side else (type0[i % nt], type_counts[i % nt])
+            k = self.sel[tn]
+            if nc == 0 or k == 0:
+                continue
+            r = rows[c0:c0 + nc, slot0[tn]:slot0[tn] + k].reshape(-1, 4)
+            c = torch.arange(nc, device=r.device).repeat_interleave(k)
+            if self.compressed:
+                block = self._tabulated_block(i, r, c, nc, k)
+            else:
+                block = self._linearized_block(i, r, c, nc, k)
+                if block is None:
+                    block = self._block(r, net(r[:, :1]), c, nc, k)
+            T = T + (block if nc == ncent else nn.functional.pad(block, (0, 0, 0, 0, c0, ncent - c0 - nc)))
+        T = T / self.nnei
+        D = torch.bmm(T.transpose(1, 2), T[:, :, : self.axis_neuron])
+        return D.reshape(ncent, -1)
+
+    @torch.jit.unused
+    def slot_types(self, device) -> torch.Tensor:
+        """(nnei,) the neighbour type of each slot of DeePMD's padded layout: sel[0] zeros, sel[1] ones, ..."""
+        return torch.cat([torch.full([s], t, dtype=torch.long, device=device) for t, s in enumerate(self.sel)])
 
     def _padding(self, center, center_type, neighbor_type):
         """Contribution of DeePMD's empty neighbour slots, (n_centers, 4, M)."""
@@ -262,7 +314,7 @@ class DescriptorSeA(nn.Module):
             g = g * t + coef.index_select(0, interval * 6 + p)
         return g
 
-    def _fused_tabulated(self, edge_vec, center, center_type, neighbor_type) -> torch.Tensor:
+    def _fused_tabulated(self, edge_vec, center, center_type, neighbor_type, padded: bool = False) -> torch.Tensor:
         """This whole forward for a compressed model in one kernel-library op (CPU; forces, not training):
         the same numbers, without the edge-sized intermediate tensors."""
         grid = [self.rcut_smth, self.rcut, self.table_lower, self.table_upper, self.table_step,
@@ -270,10 +322,19 @@ class DescriptorSeA(nn.Module):
         D, stats = torch.ops.dpmd.se_a_tabulated_descriptor(
             edge_vec, center, center_type, neighbor_type, self.mean, self.std, self.table, self.sel, grid,
             self.table_fine, self.table_coarse, self.type_one_side, self.axis_neuron)
-        self._report_table(int(stats[0]), stats[1:], edge_vec, center, center_type, neighbor_type)
+        if padded:
+            self._report_or_defer(stats, edge_vec, center, center_type, neighbor_type)
+        else:
+            self._report_table(int(stats[0]), stats[1:], edge_vec, center, center_type, neighbor_type)
         return D
 
-    def _tabulated_block(self, i: int, r: torch.Tensor, c: torch.Tensor, ncent: int) -> torch.Tensor:
+    @torch.jit.unused
+    def _report_or_defer(self, stats, edge_vec, center, center_type, neighbor_type):
+        """stats[0] >= 0 (an edge outside the tables) as a deferred flag when a caller collects them."""
+        if not deferred.record(stats[0] >= 0):
+            self._report_table(int(stats[0]), stats[1:], edge_vec, center, center_type, neighbor_type)
+
+    def _tabulated_block(self, i: int, r: torch.Tensor, c: torch.Tensor, ncent: int, per_center: int = 0) -> torch.Tensor:
         """sum_j R_j^T G(s_j) (n_centers, 4, M) for the edges of net i with tabulated G: the kernel library's
         fused op, Triton on CUDA, else the PyTorch reference (one call, same numbers)."""
         if self.use_ops:  # frozen with the kernel library
@@ -284,7 +345,7 @@ class DescriptorSeA(nn.Module):
             fast = self._fast_tabulated_block(i, r, c, ncent)
             if fast is not None:
                 return fast
-        return self._block(r, self._tabulate(i, r[:, 0]), c, ncent)
+        return self._block(r, self._tabulate(i, r[:, 0]), c, ncent, per_center)
 
     @torch.jit.unused
     def _fast_tabulated_block(self, i: int, r: torch.Tensor, c: torch.Tensor, ncent: int):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -22,10 +22,12 @@ class EnergyFitting(nn.Module):
         # Per-type energy added to the network output (least squares on the training energies).
         self.register_buffer("energy_bias", torch.zeros(ntypes, dtype=dtype))
 
-    def forward(self, descriptor: torch.Tensor, atype: torch.Tensor) -> torch.Tensor:
+    def forward(self, descriptor: torch.Tensor, atype: torch.Tensor, type_counts: Optional[List[int]] = None) -> torch.Tensor:
         """Atomic energies (n,) for descriptors (n, dim_in) of atoms of types atype (n,), grouped by type in
-        ascending order (see group_by_type): each net takes one contiguous block, no gather or scatter."""
-        counts: List[int] = torch.bincount(atype, minlength=len(self.nets)).tolist()
+        ascending order (see group_by_type): each net takes one contiguous block, no gather or scatter.
+        type_counts: the block sizes when the caller knows them (nothing is read back from the device)."""
+        counts: List[int] = (torch.bincount(atype, minlength=len(self.nets)).tolist() if type_counts is None
+                             else type_counts)
         parts = torch.split(descriptor, counts)
         energies: List[torch.Tensor] = []
         for t, net in enumerate(self.nets):

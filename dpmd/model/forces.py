@@ -125,3 +125,35 @@ def assemble(atom_energy: torch.Tensor, g: torch.Tensor, vec: torch.Tensor, cent
         out["atom_virial"] = torch.zeros([natoms, 3, 3], dtype=g.dtype, device=g.device).index_add(
             0, center, half).index_add(0, neighbor, half)
     return out
+
+
+def evaluate_padded(model, graph: dict) -> dict:
+    """evaluate() for edges in DeePMD's padded layout (what the MD engine hands over on a GPU): every shape is
+    known on the host, so nothing is read back from the device.  graph holds
+      rows (R,): the centre atom of each row, grouped by type (the model's type_map order);
+      row_chunk, row_type_counts: rows are evaluated in chunks of row_chunk, and these are the counts of each
+          type in each chunk (host integers);
+      edge_vec (R * nnei, 3) and neighbor (R * nnei,): nnei = sum(sel) slots per row in blocks of sel[t]
+          slots for neighbour type t; an empty slot has the row's own atom and a vector beyond rcut;
+      atype, batch, box, natoms as in evaluate().
+    No `sel` check here: the caller that built the slots knows whether a neighbour did not fit."""
+    rows, vec_all, neighbor = graph["rows"], graph["edge_vec"], graph["neighbor"]
+    nnei, nrows = model.descriptor.nnei, rows.shape[0]
+    chunk = graph["row_chunk"]
+    slot_type = model.descriptor.slot_types(rows.device)
+    energies, g_parts = [], []
+    with ops.first_derivative_only(), torch.enable_grad():
+        for k, r0 in enumerate(range(0, nrows, chunk)):
+            r1 = min(r0 + chunk, nrows)
+            vec = vec_all[r0 * nnei:r1 * nnei].detach().requires_grad_()
+            center = torch.arange(r1 - r0, device=rows.device).repeat_interleave(nnei)
+            e = model.atomic_energy(vec, center, graph["atype"].index_select(0, rows[r0:r1]),
+                                    slot_type.repeat(r1 - r0), graph["row_type_counts"][k])
+            (g,) = torch.autograd.grad(e.sum(), vec)
+            energies.append(e.detach())
+            g_parts.append(g)
+        g = torch.cat(g_parts).to(vec_all.dtype)
+        natoms = graph["atype"].numel()
+        atom_energy = torch.zeros(natoms, dtype=g.dtype, device=g.device).index_copy(0, rows, torch.cat(energies).to(g.dtype))
+        return assemble(atom_energy, g, vec_all, rows.repeat_interleave(nnei), neighbor, graph["batch"],
+                        graph["box"].shape[0], natoms)

@@ -107,7 +107,8 @@ class MLP(nn.Module):
 
 class _Tangent(torch.autograd.Function):
     """(G, G') of an MLP at s0 (n,), a function of the weights only; backward by hand.  The elementwise work
-    of each layer runs in one fused kernel-library op when the library is loaded (CPU), else in PyTorch."""
+    of each layer runs in one fused kernel-library op when the library is loaded (CPU; CUDA in a CUDA build),
+    else in PyTorch."""
 
     @staticmethod
     def forward(ctx, mlp: MLP, fused: bool, s0: torch.Tensor, *params):

@@ -133,8 +133,10 @@ def linearize_embeddings() -> bool:
 
 def any_order(tensor: torch.Tensor) -> bool:
     """May the current call use the kernels that differentiate to any order (dpmd.ops.contraction: training
-    and second derivatives)?  CPU only, library built, not inside reference_only()."""
-    return not reference_forced() and tensor.device.type == "cpu" and available()
+    and second derivatives)?  Library built (with CUDA for a CUDA tensor), not inside reference_only()."""
+    if reference_forced() or not available():
+        return False
+    return tensor.device.type == "cpu" or (tensor.is_cuda and has_cuda())
 
 
 def active(tensor: torch.Tensor | None = None) -> bool:

@@ -5,7 +5,7 @@ differentiation, so that training (whose force loss differentiates the forces ag
     expand(a (E,K), T)          -> (E,M)            d/da = project(gout, T)  d/dT = contract(a, gout)
     project(b (E,M), T)         -> (E,K)            d/db = expand(gout, T)   d/dT = contract(gout, b)
 
-Edges are sorted by centre (`center` ascending).  CPU only; the PyTorch reference is DescriptorSeA._block.
+Edges are sorted by centre (`center` ascending).  CPU, and CUDA in a CUDA build; the PyTorch reference is DescriptorSeA._block.
 
 contract_linearized is the same contraction with an embedding linearised in s = rows[:, 0]
 (dpmd.model.network): emb = g + (s - s0) g', so d/drows gains r . project(g', dT) in column 0.

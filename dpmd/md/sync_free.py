@@ -1,0 +1,167 @@
+"""Sync-free force steps: the MD engine's mode on a GPU, where every value the host reads back stalls the
+device's queue.
+
+No step makes the host wait for the device, except output steps:
+- the Verlet list is kept as fixed-size tables and filtered on the device into DeePMD's padded layout
+  (dpmd.md.neighbors.VerletList.padded_within_cutoff), which the model takes without reading a count
+  (dpmd.model.forces.evaluate_padded);
+- each step queues one small tensor of flags (the rebuild test; lost atoms, close atoms, NaN, overflow
+  beyond sel, the list gone stale, the compressed model's tables) with the positions, and the host reads
+  what was queued LAG steps earlier (dpmd.md.flags), by which time the device has long produced it;
+- a list is rebuilt on the host from those LAG-step-old positions, then copied to the device without
+  waiting.  So the rebuild test looks ahead: a list is asked for when an atom may come within LAG steps
+  of moving skin/2, and a new list must last 2 LAG steps (a bound on how far an atom moves, from the
+  fastest speed and the largest acceleration); a skin too thin for that stops the run with a one-line
+  error.  The exact test still runs every step: should a list ever be used stale, the run stops.
+Output steps read every pending flag first, so no file is written past an unread alarm.  An alarm reruns
+the checked path on the current state, which names the atoms in the usual one-line message
+("... (first seen at step N)").
+
+Forces equal the checked path's to rounding (the padding is summed slot by slot) and, as there, do not
+depend on when or from which positions the list was built (canonical order), so a restart continues bit
+for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dpmd.md import host_sync
+from dpmd.md.flags import LaggedFlags
+from dpmd.md.neighbors import VerletList
+from dpmd.md.state import MDState
+from dpmd.md.units import FTM2V
+from dpmd.model import deferred
+from dpmd.model.forces import DEFAULT_CHUNK_ATOMS, evaluate_padded
+
+ALARMS = ("lost atoms (non-finite positions)", "atoms closer than min_distance", "non-finite energy",
+          "neighbour overflow beyond sel", "stale neighbour list", "an edge outside the compressed model's tables")
+
+
+class SyncFreeForces:
+    """force_fn(state) of a Simulation (dpmd.md.engine), sync-free; sim provides the Verlet list, the
+    models, min_distance, dt, and the checked path (sim._forces_checked) and stop (sim._stop) for alarms."""
+
+    def __init__(self, sim):
+        self.sim = sim
+        self.flags = LaggedFlags(sim.device)
+        self.host_list = VerletList(sim.verlet.rcut, sim.verlet.skin)   # built here, adopted by sim.verlet
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the lists (a restore, or the checked path rebuilt them)."""
+        self.requests: dict[int, tuple] = {}   # frame -> (step, positions, box) of the flag that asked for a list
+        self.generation: list[int] = []        # per frame: builds of its list (each flag records the ones it saw)
+        self.flags.clear()
+
+    def __call__(self, state: MDState) -> MDState:
+        sim, verlet = self.sim, self.sim.verlet
+        for pushed, arrays, generation in self.flags.due(state.step):
+            self._read(state, pushed, arrays, generation)
+        if len(self.generation) != state.nframes:
+            with host_sync.expected("setup"):   # the run's first step: types, and a list of the positions now
+                self._setup(state)
+        elif self.requests:
+            self._rebuild(state)
+        nf, n, model = state.nframes, state.natoms, sim.models[0]
+        vec, neighbor, overflow, dmin2 = verlet.padded_within_cutoff(state.positions, state.box, model.sel)
+        graph = {"rows": self.rows, "row_chunk": DEFAULT_CHUNK_ATOMS, "row_type_counts": self.row_type_counts,
+                 "edge_vec": vec, "neighbor": neighbor, "atype": state.atype.reshape(-1), "box": sim._box(state),
+                 "natoms": n, "batch": torch.arange(nf, device=sim.device).repeat_interleave(n)}
+        with deferred.collect() as model_flags:
+            out = evaluate_padded(model, graph)
+        state.forces = out["force"].reshape(nf, n, 3)
+        state.energy = out["energy"]
+        state.virial = out["virial"]
+        d, eps = verlet.drift(state.positions, state.box)
+        reach = verlet.rcut + verlet.skin
+        speed = state.velocities.norm(dim=-1).amax(dim=1)
+        accel = (state.forces.norm(dim=-1) * FTM2V / state.masses).amax(dim=1)
+        stale = 2.0 * d + reach * eps > verlet.skin   # the list used now may miss a neighbour
+        ahead = 2.0 * (d + self.reach(self.flags.lag, speed, accel)) + reach * (
+            eps + 2 * self.flags.lag * (eps - self.eps).abs())
+        self.eps = eps
+        alarms = torch.stack([~torch.isfinite(state.positions).all(), dmin2 < sim.min_distance ** 2,
+                              ~torch.isfinite(state.energy).all(), overflow.any(), stale.any(),
+                              torch.stack(model_flags).any() if model_flags else overflow.new_zeros(())])
+        values = torch.cat([(ahead > verlet.skin).to(sim.dtype), alarms.to(sim.dtype), speed, accel])
+        self.flags.push(state.step, [values, state.positions, sim._box(state)], list(self.generation))
+        return state
+
+    def drain(self, state: MDState) -> None:
+        """Read everything pending (output steps)."""
+        for pushed, arrays, generation in self.flags.due(state.step, drain=True):
+            self._read(state, pushed, arrays, generation)
+
+    def reach(self, steps: int, speed, accel):
+        """How far an atom may move in `steps` steps: t v + t^2 a / 2 of the fastest atom and the largest
+        acceleration, with a factor 1.5 for the change of acceleration and thermostat kicks."""
+        t = steps * self.sim.dt
+        return 1.5 * (t * speed + 0.5 * t * t * accel)
+
+    def _read(self, state: MDState, pushed: int, arrays: list, generation: list) -> None:
+        nf = state.nframes
+        values, positions, box = arrays
+        alarms = [name for name, on in zip(ALARMS, values[nf:nf + len(ALARMS)]) if on]
+        if alarms:
+            self._alarm(state, pushed, alarms)
+        speed, accel = values[nf + len(ALARMS):nf + len(ALARMS) + nf], values[nf + len(ALARMS) + nf:]
+        for f in range(nf):   # a flag measured against a list since rebuilt says nothing
+            if values[f] and f < len(self.generation) and generation[f] == self.generation[f]:
+                self.requests[f] = (pushed, positions[f], box[f], float(self.reach(2 * self.flags.lag, speed[f], accel[f])))
+
+    def _alarm(self, state: MDState, pushed: int, alarms: list) -> None:
+        """The checked path on the current state names the atoms; if the condition has gone by now, the
+        flag itself is the message."""
+        from dpmd.md.engine import MDStopError
+
+        self.sim.verlet.frames = None   # the checked path builds its own list on the device
+        try:
+            self.sim._forces_checked(state)
+        except MDStopError as err:
+            raise MDStopError(f"{err} (first seen at step {pushed})") from None
+        hint = "; increase the skin or set sync_free: false" if alarms == ["stale neighbour list"] else ""
+        self.sim._stop(state, f"{', '.join(alarms)} at step {pushed}{hint}")
+
+    def _setup(self, state: MDState) -> None:
+        """Row order (atoms grouped by type, as the fitting nets take them) and the first lists."""
+        nf, n, sim = state.nframes, state.natoms, self.sim
+        atype = state.atype.reshape(-1)
+        self.rows = torch.argsort(atype, stable=True)
+        self.row_type_counts = [torch.bincount(atype.index_select(0, self.rows[r:r + DEFAULT_CHUNK_ATOMS]),
+                                               minlength=sim.models[0].ntypes).tolist()
+                                for r in range(0, nf * n, DEFAULT_CHUNK_ATOMS)]
+        self.host_rows, self.host_atype = self.rows.cpu(), atype.cpu()
+        self.eps = torch.zeros(nf, dtype=sim.dtype, device=sim.device)
+        self.generation = [0] * nf
+        self.host_list.frames = None
+        box = sim._box(state).cpu().numpy()
+        self.requests = {f: (state.step, p, box[f], 0.0) for f, p in enumerate(state.positions.detach().cpu().numpy())}
+        self._rebuild(state)
+
+    def _rebuild(self, state: MDState) -> None:
+        """New lists for the frames asked for, built on the host from the positions that came with the flag
+        that asked (a few steps old: the look-ahead covers that), then copied to the device without waiting."""
+        sim, nf = self.sim, state.nframes
+        frames = sorted(self.requests)
+        positions = torch.zeros(state.positions.shape, dtype=sim.dtype)
+        box = torch.zeros(nf, 3, 3, dtype=sim.dtype)
+        for f in frames:
+            step, p, b, moved = self.requests[f]
+            if not np.isfinite(p).all():   # (a cell list of NaN positions is undefined)
+                bad = [(f, int(i)) for i in np.nonzero(~np.isfinite(p).all(-1))[0]]
+                sim._stop(state, f"lost atoms (non-finite positions) at step {step}: " + sim._name_atoms(bad))
+            if 2.0 * moved > sim.verlet.skin:
+                sim._stop(state, f"skin {sim.verlet.skin} Å is too thin for sync-free stepping: atoms may move "
+                                 f"{moved:.3f} Å in the {2 * self.flags.lag} steps a new list must last; "
+                                 f"increase the skin or set sync_free: false")
+            positions[f], box[f] = torch.from_numpy(np.array(p)), torch.from_numpy(np.array(b))
+        with host_sync.expected("host rebuild"):   # host tensors only (the counter cannot tell them apart)
+            self.host_list.build(positions, box if state.box is not None else None, frames)
+            self.host_list.pad(self.host_rows, self.host_atype)
+        sim.verlet.adopt(self.host_list, sim.device)
+        for f in frames:
+            self.generation[f] += 1
+            self.eps[f] = 0.0
+        self.requests = {}
