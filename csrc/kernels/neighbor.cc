@@ -148,39 +148,54 @@ std::string neighbor_list_cpu(const double* coord, int64_t n, const double* box,
   const double rc2 = rcut * rcut;
   const bool periodic = box != nullptr;
   const int nthreads = n > 64 ? omp_get_max_threads() : 1;  // a parallel region costs ~10 us
-  std::vector<EdgeList> part(nthreads);
+  std::vector<std::vector<int64_t>> found(nthreads);       // per thread: (centre, image) pairs
 #pragma omp parallel num_threads(nthreads)
   {
-    EdgeList& mine = part[omp_get_thread_num()];
+    std::vector<int64_t>& mine = found[omp_get_thread_num()];
+    std::vector<int64_t> cand;  // one centre's accepted images
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; ++i) {  // image i is atom i itself
-      const double* xi = im.position.data() + 3 * i;
+      const double x0 = im.position[3 * i], x1 = im.position[3 * i + 1], x2 = im.position[3 * i + 2];
       for (int dx = -1; dx <= 1; ++dx)
         for (int dy = -1; dy <= 1; ++dy)
           for (int dz = -1; dz <= 1; ++dz) {
             const int64_t bx = ib[3 * i] + dx, by = ib[3 * i + 1] + dy, bz = ib[3 * i + 2] + dz;
             if (bx < 0 || by < 0 || bz < 0 || bx >= nb[0] || by >= nb[1] || bz >= nb[2]) continue;
             const int64_t b = (bx * nb[1] + by) * nb[2] + bz;
-            for (int64_t q = count[b]; q < count[b + 1]; ++q) {
+            const int64_t q0 = count[b], q1 = count[b + 1];
+            size_t k = cand.size();
+            cand.resize(k + (q1 - q0));
+            // branch-free: write every candidate, keep it by advancing past it (about 1 in 7 is kept)
+            for (int64_t q = q0; q < q1; ++q) {
               const int64_t m = members[q];
-              if (m == i) continue;
               const double* xm = im.position.data() + 3 * m;
-              const double d0 = xm[0] - xi[0], d1 = xm[1] - xi[1], d2 = xm[2] - xi[2];
-              if (d0 * d0 + d1 * d1 + d2 * d2 >= rc2) continue;
-              mine.center.push_back(i);
-              mine.neighbor.push_back(im.owner[m]);
-              for (int k = 0; k < 3; ++k)
-                mine.shift.push_back(im.shift[3 * m + k] + (periodic ? im.wrap[3 * i + k] : 0.0));
+              const double d0 = xm[0] - x0, d1 = xm[1] - x1, d2 = xm[2] - x2;
+              cand[k] = m;
+              k += (d0 * d0 + d1 * d1 + d2 * d2 < rc2) & (m != i);
             }
+            cand.resize(k);
           }
+      for (int64_t m : cand) {
+        mine.push_back(i);
+        mine.push_back(m);
+      }
+      cand.clear();
     }
   }
   // static schedule: thread t holds a contiguous, ascending range of centres
-  for (auto& p : part) {
-    out.center.insert(out.center.end(), p.center.begin(), p.center.end());
-    out.neighbor.insert(out.neighbor.end(), p.neighbor.begin(), p.neighbor.end());
-    out.shift.insert(out.shift.end(), p.shift.begin(), p.shift.end());
-  }
+  size_t total = 0;
+  for (auto& f : found) total += f.size() / 2;
+  out.center.resize(total);
+  out.neighbor.resize(total);
+  out.shift.resize(3 * total);
+  size_t e = 0;
+  for (auto& f : found)
+    for (size_t p = 0; p < f.size(); p += 2, ++e) {
+      const int64_t i = f[p], m = f[p + 1];
+      out.center[e] = i;
+      out.neighbor[e] = im.owner[m];
+      for (int k = 0; k < 3; ++k) out.shift[3 * e + k] = im.shift[3 * m + k] + (periodic ? im.wrap[3 * i + k] : 0.0);
+    }
   return "";
 }
 

@@ -95,6 +95,8 @@ def edge_gradients(energy_and_gradient, graph: dict, create_graph: bool = False,
             energies.append(e if create_graph else e.detach())
             g_parts.append(g)
             vec_parts.append(vec.detach())
+    if len(energies) == 1:   # one chunk: no copies
+        return energies[0].to(dtype), g_parts[0].to(dtype), vec_parts[0]
     return torch.cat(energies, dim=-1).to(dtype), torch.cat(g_parts, dim=-2).to(dtype), torch.cat(vec_parts)
 
 
