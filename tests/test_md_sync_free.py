@@ -55,6 +55,19 @@ def test_ordinary_steps_read_nothing_back(water_model):
     assert c.expected["lagged flags"] >= 30 - 3 * 2      # one flag read per step, less what the drains took
 
 
+@pytest.mark.parametrize("ensemble, thermostat, barostat", [("nve", None, None), ("nvt", "csvr", None),
+                                                           ("nvt", "nose_hoover", None), ("npt", "langevin", "iso"),
+                                                           ("npt", "csvr", "tri")])
+def test_every_ensemble_steps_without_reading_back(water_model, ensemble, thermostat, barostat):
+    _, free = pair(water_model, ensemble=ensemble, thermostat={"type": thermostat} if thermostat else None,
+                   barostat={"mode": barostat} if barostat else None, pressure=[1.0, 500.0], temperature=[300.0, 330.0],
+                   steps=20)
+    free.run(3)
+    with count_host_syncs() as c:
+        free.run(9)
+    assert c.count == 0, c.sites
+
+
 @pytest.mark.parametrize("case", ["nvt", "npt_batch", "compressed", "two_side"])
 def test_sync_free_follows_the_checked_trajectory(water_model, case):
     model, kw = water_model, {}

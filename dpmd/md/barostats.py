@@ -32,7 +32,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from dpmd.md.state import MDState, kinetic_energy, kinetic_tensor, volume
+from dpmd.md.state import MDState, kinetic_energy, kinetic_tensor, per_frame, volume
 from dpmd.md.units import NKTV2P
 
 MODES = ("iso", "aniso", "tri")
@@ -91,8 +91,7 @@ def stochastic_cell_rescaling(damp: float, compressibility: float = 4.5e-5, mode
         return -0.5 * ((state.virial - b["virial"]) * b["eps"]).sum((1, 2))
 
     def step(state: MDState, dt: float, kT, p0) -> MDState:
-        kT, p0 = (torch.as_tensor(x, dtype=state.positions.dtype, device=state.positions.device).expand(state.nframes)
-                  for x in (kT, p0))
+        kT, p0 = per_frame(kT, state), per_frame(p0, state)
         eps = strain(state, dt, kT, p0)
         mu, mu_inv = torch.linalg.matrix_exp(torch.stack([eps, -eps]))
         vol, ke0 = volume(state), kinetic_energy(state)
@@ -105,7 +104,6 @@ def stochastic_cell_rescaling(damp: float, compressibility: float = 4.5e-5, mode
         return state
 
     def energy(state: MDState, p0) -> torch.Tensor:
-        p0 = torch.as_tensor(p0, dtype=state.positions.dtype, device=state.positions.device)
-        return p0 / NKTV2P * volume(state) - pending_work(state)
+        return per_frame(p0, state) / NKTV2P * volume(state) - pending_work(state)
 
     return Barostat(lambda s: s, step, energy)

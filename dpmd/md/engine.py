@@ -37,12 +37,12 @@ class MDStopError(DpmdError, RuntimeError):
     """The run was stopped by a safety check (lost atoms, atoms too close, NaN energy, neighbour overflow)."""
 
 
-def _ramp(value, total_steps: int):
+def _ramp(value, total_steps: int, device=None):
     """A constant, or [start, end] ramped linearly over total_steps: a function of the step."""
     if value is None:
         return lambda step: None
     if isinstance(value, (np.ndarray, torch.Tensor)):   # one constant per system of a batch
-        per_system = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
+        per_system = torch.as_tensor(value, dtype=torch.float64, device=device).reshape(-1)
         return lambda step: per_system
     if isinstance(value, (list, tuple)):
         a, b = float(value[0]), float(value[1])
@@ -116,8 +116,8 @@ class Simulation:
                          "barostat": mode}
         self.dt = float(timestep) * FS
         self.total_steps = steps
-        self.temperature = _ramp(temperature, steps or 0)
-        self.pressure = _ramp(pressure, steps or 0)
+        self.temperature = _ramp(temperature, steps or 0, self.device)
+        self.pressure = _ramp(pressure, steps or 0, self.device)
         self.min_distance = float(min_distance)
         self.thermo_freq, self.traj_freq = int(thermo_freq), int(traj_freq)
         self.model_devi_freq, self.checkpoint_freq = int(model_devi_freq), int(checkpoint_freq)

@@ -12,6 +12,8 @@ tested here.
     syncs.count, syncs.sites   # how many, and where (op and the innermost dpmd frame)
     syncs.expected             # {kind: blocks} that read on purpose (rebuilds, outputs, lagged flags)
 
+What the CPU cannot show is a tensor made on the device from host data (`torch.tensor(x, device=...)`: a
+copy the host waits for); the engine fills such values in on the device instead (dpmd.md.state.per_frame).
 `torch.cuda.set_sync_debug_mode("warn")` is the same check on a real GPU.
 """
 
@@ -24,10 +26,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _aten = torch.ops.aten
-# ops whose output size depends on tensor values (the device must report it before the host can go on)
+# ops whose output size depends on tensor values (the device must report it before the host can go on),
+# or whose result is a host value (a scalar read, an error check, a comparison)
 DATA_DEPENDENT = {_aten.nonzero.default, _aten.masked_select.default, _aten._unique2.default,
                   _aten.unique_dim.default, _aten.unique_consecutive.default, _aten.bincount.default,
-                  _aten.repeat_interleave.Tensor, _aten._local_scalar_dense.default, _aten.nonzero_static.default}
+                  _aten.repeat_interleave.Tensor, _aten._local_scalar_dense.default, _aten.nonzero_static.default,
+                  _aten._linalg_check_errors.default, _aten.equal.default, _aten.is_nonzero.default,
+                  _aten.allclose.default}
 _READS = ("tolist", "item", "numpy", "__bool__", "__int__", "__float__", "__index__")
 
 

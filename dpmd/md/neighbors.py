@@ -47,7 +47,7 @@ class VerletList:
         if box is None:
             d = (positions - self.ref_positions).norm(dim=-1).amax(dim=1)
             return d, torch.zeros_like(d)
-        inv = torch.linalg.inv(box)
+        inv = torch.linalg.inv_ex(box).inverse   # (no error check: it would read back from the device)
         ds = positions @ inv - self.ref_positions @ self.ref_inv
         d = (ds @ box).norm(dim=-1).amax(dim=1)
         eye = torch.eye(3, dtype=box.dtype, device=box.device)
@@ -152,7 +152,8 @@ class VerletList:
         slot_k = torch.full([R, nnei + 1], K, dtype=torch.long, device=x.device)
         slot_k.scatter_(1, dest, torch.arange(K, device=x.device).expand(R, K))
         slot_k = slot_k[:, :nnei]
-        far = vec.new_tensor([self.rcut + 1.0, 0.0, 0.0]).expand(R, 1, 3)
+        far = torch.zeros_like(vec[:, :1])   # an empty slot: a vector beyond rcut (filled in, not copied)
+        far[..., 0] = self.rcut + 1.0
         edge_vec = torch.gather(torch.cat([vec, far], 1), 1, slot_k.unsqueeze(-1).expand(R, nnei, 3))
         neighbor = torch.gather(torch.cat([nb, self.pad_rows.unsqueeze(1)], 1), 1, slot_k)
         dmin2 = torch.where(inside, d2, torch.full_like(d2, float("inf"))).amin() if d2.numel() else d2.new_tensor(float("inf"))

@@ -33,8 +33,8 @@ from dpmd.md import devi as devi_mod
 from dpmd.md.domain import Comm, Domain
 from dpmd.md.engine import Simulation
 from dpmd.md.integrator import velocity_verlet
-from dpmd.md.state import MDState, kinetic_energy
-from dpmd.md.thermostats import Thermostat, _as_frames, _zero_energy
+from dpmd.md.state import MDState, kinetic_energy, per_frame
+from dpmd.md.thermostats import Thermostat, _zero_energy
 from dpmd.md.units import MVV2E
 from dpmd.model.forces import edge_gradients, energy_and_gradient
 
@@ -84,7 +84,7 @@ def langevin(damp: float) -> Thermostat:
         c1 = math.exp(-gamma * dt)
         c2 = math.sqrt(1.0 - c1 * c1)
         m = state.masses.unsqueeze(-1)
-        sigma = torch.sqrt(_as_frames(kT, state).view(-1, 1, 1) / (m * MVV2E))
+        sigma = torch.sqrt(per_frame(kT, state).view(-1, 1, 1) / (m * MVV2E))
         xi = torch.randn((state.nframes, state.natoms_global, 3), generator=state.rng,
                          dtype=state.velocities.dtype, device=state.velocities.device)[:, state.gid]
         kick = c2 * sigma * xi

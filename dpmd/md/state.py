@@ -86,6 +86,14 @@ def temperature(state: MDState) -> torch.Tensor:
     return 2.0 * kinetic_energy(state) / (state.dof * BOLTZ)
 
 
+def per_frame(x, state: MDState) -> torch.Tensor:
+    """A number, or a tensor of one value per frame, as an (F,) tensor on the state's device.  A number is
+    filled in on the device (a tensor made from host data would be a copy the host waits for, on a GPU)."""
+    if torch.is_tensor(x):
+        return x.to(device=state.positions.device, dtype=state.positions.dtype).expand(state.nframes)
+    return torch.full((state.nframes,), float(x), dtype=state.positions.dtype, device=state.positions.device)
+
+
 def volume(state: MDState) -> torch.Tensor:
     if state.box is None:
         return torch.zeros(state.nframes, dtype=state.positions.dtype, device=state.positions.device)

@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from dpmd.md.state import MDState, kinetic_energy
+from dpmd.md.state import MDState, kinetic_energy, per_frame
 from dpmd.md.units import MVV2E
 
 
@@ -32,10 +32,6 @@ def _zero_energy(state: MDState, kT) -> torch.Tensor:
     return torch.zeros(state.nframes, dtype=state.positions.dtype, device=state.positions.device)
 
 
-def _as_frames(kT, state: MDState) -> torch.Tensor:
-    return torch.as_tensor(kT, dtype=state.positions.dtype, device=state.positions.device).expand(state.nframes)
-
-
 def none() -> Thermostat:
     return Thermostat(lambda s: s, lambda s, dt, kT: s, _zero_energy)
 
@@ -47,7 +43,7 @@ def langevin(damp: float) -> Thermostat:
         c1 = math.exp(-gamma * dt)
         c2 = math.sqrt(1.0 - c1 * c1)
         m = state.masses.unsqueeze(-1)
-        sigma = torch.sqrt(_as_frames(kT, state).view(-1, 1, 1) / (m * MVV2E))
+        sigma = torch.sqrt(per_frame(kT, state).view(-1, 1, 1) / (m * MVV2E))
         xi = torch.randn(state.velocities.shape, generator=state.rng, dtype=state.velocities.dtype,
                          device=state.velocities.device)
         kick = c2 * sigma * xi
@@ -65,7 +61,7 @@ def csvr(damp: float) -> Thermostat:
         c = math.exp(-dt / damp)
         nf = state.dof
         ke = kinetic_energy(state)
-        target = 0.5 * nf * _as_frames(kT, state)
+        target = 0.5 * nf * per_frame(kT, state)
         noise = torch.randn(state.nframes, nf, generator=state.rng, dtype=ke.dtype, device=ke.device)
         r1 = noise[:, 0]
         s = (noise[:, 1:] ** 2).sum(dim=1)
@@ -95,7 +91,7 @@ def nose_hoover(damp: float, chain: int = 3) -> Thermostat:
         return q
 
     def half_step(state: MDState, dt: float, kT) -> MDState:
-        kT = _as_frames(kT, state)
+        kT = per_frame(kT, state)
         q = masses(state, kT)
         eta, v = state.thermostat["eta"].clone(), state.thermostat["eta_dot"].clone()
         ke2 = 2.0 * kinetic_energy(state)
@@ -124,7 +120,7 @@ def nose_hoover(damp: float, chain: int = 3) -> Thermostat:
         return state
 
     def energy(state: MDState, kT) -> torch.Tensor:
-        kT = _as_frames(kT, state)
+        kT = per_frame(kT, state)
         q = masses(state, kT)
         eta, v = state.thermostat["eta"], state.thermostat["eta_dot"]
         return 0.5 * (q * v * v).sum(dim=1) + state.dof * kT * eta[:, 0] + kT * eta[:, 1:].sum(dim=1)
