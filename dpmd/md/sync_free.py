@@ -51,7 +51,7 @@ class SyncFreeForces:
 
     def reset(self) -> None:
         """Forget the lists (a restore, or the checked path rebuilt them)."""
-        self.requests: dict[int, tuple] = {}   # frame -> (step, positions, box) of the flag that asked for a list
+        self.requests: dict[int, tuple] = {}   # frame -> (step, positions, box, reach) of the flag asking for a list
         self.generation: list[int] = []        # per frame: builds of its list (each flag records the ones it saw)
         self.flags.clear()
 
