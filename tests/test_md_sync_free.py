@@ -148,8 +148,17 @@ def test_a_stale_list_stops_the_run(water_model, monkeypatch):
 
 def test_a_skin_too_thin_to_look_ahead_is_refused(water_model):
     _, free = pair(water_model, skin=0.02)
-    with pytest.raises(MDStopError, match=r"skin 0.02 Å is too thin for sync-free stepping"):
+    with pytest.raises(MDStopError, match=r"skin 0.02 Å is too thin for sync-free stepping.*increase the skin"):
         free.run(20)
+    # chosen by auto (on a GPU): one line, and the run goes on with the checked path, on the same trajectory
+    lines = []
+    checked, free = pair(water_model, skin=0.3, log=lines.append)
+    free._sync_free.strict = False
+    checked.run(20)
+    free.run(20)
+    assert not free.sync_free and len(lines) == 1
+    assert "too thin for sync-free stepping" in lines[0] and "continuing without sync-free stepping" in lines[0]
+    assert torch.allclose(checked.state.positions, free.state.positions, rtol=0, atol=1e-12)
 
 
 def test_sync_free_inputs(water_model):

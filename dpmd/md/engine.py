@@ -133,7 +133,8 @@ class Simulation:
         self.sync_free = (self.device.type == "cuda" and bias is None and padded) if sync_free is None else bool(sync_free)
         if self.sync_free and not padded:
             raise DpmdError("sync_free: needs a DeepPot model (its padded layout); set sync_free: false")
-        self._sync_free = SyncFreeForces(self) if self.sync_free else None
+        # chosen by auto: a skin too thin for its look-ahead falls back to the checked path (else: an error)
+        self._sync_free = SyncFreeForces(self, strict=sync_free is not None) if self.sync_free else None
         self.outputs: list[out_mod.SystemOutput] = []
         self.devi_history: list[tuple[int, np.ndarray]] = []   # (step, (F, 7)) for the Python API
 
@@ -169,6 +170,14 @@ class Simulation:
 
     def _compute_forces(self, state: MDState) -> MDState:
         return self._sync_free(state) if self.sync_free else self._forces_checked(state)
+
+    def _stop_sync_free(self, state: MDState, why: str) -> MDState:
+        """Continue with the checked path (sync_free: auto, and a skin too thin for its look-ahead)."""
+        self._sync_free.drain(state)
+        self.sync_free, self._sync_free = False, None
+        self.verlet.frames = None
+        self.log(f"step {state.step}: {why}; continuing without sync-free stepping")
+        return self._forces_checked(state)
 
     def _forces_checked(self, state: MDState) -> MDState:
         """Forces, energy and virial of the driving model on a Verlet list filtered to rcut; every safety

@@ -11,8 +11,9 @@ No step makes the host wait for the device, except output steps:
 - a list is rebuilt on the host from those LAG-step-old positions, then copied to the device without
   waiting.  So the rebuild test looks ahead: a list is asked for when an atom may come within LAG steps
   of moving skin/2, and a new list must last 2 LAG steps (a bound on how far an atom moves, from the
-  fastest speed and the largest acceleration); a skin too thin for that stops the run with a one-line
-  error.  The exact test still runs every step: should a list ever be used stale, the run stops.
+  fastest speed and the largest acceleration).  A skin too thin for that is a one-line error with
+  `sync_free: true`; chosen by auto, the run says so in one line and goes on with the checked path.  The
+  exact test still runs every step: should a list ever be used stale, the run stops.
 Output steps read every pending flag first, so no file is written past an unread alarm.  An alarm reruns
 the checked path on the current state, which names the atoms in the usual one-line message
 ("... (first seen at step N)").
@@ -43,8 +44,8 @@ class SyncFreeForces:
     """force_fn(state) of a Simulation (dpmd.md.engine), sync-free; sim provides the Verlet list, the
     models, min_distance, dt, and the checked path (sim._forces_checked) and stop (sim._stop) for alarms."""
 
-    def __init__(self, sim):
-        self.sim = sim
+    def __init__(self, sim, strict: bool = True):
+        self.sim, self.strict = sim, strict   # strict: a skin too thin for the look-ahead is an error
         self.flags = LaggedFlags(sim.device)
         self.host_list = VerletList(sim.verlet.rcut, sim.verlet.skin)   # built here, adopted by sim.verlet
         self.reset()
@@ -63,7 +64,11 @@ class SyncFreeForces:
             with host_sync.expected("setup"):   # the run's first step: types, and a list of the positions now
                 self._setup(state)
         elif self.requests:
-            self._rebuild(state)
+            thin = self._rebuild(state)
+            if thin:
+                if self.strict:
+                    sim._stop(state, thin + "; increase the skin or set sync_free: false")
+                return sim._stop_sync_free(state, thin)
         nf, n, model = state.nframes, state.natoms, sim.models[0]
         vec, neighbor, overflow, dmin2 = verlet.padded_within_cutoff(state.positions, state.box, model.sel)
         graph = {"rows": self.rows, "row_chunk": DEFAULT_CHUNK_ATOMS, "row_type_counts": self.row_type_counts,
@@ -140,9 +145,10 @@ class SyncFreeForces:
         self.requests = {f: (state.step, p, box[f], 0.0) for f, p in enumerate(state.positions.detach().cpu().numpy())}
         self._rebuild(state)
 
-    def _rebuild(self, state: MDState) -> None:
+    def _rebuild(self, state: MDState) -> str:
         """New lists for the frames asked for, built on the host from the positions that came with the flag
-        that asked (a few steps old: the look-ahead covers that), then copied to the device without waiting."""
+        that asked (a few steps old: the look-ahead covers that), then copied to the device without waiting.
+        Returns why the skin is too thin for that, or ""."""
         sim, nf = self.sim, state.nframes
         frames = sorted(self.requests)
         positions = torch.zeros(state.positions.shape, dtype=sim.dtype)
@@ -153,9 +159,8 @@ class SyncFreeForces:
                 bad = [(f, int(i)) for i in np.nonzero(~np.isfinite(p).all(-1))[0]]
                 sim._stop(state, f"lost atoms (non-finite positions) at step {step}: " + sim._name_atoms(bad))
             if 2.0 * moved > sim.verlet.skin:
-                sim._stop(state, f"skin {sim.verlet.skin} Å is too thin for sync-free stepping: atoms may move "
-                                 f"{moved:.3f} Å in the {2 * self.flags.lag} steps a new list must last; "
-                                 f"increase the skin or set sync_free: false")
+                return (f"skin {sim.verlet.skin} Å is too thin for sync-free stepping: atoms may move "
+                        f"{moved:.3f} Å in the {2 * self.flags.lag} steps a new list must last")
             positions[f], box[f] = torch.from_numpy(np.array(p)), torch.from_numpy(np.array(b))
         with host_sync.expected("host rebuild"):   # host tensors only (the counter cannot tell them apart)
             self.host_list.build(positions, box if state.box is not None else None, frames)
@@ -165,3 +170,4 @@ class SyncFreeForces:
             self.generation[f] += 1
             self.eps[f] = 0.0
         self.requests = {}
+        return ""
