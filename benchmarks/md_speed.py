@@ -58,13 +58,15 @@ def worker(args) -> dict:
     symbols = [model.type_map[t] for t in atype]
 
     graph = build_graph(torch.tensor(coord), torch.tensor(atype), torch.tensor(box), model.rcut)
-    sim = Simulation(model, coord, symbols, box, ensemble="nvt", thermostat={"type": "csvr", "damp": 0.1},
-                     temperature=300, timestep=args.timestep, seed=1, skin=args.skin, thermo_freq=0, log=None)
+    def nvt(sync_free=False):
+        return Simulation(model, coord, symbols, box, ensemble="nvt", thermostat={"type": "csvr", "damp": 0.1},
+                          temperature=300, timestep=args.timestep, seed=1, skin=args.skin, thermo_freq=0, log=None,
+                          sync_free=sync_free)
+
+    sim = nvt()
     free = None
     if args.sync_free:  # the GPU mode, timed here on the CPU alongside (same blocks)
-        free = Simulation(model, coord, symbols, box, ensemble="nvt", thermostat={"type": "csvr", "damp": 0.1},
-                          temperature=300, timestep=args.timestep, seed=1, skin=args.skin, thermo_freq=0, log=None,
-                          sync_free=True)
+        free = nvt(sync_free=True)
         free.run(args.warmup)
     for _ in range(2):
         evaluate(model, graph)

@@ -130,11 +130,11 @@ class Simulation:
         if sync_free and bias is not None:
             raise DpmdError("sync_free: a bias potential is not supported in sync-free mode; set sync_free: false")
         padded = hasattr(model, "descriptor")   # a DeepPot (a test's pair potential has no padded layout)
-        self.sync_free = (self.device.type == "cuda" and bias is None and padded) if sync_free is None else bool(sync_free)
-        if self.sync_free and not padded:
+        use = (self.device.type == "cuda" and bias is None and padded) if sync_free is None else bool(sync_free)
+        if use and not padded:
             raise DpmdError("sync_free: needs a DeepPot model (its padded layout); set sync_free: false")
         # chosen by auto: a skin too thin for its look-ahead falls back to the checked path (else: an error)
-        self._sync_free = SyncFreeForces(self, strict=sync_free is not None) if self.sync_free else None
+        self._sync_free = SyncFreeForces(self, strict=sync_free is not None) if use else None
         self.outputs: list[out_mod.SystemOutput] = []
         self.devi_history: list[tuple[int, np.ndarray]] = []   # (step, (F, 7)) for the Python API
 
@@ -168,13 +168,17 @@ class Simulation:
     def _stop(self, state: MDState, message: str):
         raise MDStopError(f"step {state.step}: {message}")
 
+    @property
+    def sync_free(self) -> bool:
+        return self._sync_free is not None
+
     def _compute_forces(self, state: MDState) -> MDState:
         return self._sync_free(state) if self.sync_free else self._forces_checked(state)
 
     def _stop_sync_free(self, state: MDState, why: str) -> MDState:
         """Continue with the checked path (sync_free: auto, and a skin too thin for its look-ahead)."""
         self._sync_free.drain(state)
-        self.sync_free, self._sync_free = False, None
+        self._sync_free = None
         self.verlet.frames = None
         self.log(f"step {state.step}: {why}; continuing without sync-free stepping")
         return self._forces_checked(state)

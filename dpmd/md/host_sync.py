@@ -61,10 +61,6 @@ def expected(kind: str):
             c.reading -= 1
 
 
-def _active_reading() -> bool:
-    return any(c.reading for c in _active)
-
-
 class _Counter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -77,7 +73,7 @@ class _Counter(TorchDispatchMode):
         return len(self.sites)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in DATA_DEPENDENT and not self.reading and not _active_reading():
+        if func in DATA_DEPENDENT and not self.reading:
             self.sites.append(f"{func.__name__} at {_site()}")
         return func(*args, **(kwargs or {}))
 
@@ -92,7 +88,7 @@ def count_host_syncs():
         original = originals[name]
 
         def read(self, *args, **kwargs):
-            if counter.reading or _active_reading():
+            if counter.reading:
                 return original(self, *args, **kwargs)
             counter.sites.append(f"Tensor.{name} at {_site()}")
             counter.reading += 1

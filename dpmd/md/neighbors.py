@@ -34,12 +34,17 @@ class VerletList:
         self.frames: list | None = None  # per frame: (center, neighbor, shift)
         self.ref_positions = self.ref_box = self.ref_inv = None
         self.builds = 0
+        self.capacity = 0   # slots per atom of the padded tables (pad)
 
     def needs_rebuild(self, positions: torch.Tensor, box: torch.Tensor | None) -> torch.Tensor:
         """(F,) bool on the positions' device (no host synchronisation)."""
         if self.frames is None or len(self.frames) != positions.shape[0]:
             return torch.ones(positions.shape[0], dtype=torch.bool, device=positions.device)
-        d, eps = self.drift(positions, box)
+        return self.outgrown(*self.drift(positions, box))
+
+    def outgrown(self, d: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """(F,) may a pair beyond rcut + skin at the build have come within rcut, after displacements up to d
+        and a cell strain eps (see the module doc)?"""
         return 2.0 * d + (self.rcut + self.skin) * eps > self.skin
 
     def drift(self, positions: torch.Tensor, box: torch.Tensor | None):
@@ -109,7 +114,7 @@ class VerletList:
         natoms = atype.numel()
         count = torch.bincount(self.center, minlength=natoms)
         k = int(count.max()) if natoms else 0
-        if k > getattr(self, "capacity", 0):
+        if k > self.capacity:
             self.capacity = max(8, -(-int(1.2 * k) // 8) * 8)
         K = self.capacity
         first = torch.cumsum(count, 0) - count

@@ -80,17 +80,16 @@ class SyncFreeForces:
         state.energy = out["energy"]
         state.virial = out["virial"]
         d, eps = verlet.drift(state.positions, state.box)
-        reach = verlet.rcut + verlet.skin
         speed = state.velocities.norm(dim=-1).amax(dim=1)
         accel = (state.forces.norm(dim=-1) * FTM2V / state.masses).amax(dim=1)
-        stale = 2.0 * d + reach * eps > verlet.skin   # the list used now may miss a neighbour
-        ahead = 2.0 * (d + self.reach(self.flags.lag, speed, accel)) + reach * (
-            eps + 2 * self.flags.lag * (eps - self.eps).abs())
+        stale = verlet.outgrown(d, eps)   # the list used now may miss a neighbour
+        ahead = verlet.outgrown(d + self.reach(self.flags.lag, speed, accel),
+                                eps + 2 * self.flags.lag * (eps - self.eps).abs())
         self.eps = eps
         alarms = torch.stack([~torch.isfinite(state.positions).all(), dmin2 < sim.min_distance ** 2,
                               ~torch.isfinite(state.energy).all(), overflow.any(), stale.any(),
                               torch.stack(model_flags).any() if model_flags else overflow.new_zeros(())])
-        values = torch.cat([(ahead > verlet.skin).to(sim.dtype), alarms.to(sim.dtype), speed, accel])
+        values = torch.cat([ahead.to(sim.dtype), alarms.to(sim.dtype), speed, accel])
         self.flags.push(state.step, [values, state.positions, sim._box(state)], list(self.generation))
         return state
 

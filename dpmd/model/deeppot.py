@@ -146,7 +146,7 @@ class DeepPot(nn.Module):
         """Atomic energies (n_centers,) of an edge list (dpmd.model.forces), or, with type_counts, of edges in
         DeePMD's padded layout with the centres grouped by type (DescriptorSeA.forward_padded)."""
         if type_counts is not None:
-            desc = self.descriptor.forward_padded(edge_vec, center_type, type_counts)
+            desc = self.descriptor.forward_padded(edge_vec, center, center_type, neighbor_type, type_counts)
             return self.fitting(desc.to(self.fitting.energy_bias.dtype), center_type, type_counts)
         center, center_type, position = group_by_type(center, center_type)
         desc = self.descriptor(edge_vec, center, center_type, neighbor_type)

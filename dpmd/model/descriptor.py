@@ -200,26 +200,23 @@ class DescriptorSeA(nn.Module):
             return contraction.contract_linearized(r, g, gp, c, ncent)
         return self._block(r, linearize_at(g, gp, r[:, 0]), c, ncent, per_center)
 
-    def forward_padded(self, edge_vec, center_type, type_counts):
+    def forward_padded(self, edge_vec, center, center_type, neighbor_type, type_counts):
         """forward() for edges in DeePMD's own padded layout, which the MD engine uses on a GPU: every centre
-        has nnei = sum(sel) edges, centre-major, in blocks of sel[t] slots for neighbour type t; an empty slot
-        holds a vector beyond rcut (a zero environment row: DeePMD's padding).  The centres are grouped by type
-        with these counts.  Every shape is then known on the host, so nothing is read back from the device;
+        has nnei = sum(sel) edges, centre-major, in blocks of sel[t] slots for neighbour type t (center and
+        neighbor_type say so edge by edge, for the kernels and messages); an empty slot holds a vector beyond
+        rcut (a zero environment row: DeePMD's padding).  The centres are grouped by type with these counts.  Every shape is then known on the host, so nothing is read back from the device;
         an edge outside a compressed model's tables is recorded with dpmd.model.deferred when a caller
         collects such flags (else it is an error at once)."""
         dtype, device = self.mean.dtype, edge_vec.device
         ncent, nnei, nt = center_type.shape[0], self.nnei, self.ntypes
-        center = torch.arange(ncent, device=device).repeat_interleave(nnei)   # (for the kernels and messages)
         if self.compressed and device.type == "cpu" and ops.active(edge_vec):
-            neighbor_type = self.slot_types(device).repeat(ncent)
             return self._fused_tabulated(edge_vec.to(dtype), center, center_type, neighbor_type, padded=True)
         rows = self.env_rows(edge_vec.to(dtype)).view(ncent, nnei, 4)
         rows = (rows - self.mean.index_select(0, center_type).unsqueeze(1)) / self.std.index_select(0, center_type).unsqueeze(1)
         if self.compressed:
             x = rows[:, :, 0].reshape(-1)
-            bad = (x > self.table_end) | (x < self.table_lower - self._table_slack()) | torch.isnan(x)
-            if not deferred.record(bad.any()):
-                self._check_table(x, edge_vec, center, center_type, self.slot_types(device).repeat(ncent))
+            if not deferred.record(self.outside_table(x).any()):
+                self._check_table(x, edge_vec, center, center_type, neighbor_type)
         slot0 = [sum(self.sel[:t]) for t in range(nt)]
         type0 = [sum(type_counts[:t]) for t in range(nt)]
         T = rows.new_zeros([ncent, 4, self.width])
@@ -364,9 +361,13 @@ class DescriptorSeA(nn.Module):
         # s >= 0 exactly, but float32 rounds the switch near rcut to about -1e-6: allow 1 % of a step below
         return 1e-4 * max(1.0, abs(self.table_lower))
 
+    def outside_table(self, x: torch.Tensor) -> torch.Tensor:
+        """Which normalised s values lie outside the tables (bool, x's shape)."""
+        return (x > self.table_end) | (x < self.table_lower - self._table_slack()) | torch.isnan(x)
+
     def table_violation(self, x: torch.Tensor) -> int:
         """Index of the first normalised s value outside the tables, -1 if none."""
-        bad = (x > self.table_end) | (x < self.table_lower - self._table_slack()) | torch.isnan(x)
+        bad = self.outside_table(x)
         if not bool(bad.any()):
             return -1
         return int(bad.nonzero()[0, 0])
