@@ -11,6 +11,8 @@ peak RSS (ru_maxrss) is its own; the worker prints one JSON line that the parent
 --path reference|ops|both: the pure-PyTorch reference (DPMD_OPS=0 DPMD_LINEARIZE=0) and/or the kernel library (dpmd.ops,
 `dpmd build-ops` first; its neighbour search included).  --kernels adds a per-kernel table at 192 atoms:
 each op (forward + backward where it has one) against the reference code it replaces.
+--ab: the compressed vs uncompressed ratio from one worker per configuration that alternates the two models
+on the same neighbour list, so that both see the same machine load (the median of the per-round ratios).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def worker(args) -> dict:
     from dpmd import ops
     from dpmd.runtime import keep_freed_memory
 
-    if args.path in ("ops", "compressed") and not ops.available():
+    if args.path in ("ops", "compressed", "ab") and not ops.available():
         raise SystemExit("kernel library not built: run `dpmd build-ops`")
 
     keep_freed_memory()
@@ -70,11 +72,13 @@ def worker(args) -> dict:
     n = args.sizes[0]
     coord, atype, box = water(n, Path(args.data))
     model = load_model(args.model)
-    if args.path == "compressed":  # DeePMD-kit's `dp compress`, tables over the water data's range
+    if args.path in ("compressed", "ab"):  # DeePMD-kit's `dp compress`, tables over the water data's range
         from dpmd.model.compress import compress_model
-        model = compress_model(model, args.min_nbor_dist)
+        compressed = compress_model(model, args.min_nbor_dist)
+        model = compressed if args.path == "compressed" else model
     if args.precision == "float32":
         model = model.to(torch.float32)
+        compressed = compressed.to(torch.float32) if args.path == "ab" else None
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     warmups = WARMUPS.get(n, 1) if args.warmups is None else args.warmups
     repeats = REPEATS.get(n, 2) if args.repeats is None else args.repeats
@@ -88,6 +92,8 @@ def worker(args) -> dict:
         edges = ops.neighbor_list(c, torch.as_tensor(box, dtype=torch.float64), model.rcut)
         return build_graph(c, atype, box, neighbors=[NeighborList(*edges)])
 
+    if args.path == "ab":
+        return alternate(model, compressed, neighbors, len(atype), warmups, repeats, args)
     for i in range(warmups + repeats):
         graph = out = None  # free the previous repeat's tensors before building new ones
         graph, t_nl = timed(neighbors)
@@ -107,6 +113,35 @@ def worker(args) -> dict:
         res["kernels"] = kernel_table(model, graph, repeats=max(repeats, 5))
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return res
+
+
+def alternate(model, compressed, neighbors, natoms: int, warmups: int, repeats: int, args) -> dict:
+    """Rounds of one neighbour list, then a block of evaluations of each model in turn (the first of each block
+    untimed: it warms the caches for its model, as in MD where one model runs step after step); the ratio
+    of each round, so that a slow spell of the machine slows both sides of a ratio."""
+    from dpmd.model.forces import evaluate
+
+    def block(m, graph):
+        evaluate(m, graph, chunk_atoms=args.chunk_atoms)
+        return statistics.median(timed(lambda: evaluate(m, graph, chunk_atoms=args.chunk_atoms))[1] for _ in range(3))
+
+    rows = []
+    for i in range(warmups + max(repeats // 3, 3)):
+        graph, t_nl = timed(neighbors)
+        t_ops, t_c = block(model, graph), block(compressed, graph)
+        if i >= warmups:
+            rows.append((t_nl, t_ops, t_c))
+    med = statistics.median
+    us = 1e6 / natoms
+    return {"atoms": natoms, "threads": args.threads[0], "path": "ab" + ("/f32" if args.precision == "float32" else ""),
+            "repeats": len(rows), "nl_us": med(r[0] for r in rows) * us, "ops_eval_us": med(r[1] for r in rows) * us,
+            "compressed_eval_us": med(r[2] for r in rows) * us,
+            "ops_total_us": med(r[0] + r[1] for r in rows) * us, "compressed_total_us": med(r[0] + r[2] for r in rows) * us,
+            "ratio_eval": med(r[1] / r[2] for r in rows), "ratio_total": med((r[0] + r[1]) / (r[0] + r[2]) for r in rows),
+            "ratio_total_range": [min((r[0] + r[1]) / (r[0] + r[2]) for r in rows),
+                                  max((r[0] + r[1]) / (r[0] + r[2]) for r in rows)],
+            "base_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def kernel_table(model, graph, repeats: int) -> list:
@@ -204,6 +239,8 @@ def run_config(args, n: int, threads: int, path: str, precision: str) -> dict:
 def report(results: list[dict], deepmd_installed: bool) -> None:
     print(f"\n{'atoms':>7} {'thr':>3} {'path':>9} {'nl µs/at':>9} {'eval µs/at':>10} {'total µs/at':>11} "
           f"{'peak RSS MiB':>12} {'(base MiB)':>10}" + ("  deepmd µs/at" if deepmd_installed else ""))
+    ab = [r for r in results if r["path"].startswith("ab") and "error" not in r]
+    results = [r for r in results if r not in ab]
     for r in results:
         if "error" in r:
             print(f"{r['atoms']:>7} {r['threads']:>3} {r['path']:>9}  {r['error']}")
@@ -217,7 +254,15 @@ def report(results: list[dict], deepmd_installed: bool) -> None:
             print(f"\nper kernel, {r['atoms']} atoms, {r['threads']} thread(s): ms (kernel vs reference)")
             for name, k_ms, r_ms in r["kernels"]:
                 print(f"  {name:<36} {k_ms:8.3f} {r_ms:8.3f}   {r_ms / k_ms:5.1f}x")
+    for r in ab:
+        lo, hi = r["ratio_total_range"]
+        print(f"\nalternating in one worker, {r['atoms']:,} atoms, {r['threads']} thread(s), {r['repeats']} rounds of 3 "
+              f"({r['path']}): total µs/atom {r['ops_total_us']:.1f} uncompressed, {r['compressed_total_us']:.1f} "
+              f"compressed (nl {r['nl_us']:.1f}); compressed faster by {r['ratio_total']:.2f}x total "
+              f"(rounds {lo:.2f}-{hi:.2f}), {r['ratio_eval']:.2f}x eval")
     paths = sorted({r["path"] for r in results if "error" not in r})
+    if not paths:
+        return
     if len(paths) > 1:
         by_path = {(r["atoms"], r["threads"], r["path"]): r for r in results if "error" not in r}
         for (a, t, p), r in sorted(by_path.items()):
@@ -262,9 +307,11 @@ def main() -> None:
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--precision", nargs="+", choices=["float64", "float32"], default=["float64"])
     p.add_argument("--min-nbor-dist", type=float, default=0.885, help="compression range (Å; shared water: 0.885)")
-    p.add_argument("--path", nargs="+", choices=["reference", "ops", "compressed", "both"], default=["both"],
+    p.add_argument("--path", nargs="+", choices=["reference", "ops", "compressed", "both", "ab"], default=["both"],
                    help="PyTorch reference (DPMD_OPS=0), the kernel library, the compressed model (kernel "
                         "library), or both = reference ops (default)")
+    p.add_argument("--ab", action="store_true", help="also the compressed vs uncompressed ratio, alternating both "
+                   "models in one worker (the same machine load on both sides)")
     p.add_argument("--kernels", action="store_true", help="per-kernel table (ops path): kernel vs reference op")
     p.add_argument("--json", help="save results to this file")
     p.add_argument("--no-deepmd", dest="deepmd", action="store_false", help="don't time DeePMD-kit even if installed")
@@ -278,8 +325,8 @@ def main() -> None:
         args.precision = args.precision[0]
         print(json.dumps(worker(args)))
         return
-    paths = [q for p in args.path for q in (["reference", "ops"] if p == "both" else [p])]
-    if {"ops", "compressed"} & set(paths):  # build once here, not in each worker
+    paths = [q for p in args.path for q in (["reference", "ops"] if p == "both" else [p])] + (["ab"] if args.ab else [])
+    if {"ops", "compressed", "ab"} & set(paths):  # build once here, not in each worker
         from dpmd import ops
         ops.build()
     for n in args.sizes:
@@ -287,8 +334,8 @@ def main() -> None:
             for path, precision in [(q, prec) for q in paths for prec in args.precision]:
                 results.append(run_config(args, n, t, path, precision))
                 r = results[-1]
-                print(f"done: {r['atoms']} atoms, {t} thread(s), {r['path']}: "
-                      + (r.get("error") or f"{r['total_us']:.1f} µs/atom"), flush=True)
+                done = r.get("error") or (f"{r['ratio_total']:.2f}x" if path == "ab" else f"{r['total_us']:.1f} µs/atom")
+                print(f"done: {r['atoms']} atoms, {t} thread(s), {r['path']}: {done}", flush=True)
     report(results, installed)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
