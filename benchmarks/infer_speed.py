@@ -72,13 +72,15 @@ def worker(args) -> dict:
     n = args.sizes[0]
     coord, atype, box = water(n, Path(args.data))
     model = load_model(args.model)
+    compressed = None
     if args.path in ("compressed", "ab"):  # DeePMD-kit's `dp compress`, tables over the water data's range
         from dpmd.model.compress import compress_model
         compressed = compress_model(model, args.min_nbor_dist)
-        model = compressed if args.path == "compressed" else model
+    if args.path == "compressed":
+        model, compressed = compressed, None
     if args.precision == "float32":
         model = model.to(torch.float32)
-        compressed = compressed.to(torch.float32) if args.path == "ab" else None
+        compressed = None if compressed is None else compressed.to(torch.float32)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     warmups = WARMUPS.get(n, 1) if args.warmups is None else args.warmups
     repeats = REPEATS.get(n, 2) if args.repeats is None else args.repeats
@@ -93,7 +95,7 @@ def worker(args) -> dict:
         return build_graph(c, atype, box, neighbors=[NeighborList(*edges)])
 
     if args.path == "ab":
-        return alternate(model, compressed, neighbors, len(atype), warmups, repeats, args)
+        return alternate(model, compressed, neighbors, len(atype), warmups, repeats, args, base_rss)
     for i in range(warmups + repeats):
         graph = out = None  # free the previous repeat's tensors before building new ones
         graph, t_nl = timed(neighbors)
@@ -115,7 +117,7 @@ def worker(args) -> dict:
     return res
 
 
-def alternate(model, compressed, neighbors, natoms: int, warmups: int, repeats: int, args) -> dict:
+def alternate(model, compressed, neighbors, natoms: int, warmups: int, repeats: int, args, base_rss: float) -> dict:
     """Rounds of one neighbour list, then a block of evaluations of each model in turn (the first of each block
     untimed: it warms the caches for its model, as in MD where one model runs step after step); the ratio
     of each round, so that a slow spell of the machine slows both sides of a ratio."""
@@ -133,14 +135,13 @@ def alternate(model, compressed, neighbors, natoms: int, warmups: int, repeats: 
             rows.append((t_nl, t_ops, t_c))
     med = statistics.median
     us = 1e6 / natoms
+    ratios = [(t_nl + t_ops) / (t_nl + t_c) for t_nl, t_ops, t_c in rows]
     return {"atoms": natoms, "threads": args.threads[0], "path": "ab" + ("/f32" if args.precision == "float32" else ""),
             "repeats": len(rows), "nl_us": med(r[0] for r in rows) * us, "ops_eval_us": med(r[1] for r in rows) * us,
             "compressed_eval_us": med(r[2] for r in rows) * us,
             "ops_total_us": med(r[0] + r[1] for r in rows) * us, "compressed_total_us": med(r[0] + r[2] for r in rows) * us,
-            "ratio_eval": med(r[1] / r[2] for r in rows), "ratio_total": med((r[0] + r[1]) / (r[0] + r[2]) for r in rows),
-            "ratio_total_range": [min((r[0] + r[1]) / (r[0] + r[2]) for r in rows),
-                                  max((r[0] + r[1]) / (r[0] + r[2]) for r in rows)],
-            "base_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "ratio_eval": med(r[1] / r[2] for r in rows), "ratio_total": med(ratios),
+            "ratio_total_range": [min(ratios), max(ratios)], "base_rss_mib": base_rss,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 

@@ -158,6 +158,10 @@ class DescriptorSeA(nn.Module):
                     T = T + (self._block(r, net(r[:, :1]), c, ncent) if linearized is None else linearized)
             start += n
         T = T + self._padding(center, center_type, neighbor_type)
+        return self._descriptor_from_T(T, ncent)
+
+    def _descriptor_from_T(self, T: torch.Tensor, ncent: int) -> torch.Tensor:
+        """D = T^T T[:, :axis_neuron] of the summed T (n_centers, 4, M), flattened (n_centers, M * axis_neuron)."""
         T = T / self.nnei
         D = torch.bmm(T.transpose(1, 2), T[:, :, : self.axis_neuron])
         return D.reshape(ncent, -1)
@@ -204,9 +208,10 @@ class DescriptorSeA(nn.Module):
         """forward() for edges in DeePMD's own padded layout, which the MD engine uses on a GPU: every centre
         has nnei = sum(sel) edges, centre-major, in blocks of sel[t] slots for neighbour type t (center and
         neighbor_type say so edge by edge, for the kernels and messages); an empty slot holds a vector beyond
-        rcut (a zero environment row: DeePMD's padding).  The centres are grouped by type with these counts.  Every shape is then known on the host, so nothing is read back from the device;
-        an edge outside a compressed model's tables is recorded with dpmd.model.deferred when a caller
-        collects such flags (else it is an error at once)."""
+        rcut (a zero environment row: DeePMD's padding).  The centres are grouped by type with these counts.
+        Every shape is then known on the host, so nothing is read back from the device; an edge outside a
+        compressed model's tables is recorded with dpmd.model.deferred when a caller collects such flags (else
+        it is an error at once)."""
         dtype, device = self.mean.dtype, edge_vec.device
         ncent, nnei, nt = center_type.shape[0], self.nnei, self.ntypes
         if self.compressed and device.type == "cpu" and ops.active(edge_vec):
@@ -235,9 +240,7 @@ class DescriptorSeA(nn.Module):
                 if block is None:
                     block = self._block(r, net(r[:, :1]), c, nc, k)
             T = T + (block if nc == ncent else nn.functional.pad(block, (0, 0, 0, 0, c0, ncent - c0 - nc)))
-        T = T / self.nnei
-        D = torch.bmm(T.transpose(1, 2), T[:, :, : self.axis_neuron])
-        return D.reshape(ncent, -1)
+        return self._descriptor_from_T(T, ncent)
 
     @torch.jit.unused
     def slot_types(self, device) -> torch.Tensor:
