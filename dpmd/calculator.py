@@ -38,6 +38,23 @@ class DP(Calculator):
             raise DpmdError(f"atom {i} is {symbols[i]}, which is not in the model's type_map "
                             f"{self.model.type_map}") from None
 
+    def _check_geometry(self, positions: np.ndarray, cell: np.ndarray | None) -> None:
+        """Non-finite coordinates or atoms on top of each other would give NaN or garbage: name the atoms."""
+        from dpmd.data.system import MIN_PAIR_DISTANCE, find_close_pair
+
+        bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
+        if bad.size:
+            raise DpmdError(f"atom {bad[0]} has a non-finite position {positions[bad[0]].tolist()}")
+        if cell is not None and not np.isfinite(cell).all():
+            raise DpmdError(f"the cell holds non-finite values {cell.tolist()}")
+        if cell is not None and abs(np.linalg.det(cell)) < 1e-8:
+            raise DpmdError(f"the cell {cell.tolist()} has volume 0; use pbc=False for a non-periodic system")
+        pair = find_close_pair(positions[None], None if cell is None else cell[None])
+        if pair is not None:
+            _, i, j, dist, image = pair
+            raise DpmdError(f"atoms {i} and {j} are {dist:.3g} Å apart{' (periodic image)' if image else ''}, "
+                            f"closer than {MIN_PAIR_DISTANCE} Å (overlapping atoms)")
+
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
@@ -45,16 +62,24 @@ class DP(Calculator):
         if pbc.any() and not pbc.all():
             raise DpmdError(f"pbc={pbc.tolist()}: mixed periodicity is not supported; use all True or all False")
         periodic = bool(pbc.all())
-        box = torch.tensor(np.asarray(atoms.cell), dtype=torch.float64, device=self.device) if periodic else None
-        coord = torch.tensor(atoms.positions, dtype=torch.float64, device=self.device)
-        out = self.model(coord, self._types(atoms), box)
-        energy = float(out["energy"])
-        self.results["energy"] = energy
-        self.results["free_energy"] = energy
-        self.results["energies"] = out["atom_energy"].detach().cpu().numpy()
-        self.results["forces"] = out["force"].detach().cpu().numpy()
-        if periodic:
+        types = self._types(atoms)
+        cell = np.asarray(atoms.cell, dtype=np.float64) if periodic else None
+        energy, energies, forces, virial = 0.0, np.zeros(0), np.zeros((0, 3)), np.zeros((3, 3))
+        if len(atoms):  # (no atoms: an empty sum, zero everything)
+            self._check_geometry(np.asarray(atoms.positions, dtype=np.float64), cell)
+            box = None if cell is None else torch.tensor(cell, device=self.device)
+            coord = torch.tensor(atoms.positions, dtype=torch.float64, device=self.device)
+            out = self.model(coord, types, box)
+            energy = float(out["energy"])
+            energies = out["atom_energy"].detach().cpu().numpy()
+            forces = out["force"].detach().cpu().numpy()
             virial = out["virial"].detach().cpu().numpy().reshape(3, 3)
-            self.results["stress"] = full_3x3_to_voigt_6_stress(-virial / atoms.get_volume())
+            bad = np.flatnonzero(~(np.isfinite(energies) & np.isfinite(forces).all(axis=1)))
+            if bad.size or not np.isfinite(energy):
+                where = f"atom {bad[0]} ({atoms[bad[0]].symbol})" if bad.size else "the total energy"
+                raise DpmdError(f"the model gives a non-finite energy or force at {where}")
+        self.results.update(energy=energy, free_energy=energy, energies=energies, forces=forces)
+        if periodic:  # ASE's sign: -virial / volume; no atoms, no stress
+            self.results["stress"] = full_3x3_to_voigt_6_stress(-virial / atoms.get_volume() if len(atoms) else virial)
         elif "stress" in properties:
             raise PropertyNotImplementedError("stress is undefined for a non-periodic system")

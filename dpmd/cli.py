@@ -44,10 +44,12 @@ def _train(args) -> None:
     if args.restart and (args.init_model or args.finetune):
         raise DpmdError("--restart continues a run; it cannot be combined with --init-model or --finetune")
     trainer = Trainer(config, restart=args.restart, init_model=args.init_model, finetune=args.finetune,
-                      out_dir=args.output)
+                      out_dir=args.output, overwrite=args.overwrite)
     result = trainer.run()
     if trainer.rank == 0:
-        print(f"trained to step {config['training']['numb_steps']}: {result['seconds_per_step']:.3f} s/step, "
+        if trainer.moved_to:
+            print(f"moved the previous run to {trainer.moved_to}")
+        print(f"trained to step {result['step']}: {result['seconds_per_step']:.3f} s/step, "
               f"start-up {result['startup_seconds']:.1f} s")
 
 
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-model", help="start a new run from the weights of a checkpoint or model file")
     p.add_argument("--finetune", help="like --init-model, re-fitting the energy bias on the new data")
     p.add_argument("-o", "--output", default=".", help="directory for lcurve.out and checkpoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="a new run in a folder holding another run moves that run into old-run-<time>/ there")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.set_defaults(func=_train)
 
@@ -212,6 +216,11 @@ def _launcher_rank() -> int:
     return int(next((os.environ[k] for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK") if k in os.environ), 0))
 
 
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 def main(argv=None) -> int:
     from dpmd.runtime import keep_freed_memory
 
@@ -219,12 +228,19 @@ def main(argv=None) -> int:
     keep_freed_memory()
     try:
         args.func(args)
-    except (DpmdError, ValueError, OSError) as err:
-        if os.environ.get("DPMD_DEBUG"):
+    except BaseException as err:
+        if os.environ.get("DPMD_DEBUG") or isinstance(err, SystemExit):
             raise
+        if isinstance(err, KeyboardInterrupt):
+            message, rc = "interrupted", 130
+        elif isinstance(err, (DpmdError, ValueError, OSError)):
+            message, rc = f"error: {_one_line(err)}", 1
+        else:  # a bug: still one line, the traceback on request
+            message = f"internal error: {type(err).__name__}: {_one_line(err)} (set DPMD_DEBUG=1 for the traceback)"
+            rc = 1
         if _launcher_rank() == 0:   # under mpiexec every rank fails alike: one line
-            print(f"dpmd {args.command}: error: {err}", file=sys.stderr)
-        return 1
+            print(f"dpmd {args.command}: {message}", file=sys.stderr)
+        return rc
     return 0
 
 

@@ -84,7 +84,7 @@ def run_demo(data: str | None = None, steps: int = 20, seed: int = 1, train_step
           f"sel auto would be {auto_sel(max_counts)} (config: {config['model']['descriptor']['sel']})")
 
     print(f"[2/5] dpmd train {CONFIG.relative_to(REPO)} for {train_steps} steps -> {out}/lcurve.out")
-    result = Trainer(config, out_dir=out).run()
+    result = Trainer(config, out_dir=out, overwrite=True).run()   # the demo's own folder: an earlier run moves aside
     print(f"      {result['seconds_per_step']:.3f} s/step, start-up {result['startup_seconds']:.1f} s")
 
     model_path = out / "model.pth"

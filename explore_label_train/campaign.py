@@ -14,29 +14,107 @@ An iteration runs these stages in order; each is skipped when the database says 
 Directory layout (work_dir): campaign.db, data/<system>/ (deepmd/npy, rebuilt from the label files),
 iter.NNN/train/mK/ (checkpoints, lcurve.out, model.pth), iter.NNN/explore/<task>.npz,
 labels/<task>.npz (one labelled frame each, named by its task id).
+
+The campaign trusts only what its database recorded.  Work is skipped only when the database says it
+is done, never because a file exists; each done task records the sha256 of the files it produced, and
+every later use checks the file against it (a mismatch is a one-line error: the frames, selections and
+labels recorded after it were derived from the recorded file, so redoing that one task would not make
+the campaign consistent again).  A work_dir holding campaign files without a database to vouch for them
+is refused; `move_aside` (`elt run --move-aside`) moves them into old-<time>/.  `run` takes the
+campaign's lock before it writes anything, so a refused run leaves the database untouched.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import io
 import json
 import os
+import re
+import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from dpmd.errors import DpmdError
 from explore_label_train.config import settings_hash, training_input
-from explore_label_train.dispatch import make_pool
-from explore_label_train.state import State
+from explore_label_train.dispatch import make_pool, process_start, stop_worker
+from explore_label_train.labelers import check_label
+from explore_label_train.state import NoCampaignError, State
 
 STAGES = ["init", "train", "explore", "select", "label", "check"]
 
 
 class CampaignError(DpmdError):
     pass
+
+
+START_OVER = "restore it, or start over with `elt run --move-aside`"
+CAMPAIGN_FILES = re.compile(r"campaign\.db(-wal|-shm|-journal)?|iter\.\d+|labels|data|dispatch|report")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def campaign_entries(root: Path) -> list[Path]:
+    """What a campaign writes into its work_dir (the database first); anything else there is not ours."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if CAMPAIGN_FILES.fullmatch(p.name)]
+    return sorted(found, key=lambda p: (not p.name.startswith("campaign.db"), p.name))
+
+
+@contextmanager
+def work_dir_lock(root: Path):
+    """One `elt run` (or move-aside) per work_dir at a time; the holder's pid is written into the lock file."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            raise CampaignError(f"{root}: another `elt run` (pid {holder}) is working on this campaign") from None
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def move_aside(root: Path, inputs=()):
+    """Move root's campaign files into root/old-<time>/ (nothing is deleted); returns that folder, or None
+    when there was nothing to move.  The database goes first: a move cut short leaves no database that
+    could vouch for the files still in place.  `inputs` (the campaign's own input paths) must not move."""
+    root = Path(root)
+    entries = campaign_entries(root)
+    for entry in entries:
+        inside = [p for p in map(Path, inputs) if p == entry or entry in p.parents]
+        if inside:
+            raise CampaignError(f"{entry}: holds the campaign's input {inside[0]}, so it is not moved aside; give "
+                                f"the campaign a work_dir of its own")
+    if not entries:
+        return None
+    with work_dir_lock(root):
+        dest = base = root / time.strftime("old-%Y%m%d-%H%M%S")
+        n = 1
+        while dest.exists():
+            dest, n = base.with_name(f"{base.name}-{n}"), n + 1
+        dest.mkdir()
+        for entry in campaign_entries(root):
+            os.replace(entry, dest / entry.name)
+    return dest
 
 
 def atomic_savez(path: Path, **arrays) -> None:
@@ -110,6 +188,19 @@ def system_key(symbols, type_map, periodic: bool) -> str:
     return "".join(f"{t}{n}" for t, n in counts.items() if n) + ("" if periodic else "_nopbc")
 
 
+def _same_frames(target: Path, system) -> bool:
+    """Whether the deepmd/npy system at target holds exactly system's frames and labels."""
+    from dpmd.data import load_system
+
+    try:
+        old = load_system(target, system.type_map)
+    except (DpmdError, OSError):
+        return False
+    fields = ("atype", "coord", "box", "energy", "force", "virial")
+    return all((getattr(old, f) is None) == (getattr(system, f) is None)
+               and (getattr(old, f) is None or np.array_equal(getattr(old, f), getattr(system, f))) for f in fields)
+
+
 def _thermal_velocities(masses: np.ndarray, temps, rng) -> np.ndarray:
     """(F, N, 3) Å/ps at each system's temperature, zero total momentum, rescaled to it exactly."""
     from dpmd.md.units import BOLTZ, MVV2E
@@ -130,24 +221,70 @@ class Campaign:
         self.root = Path(cfg["work_dir"])
         self.root.mkdir(parents=True, exist_ok=True)
         self.log = log or (lambda *a, **k: None)
-        self.state = State(self.root / "campaign.db")
+        self._state = None
         self.type_map = list(cfg["type_map"])
         self.type_index = {t: i for i, t in enumerate(self.type_map)}
         self.label_hash = settings_hash(cfg["labeller"])
         self.labeller_name = cfg["labeller"]["calculator"]
         self._structures = {}
         self._models = None
+
+    @property
+    def state(self) -> State:
+        """The database, opened (and checked) on first use; a fresh work_dir gets a new one."""
+        if self._state is None:
+            db = self.root / "campaign.db"
+            leftovers = [p.name for p in campaign_entries(self.root) if not p.name.startswith("campaign.db")]
+            if leftovers:   # files to vouch for: the database must exist already (checked without writing)
+                try:
+                    State(db).close()
+                except NoCampaignError:
+                    raise CampaignError(
+                        f"{self.root}: holds campaign files ({', '.join(leftovers)}) but no campaign database that "
+                        f"recorded them; move them aside with `elt run --move-aside` (into old-<time>/), or "
+                        f"choose another work_dir") from None
+            self._state = State(db, create=True)
+        return self._state
+
+    def _record_config(self) -> None:
         old = self.state.get_meta("config_hash")
-        new = settings_hash({k: v for k, v in cfg.items() if k not in ("source",)})
-        with self.state.tx() as db:
-            if old is None:
-                self.state.set_meta("created", time.time(), db)
-            elif old != new:
+        new = settings_hash({k: v for k, v in self.cfg.items() if k not in ("source",)})
+        if old != new:
+            if old is not None:
                 self.log("note: the campaign file changed since the last run; continuing with the new settings")
-            self.state.set_meta("config_hash", new, db)
-            self.state.set_meta("config", cfg, db)
+            with self.state.tx() as db:
+                self.state.set_meta("config_hash", new, db)
+                self.state.set_meta("config", self.cfg, db)
+
+    def _stop_stale_workers(self) -> None:
+        """Label workers an earlier, killed run left behind die before any task is handed out again."""
+        for r in self.state.q("SELECT task_id, pid, started FROM workers"):
+            if stop_worker(r["pid"], r["started"]):
+                self.log(f"stopped worker {r['pid']}, left labelling {r['task_id']} by an earlier run")
+        with self.state.tx() as db:
+            db.execute("DELETE FROM workers")
 
     # ------------------------------------------------------------------ helpers
+    def result(self, task_id: str) -> dict:
+        return json.loads(self.state.one("SELECT result FROM tasks WHERE task_id=? AND status='done'", task_id)
+                          or "null") or {}
+
+    def recorded(self, task_id: str, rel) -> Path:
+        """root/rel, after checking it is the file that task_id's done row recorded (its sha256)."""
+        path = self.root / rel
+        want = self.result(task_id).get("files", {}).get(str(rel))
+        if want is None:
+            raise CampaignError(f"{path}: {self.state.path.name} records no such file for task {task_id}; "
+                                f"{START_OVER}")
+        if not path.is_file():
+            raise CampaignError(f"{path}: missing (task {task_id} recorded it); {START_OVER}")
+        if file_sha256(path) != want:
+            raise CampaignError(f"{path}: changed since task {task_id} recorded it (sha256 differs); {START_OVER}")
+        return path
+
+    def _files(self, *paths: Path) -> dict:
+        return {str(p.relative_to(self.root)): file_sha256(p) for p in paths}
+
     def structure(self, name):
         if name not in self._structures:
             self._structures[name] = read_structure(self.cfg["structures"][name], self.type_map, name)
@@ -167,16 +304,10 @@ class Campaign:
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> str:
-        lock = open(self.root / "lock", "w")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CampaignError(f"{self.root}: another `elt run` is working on this campaign") from None
-        try:
+        with work_dir_lock(self.root):   # before any write: a refused run changes nothing
+            self._record_config()
+            self._stop_stale_workers()
             return self._run()
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            lock.close()
 
     def _run(self) -> str:
         it = self.state.one("SELECT MAX(iteration) FROM iterations")
@@ -210,7 +341,7 @@ class Campaign:
         if "positions" in payload:
             return payload["symbols"], np.asarray(payload["positions"]), (
                 None if payload["cell"] is None else np.asarray(payload["cell"]))
-        with np.load(self.root / payload["file"]) as z:
+        with np.load(self.recorded(payload["source"], payload["file"])) as z:
             i = payload["idx"]
             box = z["box"][i] if "box" in z.files else None
             syms = z["all_symbols"][payload["traj"]] if "all_symbols" in z.files else z["symbols"]
@@ -232,8 +363,16 @@ class Campaign:
                                                  "calculator": lab["calculator"], "kwargs": lab["kwargs"]}))
         counts = {"done": 0, "failed": 0}
 
+        def on_start(task_id, pid):   # so that a resume can stop this worker if it outlives us
+            with self.state.tx() as db:
+                db.execute("INSERT OR REPLACE INTO workers (task_id, pid, started) VALUES (?, ?, ?)",
+                           (task_id, pid, process_start(pid)))
+
         def on_done(task_id, ok, value, seconds):
             payload, symbols, pos, cell = meta[task_id]
+            why = ok and check_label(value, symbols, self.cfg["filters"], self._energy_reference(symbols, cell))
+            if why:
+                ok, value = False, f"label rejected: {why}"
             if not ok:
                 self.state.task_failed(task_id, value, seconds)
                 counts["failed"] += 1
@@ -243,8 +382,14 @@ class Campaign:
             counts["done"] += 1
 
         self.log(f"[iteration {it}] labelling {len(work)} frames with {lab['calculator']}")
-        make_pool(self.cfg["dispatcher"], self.root).run(work, on_done)
+        make_pool(self.cfg["dispatcher"], self.root).run(work, on_done, on_start)
         self.log(f"[iteration {it}] labels: {counts['done']} done, {counts['failed']} failed")
+
+    def _energy_reference(self, symbols, cell):
+        """The median energy per atom of the labels of this composition (None: no label yet)."""
+        key = system_key(symbols, self.type_map, cell is not None)
+        rows = self.state.q("SELECT energy / natoms FROM labels WHERE system=?", key)
+        return float(np.median([r[0] for r in rows])) if rows else None
 
     def _commit_label(self, it, task_id, payload, symbols, pos, cell, value, seconds) -> None:
         order = np.argsort([self.type_index[s] for s in symbols], kind="stable")
@@ -264,28 +409,23 @@ class Campaign:
                        (task_id, it, payload.get("frame_id"), payload["source"], payload.get("traj"),
                         payload.get("step"), self.labeller_name, self.label_hash, key, len(symbols),
                         float(value["energy"]), str(rel), time.time()))
-            self.state.task_done(db, task_id, {"energy": float(value["energy"])}, seconds)
+            self.state.task_done(db, task_id, {"energy": float(value["energy"]),
+                                               "files": self._files(self.root / rel)}, seconds)
 
     def collect(self) -> list[str]:
-        """Rebuild data/<system> from the committed labels (idempotent; a system is rewritten atomically
-        only when its label count changed).  Returns the system directories."""
-        from dpmd.data import System, load_system, write_system
+        """Rebuild data/<system> from the committed (and checked) label files; a system is rewritten,
+        atomically, unless what is on disk already holds exactly these frames.  Returns the system directories."""
+        from dpmd.data import System, write_system
 
-        rows = self.state.q("SELECT system, file FROM labels ORDER BY label_id")
-        groups: dict[str, list[str]] = {}
+        rows = self.state.q("SELECT task_id, system, file FROM labels ORDER BY label_id")
+        groups: dict[str, list] = {}
         for r in rows:
-            groups.setdefault(r["system"], []).append(r["file"])
+            groups.setdefault(r["system"], []).append((r["task_id"], r["file"]))
         dirs = []
         for key, files in sorted(groups.items()):
             target = self.root / "data" / key
             dirs.append(str(target))
-            if target.is_dir():
-                try:
-                    if load_system(target, self.type_map).nframes == len(files):
-                        continue
-                except DpmdError:
-                    pass
-            parts = [dict(np.load(self.root / f)) for f in files]
+            parts = [dict(np.load(self.recorded(task_id, f))) for task_id, f in files]
             atype = np.array([self.type_index[s] for s in parts[0]["symbols"]])
             has_virial = all("virial" in p for p in parts)
             periodic = "box" in parts[0]
@@ -295,7 +435,8 @@ class Campaign:
                             energy=np.array([float(p["energy"]) for p in parts]),
                             force=np.stack([p["force"] for p in parts]),
                             virial=np.stack([p["virial"] for p in parts]) if has_virial else None)
-            write_system(system, target, overwrite=True)
+            if not _same_frames(target, system):
+                write_system(system, target, overwrite=True)
         return dirs
 
     # ------------------------------------------------------------------ stages
@@ -321,6 +462,14 @@ class Campaign:
         self.collect()
         return False
 
+    def _previous_checkpoint(self, it: int, k: int):
+        """(path, sha256) of the final checkpoint the previous iteration's member k recorded, or None."""
+        if it == 0 or not self.cfg["train"]["init_from_previous"]:
+            return None
+        task_id = f"i{it - 1:03d}-train-m{k}"
+        result = self.result(task_id)
+        return self.recorded(task_id, result["checkpoint"]), result["files"][result["checkpoint"]]
+
     def _train_systems(self) -> list[str]:
         systems = list(self.cfg["initial"]["data"]) + self.collect()
         if not systems:
@@ -340,22 +489,27 @@ class Campaign:
             if self.state.task_status(task_id) == "done":
                 continue
             out = self.model_path(it, k).parent
-            init = None
-            if it > 0 and tr["init_from_previous"]:   # the previous member's final checkpoint
-                try:
-                    init = str(latest_checkpoint(self.model_path(it - 1, k).parent))
-                except DpmdError:
-                    init = None
+            previous = self._previous_checkpoint(it, k)
+            init = None if previous is None else str(previous[0])
             steps = tr["reuse_numb_steps"] if init else tr["numb_steps"]
             config = training_input(self.cfg, systems, steps, k, it)
+            # the attempt's settings are recorded before it starts: checkpoints in `out` are continued only
+            # when they come from an attempt with the same settings, else they are cleared away
+            attempt = {"settings": settings_hash({"input": config, "init": previous and previous[1]})}
+            same = json.loads(self.state.one("SELECT payload FROM tasks WHERE task_id=?", task_id) or "null") == attempt
             restart = None
-            if (out / "checkpoint").is_file() or list(out.glob("*.ckpt-*.pt")):
+            if same and ((out / "checkpoint").is_file() or list(out.glob("*.ckpt-*.pt"))):
                 try:
                     restart = latest_checkpoint(out)
                     if load_checkpoint(restart)["step"] >= steps:
                         restart = "finished"
                 except DpmdError:
                     restart = None
+            if restart is None and out.exists():
+                shutil.rmtree(out)
+            if not same:
+                with self.state.tx() as db:
+                    db.execute("UPDATE tasks SET payload=? WHERE task_id=?", (json.dumps(attempt), task_id))
             t1 = time.perf_counter()
             result = {}
             if restart != "finished":
@@ -363,8 +517,11 @@ class Campaign:
                                   init_model=None if restart else init, out_dir=out, progress=False)
                 result = trainer.run()
             freeze(out, out / "model.pth")
+            checkpoint = latest_checkpoint(out)
             summary = {"steps": steps, "init_model": init, "systems": systems,
-                       "rmse_e": result.get("train", {}).get("rmse_e"), "rmse_f": result.get("train", {}).get("rmse_f")}
+                       "rmse_e": result.get("train", {}).get("rmse_e"), "rmse_f": result.get("train", {}).get("rmse_f"),
+                       "checkpoint": str(checkpoint.relative_to(self.root)),
+                       "files": self._files(out / "model.pth", checkpoint)}
             with self.state.tx() as db:
                 self.state.task_done(db, task_id, summary, time.perf_counter() - t1)
             self.log(f"[iteration {it}] trained m{k}: {steps} steps, rmse_f {summary['rmse_f']}")
@@ -374,7 +531,9 @@ class Campaign:
         if self._models is None:
             from dpmd.model import load_model
 
-            self._models = [load_model(self.model_path(it, k)).eval() for k in range(self.cfg["train"]["ensemble_size"])]
+            paths = [self.recorded(f"i{it:03d}-train-m{k}", self.model_path(it, k).relative_to(self.root))
+                     for k in range(self.cfg["train"]["ensemble_size"])]
+            self._models = [load_model(p).eval() for p in paths]
         return self._models
 
     def _stage_explore(self, it: int, t0) -> bool:
@@ -394,12 +553,8 @@ class Campaign:
                     continue
                 rel = Path(f"iter.{it:03d}") / "explore" / f"{task_id}.npz"
                 t1 = time.perf_counter()
-                if (self.root / rel).is_file():   # written before a crash: the same result, reuse it
-                    z = dict(np.load(self.root / rel))
-                    note = str(z.get("note", ""))
-                else:
-                    z, note = self._simulate(it, stage, gi, members)
-                    atomic_savez(self.root / rel, **z)
+                z, note = self._simulate(it, stage, gi, members)   # a file left by a crash: overwritten, not trusted
+                atomic_savez(self.root / rel, **z)
                 classes = classify(z["devi"][:, 3], lo, hi) if len(z["devi"]) else []
                 with self.state.tx() as db:
                     for i in range(len(z["step"])):
@@ -412,7 +567,8 @@ class Campaign:
                                     int(z["step"][i]), float(dv[3]), float(dv[5]), float(dv[0]), float(dv[6]),
                                     str(classes[i])))
                     self.state.task_done(db, task_id, {"frames": int(len(z["step"])), "trajectories": len(members),
-                                                       "note": note or None}, time.perf_counter() - t1)
+                                                       "note": note or None, "files": self._files(self.root / rel)},
+                                         time.perf_counter() - t1)
                 self.log(f"[iteration {it}] explored {stage['name']} group {gi}: {len(members)} trajectories x "
                          f"{natoms} atoms, {len(z['step'])} frames" + (f" ({note})" if note else ""))
         return False
@@ -477,7 +633,7 @@ class Campaign:
 
         def frame(r):
             if r["file"] not in files:
-                files[r["file"]] = dict(np.load(self.root / r["file"]))
+                files[r["file"]] = dict(np.load(self.recorded(r["task_id"], r["file"])))
             z = files[r["file"]]
             syms = z["all_symbols"][r["traj"]] if "all_symbols" in z else z["symbols"]
             return [str(s) for s in syms], z["coord"][r["idx"]], (z["box"][r["idx"]] if "box" in z else None)
@@ -543,7 +699,7 @@ class Campaign:
 
     def _validation_error(self, it: int):
         """Force RMSE (eV/Å) and energy RMSE per atom (eV) of model 0 on the labels this iteration added."""
-        rows = self.state.q("SELECT file FROM labels WHERE iteration=? AND frame_id IS NOT NULL", it)
+        rows = self.state.q("SELECT task_id, file FROM labels WHERE iteration=? AND frame_id IS NOT NULL", it)
         if not rows:
             return None, None
         import torch
@@ -551,7 +707,7 @@ class Campaign:
         model = self.models(it)[0]
         se_f, nf_atoms, se_e = 0.0, 0, 0.0
         for r in rows:
-            z = np.load(self.root / r["file"])
+            z = np.load(self.recorded(r["task_id"], r["file"]))
             types = torch.tensor([model.type_map.index(str(s)) for s in z["symbols"]])
             box = torch.as_tensor(z["box"]) if "box" in z.files else None
             out = model(torch.as_tensor(z["coord"]), types, box)

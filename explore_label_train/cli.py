@@ -1,23 +1,26 @@
 """The `elt` command: run / status / report an explore–label–train campaign.
 
-    elt run campaign.yaml          # starts, or resumes where it stopped (nothing finished is redone)
+    elt run campaign.yaml [--move-aside]   # starts, or resumes where it stopped (nothing finished is redone)
     elt status [campaign.yaml | campaign_dir]
     elt report [campaign.yaml | campaign_dir] [-o DIR]
 
-Errors meant for users print as one line (ELT_DEBUG=1 shows the traceback).
+Every failure prints one line and exits 1: `elt <cmd>: error: ...` for what the user can fix,
+`elt <cmd>: internal error: ...` for anything else (DPMD_DEBUG=1 or ELT_DEBUG=1 shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
 from dpmd.errors import DpmdError
+from explore_label_train.state import RESTORE
 
 
-def _db_path(target: str) -> Path:
+def _db_path(target: str, args) -> Path:
     p = Path(target)
     if p.is_file() and p.suffix in (".yaml", ".yml", ".json"):
         from explore_label_train.config import load_campaign
@@ -26,14 +29,20 @@ def _db_path(target: str) -> Path:
     db = p / "campaign.db" if p.is_dir() else p
     if not db.is_file():
         raise DpmdError(f"{target}: no campaign found (expected a campaign file or a directory holding campaign.db)")
+    args.db = db
     return db
 
 
 def _run(args) -> None:
-    from explore_label_train.campaign import Campaign
+    from explore_label_train.campaign import Campaign, move_aside
     from explore_label_train.config import load_campaign
 
     cfg = load_campaign(args.campaign)
+    args.db = Path(cfg["work_dir"]) / "campaign.db"
+    if args.move_aside:
+        inputs = cfg["initial"]["data"] + [s["file"] for s in cfg["structures"].values() if s["file"]]
+        moved = move_aside(Path(cfg["work_dir"]), inputs)
+        print(f"moved the earlier campaign files to {moved}" if moved else "nothing to move aside; starting fresh")
     campaign = Campaign(cfg)
     decision = campaign.run()
     from explore_label_train.report import status_table
@@ -46,7 +55,7 @@ def _status(args) -> None:
     from explore_label_train.report import status_table
     from explore_label_train.state import State
 
-    state = State(_db_path(args.campaign))
+    state = State(_db_path(args.campaign, args))
     print(status_table(state))
 
 
@@ -54,7 +63,7 @@ def _report(args) -> None:
     from explore_label_train.report import write_report
     from explore_label_train.state import State
 
-    db = _db_path(args.campaign)
+    db = _db_path(args.campaign, args)
     out = Path(args.output) if args.output else db.parent / "report"
     page = write_report(State(db), out)
     print(f"wrote {page}")
@@ -65,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run (or resume) a campaign")
     p.add_argument("campaign", help="campaign YAML file")
+    p.add_argument("--move-aside", action="store_true",
+                   help="first move the work_dir's campaign files (campaign.db, iter.*, labels, data, dispatch, "
+                        "report) into <work_dir>/old-<time>/ and start a fresh campaign; nothing is deleted")
     p.set_defaults(func=_run)
     p = sub.add_parser("status", help="iterations, stages, tasks, labels and deviation classes")
     p.add_argument("campaign", nargs="?", default=".", help="campaign YAML or its directory (default: .)")
@@ -76,14 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [""])[0]
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DpmdError, ValueError, OSError) as err:
-        if os.environ.get("ELT_DEBUG"):
+    except Exception as err:  # noqa: BLE001 - every failure is one line; the traceback only on request
+        if os.environ.get("DPMD_DEBUG") or os.environ.get("ELT_DEBUG"):
             raise
-        print(f"elt {args.command}: error: {err}", file=sys.stderr)
+        if isinstance(err, (DpmdError, ValueError, OSError)):
+            message = f"error: {_first_line(err)}"
+        elif isinstance(err, sqlite3.DatabaseError):   # a database that broke after it was opened and checked
+            message = f"error: {getattr(args, 'db', 'campaign.db')}: {_first_line(err)}; {RESTORE}"
+        else:
+            message = (f"internal error: {type(err).__name__}: {_first_line(err)} "
+                       f"(set DPMD_DEBUG=1 for the traceback)")
+        print(f"elt {args.command}: {message}", file=sys.stderr)
         return 1
     return 0
 

@@ -32,7 +32,12 @@ STAGE = {"name": None, "structures": None, "ensemble": "nvt", "temperatures": No
 BIAS = {"strength": None, "scale": None}   # E_bias = -strength * tanh(sigma / scale): see explore_label_train/bias.py
 TRUST = {"lo": None, "hi": None}
 SELECT = {"budget": 10, "method": "fps", "stratify": False}
-FILTERS = {"min_distance": 1.0, "volume_per_atom": None, "min_cell_angle": 30.0, "max_cell_length": None}
+# frames before labelling: min_distance (Å), volume_per_atom ([min, max] Å^3), min_cell_angle (degrees),
+# max_cell_length (Å); labels after it, sanity bounds far beyond any physical frame: max_force (eV/Å, any
+# atom) and max_energy_deviation (eV/atom from the median of the labels of the same composition).  A label
+# over a bound is a failed task naming the value and the atom; null switches a filter off.
+FILTERS = {"min_distance": 1.0, "volume_per_atom": None, "min_cell_angle": 30.0, "max_cell_length": None,
+           "max_force": 1000.0, "max_energy_deviation": 10.0}
 LABELLER = {"calculator": "emt", "kwargs": {}}
 DISPATCHER = {"backend": "local", "workers": 1, "timeout": 600.0, "start_method": "spawn", "machine": None,
               "resources": None, "retries": 3, "retry_wait": 30.0}
@@ -277,6 +282,9 @@ def normalize_campaign(raw, base_dir: Path, source: str = "campaign") -> dict:
     f["min_distance"] = _num(f["min_distance"], "filters.min_distance", minimum=0, allow_none=True)
     f["min_cell_angle"] = _num(f["min_cell_angle"], "filters.min_cell_angle", minimum=0, allow_none=True)
     f["max_cell_length"] = _num(f["max_cell_length"], "filters.max_cell_length", positive=True, allow_none=True)
+    f["max_force"] = _num(f["max_force"], "filters.max_force", positive=True, allow_none=True)
+    f["max_energy_deviation"] = _num(f["max_energy_deviation"], "filters.max_energy_deviation", positive=True,
+                                     allow_none=True)
     if f["volume_per_atom"] is not None:
         v = f["volume_per_atom"]
         if not isinstance(v, list) or len(v) != 2:

@@ -6,21 +6,29 @@ SQLite handle, lock or thread crosses a fork).  `pool.run(tasks, on_done)` hands
 in the calling process as each one finishes, so the caller can commit it at once.  An exception in
 the task (SystemExit included), a worker that dies (os._exit, a signal, out of memory) and a task
 over its time limit (the worker is killed and replaced) all give ok=False with the reason.
+`on_start(task_id, pid)`, if given, is called as a worker takes a task.
+
+Workers die with the campaign process: each runs in its own process group (a timeout kills the
+labeller and anything it started) with a watchdog thread that kills that group as soon as the
+parent is gone, kill -9 included.  `stop_worker` ends a worker an earlier, killed `elt run` left
+behind (named by pid and start time, so a reused pid is never hit).
 
 `DPDispatcherPool` submits the same tasks through dpdispatcher (only if `import dpdispatcher` works).
 A submission that fails (sbatch refused, squeue or the SSH link down: the transient scheduler errors
 that kill long DP-GEN runs) is retried `retries` times after waiting `retry_wait` seconds, doubled
 each time; tasks that already wrote a result are not submitted again.  Each job enforces the task
-time limit itself, so a labeller over its limit is a failed task, not a failed job.
+time limit itself, so a labeller over its limit is a failed task, not a failed job.  Jobs read
+task.json and write result.json (plain JSON: nothing coming back from a cluster is unpickled).
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
-import pickle
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -48,7 +56,64 @@ def call(fn: str, payload):
     return getattr(importlib.import_module(module), attr)(payload)
 
 
-def _worker_main(conn) -> None:
+def _die_with_parent(lifeline, own_end) -> None:
+    """Own process group, and a watchdog thread that kills it (this worker and its labeller's children) once
+    the lifeline pipe reads EOF: the parent holds its other end, so the kernel closes it when the parent
+    dies, kill -9 included.  Not PR_SET_PDEATHSIG: that would kill the worker alone, leaving a labeller's
+    subprocess (a DFT code) running."""
+    own_end.close()   # the fork start method copies the parent's end into this process too
+    os.setpgrp()
+
+    def watch():
+        try:
+            lifeline.recv_bytes()
+        except (EOFError, OSError):
+            pass
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _kill(proc) -> None:
+    """SIGKILL a worker's process group (the worker made it; before that, the worker alone)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        proc.kill()
+
+
+def process_start(pid: int):
+    """The kernel's start time of a live process (Linux /proc), None when there is none (or a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def stop_worker(pid: int, started, wait: float = 10.0) -> bool:
+    """Kill the process group of a worker an earlier `elt run` recorded (pid, start time) and wait for its
+    leader to die.  A live pid with another start time is an unrelated process: left alone (its pid
+    cannot lead our old group: Linux reuses no pid while a group of that id lives).  Without /proc
+    nothing can be checked and nothing is killed.  Returns whether something was killed."""
+    if not Path("/proc/self/stat").is_file():
+        return False
+    now = process_start(pid)
+    if now is not None and now != started:
+        return False
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        return False
+    deadline = time.monotonic() + wait
+    while process_start(pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return True
+
+
+def _worker_main(conn, lifeline, own_end) -> None:
+    _die_with_parent(lifeline, own_end)
     while True:
         try:
             msg = conn.recv()
@@ -77,13 +142,26 @@ class LocalPool:
         self.ctx = mp.get_context(start_method)
 
     def _start(self):
+        """A worker: (process, task pipe, our end of its lifeline)."""
         parent, child = self.ctx.Pipe()
-        proc = self.ctx.Process(target=_worker_main, args=(child,), daemon=True)
+        lifeline, own_end = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(target=_worker_main, args=(child, lifeline, own_end), daemon=True)
         proc.start()
         child.close()
-        return proc, parent
+        lifeline.close()
+        return proc, parent, own_end
 
-    def run(self, tasks, on_done) -> None:
+    @staticmethod
+    def _stop(w, kill=True) -> None:
+        if kill:
+            _kill(w[0])
+        w[0].join(5)
+        if w[0].is_alive():
+            _kill(w[0])
+        w[1].close()
+        w[2].close()
+
+    def run(self, tasks, on_done, on_start=None) -> None:
         pending = deque(tasks)
         idle: list = []
         busy: dict = {}   # conn -> (worker, task_id, t0)
@@ -96,9 +174,11 @@ class LocalPool:
                         w[1].send((task_id, fn, payload))
                     except (OSError, BrokenPipeError):
                         pending.appendleft((task_id, fn, payload))
-                        w[0].kill()
+                        self._stop(w)
                         continue
                     busy[w[1]] = (w, task_id, time.monotonic())
+                    if on_start is not None:
+                        on_start(task_id, w[0].pid)
                 now = time.monotonic()
                 next_deadline = min(t0 + self.timeout for _, _, t0 in busy.values())
                 ready = wait(list(busy), timeout=max(0.0, next_deadline - now) + 0.01)
@@ -108,9 +188,8 @@ class LocalPool:
                     try:
                         rid, ok, value = conn.recv()
                     except (EOFError, OSError):
-                        w[0].join(5)
-                        code = w[0].exitcode
-                        on_done(task_id, False, f"worker process died (exit code {code})", seconds)
+                        self._stop(w, kill=False)
+                        on_done(task_id, False, f"worker process died (exit code {w[0].exitcode})", seconds)
                         continue
                     idle.append(w)
                     on_done(rid, ok, value, seconds)
@@ -118,25 +197,18 @@ class LocalPool:
                 for conn, (w, task_id, t0) in list(busy.items()):
                     if now - t0 > self.timeout:
                         busy.pop(conn)
-                        w[0].kill()
-                        w[0].join(5)
-                        conn.close()
+                        self._stop(w)
                         on_done(task_id, False, _timeout_reason(self.timeout), now - t0)
         finally:
-            for proc, conn in idle:
+            for w in idle:
                 try:
-                    conn.send(None)
+                    w[1].send(None)
                 except (OSError, BrokenPipeError):
                     pass
-            for proc, conn in idle:
-                proc.join(5)
-                if proc.is_alive():
-                    proc.kill()
-                conn.close()
-            for conn, (w, _, _) in busy.items():
-                w[0].kill()
-                w[0].join(5)
-                conn.close()
+            for w in idle:
+                self._stop(w, kill=False)
+            for w, _, _ in busy.values():
+                self._stop(w)
 
 
 def check_dpdispatcher(cfg: dict) -> None:
@@ -151,9 +223,9 @@ def check_dpdispatcher(cfg: dict) -> None:
 
 
 class DPDispatcherPool:
-    """Tasks as `python -m explore_label_train.dispatch task.pkl` jobs submitted through dpdispatcher
+    """Tasks as `python -m explore_label_train.dispatch task.json` jobs submitted through dpdispatcher
     (any batch_type: Shell, Slurm, PBS, LSF, ...; tests/test_elt.py runs Shell, and Slurm where sbatch exists).
-    Results come back as result.pkl files.
+    Results come back as result.json files.
     """
 
     def __init__(self, cfg: dict, work_dir: Path, sleep=time.sleep):
@@ -167,14 +239,14 @@ class DPDispatcherPool:
         """One dpdispatcher submission of `tasks`; raises on scheduler errors."""
         from dpdispatcher import Machine, Resources, Submission, Task
 
-        jobs = [Task(command=f"{sys.executable} -m explore_label_train.dispatch task.pkl",
-                     task_work_path=task_id, forward_files=["task.pkl"], backward_files=["result.pkl"],
+        jobs = [Task(command=f"{sys.executable} -m explore_label_train.dispatch task.json",
+                     task_work_path=task_id, forward_files=["task.json"], backward_files=["result.json"],
                      outlog="out.log", errlog="err.log") for task_id, _, _ in tasks]
         machine = Machine.load_from_dict(self.cfg["machine"])
         resources = Resources.load_from_dict(self.cfg["resources"])
         Submission(work_base=str(self.root), machine=machine, resources=resources, task_list=jobs).run_submission()
 
-    def run(self, tasks, on_done) -> None:
+    def run(self, tasks, on_done, on_start=None) -> None:   # on_start: jobs run elsewhere, no pid to record
         tasks = list(tasks)
         if not tasks:
             return
@@ -182,14 +254,15 @@ class DPDispatcherPool:
         for task_id, fn, payload in tasks:
             d = self.root / task_id
             d.mkdir(exist_ok=True)
-            (d / "task.pkl").write_bytes(pickle.dumps((task_id, fn, payload, self.cfg["timeout"])))
-            (d / "result.pkl").unlink(missing_ok=True)
+            _write_json(d / "task.json", {"task_id": task_id, "fn": fn, "payload": payload,
+                                          "timeout": self.cfg["timeout"]})
+            (d / "result.json").unlink(missing_ok=True)
         t0 = time.monotonic()
         retries, wait_s = int(self.cfg["retries"]), float(self.cfg["retry_wait"])
         reported: set = set()
         error = None
         for attempt in range(retries + 1):
-            todo = [t for t in tasks if not (self.root / t[0] / "result.pkl").is_file()]
+            todo = [t for t in tasks if not (self.root / t[0] / "result.json").is_file()]
             if not todo:
                 break
             try:
@@ -207,13 +280,17 @@ class DPDispatcherPool:
                 self.sleep(delay)
         for task_id, _, _ in tasks:
             if task_id not in reported:
-                on_done(task_id, False, error or "dpdispatcher: the job wrote no result.pkl", time.monotonic() - t0)
+                on_done(task_id, False, error or "dpdispatcher: the job wrote no result.json", time.monotonic() - t0)
 
     def _report(self, tasks, on_done, t0, reported: set) -> None:
         for task_id, _, _ in tasks:
-            res = self.root / task_id / "result.pkl"
+            res = self.root / task_id / "result.json"
             if task_id not in reported and res.is_file():
-                rid, ok, value = pickle.loads(res.read_bytes())
+                try:
+                    reply = json.loads(res.read_text())
+                    ok, value = bool(reply["ok"]), reply["value"]
+                except (OSError, ValueError, TypeError, KeyError) as err:
+                    ok, value = False, f"{res}: unreadable result ({_first_line(err)})"
                 reported.add(task_id)
                 on_done(task_id, ok, value, time.monotonic() - t0)
 
@@ -232,22 +309,37 @@ def _on_alarm(signum, frame):
     raise _TaskTimeout()
 
 
+def _plain(obj):
+    """numpy arrays and scalars as JSON lists and numbers (floats round-trip exactly)."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(obj, default=_plain))
+    os.replace(tmp, path)
+
+
 def _main(argv) -> int:
-    """Run one pickled task in the current directory and write result.pkl (the dpdispatcher job)."""
-    task_id, fn, payload, timeout = pickle.loads(Path(argv[0]).read_bytes())
+    """Run one task (task.json in the current directory) and write result.json (the dpdispatcher job)."""
+    task = json.loads(Path(argv[0]).read_text())
+    task_id, fn, payload, timeout = task["task_id"], task["fn"], task["payload"], task["timeout"]
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.setitimer(signal.ITIMER_REAL, float(timeout))
     try:
-        reply = (task_id, True, call(fn, payload))
+        reply = {"task_id": task_id, "ok": True, "value": call(fn, payload)}
     except _TaskTimeout:
-        reply = (task_id, False, _timeout_reason(timeout))
+        reply = {"task_id": task_id, "ok": False, "value": _timeout_reason(timeout)}
     except BaseException as err:  # noqa: BLE001
-        reply = (task_id, False, f"{type(err).__name__}: {err}")
+        reply = {"task_id": task_id, "ok": False, "value": f"{type(err).__name__}: {err}"}
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-    tmp = Path(f".result.pkl.{os.getpid()}")
-    tmp.write_bytes(pickle.dumps(reply))
-    os.replace(tmp, "result.pkl")
+    try:
+        _write_json(Path("result.json"), reply)
+    except (TypeError, ValueError) as err:   # a task that returned something JSON cannot hold
+        _write_json(Path("result.json"), {"task_id": task_id, "ok": False, "value": f"unwritable result: {err}"})
     return 0
 
 

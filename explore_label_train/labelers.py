@@ -9,6 +9,8 @@
 `label(payload)` returns energy (eV), forces (eV/Å) and, for periodic cells when the calculator
 gives a stress, the virial (eV, DeePMD's sign: -stress * volume).  Any exception, non-finite
 result or missing property raises; the dispatcher turns that into a failed task with the reason.
+`check_label` is the campaign's check of a result before it becomes a label (shapes, finite values,
+the sanity bounds in the campaign's filters).
 This module imports no torch, so worker processes start quickly.
 """
 
@@ -101,11 +103,45 @@ def label(payload: dict) -> dict:
             virial = -np.asarray(stress, dtype=float) * atoms.get_volume()
         except Exception:  # PropertyNotImplementedError and friends: no virial for this labeller
             virial = None
-    if not np.isfinite(energy) or not np.isfinite(forces).all() or (virial is not None and not np.isfinite(virial).all()):
-        raise ValueError("labeller returned non-finite energy, forces or virial")
-    if forces.shape != (len(atoms), 3):
-        raise ValueError(f"labeller returned forces of shape {forces.shape}, expected ({len(atoms)}, 3)")
-    return {"energy": energy, "forces": forces, "virial": virial}
+    out = {"energy": energy, "forces": forces, "virial": virial}
+    why = check_label(out, payload["symbols"])
+    if why:
+        raise ValueError(f"labeller returned {why}")
+    return out
+
+
+def check_label(value, symbols, bounds=None, reference=None):
+    """Why a labeller's result must not become a label (None: it may).  Always checked: shapes and finite
+    values.  With bounds (the campaign's filters): max_force (eV/Å, any atom's force) and
+    max_energy_deviation (eV/atom away from `reference`, the median of the labels of the same composition)."""
+    n = len(symbols)
+    try:
+        energy = float(value["energy"])
+        forces = np.asarray(value["forces"], dtype=float)
+        virial = None if value.get("virial") is None else np.asarray(value["virial"], dtype=float)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        return f"a malformed result ({type(err).__name__}: {err})"
+    if forces.shape != (n, 3):
+        return f"forces of shape {forces.shape}, expected ({n}, 3)"
+    if virial is not None and virial.shape != (3, 3):
+        return f"a virial of shape {virial.shape}, expected (3, 3)"
+    if not np.isfinite(energy):
+        return f"energy {energy}"
+    bad = np.flatnonzero(~np.isfinite(forces).all(axis=1))
+    if len(bad):
+        return f"force {forces[bad[0]].tolist()} on atom {bad[0]} ({symbols[bad[0]]})"
+    if virial is not None and not np.isfinite(virial).all():
+        return f"a non-finite virial {virial.ravel().tolist()}"
+    bounds = bounds or {}
+    norms = np.linalg.norm(forces, axis=1)
+    i = int(np.argmax(norms)) if n else 0
+    if bounds.get("max_force") is not None and n and norms[i] > bounds["max_force"]:
+        return f"force {norms[i]:.4g} eV/Å on atom {i} ({symbols[i]}), above filters.max_force {bounds['max_force']:g}"
+    limit = bounds.get("max_energy_deviation")
+    if limit is not None and reference is not None and n and abs(energy / n - reference) > limit:
+        return (f"energy {energy / n:.6g} eV/atom, {energy / n - reference:+.4g} eV/atom from the median of this "
+                f"composition's labels ({reference:.6g}), beyond filters.max_energy_deviation {limit:g}")
+    return None
 
 
 class SCFNotConverged(RuntimeError):

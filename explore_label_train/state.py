@@ -4,7 +4,11 @@ Every change that marks work finished is one transaction together with its resul
 and its task's `done`; an exploration's frames and its task's `done`; a selection's choices, the
 label tasks it creates and the stage's `done`), so a kill -9 at any moment leaves either all of it
 or none of it.  Files a task writes are named by the task id and written atomically before that
-transaction, so redoing an unfinished task overwrites, never duplicates.
+transaction, so redoing an unfinished task overwrites, never duplicates.  A done task records the
+sha256 of each file it produced (result "files"); readers check the file against it before use.
+
+Opening checks the database before anything reads or writes it (SQLite's quick_check, the campaign's
+tables); a corrupt or foreign file is a one-line StateError naming it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from dpmd.errors import DpmdError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -53,22 +59,66 @@ CREATE TABLE IF NOT EXISTS labels (
     source_traj INTEGER, source_step INTEGER,
     labeller TEXT NOT NULL, settings_hash TEXT NOT NULL,
     system TEXT NOT NULL, natoms INTEGER NOT NULL, energy REAL NOT NULL, file TEXT NOT NULL, created REAL);
+CREATE TABLE IF NOT EXISTS workers (        -- the worker process holding a label task right now
+    task_id TEXT PRIMARY KEY, pid INTEGER NOT NULL, started TEXT);    -- started: the kernel's start time of pid
 """
+TABLES = {"meta", "iterations", "stages", "tasks", "frames", "labels"}   # what makes a file a campaign database
+ADDED = {"workers"}                                                       # tables later versions added
+RESTORE = "restore it from a backup, or move the work_dir aside with `elt run --move-aside`"
+
+
+class StateError(DpmdError):
+    """The campaign database is corrupt, missing or not a campaign database."""
+
+
+class NoCampaignError(StateError):
+    """No campaign database at the path, or one without any table (a fresh or emptied file)."""
 
 
 class State:
-    def __init__(self, path):
+    """create=True (elt run): a missing or table-less database gets the schema; False (status, report): it is
+    a NoCampaignError.  Either way nothing is written to a database that is corrupt or not a campaign's."""
+
+    def __init__(self, path, create: bool = False):
         self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise NoCampaignError(f"{self.path}: no campaign database")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=60)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        with self.tx() as db:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+        try:
+            self._check_and_create(create)
+        except BaseException:
+            self.db.close()
+            raise
+
+    def _check_and_create(self, create: bool) -> None:
+        try:
+            check = [r[0] for r in self.q("PRAGMA quick_check")]
+            if check != ["ok"]:
+                problems = [x for r in check for x in r.splitlines() if x and not x.startswith("***")] or ["?"]
+                more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+                raise StateError(f"{self.path}: corrupt campaign database (quick_check: {problems[0]}{more}); "
+                                 f"{RESTORE}")
+            tables = {r[0] for r in self.q("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not tables:
+                if not create:
+                    raise NoCampaignError(f"{self.path}: empty campaign database (no tables)")
+                self.db.execute("PRAGMA journal_mode=WAL")
+            elif not TABLES <= tables:
+                raise StateError(f"{self.path}: not a campaign database (no table "
+                                 f"{', '.join(sorted(TABLES - tables))}); {RESTORE}")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            if create and (TABLES | ADDED) - tables:
+                with self.tx() as db:   # the schema and its creation time together: no half-made database
+                    for statement in SCHEMA.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                    if not tables:
+                        self.set_meta("created", time.time(), db)
+        except sqlite3.DatabaseError as err:
+            raise StateError(f"{self.path}: unreadable campaign database ({err}); {RESTORE}") from None
 
     def close(self):
         self.db.close()
@@ -129,11 +179,13 @@ class State:
     def task_done(self, db, task_id, result=None, seconds=None) -> None:
         db.execute("UPDATE tasks SET status='done', reason=NULL, result=?, finished=?, seconds=?, attempts=attempts+1 "
                    "WHERE task_id=?", (None if result is None else json.dumps(result), time.time(), seconds, task_id))
+        db.execute("DELETE FROM workers WHERE task_id=?", (task_id,))
 
     def task_failed(self, task_id, reason, seconds=None) -> None:
         with self.tx() as db:
             db.execute("UPDATE tasks SET status='failed', reason=?, finished=?, seconds=?, attempts=attempts+1 "
                        "WHERE task_id=?", (str(reason)[:2000], time.time(), seconds, task_id))
+            db.execute("DELETE FROM workers WHERE task_id=?", (task_id,))
 
     def ensure_task(self, task_id, iteration, kind, payload=None) -> None:
         with self.tx() as db:

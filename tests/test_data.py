@@ -179,7 +179,7 @@ def test_hdf5_roundtrip(tmp_path):
         h5["water/sys1/set.000/box.npy"][0, 0] = np.nan
     with pytest.raises(DataError, match=r"data.h5#/mol/set.001/coord.npy: missing"):
         load_system(f"{f}#/mol")
-    with pytest.raises(DataError, match=r"data.h5#/water/sys1/set.000/box.npy: holds a non-finite"):
+    with pytest.raises(DataError, match=r"data.h5#/water/sys1/set.000/box.npy: frame 0 holds a non-finite"):
         load_system(f"{f}#/water/sys1")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -423,7 +424,7 @@ def _flaky_pool(tmp_path, monkeypatch, failures: int, retries: int):
 
     def run_job(task_id):
         monkeypatch.chdir(tmp_path / "dispatch" / task_id)
-        dispatch._main(["task.pkl"])
+        dispatch._main(["task.json"])
 
     def submit(self, tasks):
         submitted.append([t[0] for t in tasks])
@@ -466,11 +467,11 @@ def test_dpdispatcher_pool_gives_up_after_retries_and_enforces_time_limits(tmp_p
     monkeypatch.setitem(dispatch.FUNCTIONS, "sleep", ("time", "sleep"))
     d = tmp_path / "slow"
     d.mkdir()
-    (d / "task.pkl").write_bytes(__import__("pickle").dumps(("slow", "sleep", 30, 0.2)))
+    (d / "task.json").write_text(json.dumps({"task_id": "slow", "fn": "sleep", "payload": 30, "timeout": 0.2}))
     monkeypatch.chdir(d)
-    dispatch._main(["task.pkl"])
-    _, ok, reason = __import__("pickle").loads((d / "result.pkl").read_bytes())
-    assert not ok and reason == "timeout: over the 0.2 s time limit"
+    dispatch._main(["task.json"])
+    reply = json.loads((d / "result.json").read_text())
+    assert reply == {"task_id": "slow", "ok": False, "value": "timeout: over the 0.2 s time limit"}
 
 
 @pytest.mark.slow   # dpdispatcher polls its jobs every few seconds: ~40 s

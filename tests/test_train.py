@@ -94,8 +94,8 @@ def test_restart_continues_the_same_run(tmp_path, monkeypatch):
     Trainer(normalize_input(small_input(tmp_path, steps=20)), out_dir=broken, progress=False,
             restart=str(broken / "model.ckpt-10.pt")).run()
     assert (broken / "lcurve.out").read_text() == (unbroken / "lcurve.out").read_text()
-    a = torch.load(unbroken / "model.ckpt-20.pt", weights_only=False)["model"]
-    b = torch.load(broken / "model.ckpt-20.pt", weights_only=False)["model"]
+    a = torch.load(unbroken / "model.ckpt-20.pt", weights_only=True)["model"]
+    b = torch.load(broken / "model.ckpt-20.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -110,7 +110,9 @@ def test_checkpoints_rotate_and_link(tmp_path):
     names = sorted(p.name for p in tmp_path.glob("model.ckpt-*.pt"))
     assert names == ["model.ckpt-15.pt", "model.ckpt-20.pt"]
     assert (tmp_path / "model.ckpt.pt").resolve().name == "model.ckpt-20.pt"
-    assert (tmp_path / "checkpoint").read_text().strip() == "model.ckpt-20.pt"
+    name, run_line = (tmp_path / "checkpoint").read_text().splitlines()  # DeePMD-kit's line, then the run id
+    assert name == "model.ckpt-20.pt"
+    assert run_line == "run_id: " + torch.load(tmp_path / name, weights_only=True)["run_id"]
 
 
 @pytest.mark.skipif(not DEEPMD_REF.is_dir(), reason="DeePMD-kit input not available")
@@ -204,8 +206,8 @@ def test_data_parallel_equals_single_process_with_same_global_batch(tmp_path):
     one = dpmd("train", "../input.yaml", "--threads", "1", "--set", "training.training_data.batch_size=2",
                cwd=tmp_path / "one")
     assert one.returncode == 0, one.stderr
-    a = torch.load(tmp_path / "ddp" / "model.ckpt-6.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "one" / "model.ckpt-6.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "ddp" / "model.ckpt-6.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "one" / "model.ckpt-6.pt", weights_only=True)["model"]
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-9, atol=1e-11), k
     assert not any(torch.equal(a[k], v) for k, v in Trainer(normalize_input(cfg), out_dir=tmp_path / "x",
@@ -215,7 +217,7 @@ def test_data_parallel_equals_single_process_with_same_global_batch(tmp_path):
 
 def test_init_model_and_finetune_start_new_runs_from_weights(tmp_path):
     run(small_input(tmp_path, steps=10), tmp_path / "base")
-    base = torch.load(tmp_path / "base" / "model.ckpt-10.pt", weights_only=False)
+    base = torch.load(tmp_path / "base" / "model.ckpt-10.pt", weights_only=True)
     init = Trainer(normalize_input(small_input(tmp_path, steps=5)), out_dir=tmp_path / "init", progress=False,
                    init_model=str(tmp_path / "base" / "model.ckpt-10.pt"))
     assert init.start_step == 0

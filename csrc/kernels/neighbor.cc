@@ -12,6 +12,8 @@ namespace {
 
 using Vec3 = std::array<double, 3>;
 
+constexpr double kMaxBinsPerAxis = 1 << 20;
+
 Vec3 cross(const double* a, const double* b) {
   return {a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]};
 }
@@ -123,27 +125,44 @@ std::string neighbor_list_cpu(const double* coord, int64_t n, const double* box,
   } else {
     open_images(coord, n, im);
   }
-  // bins at least rcut wide; images are explicit, so bins never wrap around
+  // bins at least rcut wide; images are explicit, so bins never wrap around.  At most 2^20 bins per axis:
+  // a bin id stays within int64.
   int64_t nb[3];
   double width[3];
   for (int k = 0; k < 3; ++k) {
-    nb[k] = std::max<int64_t>(1, static_cast<int64_t>(std::floor(im.extent[k] / rcut)));
+    nb[k] = static_cast<int64_t>(std::min(std::max(std::floor(im.extent[k] / rcut), 1.0), kMaxBinsPerAxis));
     width[k] = im.extent[k] / nb[k];
   }
   const int64_t nimages = static_cast<int64_t>(im.owner.size());
   const int64_t nbins = nb[0] * nb[1] * nb[2];
-  std::vector<int64_t> ib(3 * nimages), bin(nimages), count(nbins + 1, 0);
+  std::vector<int64_t> ib(3 * nimages), bin(nimages);
   for (int64_t m = 0; m < nimages; ++m) {
     for (int k = 0; k < 3; ++k) {
       int64_t v = static_cast<int64_t>(im.bin_coord[3 * m + k] / width[k]);  // truncation, as .long()
       ib[3 * m + k] = std::min(std::max<int64_t>(v, 0), nb[k] - 1);
     }
     bin[m] = (ib[3 * m] * nb[1] + ib[3 * m + 1]) * nb[2] + ib[3 * m + 2];
-    ++count[bin[m] + 1];
   }
-  for (int64_t b = 0; b < nbins; ++b) count[b + 1] += count[b];  // count[b] = start of bin b
-  std::vector<int64_t> members(nimages), fill(count.begin(), count.end() - 1);
-  for (int64_t m = 0; m < nimages; ++m) members[fill[bin[m]]++] = m;  // stable: image order within a bin
+  // Images sorted by bin (image order within a bin) and first(b), where the images of bins >= b start.  A
+  // grid no larger than a few times the images tabulates first(b) for every bin (a counting sort); a sparse
+  // one (a few atoms in a vast cell) keeps the sorted bin ids and binary-searches them: memory O(images).
+  std::vector<int64_t> members(nimages), lookup;  // dense: first(b) for b = 0..nbins; sparse: sorted bin ids
+  const bool dense = nbins <= 4 * nimages + 4096;
+  if (dense) {
+    lookup.assign(nbins + 1, 0);
+    for (int64_t m = 0; m < nimages; ++m) ++lookup[bin[m] + 1];
+    for (int64_t b = 0; b < nbins; ++b) lookup[b + 1] += lookup[b];
+    std::vector<int64_t> fill(lookup.begin(), lookup.end() - 1);
+    for (int64_t m = 0; m < nimages; ++m) members[fill[bin[m]]++] = m;
+  } else {
+    for (int64_t m = 0; m < nimages; ++m) members[m] = m;
+    std::stable_sort(members.begin(), members.end(), [&](int64_t p, int64_t q) { return bin[p] < bin[q]; });
+    lookup.resize(nimages);
+    for (int64_t q = 0; q < nimages; ++q) lookup[q] = bin[members[q]];
+  }
+  auto first = [&](int64_t b) -> int64_t {
+    return dense ? lookup[b] : std::lower_bound(lookup.begin(), lookup.end(), b) - lookup.begin();
+  };
 
   const double rc2 = rcut * rcut;
   const bool periodic = box != nullptr;
@@ -156,25 +175,26 @@ std::string neighbor_list_cpu(const double* coord, int64_t n, const double* box,
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; ++i) {  // image i is atom i itself
       const double x0 = im.position[3 * i], x1 = im.position[3 * i + 1], x2 = im.position[3 * i + 2];
+      const int64_t bz0 = std::max<int64_t>(ib[3 * i + 2] - 1, 0), bz1 = std::min(ib[3 * i + 2] + 1, nb[2] - 1);
       for (int dx = -1; dx <= 1; ++dx)
-        for (int dy = -1; dy <= 1; ++dy)
-          for (int dz = -1; dz <= 1; ++dz) {
-            const int64_t bx = ib[3 * i] + dx, by = ib[3 * i + 1] + dy, bz = ib[3 * i + 2] + dz;
-            if (bx < 0 || by < 0 || bz < 0 || bx >= nb[0] || by >= nb[1] || bz >= nb[2]) continue;
-            const int64_t b = (bx * nb[1] + by) * nb[2] + bz;
-            const int64_t q0 = count[b], q1 = count[b + 1];
-            size_t k = cand.size();
-            cand.resize(k + (q1 - q0));
-            // branch-free: write every candidate, keep it by advancing past it (about 1 in 7 is kept)
-            for (int64_t q = q0; q < q1; ++q) {
-              const int64_t m = members[q];
-              const double* xm = im.position.data() + 3 * m;
-              const double d0 = xm[0] - x0, d1 = xm[1] - x1, d2 = xm[2] - x2;
-              cand[k] = m;
-              k += (d0 * d0 + d1 * d1 + d2 * d2 < rc2) & (m != i);
-            }
-            cand.resize(k);
+        for (int dy = -1; dy <= 1; ++dy) {
+          const int64_t bx = ib[3 * i] + dx, by = ib[3 * i + 1] + dy;
+          if (bx < 0 || by < 0 || bx >= nb[0] || by >= nb[1]) continue;
+          // bins bz-1..bz+1 of this row are consecutive: one range of members, in the (dz, image) order
+          const int64_t row = (bx * nb[1] + by) * nb[2];
+          const int64_t q0 = first(row + bz0), q1 = first(row + bz1 + 1);
+          size_t k = cand.size();
+          cand.resize(k + (q1 - q0));
+          // branch-free: write every candidate, keep it by advancing past it (about 1 in 7 is kept)
+          for (int64_t q = q0; q < q1; ++q) {
+            const int64_t m = members[q];
+            const double* xm = im.position.data() + 3 * m;
+            const double d0 = xm[0] - x0, d1 = xm[1] - x1, d2 = xm[2] - x2;
+            cand[k] = m;
+            k += (d0 * d0 + d1 * d1 + d2 * d2 < rc2) & (m != i);
           }
+          cand.resize(k);
+        }
       for (int64_t m : cand) {
         mine.push_back(i);
         mine.push_back(m);

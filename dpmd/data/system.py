@@ -21,7 +21,9 @@ without ``#/group`` the file's root group is used.
 
 Everything is returned as float64 / int64, whatever the dtype on disk. Any
 problem with the data raises :class:`dpmd.errors.DataError` with a one-line
-message naming the file and what was expected.
+message naming the file and what was expected; NaN or inf values and atoms
+closer than MIN_PAIR_DISTANCE (periodic images included) are refused, naming
+the frame and the atoms.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ from dpmd.errors import DataError
 __all__ = ["System", "load_system", "load_systems", "find_systems", "write_system"]
 
 H5_SUFFIXES = (".h5", ".hdf5")
+# Atoms closer than this (Å) are refused: the shortest bond (H2) is 0.74 Å, so such a pair is a duplicated
+# atom or coordinates in the wrong unit, and at distance 0 the descriptor's 1/r makes the loss NaN.
+MIN_PAIR_DISTANCE = 0.1
+_CLOSE_PAIR_CHUNK = 1 << 20  # atoms (all frames together) checked for close pairs at once
 # name -> values per atom (per-atom arrays) or per frame (per-frame arrays)
 _PER_ATOM = {"coord": 3, "force": 3}
 _PER_FRAME = {"box": 9, "virial": 9, "energy": 1}
@@ -245,11 +251,83 @@ def _read_atype(store) -> np.ndarray:
 def _numeric(store, name: str, arr: np.ndarray) -> np.ndarray:
     if arr.dtype.kind not in "fiu":
         raise DataError(f"{store.where(name)}: has dtype {arr.dtype}, expected numbers (float or int)")
-    arr = arr.astype(np.float64)
-    if not np.isfinite(arr).all():
-        bad = np.argwhere(~np.isfinite(arr))[0]
-        raise DataError(f"{store.where(name)}: holds a non-finite value (NaN or inf) at index {tuple(int(i) for i in bad)}")
-    return arr
+    return arr.astype(np.float64)
+
+
+def _check_finite(store, name: str, key: str, arr: np.ndarray) -> None:
+    """NaN or inf anywhere in a label or coordinate makes every loss it enters NaN: name frame (and atom)."""
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        at = np.argwhere(bad)[0]
+        where = f"frame {at[0]}, atom {at[1]}" if key in _PER_ATOM else f"frame {at[0]}"
+        raise DataError(f"{store.where(name)}: {where} holds a non-finite value ({arr[tuple(at)]})")
+
+
+def find_close_pair(coord: np.ndarray, box: np.ndarray | None, threshold: float = MIN_PAIR_DISTANCE):
+    """A pair of atoms closer than ``threshold`` Å, periodic images included, as (frame, i, j, distance,
+    through_boundary) with i < j; None if there is none.  coord (F, N, 3), box (F, 3, 3) or None."""
+    step = max(1, _CLOSE_PAIR_CHUNK // max(1, coord.shape[1]))  # bounded memory: ~100 bytes per atom
+    for f0 in range(0, coord.shape[0], step):
+        pair = _close_pair(coord[f0:f0 + step], None if box is None else box[f0:f0 + step], threshold)
+        if pair is not None:
+            return (pair[0] + f0, *pair[1:])
+    return None
+
+
+def _close_pair(coord: np.ndarray, box: np.ndarray | None, threshold: float):
+    """find_close_pair of one chunk of frames.
+
+    Vectorised over the frames: atoms are hashed into grid cells at least 4 * threshold wide (measured
+    between lattice planes), in 4 grids shifted by a quarter cell along the diagonal.  Along each axis the
+    cell faces of all grids are a quarter cell apart, so a close pair (less than a quarter cell apart)
+    straddles a face in at most one grid per axis, at most 3 of the 4 grids: it shares a cell in at
+    least one.  Four sorts give every candidate; their exact distances decide.
+    """
+    nf, n = coord.shape[:2]
+    if n < 2:
+        return None
+    width = 4.0 * threshold
+    cap = max(2, int((2.0 ** 62 / nf) ** (1 / 3)) - 1)  # cells per axis: frame and cell in one int64 key
+    if box is not None:
+        inv = np.linalg.inv(box)
+        frac = coord @ inv  # unwrapped: a pair's image is relative to the input
+        heights = 1.0 / np.linalg.norm(inv, axis=1)  # spacing of the lattice planes i: 1 / |column i of inv|
+        ncell = np.clip(np.floor(heights / width), 1, cap).astype(np.int64)
+        pos = (frac - np.floor(frac)) * ncell[:, None, :]
+    else:
+        pos = coord - coord.min(axis=1, keepdims=True)
+        cell_width = np.maximum(width, pos.max(axis=(1, 2)) / (cap - 1))  # wide enough for the cap
+        pos = pos / cell_width[:, None, None]
+        ncell = np.floor(pos.max(axis=1)).astype(np.int64) + 2  # room for the shifts
+    stride = ncell.max(axis=0)
+    flat = pos.reshape(-1, 3)
+    per_atom = np.repeat(ncell, n, axis=0)
+    frame = np.repeat(np.arange(nf, dtype=np.int64), n)
+    for shift in (0.0, 0.25, 0.5, 0.75):
+        cell = (flat + shift).astype(np.int64)  # floor: pos >= 0
+        if box is not None:  # periodic: the cell cut by the box face continues on the other side
+            cell = np.where(cell >= per_atom, cell - per_atom, cell)
+        key = ((frame * stride[0] + cell[:, 0]) * stride[1] + cell[:, 1]) * stride[2] + cell[:, 2]
+        order = np.argsort(key)
+        key = key[order]
+        k = 1
+        while k < key.size and (same := np.flatnonzero(key[k:] == key[:-k])).size:  # pairs k apart in a cell
+            a, b = order[same], order[same + k]
+            f, i, j = a // n, a % n, b % n
+            if box is not None:
+                dfrac = frac[f, j] - frac[f, i]
+                image = np.round(dfrac)
+                dist = np.linalg.norm(((dfrac - image)[:, None, :] @ box[f])[:, 0], axis=1)
+            else:
+                image = np.zeros((f.size, 3))
+                dist = np.linalg.norm(coord[f, j] - coord[f, i], axis=1)
+            close = np.flatnonzero(dist < threshold)
+            if close.size:
+                lo, hi = np.minimum(i, j), np.maximum(i, j)
+                c = close[np.lexsort((hi[close], lo[close], f[close]))[0]]  # the first of those found
+                return int(f[c]), int(lo[c]), int(hi[c]), float(dist[c]), bool(image[c].any())
+            k += 1
+    return None
 
 
 def _read_set(store, set_name: str, natoms: int, want_box: bool) -> dict[str, np.ndarray]:
@@ -297,6 +375,7 @@ def _read_set(store, set_name: str, natoms: int, want_box: bool) -> dict[str, np
             arr = arr.reshape(nf)
         else:
             arr = arr.reshape(nf, 3, 3)
+        _check_finite(store, fname, key, arr)
         out[key] = arr
     if "box" in out:
         det = np.linalg.det(out["box"])
@@ -306,6 +385,14 @@ def _read_set(store, set_name: str, natoms: int, want_box: bool) -> dict[str, np
                 f"{store.where(set_name + '/box.npy')}: frame {bad[0]} has a singular box (volume 0); "
                 f"use an empty 'nopbc' file for non-periodic systems"
             )
+    pair = find_close_pair(out["coord"], out.get("box"))
+    if pair is not None:
+        f, i, j, dist, image = pair
+        raise DataError(
+            f"{store.where(cname)}: frame {f}: atoms {i} and {j} are {dist:.3g} Å apart"
+            f"{' (periodic image)' if image else ''}, closer than {MIN_PAIR_DISTANCE} Å "
+            f"(a duplicated atom, or coordinates not in Å?)"
+        )
     return out
 
 

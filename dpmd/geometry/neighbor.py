@@ -1,10 +1,12 @@
 """Cell-list neighbour search (the reference implementation, pure PyTorch).
 
-O(N) in time and memory: atoms are binned into cells at least `rcut` wide, and each
-centre looks only at the 27 cells around its own.  Periodic boxes (orthorhombic or
-triclinic, of any size relative to `rcut`) are handled by explicit image atoms: every
-image of every atom that lies within `rcut` of the box is added once, so a box thinner
-than 2*rcut simply yields several images of the same neighbour.
+O(N) in memory, O(N log N) in time: atoms are binned into cells at least `rcut` wide, and
+each centre looks only at the 27 cells around its own.  Only occupied cells are stored (atoms
+sorted by cell, a centre's stencil found by binary search), so a vast, nearly empty cell costs
+no more than a dense one.  Periodic boxes (orthorhombic or triclinic, of any size relative to
+`rcut`) are handled by explicit image atoms: every image of every atom that lies within `rcut`
+of the box is added once, so a box thinner than 2*rcut simply yields several images of the
+same neighbour.
 
 A neighbour list is an edge list: edge e goes from `center[e]` to `neighbor[e]`, and the
 vector between them is
@@ -26,6 +28,7 @@ from dpmd.errors import NeighborOverflowError
 
 # Candidate pairs examined at once; bounds the peak memory of the search.
 _MAX_CANDIDATES = 1 << 22
+_MAX_BINS_PER_AXIS = 1 << 20
 
 
 @dataclass
@@ -82,6 +85,28 @@ def _periodic_images(coord: torch.Tensor, box: torch.Tensor, rcut: float):
     return owner, shift, position, bin_coord, extent, wrap
 
 
+@dataclass
+class CellList:
+    """Images binned into cells at least rcut wide.  Only occupied cells exist (images sorted by cell
+    id), so the memory is O(images) however vast and empty the grid: a few atoms in a 10,000 Å cell."""
+
+    nbins: list[int]  # cells per axis
+    cell: torch.Tensor  # (M, 3) int64: the cell of each image
+    order: torch.Tensor  # (M,) the images sorted by cell id, image order within a cell
+    sorted_id: torch.Tensor  # (M,) their cell ids (x * ny + y) * nz + z, ascending
+
+
+def cell_list(bin_coord: torch.Tensor, extent: torch.Tensor, rcut: float) -> CellList:
+    """Bin points at `bin_coord` (M, 3) in [0, extent) per axis; images are explicit, so cells never
+    wrap around.  At most 2^20 cells per axis keep a cell id within int64."""
+    nbins = torch.clamp(torch.floor(extent / rcut), min=1, max=_MAX_BINS_PER_AXIS).long()
+    cell = torch.minimum((bin_coord / (extent / nbins)).long().clamp(min=0), nbins - 1)
+    nb = nbins.tolist()
+    cell_id = (cell[:, 0] * nb[1] + cell[:, 1]) * nb[2] + cell[:, 2]
+    order = torch.argsort(cell_id, stable=True)
+    return CellList(nb, cell, order, cell_id[order])
+
+
 def build_neighbor_list(coord: torch.Tensor, box: torch.Tensor | None, rcut: float) -> NeighborList:
     """All pairs (i, j, image) with 0 < |r_ij| < rcut, for one frame.
 
@@ -123,36 +148,31 @@ def reference_neighbor_list(coord: torch.Tensor, box: torch.Tensor | None, rcut:
             empty = torch.zeros(0, dtype=torch.long, device=dev)
             return NeighborList(empty, empty, torch.zeros(0, 3, dtype=torch.float64, device=dev))
 
-        # Bins at least rcut wide; ghosts are explicit, so bins never wrap around.
-        nbins = torch.clamp(torch.floor(extent / rcut), min=1).long()
-        ib = torch.minimum((bin_coord / (extent / nbins)).long().clamp(min=0), nbins - 1)
-        nb = nbins.tolist()
-        bin_id = (ib[:, 0] * nb[1] + ib[:, 1]) * nb[2] + ib[:, 2]
-        order = torch.argsort(bin_id, stable=True)
-        nbin_total = nb[0] * nb[1] * nb[2]
-        count = torch.bincount(bin_id, minlength=nbin_total)
-        start = torch.cumsum(count, 0) - count
-        maxc = int(count.max())
-        # table[b, k] = k-th image in bin b, or -1
-        slot = torch.arange(order.numel(), device=dev) - start[bin_id[order]]
-        table = torch.full((nbin_total, maxc), -1, dtype=torch.long, device=dev)
-        table[bin_id[order], slot] = order
+        cells = cell_list(bin_coord, extent, rcut)
+        nb = cells.nbins
+        # For each centre, the 9 rows (dx, dy) of its 27-cell stencil: row r holds the cells z-1..z+1,
+        # consecutive in the sorted order, so it is one range q0..q1 of `cells.order`.
+        rows = cells.cell[:n, None, :2] + torch.tensor(list(itertools.product((-1, 0, 1), repeat=2)), device=dev)
+        ok = ((rows >= 0) & (rows < torch.tensor(nb[:2], device=dev))).all(dim=-1)
+        row_id = (rows[..., 0] * nb[1] + rows[..., 1]) * nb[2]
+        z = cells.cell[:n, 2:]
+        q0 = torch.searchsorted(cells.sorted_id, row_id + (z - 1).clamp(min=0))
+        q1 = torch.searchsorted(cells.sorted_id, row_id + (z + 1).clamp(max=nb[2] - 1) + 1)
+        q1 = torch.where(ok, q1, q0)
+        width = int((q1 - q0).max())
+        slots = torch.arange(width, device=dev)
+        order = torch.cat([cells.order, cells.order.new_zeros(width)])  # q0 + slot may run past the end
 
-        offsets = torch.tensor(list(itertools.product((-1, 0, 1), repeat=3)), device=dev)
         rcut2 = rcut * rcut
         centers, neighbors, shifts = [], [], []
-        chunk = max(1, _MAX_CANDIDATES // (27 * maxc))
+        chunk = max(1, _MAX_CANDIDATES // (9 * width))
         for c0 in range(0, n, chunk):
             ci = torch.arange(c0, min(n, c0 + chunk), device=dev)
-            nbr_bin = ib[ci].unsqueeze(1) + offsets  # (C, 27, 3)
-            ok = ((nbr_bin >= 0) & (nbr_bin < nbins)).all(dim=-1)
-            nbr_bin = nbr_bin.clamp(min=0)
-            nbr_bin = torch.minimum(nbr_bin, nbins - 1)
-            lin = (nbr_bin[..., 0] * nb[1] + nbr_bin[..., 1]) * nb[2] + nbr_bin[..., 2]
-            cand = table[lin]  # (C, 27, maxc)
-            cand = torch.where(ok.unsqueeze(-1), cand, -1).reshape(ci.numel(), -1)
-            valid = (cand >= 0) & (cand != ci.unsqueeze(1))
-            d = position.index_select(0, cand.clamp(min=0).reshape(-1)).view(*cand.shape, 3)
+            q = q0[ci].unsqueeze(-1) + slots  # (C, 9, width) positions in the sorted order
+            inside = (q < q1[ci].unsqueeze(-1)).reshape(ci.numel(), -1)
+            cand = order[q].reshape(ci.numel(), -1)
+            valid = inside & (cand != ci.unsqueeze(1))
+            d = position.index_select(0, cand.reshape(-1)).view(*cand.shape, 3)
             d = d - position[ci].unsqueeze(1)
             valid &= torch.einsum("cki,cki->ck", d, d) < rcut2
             row, col = valid.nonzero(as_tuple=True)

@@ -235,10 +235,6 @@ def build_simulation(cfg: dict, log=print):
         raise DpmdError(f"device: expected cpu, cuda or cuda:N, got {cfg['device']!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DpmdError(f"device: {cfg['device']} asked for, but this PyTorch sees no CUDA GPU; use device: cpu")
-    try:
-        Path(cfg["output_dir"]).mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DpmdError(f"output_dir: {cfg['output_dir']}: cannot create it ({err.strerror})") from None
     models = [load_model(m, device=cfg["device"]) for m in cfg["models"]]
     structs = cfg["structure"] if isinstance(cfg["structure"], list) else [cfg["structure"]]
     read = [read_structure(s, models[0].type_map) for s in structs]
@@ -257,7 +253,7 @@ def build_simulation(cfg: dict, log=print):
         from dpmd.md.parallel import ParallelSimulation
 
         make = partial(ParallelSimulation, comm=comm)
-    return make(models, np.stack([r[0] for r in read]), [r[1] for r in read], box,
+    sim = make(models, np.stack([r[0] for r in read]), [r[1] for r in read], box,
                       ensemble=cfg["ensemble"], thermostat=cfg["thermostat"], barostat=cfg["barostat"],
                       timestep=cfg["timestep"], temperature=cfg["temperature"],
                       pressure=cfg["pressure"], steps=cfg["steps"], seed=cfg["seed"], skin=cfg["skin"],
@@ -265,6 +261,11 @@ def build_simulation(cfg: dict, log=print):
                       traj_format=cfg["traj_format"], model_devi_freq=cfg["model_devi_freq"],
                       checkpoint_freq=cfg["checkpoint_freq"], output_dir=cfg["output_dir"], log=log,
                       sync_free=None if cfg["sync_free"] == "auto" else cfg["sync_free"])
+    try:   # only now that models, structure and settings are checked: a refused run leaves no folder behind
+        Path(cfg["output_dir"]).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DpmdError(f"output_dir: {cfg['output_dir']}: cannot create it ({err.strerror})") from None
+    return sim
 
 
 def run_md(config, restart=None, log=print) -> dict:

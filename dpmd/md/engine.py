@@ -353,12 +353,12 @@ class Simulation:
 
     def restore(self, path) -> None:
         """Continue from a checkpoint: state, RNG and output files cut back to the checkpoint's step."""
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise DpmdError(f"{path}: not a readable checkpoint ({err.__class__.__name__})") from None
+        from dpmd.model.io import read_torch_file
+
+        expected = "expected a dpmd md checkpoint (output_dir/checkpoint.pt)"
+        blob = read_torch_file(path, expected)   # plain data only: never unpickles code
         if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
-            raise DpmdError(f"{path}: not a dpmd md checkpoint")
+            raise DpmdError(f"{path}: not a dpmd md checkpoint; {expected}")
         st = blob["state"]
         if tuple(st["positions"].shape) != tuple(self.state.positions.shape):
             raise DpmdError(f"{path}: holds {tuple(st['positions'].shape)} positions, this run has "

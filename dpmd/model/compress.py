@@ -27,6 +27,7 @@ import torch
 from dpmd.errors import ConfigError, DpmdError
 
 COARSE_FACTOR = 10  # the extrapolated range uses 10x the step (DeePMD-kit)
+MAX_TABLE_BYTES = 1 << 30  # the tables of all nets (DeePMD's default step 0.01 needs a few MB)
 COMPRESS_KEYS = ("min_nbor_dist", "step", "extrapolate", "check_frequency", "lower", "upper", "end",
                  "step_coarse", "n_fine", "n_coarse", "rmin")
 
@@ -67,21 +68,36 @@ def distance_at(s_target: float, rcut_smth: float, rcut: float) -> float:
     return 0.5 * (lo + hi)
 
 
+def _round_up(x: float) -> str:
+    """x > 0 rounded up to two significant digits (a bound that, printed, still holds)."""
+    unit = 10.0 ** (math.floor(math.log10(x)) - 1)
+    return f"{math.ceil(x / unit) * unit:.2g}"
+
+
 def table_layout(descriptor, min_nbor_dist: float, step: float = 0.01, extrapolate: float = 5.0) -> dict:
     """Grid of the tables: ranges in normalised s, interval counts, and per centre type the shortest
     distance covered."""
-    if not min_nbor_dist > 0:
-        raise DpmdError(f"compress: min_nbor_dist must be > 0 Å, got {min_nbor_dist}")
-    if not step > 0:
+    rs, rc = descriptor.rcut_smth, descriptor.rcut
+    if not 0 < min_nbor_dist < rc:
+        raise DpmdError(f"compress: min_nbor_dist must be > 0 Å and below the model's rcut {rc} Å, got {min_nbor_dist}")
+    if not 0 < step < math.inf:
         raise DpmdError(f"compress: --step must be > 0, got {step}")
-    if not extrapolate >= 1:
+    if not 1 <= extrapolate < math.inf:
         raise DpmdError(f"compress: --extrapolate must be >= 1, got {extrapolate}")
     mean = descriptor.mean[:, 0].double().tolist()
     std = descriptor.std[:, 0].double().tolist()
-    rs, rc = descriptor.rcut_smth, descriptor.rcut
     s_max = switched_s(min_nbor_dist, rs, rc)
     lower = min(-m / d for m, d in zip(mean, std))
     upper_data = max((s_max - m) / d for m, d in zip(mean, std))
+    # the table size, checked before anything is allocated: intervals * nets * 6 coefficients * M (float64)
+    span = (upper_data - lower) + max(0.0, (extrapolate - 1) * upper_data) / COARSE_FACTOR  # = intervals * step
+    per_interval = len(descriptor.embeddings) * 6 * descriptor.width * 8
+    if not span / step * per_interval <= MAX_TABLE_BYTES:
+        min_step = span * per_interval / MAX_TABLE_BYTES
+        fix = f"--step >= {_round_up(min_step)}" if min_step < math.inf else "a smaller --extrapolate"
+        raise DpmdError(f"compress: --step {step:g} (with --extrapolate {extrapolate:g}) needs {span / step:.3g} table "
+                        f"intervals, {span / step * per_interval / 2**30:.3g} GiB of tables; the limit is "
+                        f"{MAX_TABLE_BYTES / 2**30:g} GiB: use {fix}")
     n_fine = max(1, math.ceil((upper_data - lower) / step - 1e-9))
     upper = lower + n_fine * step
     step_coarse = COARSE_FACTOR * step
@@ -138,11 +154,32 @@ def build_tables(descriptor, layout: dict) -> torch.Tensor:
     return torch.stack(tables)
 
 
+def check_compressible(model) -> None:
+    """Tables of a model with non-finite weights, or broken or missing statistics, would be garbage (or a
+    division by zero): one line saying which."""
+    from dpmd.model.export import first_nonfinite
+
+    bad = first_nonfinite(model.state_dict())
+    if bad is not None:
+        raise DpmdError(f"compress: the model's {bad} holds NaN or inf values")
+    d = model.descriptor
+    zero = (d.std <= 0).nonzero()
+    if zero.numel():
+        t, col = zero[0].tolist()
+        raise DpmdError(f"compress: the descriptor std of type {model.type_map[t]} (column {col}) is "
+                        f"{float(d.std[t, col]):g}; the environment matrix is divided by it: the model's statistics "
+                        f"are broken")
+    if bool((d.mean == 0).all()) and bool((d.std == 1).all()):
+        raise DpmdError("compress: the model has no data statistics (descriptor mean 0 and std 1, as initialised): "
+                        "compress a model trained on data")
+
+
 def compress_model(model, min_nbor_dist: float, step: float = 0.01, extrapolate: float = 5.0,
                    check_frequency: int = -1):
     """A compressed copy of a DeepPot (the input model is left as it is)."""
     if model.descriptor.compressed:
         raise DpmdError("compress: the model is already compressed")
+    check_compressible(model)
     layout = table_layout(model.descriptor, min_nbor_dist, step, extrapolate)
     spec = {**layout, "check_frequency": int(check_frequency)}
     out = copy.deepcopy(model)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import re
 from typing import List, Optional
 
 import torch
@@ -45,8 +47,13 @@ _FIXED = {
 }
 
 
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64 - 1; the training seed + 1 must fit too
+
+
 def _complete(section: dict | None, defaults: dict, where: str) -> dict:
     """Fill defaults; unknown keys and unsupported values are errors naming the key."""
+    if section is not None and not isinstance(section, dict):
+        raise ConfigError(f"'{where}' must be a mapping of keys, got a {type(section).__name__}: {section!r:.60}")
     section = {k: v for k, v in (section or {}).items() if not k.startswith("_")}  # DeePMD's "_comment"s
     for key in section:
         if key not in defaults:
@@ -76,14 +83,35 @@ def _check_types(sec: dict, where: str, numbers=(), ints=(), int_lists=(), bools
             raise ConfigError(f"'{where}.{key}' must be true or false, got {sec[key]!r}")
 
 
+def check_seed(value, where: str):
+    """A seed torch's generators accept (None: unseeded), else a one-line error naming `where`."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX):
+        raise ConfigError(f"'{where}' must be an integer in [0, 2**63-1], got {value!r}")
+    return value
+
+
+def sel_factor(sel: str) -> float:
+    """The factor of an automatic sel: 'auto' (1.1) or 'auto:<factor>'."""
+    m = re.fullmatch(r"auto(?::(.+))?", sel)
+    try:
+        factor = 1.1 if m and m[1] is None else float(m[1]) if m else math.nan
+    except ValueError:
+        factor = math.nan
+    if not (math.isfinite(factor) and factor > 0):
+        raise ConfigError(f"'model.descriptor.sel' = {sel!r}: expected a list with one count per type, 'auto' "
+                          f"or 'auto:<factor>' (e.g. auto:1.2)")
+    return factor
+
+
 def normalize_model_config(config: dict) -> dict:
     """The model section with every default filled in, validated."""
     cfg = _complete(config, MODEL_DEFAULTS, "model")
     cfg["descriptor"] = _complete(cfg["descriptor"], DESCRIPTOR_DEFAULTS, "model.descriptor")
     cfg["fitting_net"] = _complete(cfg["fitting_net"], FITTING_DEFAULTS, "model.fitting_net")
     d, f = cfg["descriptor"], cfg["fitting_net"]
-    if not cfg["type_map"] or not all(isinstance(t, str) for t in cfg["type_map"]):
-        raise ConfigError("model.type_map must be a list of element names, e.g. [O, H]")
+    tm = cfg["type_map"]
+    if not isinstance(tm, list) or not tm or not all(isinstance(t, str) and t for t in tm):
+        raise ConfigError(f"'model.type_map' must be a list of element names, e.g. [O, H], got {tm!r}")
     if d["type"] not in ("se_e2_a", "se_a"):
         raise ConfigError(f"model.descriptor.type = {d['type']!r} is not supported yet (only se_e2_a)")
     if f["type"] != "ener":
@@ -94,14 +122,21 @@ def normalize_model_config(config: dict) -> dict:
     _check_types(d, "model.descriptor", numbers=("rcut", "rcut_smth"), int_lists=("neuron",),
                  ints=("axis_neuron",), bools=("resnet_dt", "type_one_side"))
     _check_types(f, "model.fitting_net", int_lists=("neuron",), bools=("resnet_dt",))
+    if not (math.isfinite(d["rcut"]) and d["rcut"] > 0):
+        raise ConfigError(f"'model.descriptor.rcut' must be a positive, finite distance (Å), got {d['rcut']!r}")
+    if not 0 <= d["rcut_smth"] < d["rcut"]:
+        raise ConfigError(f"'model.descriptor.rcut_smth' must be in [0, rcut = {d['rcut']}), got {d['rcut_smth']!r}")
     for where, sec in (("descriptor", d), ("fitting_net", f)):
-        if sec["seed"] is not None and (not isinstance(sec["seed"], int) or isinstance(sec["seed"], bool)):
-            raise ConfigError(f"'model.{where}.seed' must be an integer, got {sec['seed']!r}")
+        check_seed(sec["seed"], f"model.{where}.seed")
     sel = d["sel"]
     if isinstance(sel, list) and not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in sel):
         raise ConfigError(f"'model.descriptor.sel' must list non-negative integers, got {sel!r}")
-    if sel is None or (isinstance(sel, str) and not sel.startswith("auto")):
-        raise ConfigError("model.descriptor.sel must be a list with one count per type, or 'auto'")
+    if isinstance(sel, str):
+        sel_factor(sel)
+    elif not isinstance(sel, list):
+        raise ConfigError(f"'model.descriptor.sel' must be a list with one count per type, or 'auto', got {sel!r}")
+    elif not any(sel):
+        raise ConfigError(f"'model.descriptor.sel' = {sel}: every count is 0, so the model would see no neighbours")
     if isinstance(sel, list) and len(sel) != len(cfg["type_map"]):
         raise ConfigError(f"model.descriptor.sel has {len(sel)} entries but model.type_map has {len(cfg['type_map'])}")
     cfg["compress"] = normalize_compress(cfg["compress"], len(cfg["type_map"]))

@@ -33,6 +33,7 @@ lattice image; for small systems and tests: large systems should pass a neighbou
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from typing import Dict, List, Optional, Tuple
@@ -57,6 +58,23 @@ def dpmd_version() -> str:
         return "unknown"
 
 
+def weights_checksum(state: Dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor of a state dict (name, dtype, shape and exact bytes, in name order): recorded
+    in the model file at save time, compared on load, so that a damaged weight never loads silently."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def first_nonfinite(state: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The name of the first floating-point tensor of a state dict with a NaN or inf, or None."""
+    return next((name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())),
+                None)
+
+
 def model_metadata(model) -> dict:
     """Everything needed to rebuild and use the model without its training input."""
     return {
@@ -69,6 +87,7 @@ def model_metadata(model) -> dict:
         "rcut": float(model.rcut),
         "sel": [int(s) for s in model.sel],
         "config": model.config,  # the normalised model section: rebuilds DeepPot(config)
+        "weights_sha256": weights_checksum(model.state_dict()),  # verified by dpmd.model.io.load_model
         "units": {"length": "angstrom", "energy": "eV"},
         "forward": "forward(coord, atype, box=None, center=None, neighbor=None, shift=None, nlocal=-1, "
                    "atom_virial=False) -> {energy, atom_energy, force, virial[, atom_virial]}",

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import yaml
 
 from dpmd.errors import ConfigError
-from dpmd.model.deeppot import _complete, normalize_model_config
+from dpmd.model.deeppot import _complete, check_seed, normalize_model_config
 
 LR_DEFAULTS = {"type": "exp", "start_lr": 1e-3, "stop_lr": 1e-8, "decay_steps": 5000, "scale_by_worker": "linear",
                "decay_rate": None}
@@ -57,6 +58,8 @@ def check_number(value, where: str, *, integer=False, positive=False, minimum=No
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
         raise ConfigError(f"'{where}' must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"'{where}' must be a finite number, got {value!r}")
     if positive and value <= 0:
         raise ConfigError(f"'{where}' must be positive, got {value!r}")
     if minimum is not None and value < minimum:
@@ -124,8 +127,11 @@ def normalize_input(config: dict, base_dir: str | Path = ".") -> dict:
     _check_unsupported(loss, "loss", "loss")
     if loss["type"] != "ener":
         raise ConfigError(f"'loss.type' = {loss['type']!r} is not supported yet (only ener)")
-    for k in ("start_pref_e", "limit_pref_e", "start_pref_f", "limit_pref_f", "start_pref_v", "limit_pref_v"):
+    prefs = [f"{when}_pref_{term}" for term in "efv" for when in ("start", "limit")]
+    for k in prefs:
         check_number(loss[k], f"loss.{k}", minimum=0)
+    if not any(loss[k] for k in prefs):
+        raise ConfigError(f"'loss': every prefactor ({', '.join(prefs)}) is 0, so there is nothing to train")
     tr = cfg["training"] = _complete(cfg["training"], TRAINING_DEFAULTS, "training")
     _check_unsupported(tr, "training", "training")
     if tr["numb_steps"] is None:
@@ -133,8 +139,7 @@ def normalize_input(config: dict, base_dir: str | Path = ".") -> dict:
     check_number(tr["numb_steps"], "training.numb_steps", integer=True, positive=True)
     for k in ("disp_freq", "save_freq", "max_ckpt_keep"):
         check_number(tr[k], f"training.{k}", integer=True, positive=True)
-    if tr["seed"] is not None:
-        check_number(tr["seed"], "training.seed", integer=True, minimum=0)
+    check_seed(tr["seed"], "training.seed")
     if tr["gradient_max_norm"] is not None:
         check_number(tr["gradient_max_norm"], "training.gradient_max_norm", positive=True)
     tr["training_data"] = _data_section(tr["training_data"], "training.training_data", base, required=True)
@@ -142,24 +147,29 @@ def normalize_input(config: dict, base_dir: str | Path = ".") -> dict:
     return cfg
 
 
-def parse_value(text: str):
-    return yaml.safe_load(text)
+def parse_value(text: str, item: str):
+    """A --set value as plain YAML (safe_load: a tag such as !!python/object is an error, never code)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: not a plain YAML value ({str(err).splitlines()[0]})") from None
 
 
 def apply_overrides(config: dict, overrides: list[str]) -> dict:
     """Apply `section.key=value` overrides (value parsed as YAML)."""
     config = copy.deepcopy(config)
     for item in overrides or []:
-        if "=" not in item:
+        key, eq, value = item.partition("=")
+        if not eq or not key or "" in key.split("."):
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. training.numb_steps=200")
-        key, value = item.split("=", 1)
-        node = config
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
+        node, parts = config, key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if node.get(part) is None:  # absent, or `section:` left empty (defaults)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
-        node[parts[-1]] = parse_value(value)
+                raise ConfigError(f"--set {item!r}: '{'.'.join(parts[:i + 1])}' is not a section")
+        node[parts[-1]] = parse_value(value, item)
     return config
 
 
@@ -175,6 +185,8 @@ def read_input(path: str | Path, overrides: list[str] | None = None) -> dict:
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
                           f"{str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the input must be a mapping with model, learning_rate, loss and training")
     try:
         return normalize_input(apply_overrides(raw, overrides), base_dir=Path.cwd())
     except ConfigError as err:

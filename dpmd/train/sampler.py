@@ -17,12 +17,16 @@ from dpmd.errors import ConfigError
 
 
 def resolve_batch_sizes(batch_size, systems) -> list[int]:
+    """Frames per batch of each system, at most the system's frame count (as DeePMD-kit caps them): a batch
+    never repeats a frame, and a huge batch_size cannot blow up memory."""
     if isinstance(batch_size, list):
-        return list(batch_size)
-    if isinstance(batch_size, int):
-        return [batch_size] * len(systems)
-    rule = 32 if batch_size == "auto" else int(batch_size.split(":")[1])
-    return [max(1, math.ceil(rule / s.natoms)) for s in systems]
+        sizes = list(batch_size)
+    elif isinstance(batch_size, int):
+        sizes = [batch_size] * len(systems)
+    else:
+        rule = 32 if batch_size == "auto" else int(batch_size.split(":")[1])
+        sizes = [math.ceil(rule / s.natoms) for s in systems]
+    return [max(1, min(size, s.nframes)) for size, s in zip(sizes, systems)]
 
 
 def system_probabilities(auto_prob: str, nbatches: list[int]) -> np.ndarray:
@@ -57,6 +61,7 @@ class BatchSampler:
         self.gen = torch.Generator().manual_seed(seed if seed is not None else 0)
         self.order = [torch.randperm(nf, generator=self.gen) for nf in self.nframes]
         self.cursor = [0] * len(self.nframes)
+        self.last: tuple[int, list[int]] = (0, [])  # the last global batch: (system, frames), for messages
 
     def next(self, rank: int = 0) -> tuple[int, torch.Tensor]:
         """(system index, frame indices) of this worker's share of the next global batch."""
@@ -72,11 +77,16 @@ class BatchSampler:
             self.cursor[i] += take.numel()
             need -= take.numel()
         frames = torch.cat(frames)
+        self.last = (i, frames.tolist())
         per = self.sizes[i]
         return i, frames[rank * per:(rank + 1) * per]
 
     def state_dict(self) -> dict:
         return {"gen": self.gen.get_state(), "order": self.order, "cursor": list(self.cursor)}
+
+    def fits(self, state: dict) -> bool:
+        """Whether a saved state was drawn over systems with these frame counts."""
+        return [len(o) for o in state["order"]] == self.nframes
 
     def load_state_dict(self, state: dict) -> None:
         self.gen.set_state(state["gen"])

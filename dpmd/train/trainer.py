@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import zipfile
 import sys
 import time
 from pathlib import Path
@@ -23,8 +22,11 @@ from dpmd.errors import ConfigError, DpmdError
 from dpmd.geometry.graph import build_graph
 from dpmd.geometry.neighbor import NeighborList, auto_sel, build_neighbor_list, count_neighbors
 from dpmd.model import DeepPot, evaluate, load_model
+from dpmd.model.deeppot import normalize_model_config, sel_factor
+from dpmd.model.io import atomic_write
 from dpmd.model.stats import descriptor_stats, energy_bias, refit_energy_bias
-from dpmd.train.checkpoint import load_checkpoint, save_checkpoint
+from dpmd.train.checkpoint import (check_finite, folder_runs, latest_checkpoint, load_checkpoint, move_aside,
+                                   new_run_id, run_files, save_checkpoint, tidy)
 from dpmd.train.loss import EnergyLoss
 from dpmd.train.sampler import BatchSampler
 from dpmd.train.schedule import ExpDecayLR
@@ -125,18 +127,56 @@ def adam(params, lr: float) -> torch.optim.Adam:
     return opt
 
 
+def _first_difference(old, new, where: str):
+    """(dotted key, old value, new value) of the first difference between two config sections, or None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [k for k in new if k not in old]:
+            diff = _first_difference(old.get(key, "(absent)"), new.get(key, "(absent)"), f"{where}.{key}")
+            if diff:
+                return diff
+        return None
+    return None if old == new else (where, old, new)
+
+
+def _check_restart(ckpt: dict, config: dict, path) -> None:
+    """A restart continues the checkpoint's model to the input's numb_steps (DeePMD-kit's rule); the learning
+    rate, loss and training keys come from the input."""
+    try:  # with the defaults of this dpmd, so that a key added since the checkpoint is no difference
+        old = normalize_model_config(ckpt["config"]["model"])
+    except ConfigError:
+        old = ckpt["config"]["model"]
+    diff = _first_difference(old, config["model"], "model")
+    if diff:
+        raise ConfigError(f"{path}: '{diff[0]}' is {diff[1]!r} in the checkpoint but {diff[2]!r} in the input; a "
+                          f"restart continues the same model (start a new run from its weights with --init-model)")
+    step, numb_steps = ckpt["step"], config["training"]["numb_steps"]
+    if numb_steps <= step:
+        raise ConfigError(f"{path}: checkpoint is at step {step}; training.numb_steps={numb_steps} leaves nothing "
+                          f"to train")
+
+
 class Trainer:
+    """One training run.  A new run refuses an output folder that holds another run (overwrite=True moves
+    that run into <out_dir>/old-run-<time>/ when training starts); a restart continues its own run there."""
+
     def __init__(self, config: dict, *, restart: str | None = None, init_model: str | None = None,
-                 finetune: str | None = None, out_dir: str | Path = ".", progress: bool = True):
+                 finetune: str | None = None, out_dir: str | Path = ".", progress: bool = True,
+                 overwrite: bool = False):
         self.rank, self.world = _dist_info()
         self.out_dir = Path(out_dir)
         self.start_step = 0
-        ckpt = None
-        if restart:
-            ckpt = load_checkpoint(restart)
-            config = ckpt["config"]  # the run continues exactly as it was configured
         self.config = config
         tr = config["training"]
+        self.prefix = self.out_dir / tr["save_ckpt"]
+        ckpt = None
+        if restart:
+            ckpt = load_checkpoint(restart, for_restart=True)
+            _check_restart(ckpt, config, restart)
+            check_finite(ckpt["model"], restart)
+        self.run_id = (ckpt.get("run_id") if ckpt else None) or new_run_id()
+        self.last_saved = str(restart) if restart else None  # the last good checkpoint, for messages
+        self._old_run = self._claim_out_dir(restart, overwrite)
+        self.moved_to: Path | None = None
         mcfg = copy.deepcopy(config["model"])
         type_map = mcfg["type_map"]
 
@@ -156,7 +196,7 @@ class Trainer:
                 refit_energy_bias(self.model, self.train_systems, max_frames=mcfg["data_stat_nbatch"])
         else:
             if isinstance(mcfg["descriptor"]["sel"], str):
-                ratio = 1.1 if mcfg["descriptor"]["sel"] == "auto" else float(mcfg["descriptor"]["sel"].split(":")[1])
+                ratio = sel_factor(mcfg["descriptor"]["sel"])
                 mcfg["descriptor"]["sel"] = auto_sel(self.train_store.max_neighbors(len(type_map)), ratio)
             self.model = DeepPot(mcfg)
             descriptor_stats(self.model, self.train_systems, max_frames=mcfg["data_stat_nbatch"],
@@ -183,8 +223,13 @@ class Trainer:
             self.valid_sampler = BatchSampler(self.valid_systems, vdata["batch_size"], vdata["auto_prob"], vseed)
         if ckpt is not None:
             self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.sampler.load_state_dict(ckpt["sampler"])
-            if self.valid_systems:
+            # the batch order continues where it stopped when the data are the same (an exact restart); on new
+            # data it starts afresh from the seed
+            old = ckpt["config"]["training"]
+            if old["training_data"] == data and old["seed"] == tr["seed"] and self.sampler.fits(ckpt["sampler"]):
+                self.sampler.load_state_dict(ckpt["sampler"])
+            if (self.valid_systems and old["validation_data"] == tr["validation_data"] and old["seed"] == tr["seed"]
+                    and ckpt.get("valid_sampler") and self.valid_sampler.fits(ckpt["valid_sampler"])):
                 self.valid_sampler.load_state_dict(ckpt["valid_sampler"])
             torch.set_rng_state(ckpt["torch_rng"])
             self.start_step = ckpt["step"]
@@ -193,17 +238,37 @@ class Trainer:
                 torch.distributed.broadcast(p, 0)
         self.progress = Progress(tr["numb_steps"], self.start_step, enabled=progress and self.rank == 0)
 
+    def _claim_out_dir(self, restart, overwrite: bool) -> list[Path]:
+        """The files of another run in the output folder, to move aside before training (overwrite); without
+        overwrite they are a one-line error.  A restart's own run in the folder is no conflict."""
+        tr = self.config["training"]
+        files = run_files(self.prefix, tr["disp_file"])
+        if not files:
+            return []
+        if restart:
+            # files from before run ids (None) claim nothing; an lcurve without checkpoints is this run's only
+            # when the checkpoint restarted from lies in this folder
+            has_checkpoints = any(p.name != tr["disp_file"] for p in files)
+            here = Path(restart).parent.resolve() == self.out_dir.resolve()
+            if folder_runs(self.prefix) - {None} <= {self.run_id} and (has_checkpoints or here):
+                return []
+        if overwrite:
+            return files
+        listed = ", ".join(p.name for p in files[:3])
+        if restart:
+            raise DpmdError(f"{self.out_dir}: holds another training run ({listed}), not the one of {restart}; "
+                            f"restart into another -o folder, or pass --overwrite to move that run aside")
+        try:
+            hint = f"continue it with --restart {latest_checkpoint(self.out_dir)}, "
+        except DpmdError:
+            hint = ""
+        raise DpmdError(f"{self.out_dir}: already holds a training run ({listed}); {hint}train into another -o "
+                        f"folder, or pass --overwrite to move it aside")
+
     def _from_weights(self, path, type_map) -> DeepPot:
-        path = Path(path)
-        if zipfile.is_zipfile(path) and any(n.endswith("/extra/dpmd.json") for n in zipfile.ZipFile(path).namelist()):
-            model = load_model(path)  # a frozen model
-        else:
-            try:
-                ckpt = load_checkpoint(path)
-                model = DeepPot(ckpt["model_config"])
-                model.load_state_dict(ckpt["model"])
-            except DpmdError:
-                model = load_model(path)  # an older dpmd model file or a DeePMD-kit checkpoint
+        # a frozen model, a dpmd training checkpoint or a DeePMD-kit checkpoint, read as plain data only, checked
+        # for NaN weights
+        model = load_model(path)
         if model.type_map != list(type_map):
             raise ConfigError(f"{path}: model type_map {model.type_map} differs from model.type_map {list(type_map)}")
         return model.train()
@@ -241,67 +306,97 @@ class Trainer:
         if self.start_step > 0 and path.is_file():
             kept = [ln for ln in path.read_text().splitlines(keepends=True)
                     if ln.startswith("#") or (ln.split() and int(ln.split()[0]) <= self.start_step)]
-            path.write_text("".join(kept))
+            atomic_write(path, lambda fh: fh.write("".join(kept)), mode="w")
             return path.open("a"), True
         return path.open("w"), False
 
     def _checkpoint_state(self, step: int) -> dict:
-        return {"format": "dpmd-checkpoint", "version": 1, "step": step, "config": self.config,
+        return {"format": "dpmd-checkpoint", "version": 1, "run_id": self.run_id, "step": step, "config": self.config,
                 "model_config": self.model.config, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
                 "valid_sampler": self.valid_sampler.state_dict() if self.valid_systems else None,
                 "torch_rng": torch.get_rng_state()}
 
+    def _finite_step(self, loss, step: int) -> None:
+        """Stop before the optimizer step when the loss or the (averaged) gradients are not finite: the weights
+        stay as they were and no checkpoint of them is written."""
+        tr = self.config["training"]
+        if tr["gradient_max_norm"]:
+            norm = torch.nn.utils.clip_grad_norm_(self.trained_params, tr["gradient_max_norm"])
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad)
+                                                         for p in self.trained_params if p.grad is not None]))
+        bad = torch.stack([~torch.isfinite(loss.detach()), ~torch.isfinite(norm)]).to(torch.float64)
+        if self.world > 1:  # one worker's bad loss stops them all
+            torch.distributed.all_reduce(bad)
+        if not bad.any():
+            return
+        i, frames = self.sampler.last
+        what = "loss" if bad[0] else "gradients"
+        raise DpmdError(f"step {step}: non-finite {what} (loss {float(loss.detach()):.4g}) on frames {frames} of "
+                        f"{self.train_systems[i].path}; training stopped before updating the weights, the last "
+                        f"good checkpoint is {self.last_saved or 'none (none was written yet)'}")
+
+    def _save(self, step: int) -> None:
+        check_finite(self.model.state_dict(), f"step {step}")  # never a checkpoint with NaN weights
+        tr = self.config["training"]
+        self.last_saved = str(save_checkpoint(self._checkpoint_state(step), self.prefix, step, tr["max_ckpt_keep"]))
+
     def run(self) -> dict:
         tr = self.config["training"]
         numb_steps, disp_freq, save_freq = tr["numb_steps"], tr["disp_freq"], tr["save_freq"]
-        prefix = self.out_dir / tr["save_ckpt"]
         if self.rank == 0:
+            if self._old_run:
+                self.moved_to = move_aside(self._old_run, self.out_dir)
+                self._old_run = []
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            tidy(self.prefix, tr["disp_file"])
         lcurve, header_written = (self._open_lcurve(self.out_dir / tr["disp_file"]) if self.rank == 0 else (None, True))
         self.model.train()
-        last = {}
+        last, reached = {}, self.start_step
         t_start = time.perf_counter()
-        for step in range(self.start_step, numb_steps):
-            lr = self.lr(step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr * self.lr_scale
-            i, frames = self.sampler.next(self.rank)
-            loss, metrics = self._step_loss(self.train_store, i, frames, lr)
-            self.optimizer.zero_grad(set_to_none=True)
-            # inputs=: only the weights' gradients (not the edge vectors', which would cost second derivatives
-            # in the positions)
-            loss.backward(inputs=self.trained_params)
-            if self.world > 1:
-                for p in self.model.parameters():
-                    if p.grad is not None:
-                        torch.distributed.all_reduce(p.grad)
-                        p.grad /= self.world
-            if tr["gradient_max_norm"]:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr["gradient_max_norm"])
-            self.optimizer.step()
-            shown = step + 1
-            display = None
-            if shown % disp_freq == 0 or shown == 1:
-                val = self._validate(lr) if self.valid_systems else {}
-                if self.rank == 0:
-                    if not header_written:
-                        cols = self._lcurve_columns(metrics)
-                        lcurve.write("# " + f"{'step':>5s}" + "".join(f"{c:>14s}" for c in cols) + f"{'lr':>14s}\n")
-                        header_written = True
-                    values = []
-                    for c in ["rmse"] + [k for k in ("rmse_e", "rmse_f", "rmse_v") if k in metrics]:
-                        values += ([val[c]] if self.valid_systems else []) + [metrics[c]]
-                    lcurve.write(f"{shown:7d}" + "".join(f"{v:14.6e}" for v in values) + f"{lr:14.6e}\n")
-                    lcurve.flush()
-                    display = "  ".join(f"{k} {v:.3e}" for k, v in metrics.items())
-                last = {"train": metrics, "valid": val, "lr": lr}
-            if self.rank == 0 and (shown % save_freq == 0 or shown == numb_steps):
-                save_checkpoint(self._checkpoint_state(shown), prefix, shown, tr["max_ckpt_keep"])
-            self.progress.update(shown, display)
-        if lcurve is not None:
-            lcurve.close()
-        steps_run = numb_steps - self.start_step
-        last["seconds_per_step"] = (time.perf_counter() - t_start) / max(steps_run, 1)
+        try:
+            for step in range(self.start_step, numb_steps):
+                lr = self.lr(step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr * self.lr_scale
+                i, frames = self.sampler.next(self.rank)
+                loss, metrics = self._step_loss(self.train_store, i, frames, lr)
+                self.optimizer.zero_grad(set_to_none=True)
+                # inputs=: only the weights' gradients (not the edge vectors', which would cost second
+                # derivatives in the positions)
+                loss.backward(inputs=self.trained_params)
+                if self.world > 1:
+                    for p in self.model.parameters():
+                        if p.grad is not None:
+                            torch.distributed.all_reduce(p.grad)
+                            p.grad /= self.world
+                shown = step + 1
+                self._finite_step(loss, shown)
+                self.optimizer.step()
+                reached = shown
+                display = None
+                if shown % disp_freq == 0 or shown == 1:
+                    val = self._validate(lr) if self.valid_systems else {}
+                    if self.rank == 0:
+                        if not header_written:
+                            cols = self._lcurve_columns(metrics)
+                            lcurve.write("# " + f"{'step':>5s}" + "".join(f"{c:>14s}" for c in cols) + f"{'lr':>14s}\n")
+                            header_written = True
+                        values = []
+                        for c in ["rmse"] + [k for k in ("rmse_e", "rmse_f", "rmse_v") if k in metrics]:
+                            values += ([val[c]] if self.valid_systems else []) + [metrics[c]]
+                        lcurve.write(f"{shown:7d}" + "".join(f"{v:14.6e}" for v in values) + f"{lr:14.6e}\n")
+                        lcurve.flush()
+                        display = "  ".join(f"{k} {v:.3e}" for k, v in metrics.items())
+                    last = {"train": metrics, "valid": val, "lr": lr}
+                if self.rank == 0 and (shown % save_freq == 0 or shown == numb_steps):
+                    self._save(shown)
+                self.progress.update(shown, display)
+        finally:
+            if lcurve is not None:
+                lcurve.close()
+        last["step"] = reached  # the step reached, for the final message
+        last["seconds_per_step"] = (time.perf_counter() - t_start) / max(reached - self.start_step, 1)
         last["startup_seconds"] = self.stat_seconds
         return last
