@@ -57,7 +57,7 @@ def worker(args) -> None:
     if comm is not None:
         comm.Barrier()
     t0 = time.perf_counter()
-    sim.run(args.warmup + args.steps)
+    sim.run(args.steps)
     if comm is not None:
         comm.Barrier()
     dt = time.perf_counter() - t0

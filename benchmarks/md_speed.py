@@ -80,11 +80,11 @@ def worker(args) -> dict:
         for _ in range(block):
             evaluate(model, graph)
         evals.append((time.perf_counter() - t0) / block)
-        res = sim.run(sim.state.step + block)
+        res = sim.run(block)
         steps.append(res["seconds"] / res["steps"])
         builds += res["neighbor_builds"]
         if free is not None:
-            res = free.run(free.state.step + block)
+            res = free.run(block)
             free_steps.append(res["seconds"] / res["steps"])
     eval_s, step_s = statistics.median(evals), statistics.median(steps)
     row = {"threads": args.threads[0], "atoms": len(symbols), "steps": len(steps) * block,
@@ -98,7 +98,7 @@ def worker(args) -> dict:
         row["sync_free_steps_per_s"] = 1.0 / statistics.median(free_steps)
         for key, run in (("syncs_per_step", sim), ("sync_free_syncs_per_step", free)):
             with count_host_syncs() as c:
-                run.run(run.state.step + 20)
+                run.run(20)
             row[key] = c.count / 20
     if args.models > 1:
         row["ensemble_steps_per_s"] = ensemble_speed(model, coord, symbols, box, args)
@@ -126,7 +126,7 @@ def ensemble_speed(model, coord, symbols, box, args) -> float:
                      temperature=300, timestep=args.timestep, seed=1, skin=args.skin, thermo_freq=0,
                      model_devi_freq=args.devi_freq, log=None)
     sim.run(args.warmup)
-    res = sim.run(sim.state.step + max(args.devi_freq, args.steps // 2))
+    res = sim.run(max(args.devi_freq, args.steps // 2))
     return res["steps_per_second"]
 
 

@@ -106,6 +106,27 @@ def _md(args) -> None:
               f"{result['ns_per_day']:.3f} ns/day, {result['neighbor_builds']} neighbour-list builds")
 
 
+def _doc_train_input(args) -> None:
+    from dpmd import schema
+    from dpmd.train.config import TRAIN_ARGS
+
+    write = {"rst": schema.doc_text, "json": schema.doc_json, "json_schema": schema.json_schema}[args.out_type]
+    print(write(TRAIN_ARGS))
+
+
+def version() -> str:
+    """dpmd's version (and torch's, Python's), without importing torch."""
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    def of(package):
+        try:
+            return installed(package)
+        except PackageNotFoundError:
+            return "unknown"
+
+    return f"dpmd {of('dpmd')} (torch {of('torch')}, Python {sys.version.split()[0]})"
+
+
 def _build_ops(args) -> None:
     from dpmd import ops
 
@@ -122,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dpmd.data.convert import add_convert_arguments, run_convert
 
     parser = argparse.ArgumentParser(prog="dpmd", description="Deep-potential molecular dynamics")
+    parser.add_argument("--version", action="version", version=version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("neighbor-stat", help="max neighbour count per type and min pair distance of datasets")
@@ -146,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a new run in a folder holding another run moves that run into old-run-<time>/ there")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("doc-train-input", help="every key of the training input, with its default and doc "
+                                              "(like dp doc-train-input)")
+    p.add_argument("--out-type", default="rst", choices=["rst", "json", "json_schema"],
+                   help="rst: text (default); json: the keys as dargs JSON; json_schema: a JSON schema for editors")
+    p.set_defaults(func=_doc_train_input)
 
     p = sub.add_parser("freeze", help="checkpoint -> self-contained model file")
     p.add_argument("-c", "--checkpoint", default=None, help="checkpoint file or folder (default: latest in .)")

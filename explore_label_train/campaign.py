@@ -601,7 +601,7 @@ class Campaign:
         nf = len(members)
         try:
             for step in range(stage["traj_interval"], stage["steps"] + 1, stage["traj_interval"]):
-                sim.run(step)
+                sim.run(stage["traj_interval"])
                 d = sim.deviation()
                 p = sim.state.positions.detach().cpu().numpy()
                 b = None if sim.state.box is None else sim.state.box.detach().cpu().numpy()

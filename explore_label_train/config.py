@@ -17,7 +17,7 @@ import yaml
 
 from dpmd.errors import ConfigError
 
-TOP = {"work_dir": None, "type_map": None, "structures": {}, "initial": {}, "train": None, "explore": None,
+TOP = {"work_dir": None, "type_map": None, "masses": None, "structures": {}, "initial": {}, "train": None, "explore": None,
        "trust": None, "select": {}, "filters": {}, "labeller": {}, "dispatcher": {}, "convergence": {}}
 STRUCTURE = {"file": None, "format": None, "index": 0, "bulk": None, "crystalstructure": None, "a": None,
              "c": None, "cubic": False, "orthorhombic": False, "repeat": None,
@@ -161,8 +161,11 @@ def training_input(campaign: dict, systems: list[str], numb_steps: int, member: 
 def normalize_campaign(raw, base_dir: Path, source: str = "campaign") -> dict:
     base = Path(base_dir).resolve()
     c = complete(raw, TOP, "")
-    # type map
-    from ase.data import atomic_masses, atomic_numbers
+    # type map, and the masses of the exploration MD (ASE's, or {element: amu} given: DP-GEN's mass_map)
+    from ase.data import atomic_numbers
+
+    from dpmd.md.config import check_masses
+    from dpmd.md.engine import element_mass
 
     tm = c["type_map"]
     if not isinstance(tm, list) or not tm or not all(isinstance(t, str) for t in tm):
@@ -170,7 +173,8 @@ def normalize_campaign(raw, base_dir: Path, source: str = "campaign") -> dict:
     for t in tm:
         if t not in atomic_numbers:
             raise ConfigError(f"'type_map': {t!r} is not an element symbol")
-    c["masses"] = [float(atomic_masses[atomic_numbers[t]]) for t in tm]
+    masses = check_masses(c["masses"], tm)
+    c["masses"] = [element_mass(t, masses) for t in tm]   # in type_map order
     c["base_dir"] = str(base)
     c["source"] = source
     stem = Path(source).stem if source else "campaign"

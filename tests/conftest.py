@@ -27,6 +27,19 @@ def pytest_sessionstart(session):
             session.config.dpmd_ops_error = f"{type(err).__name__}: {str(err)[-2000:]}"
 
 
+@pytest.fixture(scope="session")
+def lib(request):
+    """The kernel library, built at session start (tests that need it fail, not skip, when the build failed)."""
+    from dpmd import ops
+
+    if ops.disabled():
+        pytest.skip("DPMD_OPS=0: reference path only")
+    err = getattr(request.config, "dpmd_ops_error", None)
+    assert err is None, f"the kernel library did not build: {err}"
+    assert ops.available(), "the kernel library is not loadable after the session build"
+    return ops.library_path()
+
+
 def small_config(rcut=4.0, sel=(30, 60), type_one_side=True, precision="float64", resnet_dt=True):
     return {
         "type_map": ["O", "H"],

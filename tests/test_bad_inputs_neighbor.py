@@ -18,7 +18,6 @@ from dpmd import ops
 from dpmd.geometry.neighbor import NeighborList, _periodic_images, cell_list, reference_neighbor_list
 from tests.conftest import REPO
 from tests.test_neighbor import as_set, brute_force
-from tests.test_ops import lib  # noqa: F401  (fixture: the kernel library, built)
 
 F64 = torch.float64
 RCUT = 6.0

@@ -389,6 +389,48 @@ def test_convert_errors(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def write_qe_cp_traj(prefix: Path, coords_bohr, forces_au, energies_ha):
+    """A Quantum ESPRESSO CP run's files (PREFIX.in, .pos, .for, .evp) for a water molecule in a 10 bohr cube."""
+    Path(f"{prefix}.in").write_text(
+        "&CONTROL\n  calculation = 'cp'\n/\n&SYSTEM\n  ibrav = 1, celldm(1) = 10.0, nat = 3, ntyp = 2\n/\n"
+        "ATOMIC_SPECIES\nO 15.999 O.pbe.UPF\nH 1.008 H.pbe.UPF\n"
+        "ATOMIC_POSITIONS (bohr)\nO 5.0 5.0 5.0\nH 6.8 5.0 5.0\nH 5.0 6.8 5.0\n")
+    steps = [10 * (i + 1) for i in range(len(energies_ha))]
+    blocks = lambda arrays: "".join(f"{n} {0.001 * n:.4f}\n" + "".join(  # noqa: E731
+        " ".join(f"{x:.10f}" for x in row) + "\n" for row in a) for n, a in zip(steps, arrays))
+    Path(f"{prefix}.pos").write_text(blocks(coords_bohr))
+    Path(f"{prefix}.for").write_text(blocks(forces_au))
+    Path(f"{prefix}.evp").write_text("#  nfi  time(ps)  ekinc  T_cell(K)  Tion(K)  etot  enthal  econs  econt\n" + "".join(
+        f"{n} {0.001 * n:.4f} 0.0 0.0 300.0 {e:.10f} {e:.10f} {e:.10f} {e:.10f}\n" for n, e in zip(steps, energies_ha)))
+
+
+def test_convert_a_file_prefix(tmp_path):
+    """qe/cp/traj reads PREFIX.in, .pos, .evp, .for (PREFIX itself is no file): -f qe/cp/traj or auto; a missing
+    file is one line naming it."""
+    pytest.importorskip("dpdata")
+    from ase.units import Bohr, Hartree
+
+    rng = np.random.default_rng(0)
+    coords = 5.0 + np.array([[0.0, 0.0, 0.0], [1.8, 0.0, 0.0], [0.0, 1.8, 0.0]]) + rng.normal(0, 0.05, (2, 3, 3))
+    forces, energies = rng.normal(0, 0.01, (2, 3, 3)), [-17.2, -17.1]
+    write_qe_cp_traj(tmp_path / "water", coords, forces, energies)
+    for fmt in ("qe/cp/traj", "auto"):
+        s = load_system(convert(tmp_path / "water", fmt, tmp_path / fmt.replace("/", "_"), ["O", "H"])[0])
+        assert s.nframes == 2 and [s.type_map[t] for t in s.atype] == ["O", "H", "H"]
+        np.testing.assert_allclose(s.coord.reshape(2, 3, 3), coords * Bohr, rtol=1e-6)
+        np.testing.assert_allclose(s.box.reshape(2, 3, 3), np.stack([np.eye(3) * 10 * Bohr] * 2), rtol=1e-6)
+        np.testing.assert_allclose(s.force.reshape(2, 3, 3), forces * Hartree / Bohr, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(s.energy, np.array(energies) * Hartree, rtol=1e-6)
+    (tmp_path / "water.for").unlink()
+    with pytest.raises(DataError) as err:
+        convert(tmp_path / "water", "qe/cp/traj", tmp_path / "o")
+    p = tmp_path / "water"
+    assert str(err.value) == (f"{p}: qe/cp/traj reads the files of this prefix ({p}.in, {p}.pos, {p}.evp, {p}.for); "
+                              f"missing {p}.for")
+    with pytest.raises(DataError, match=r"water: does not exist$"):   # auto: no complete prefix either
+        convert(tmp_path / "water", "auto", tmp_path / "o")
+
+
 def test_cli_run_convert(tmp_path, capsys):
     pytest.importorskip("dpdata")
     import ase.io

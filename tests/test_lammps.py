@@ -301,6 +301,34 @@ def test_bad_input_is_one_clear_error(plugin, models, frame, tmp_path, pair_styl
         lmp.close()
 
 
+def test_bare_pair_coeff_takes_the_model_type_map(plugin, models, frame):
+    """`pair_coeff * *` without element names (DeePMD-kit's pair style; DP-GEN writes it): atom type t is the
+    model's type_map[t-1], so the energy is that of `pair_coeff * * O H` (and not of `* * H O`).  A box with
+    more atom types than the type_map is one clear error."""
+    models = models[0]
+    energies = {}
+    for coeff in ("* *", "* * O H", "* * H O"):
+        lmp = lammps_session()
+        try:
+            lines = setup_lines(plugin, frame[0], f"dpmd {models['a']}").replace("pair_coeff * * O H",
+                                                                                  f"pair_coeff {coeff}")
+            lmp.commands_string(lines + "run 0\n")
+            energies[coeff] = lmp.get_thermo("pe")
+        finally:
+            lmp.close()
+    assert energies["* *"] == energies["* * O H"] != energies["* * H O"]
+    lmp = lammps_session()
+    try:
+        lmp.commands_string(f"units metal\natom_style atomic\nread_data {frame[0]} extra/atom/types 1\n"
+                            f"plugin load {plugin}\npair_style dpmd {models['a']}\n")
+        with pytest.raises(Exception) as err:
+            lmp.command("pair_coeff * *")
+        assert str(err.value).startswith(f"ERROR: pair_coeff * * for dpmd: the box has 3 atom types but the type_map "
+                                         f"of {models['a']} has 2 (O H); name the element of each type")
+    finally:
+        lmp.close()
+
+
 @pytest.mark.parametrize("setting, message", [("units real", "units real are not supported"),
                                               ("newton off", "requires newton pair on")])
 def test_unsupported_settings_are_clear_errors(plugin, models, frame, setting, message):

@@ -85,7 +85,7 @@ def test_nve_conserves_energy(water_model):
                      thermo_freq=0)
     etot, ke = [], []
     for k in range(1, 21):
-        sim.run(5 * k)
+        sim.run(5)
         th = sim.thermo()
         etot.append(th["econserve"][0])
         ke.append(th["ke"][0])
@@ -115,7 +115,7 @@ def test_nve_conserves_energy_over_a_picosecond():
                      ensemble="nve", timestep=0.5, temperature=300, seed=2, thermo_freq=0)
     etot, ke = [], []
     for k in range(1, 51):
-        sim.run(40 * k)
+        sim.run(40)
         th = sim.thermo()
         etot.append(th["econserve"][0] / len(sym))
         ke.append(th["ke"][0])
@@ -137,7 +137,7 @@ def test_thermostat_reaches_target_temperature(kind):
     econs, ke = [sim.thermo()["econserve"]], [sim.thermo()["ke"]]
     temps = []
     for k in range(1, 151):  # 3 ps; average over the last 2.4 ps of all eight systems
-        sim.run(10 * k)
+        sim.run(10)
         th = sim.thermo()
         if k > 30:
             temps.append(th["temp"])
@@ -168,7 +168,7 @@ def test_npt_volume_goes_to_target_pressure(mode):
                      timestep=2.0, temperature=300, seed=5, thermo_freq=0)
     vols, press = [], []
     for k in range(1, 101):
-        sim.run(4 * k)
+        sim.run(4)
         if k > 40:
             th = sim.thermo()
             vols.append(th["vol"])
@@ -213,7 +213,7 @@ def test_restart_is_bit_for_bit(tmp_path):
     sim = build_simulation(normalize_md_config(cfg_b), log=None)
     sim.run(10)
     shutil.copy(tmp_path / "b/out/checkpoint.pt", tmp_path / "b/ckpt10.pt")
-    sim.run(13)                       # the job goes on past the checkpoint, then dies
+    sim.run(3)                        # the job goes on past the checkpoint, then dies
     sim.close()
     (tmp_path / "b/input.yaml").write_text(yaml.safe_dump(cfg_b))
     assert main(["md", str(tmp_path / "b/input.yaml"), "--restart", str(tmp_path / "b/ckpt10.pt")]) == 0
@@ -239,8 +239,8 @@ def test_verlet_list_gives_the_same_forces_as_a_fresh_list(water_model):
     pos, sym, box = small_water()
     sim = Simulation(water_model, pos, sym, box, ensemble="nvt", thermostat={"type": "langevin", "damp": 0.1},
                      temperature=600, timestep=1.0, skin=1.0, seed=4, thermo_freq=0)
-    for step in range(1, 31):
-        sim.run(step)
+    for _ in range(30):
+        sim.run(1)
         s = sim.state
         ref = evaluate(water_model, build_graph(s.positions[0], s.atype[0], s.box[0], water_model.rcut))
         assert torch.allclose(s.forces[0], ref["force"], rtol=0, atol=1e-10)
@@ -305,6 +305,36 @@ def test_batched_systems_match_single_runs():
         one = Simulation(model, pos[f], sym, box, ensemble="nve", timestep=2.0, velocities=v0[f], thermo_freq=0)
         one.run(20)
         assert torch.allclose(one.state.positions[0], batch.state.positions[f], rtol=0, atol=1e-10)
+
+
+def test_run_n_advances_n_more_steps_and_upto_reaches_a_total():
+    """run(n) is ASE's dyn.run(n) and LAMMPS's `run n`: two blocks of run(20) advance 40 steps.  run(upto=N) is
+    the step N in total (LAMMPS's `run N upto`): the same trajectory; a total behind the run is refused."""
+    pos, sym, box = gas(nframes=1)
+    model = make_model()
+    kw = dict(ensemble="nve", timestep=2.0, seed=1, thermo_freq=0, log=None)
+    blocks = Simulation(model, pos[0], sym, box, **kw)
+    assert blocks.run(20)["steps"] == 20 and blocks.run(20)["steps"] == 20 and blocks.state.step == 40
+    totals = Simulation(model, pos[0], sym, box, **kw)
+    assert totals.run(upto=15)["steps"] == 15 and totals.run(upto=40)["steps"] == 25
+    assert torch.equal(blocks.state.positions, totals.state.positions)
+    assert blocks.run(upto=40)["steps"] == 0 and blocks.run(0)["steps"] == 0
+    with pytest.raises(DpmdError, match=r"^run: upto=30 is behind the current step 40 \(upto is the step to reach "
+                                        r"in total; run\(30\) advances 30 more steps\)$"):
+        blocks.run(upto=30)
+    with pytest.raises(DpmdError, match=r"^run: give steps \(how many more\) or upto"):
+        blocks.run(5, upto=50)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(DpmdError, match=rf"^run: steps must be a whole number >= 0, got {bad!r}$"):
+            blocks.run(bad)
+    with pytest.raises(DpmdError, match=r"^run: no steps given and none configured"):
+        blocks.run()
+
+    configured = Simulation(model, pos[0], sym, box, steps=12, **kw)   # run(): up to `steps` in total, as dpmd md
+    assert configured.run()["steps"] == 12 and configured.run()["steps"] == 0
+    configured.run(3)
+    with pytest.raises(DpmdError, match=r"^steps: 12 in total, but the run is already at step 15"):
+        configured.run()
 
 
 def test_stops_on_close_atoms(tmp_path):
@@ -373,7 +403,7 @@ def test_temperature_ramp_is_followed():
     assert sim.temperature(0) == 200.0 and sim.temperature(100) == 300.0 and sim.temperature(400) == 600.0
     temps = []
     for step in range(10, 401, 10):
-        sim.run(step)
+        sim.run(10)
         temps.append((step, sim.thermo()["temp"].mean()))
     lag = 10   # steps: the thermostat follows the target with its time constant (damp / timestep)
     for lo, hi in ((100, 160), (340, 400)):   # window means against the ramp's mean over the window

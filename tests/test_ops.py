@@ -26,16 +26,6 @@ from dpmd.model.forces import assemble, evaluate
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module")
-def lib(request):
-    if ops.disabled():
-        pytest.skip("DPMD_OPS=0: reference path only")
-    err = getattr(request.config, "dpmd_ops_error", None)
-    assert err is None, f"the kernel library did not build: {err}"
-    assert ops.available(), "the kernel library is not loadable after the session build"
-    return ops.library_path()
-
-
 def random_box(gen, thin=False):
     box = torch.diag(torch.tensor([6.0, 5.5, 7.0], dtype=F64)) + 1.5 * (torch.rand(3, 3, generator=gen, dtype=F64) - 0.5)
     if thin:  # one face spacing well below rcut: several images of the same neighbour

@@ -22,7 +22,7 @@ def small_input(tmp_path, steps=20, **training):
     cfg = {
         "model": {"type_map": ["O", "H"],
                   "descriptor": {"type": "se_e2_a", "sel": "auto", "rcut": 4.0, "rcut_smth": 0.5,
-                                 "neuron": [4, 8, 16], "axis_neuron": 4, "seed": 1},
+                                 "neuron": [4, 8, 16], "axis_neuron": 4, "type_one_side": True, "seed": 1},
                   "fitting_net": {"neuron": [16, 16], "seed": 1}},
         "learning_rate": {"type": "exp", "start_lr": 2e-3, "stop_lr": 1e-5, "decay_steps": 10},
         "loss": {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1},
@@ -127,17 +127,19 @@ def test_deepmd_input_json_is_accepted(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda c: c["training"].update(numb_step=3), "unknown key 'training.numb_step'"),
+    (lambda c: c["training"].update(numb_stepz=3), "unknown key 'training.numb_stepz'"),
+    (lambda c: c["training"].update(stop_batch=3), "'training.numb_steps' and 'training.stop_batch' are the same key"),
     (lambda c: c["model"]["descriptor"].update(rcutt=3), "unknown key 'model.descriptor.rcutt'"),
     (lambda c: c["training"].update(numb_steps=-5), "'training.numb_steps' must be positive"),
     (lambda c: c["training"].update(numb_steps="many"), "'training.numb_steps' must be an integer"),
     (lambda c: c["learning_rate"].update(start_lr="fast"), "'learning_rate.start_lr' must be a number"),
     (lambda c: c["training"]["training_data"].update(systems=["/no/such/dir"]), "/no/such/dir does not exist"),
     (lambda c: c["training"]["training_data"].update(batch_size="big"), "batch_size"),
-    (lambda c: c["loss"].update(type="tensor"), "not supported yet"),
+    (lambda c: c["loss"].update(type="tensor"), "loss type 'tensor' is not supported"),
     (lambda c: c["model"]["descriptor"].update(neuron="wide"), "'model.descriptor.neuron' must be a list"),
     (lambda c: c["model"]["descriptor"].update(rcut="6"), "'model.descriptor.rcut' must be a number"),
-    (lambda c: c.update(optimizer={}), "unknown key 'input.optimizer'"),
+    (lambda c: c.update(optimizer={"type": "AdamW"}), "optimizer type 'AdamW' is not supported"),
+    (lambda c: c.update(optimiser={}), "unknown key 'optimiser'"),
 ])
 def test_config_mistakes_are_one_line_errors(tmp_path, mutate, message):
     cfg = small_input(tmp_path)

@@ -243,20 +243,29 @@ void PairDPMD::coeff(int narg, char **arg)
 {
   if (!allocated) allocate();
   int ntypes = atom->ntypes;
-  if (narg != 2 + ntypes)
+  std::vector<std::string> elements(arg + 2, arg + narg);
+  if (narg == 2) {   // bare `pair_coeff * *` (DeePMD-kit, DP-GEN): atom type t is type_map[t-1] of the first model
+    const auto &type_map = models[0].type_map;
+    if (ntypes > static_cast<int>(type_map.size()))
+      error->all(FLERR, "pair_coeff * * for dpmd: the box has {} atom types but the type_map of {} has {} ({}); "
+                        "name the element of each type: pair_coeff * * <element per type>",
+                 ntypes, models[0].path, type_map.size(), utils::join_words(type_map, " "));
+    elements.assign(type_map.begin(), type_map.begin() + ntypes);
+    if (comm->me == 0)
+      utils::logmesg(lmp, "pair_coeff * *: atom types 1-{} are {} (the model's type_map, in order)\n", ntypes,
+                     utils::join_words(elements, " "));
+  } else if (narg != 2 + ntypes) {
     error->all(FLERR, "pair_coeff for dpmd: expected 'pair_coeff * * ' followed by one element name for each of the "
                       "{} atom types (e.g. pair_coeff * * O H), got {} element name(s)", ntypes, narg - 2);
+  }
   for (auto &model : models) {
     model.lmp_to_model.assign(ntypes + 1, -1);
     for (int t = 1; t <= ntypes; t++) {
-      std::string element = arg[1 + t];
+      const std::string &element = elements[t - 1];
       auto found = std::find(model.type_map.begin(), model.type_map.end(), element);
-      if (found == model.type_map.end()) {
-        std::string known;
-        for (const auto &e : model.type_map) known += (known.empty() ? "" : " ") + e;
+      if (found == model.type_map.end())
         error->all(FLERR, "pair_coeff for dpmd: element {} (atom type {}) is not in the type_map of {} ({})", element,
-                   t, model.path, known);
-      }
+                   t, model.path, utils::join_words(model.type_map, " "));
       model.lmp_to_model[t] = static_cast<int>(found - model.type_map.begin());
     }
   }

@@ -24,6 +24,10 @@ __all__ = ["convert", "guess_format", "add_convert_arguments", "run_convert"]
 # dpdata formats whose LabeledSystem reader returns only the first frame of a multi-frame file
 _MULTI_FRAME_XYZ = {"extxyz", "quip/gap/xyz", "quip/gap/xyz_file", "mace/xyz", "nequip/xyz", "gpumd/xyz"}
 _COMMON_FORMATS = "vasp/outcar, vasp/xml, qe/pw/scf, cp2k/output, extxyz, ase/structure, deepmd/npy"
+# dpdata formats read from a file prefix, not a path: the PREFIX.<ext> files their labelled reader needs
+# (a tuple: either file; qe/cp/traj also reads PREFIX.cel and PREFIX.str when present)
+_PREFIX_FORMATS = {"qe/cp/traj": (".in", ".pos", ".evp", ".for"), "openmx/md": (".dat", ".md"),
+                   "amber/md": (".parm7", ".nc", ".mdfrc", (".mden", ".mdout"))}
 
 
 def _import_dpdata():
@@ -32,6 +36,22 @@ def _import_dpdata():
     except ImportError:
         raise DataError("converting DFT outputs needs dpdata (pip install dpdata)") from None
     return dpdata
+
+
+def _prefix_files(prefix: str, fmt: str) -> tuple[list[str], list[str]]:
+    """(the files `fmt` reads from `prefix`, those of them missing), each as PREFIX.ext (or "A or B")."""
+    needed, missing = [], []
+    for ext in _PREFIX_FORMATS[fmt]:
+        names = [prefix + e for e in (ext if isinstance(ext, tuple) else (ext,))]
+        needed.append(" or ".join(names))
+        if not any(os.path.isfile(n) for n in names):
+            missing.append(needed[-1])
+    return needed, missing
+
+
+def _prefix_format(prefix: str) -> str | None:
+    """The prefix format all of whose files are there (for -f auto), else None."""
+    return next((fmt for fmt in _PREFIX_FORMATS if not _prefix_files(prefix, fmt)[1]), None)
 
 
 def guess_format(src) -> str:
@@ -117,8 +137,16 @@ def _convert(src, fmt: str, out_dir, type_map=None, overwrite: bool = False) -> 
     dpdata = _import_dpdata()
     label = src if isinstance(src, (str, os.PathLike)) else "<ase.Atoms>"
     label = os.fspath(label)
-    if isinstance(src, (str, os.PathLike)) and not os.path.exists(src):
-        raise DataError(f"{label}: does not exist")
+    if isinstance(src, (str, os.PathLike)):
+        if fmt == "auto" and not os.path.exists(label):
+            fmt = _prefix_format(label) or fmt
+        if fmt in _PREFIX_FORMATS:   # PREFIX itself need not exist
+            needed, missing = _prefix_files(label, fmt)
+            if missing:
+                raise DataError(f"{label}: {fmt} reads the files of this prefix ({', '.join(needed)}); "
+                                f"missing {', '.join(missing)}")
+        elif not os.path.exists(label):
+            raise DataError(f"{label}: does not exist")
     if fmt == "auto":
         fmt = guess_format(src)
     if fmt not in dpdata.format.Format.get_formats():
@@ -166,7 +194,8 @@ def _convert(src, fmt: str, out_dir, type_map=None, overwrite: bool = False) -> 
 
 
 def convert(src, fmt: str, out_dir, type_map: Sequence[str] | None = None, overwrite: bool = False) -> list[str]:
-    """Convert ``src`` (a file, directory, or ase.Atoms for "ase/structure") to deepmd/npy.
+    """Convert ``src`` (a file, directory, file prefix for qe/cp/traj, openmx/md and amber/md, or ase.Atoms for
+    "ase/structure") to deepmd/npy.
 
     ``fmt`` is a dpdata format name or "auto". With ``type_map`` the written type ids
     follow it (an element missing from it is a DataError). Returns the written system dirs.
@@ -176,7 +205,8 @@ def convert(src, fmt: str, out_dir, type_map: Sequence[str] | None = None, overw
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``dpmd convert SRC... -f FMT -o OUT [-t O H]``."""
-    parser.add_argument("src", nargs="+", help="DFT output files (OUTCAR, vasprun.xml, *.xyz, pw.x output, ...)")
+    parser.add_argument("src", nargs="+", help="DFT output files (OUTCAR, vasprun.xml, *.xyz, pw.x output, ...), or the prefix of a "
+                        "run's files (qe/cp/traj: PREFIX.in, PREFIX.pos, ...)")
     parser.add_argument("-f", "--fmt", default="auto", help=f"dpdata format name, or 'auto' (default); e.g. {_COMMON_FORMATS}")
     parser.add_argument("-o", "--out", required=True, help="output directory (one sub-directory per source when several)")
     parser.add_argument("-t", "--type-map", nargs="+", default=None, metavar="EL", help="element order of the model, e.g. -t O H")

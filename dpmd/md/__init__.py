@@ -4,7 +4,8 @@
     run_md("input.yaml")                                   # what `dpmd md input.yaml` does
     sim = Simulation([model, model2], positions, symbols, box, ensemble="nvt",
                      thermostat={"type": "csvr", "damp": 0.1}, temperature=300, timestep=0.5)
-    sim.run(1000); sim.state.positions; sim.thermo(); sim.deviation()
+    sim.run(1000); sim.state.positions; sim.thermo(); sim.deviation()   # run(n): n more steps
+    sim.run(upto=5000)                                     # on to step 5000 in total
 
 Pieces (JAX-MD style): dpmd.md.thermostats (langevin, csvr, nose_hoover), dpmd.md.barostats
 (stochastic cell rescaling), dpmd.md.integrator.velocity_verlet -> (init, step), dpmd.md.neighbors.VerletList.

@@ -17,6 +17,7 @@ DEFAULTS = {
     "timestep": 0.5, "steps": None, "temperature": 300.0, "pressure": None, "seed": 1, "skin": 2.0,
     "thermo_freq": 100, "traj_freq": 100, "traj_format": "extxyz", "model_devi_freq": 0,
     "checkpoint_freq": 1000, "output_dir": ".", "min_distance": 0.5, "device": "cpu", "sync_free": "auto",
+    "masses": None,
 }
 REQUIRED = ("structure", "models", "steps")
 THERMOSTAT_KEYS = {"langevin": {"damp"}, "csvr": {"damp"}, "nose_hoover": {"damp", "chain"}}
@@ -83,6 +84,20 @@ def _barostat(v) -> dict:
     return out
 
 
+def check_masses(value, type_map=None, where="masses") -> dict:
+    """{element: amu} overriding ASE's masses (deuterium: {H: 2.014}), checked; {} for None.  With type_map,
+    every element must be one of it."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"{where}: expected element: mass in amu, e.g. {{H: 2.014}}, got {value!r}")
+    for name, mass in value.items():
+        check_number(mass, f"{where}.{name}", positive=True)
+        if type_map is not None and name not in type_map:
+            raise ConfigError(f"{where}: {name} is not in the type_map {list(type_map)}")
+    return {name: float(mass) for name, mass in value.items()}
+
+
 def normalize_md_config(config: dict) -> dict:
     """Defaults filled in, every key checked; raises ConfigError (one line) on the first problem."""
     if not isinstance(config, dict):
@@ -133,6 +148,7 @@ def normalize_md_config(config: dict) -> dict:
     if not isinstance(fmt, list) or not all(f in TRAJ_FORMATS for f in fmt):
         raise ConfigError(f"traj_format: expected one or a list of {', '.join(TRAJ_FORMATS)}, got {cfg['traj_format']!r}")
     cfg["traj_format"] = fmt
+    cfg["masses"] = check_masses(cfg["masses"])
     structs = cfg["structure"] if isinstance(cfg["structure"], list) else [cfg["structure"]]
     for s in structs:
         if isinstance(s, dict):
@@ -236,6 +252,7 @@ def build_simulation(cfg: dict, log=print):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DpmdError(f"device: {cfg['device']} asked for, but this PyTorch sees no CUDA GPU; use device: cpu")
     models = [load_model(m, device=cfg["device"]) for m in cfg["models"]]
+    check_masses(cfg["masses"], models[0].type_map)
     structs = cfg["structure"] if isinstance(cfg["structure"], list) else [cfg["structure"]]
     read = [read_structure(s, models[0].type_map) for s in structs]
     if len({len(r[1]) for r in read}) > 1:
@@ -255,7 +272,7 @@ def build_simulation(cfg: dict, log=print):
         make = partial(ParallelSimulation, comm=comm)
     sim = make(models, np.stack([r[0] for r in read]), [r[1] for r in read], box,
                       ensemble=cfg["ensemble"], thermostat=cfg["thermostat"], barostat=cfg["barostat"],
-                      timestep=cfg["timestep"], temperature=cfg["temperature"],
+                      masses=cfg["masses"], timestep=cfg["timestep"], temperature=cfg["temperature"],
                       pressure=cfg["pressure"], steps=cfg["steps"], seed=cfg["seed"], skin=cfg["skin"],
                       min_distance=cfg["min_distance"], thermo_freq=cfg["thermo_freq"], traj_freq=cfg["traj_freq"],
                       traj_format=cfg["traj_format"], model_devi_freq=cfg["model_devi_freq"],

@@ -1,7 +1,7 @@
 """The MD engine: one loop over (init, step) pieces, a Verlet list, outputs, checkpoints and safety checks.
 
     sim = Simulation(models, positions (F, N, 3), symbols, box (F, 3, 3) or None, ensemble="nvt", ...)
-    sim.run(1000)
+    sim.run(1000)          # 1000 more steps; sim.run(upto=5000): on to step 5000 in total
 
 F independent systems of N atoms each advance together, with one model evaluation per step over
 all of them.  The first model drives the dynamics; all models give the deviation.
@@ -9,6 +9,7 @@ all of them.  The first model drives the dynamics; all models give the deviation
 
 from __future__ import annotations
 
+import numbers
 import time
 from pathlib import Path
 
@@ -51,6 +52,18 @@ def _ramp(value, total_steps: int, device=None):
     return lambda step: v
 
 
+def element_mass(name: str, masses: dict | None = None) -> float:
+    """amu: masses[name] where given (e.g. {"H": 2.014}: deuterium), else ASE's standard atomic mass."""
+    from ase.data import atomic_masses, atomic_numbers
+
+    if masses and name in masses:
+        return float(masses[name])
+    if name not in atomic_numbers:
+        raise DpmdError(f"masses: {name!r} is not an element, so it has no standard mass; give one: "
+                        f"masses: {{{name}: amu}}")
+    return float(atomic_masses[atomic_numbers[name]])
+
+
 class Simulation:
     def __init__(self, models, positions, symbols, box=None, *, masses=None, ensemble: str = "nve",
                  thermostat: dict | None = None, barostat: dict | None = None, timestep: float = 0.5,
@@ -60,6 +73,7 @@ class Simulation:
                  output_dir=None, log=print, bias=None, sync_free=None):
         """models: a DeepPot or a list (the first drives the dynamics).
         positions: (N, 3) or (F, N, 3) Å; symbols: N element names (or F lists); box: (3, 3), (F, 3, 3) or None.
+        masses: amu, per atom ((N,) or (F, N)), or {element: amu} overriding ASE's masses (None: ASE's).
         timestep in fs, temperature in K, pressure in bar ([start, end] ramps linearly over `steps`),
         temperature / pressure as a numpy array or tensor of shape (F,): one constant per system.
         bias: None, or bias(models, graph, out) -> out with energy, force and virial of an added potential
@@ -87,10 +101,8 @@ class Simulation:
         if box is not None:
             box = torch.as_tensor(np.asarray(box, dtype=np.float64), device=self.device).reshape(-1, 3, 3)
             box = box.expand(nf, 3, 3).clone()
-        if masses is None:
-            from ase.data import atomic_masses, atomic_numbers
-
-            masses = [[atomic_masses[atomic_numbers[s]] for s in row] for row in self.symbols]
+        if masses is None or isinstance(masses, dict):
+            masses = [[element_mass(s, masses) for s in row] for row in self.symbols]
         masses = torch.as_tensor(np.asarray(masses, dtype=np.float64), device=self.device).reshape(-1, n)
         masses = masses.expand(nf, n).clone()
 
@@ -380,11 +392,11 @@ class Simulation:
             self._open_outputs(restart=True)
 
     # ---------------------------------------------------------------- loop
-    def run(self, steps: int | None = None) -> dict:
-        """Advance to step `steps` in total (default: the configured steps); returns a summary."""
-        target = self.total_steps if steps is None else steps
-        if target is None:
-            raise DpmdError("run(steps): number of steps not given")
+    def run(self, steps: int | None = None, *, upto: int | None = None) -> dict:
+        """Advance `steps` more steps (as ASE's dyn.run(n) and LAMMPS's `run n`), or up to step `upto` in
+        total (LAMMPS's `run n upto`); with neither, up to the configured `steps` in total (so that a
+        restarted `dpmd md` stops where its input says).  Returns a summary."""
+        target = self._target(steps, upto)
         fresh = self.state.step == 0 and not self.outputs
         self._open_outputs(restart=not fresh)
         start_step, t0 = self.state.step, time.perf_counter()
@@ -418,6 +430,30 @@ class Simulation:
         return {"steps": done, "seconds": elapsed, "steps_per_second": done / elapsed if elapsed > 0 else float("inf"),
                 "ns_per_day": done * self.dt * 1e-3 / elapsed * 86400 if elapsed > 0 else float("inf"),
                 "neighbor_builds": self.verlet.builds - builds0}
+
+    def _target(self, steps, upto) -> int:
+        """The step a run(steps, upto=...) call ends at."""
+        def count(value, name):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise DpmdError(f"run: {name} must be a whole number >= 0, got {value!r}")
+            return int(value)
+
+        if steps is not None and upto is not None:
+            raise DpmdError("run: give steps (how many more) or upto (the step to reach in total), not both")
+        if steps is not None:
+            return self.state.step + count(steps, "steps")
+        if upto is not None:
+            upto = count(upto, "upto")
+            if upto < self.state.step:   # (LAMMPS's `run N upto` refuses a step in the past too)
+                raise DpmdError(f"run: upto={upto} is behind the current step {self.state.step} (upto is the "
+                                f"step to reach in total; run({upto}) advances {upto} more steps)")
+            return upto
+        if self.total_steps is None:
+            raise DpmdError("run: no steps given and none configured; run(n) advances n steps")
+        if self.total_steps < self.state.step:   # e.g. a restart from a checkpoint past the input's steps
+            raise DpmdError(f"steps: {self.total_steps} in total, but the run is already at step {self.state.step} "
+                            f"(a restart continues up to steps in total)")
+        return self.total_steps
 
     def _output_step(self, step: int) -> bool:
         """Does this step write or log anything?"""

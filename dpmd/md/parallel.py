@@ -352,8 +352,8 @@ class ParallelSimulation(Simulation):
         # positions are gathered in global-id order first; rank 0 writes
         self._on_global(super()._write_crash_frame, path)
 
-    def run(self, steps: int | None = None) -> dict:
-        result = super().run(steps)
+    def run(self, steps: int | None = None, *, upto: int | None = None) -> dict:
+        result = super().run(steps, upto=upto)
         result["rank"], result["ranks"] = self.rank, self.comm.size
         result["grid"] = self.domain.grid.tolist()
         return result

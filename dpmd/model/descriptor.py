@@ -13,6 +13,9 @@ normalisation turns into the constant -mean/std and so still feeds T_i.  Padded 
 kept out of the arithmetic here: their total contribution is (sel - count) times one
 embedding evaluation per (centre type, net), which reproduces DeePMD-kit's numbers exactly.
 
+exclude_types (DeePMD-kit's): the rows of an excluded (centre type, neighbour type) pair are zeroed after
+normalisation, so such a neighbour adds nothing to T yet still fills its slot (not a padding term).
+
 For forces and training the embedding nets may be linearised in s (dpmd.model.network.linearized_embedding:
 same value and first derivative, no double differentiation of the nets); see _linearized_block.
 
@@ -55,11 +58,11 @@ def _short(x: float) -> str:
 class DescriptorSeA(nn.Module):
     # TorchScript constants: the compressed code (and its `table` buffer) is compiled only for a compressed
     # model, the torch.ops.dpmd.* calls only when scripted with the kernel library loaded (use_ops)
-    __constants__ = ["compressed", "use_ops"]
+    __constants__ = ["compressed", "use_ops", "has_exclusion"]
 
     def __init__(self, ntypes: int, sel: list[int], rcut: float, rcut_smth: float, neuron=(25, 50, 100),
                  axis_neuron: int = 16, resnet_dt: bool = False, type_one_side: bool = True,
-                 activation_function: str = "tanh", dtype=torch.float64, generator=None):
+                 activation_function: str = "tanh", dtype=torch.float64, generator=None, exclude_types=()):
         super().__init__()
         if len(sel) != ntypes:
             raise ValueError(f"descriptor.sel has {len(sel)} entries but type_map has {ntypes} types")
@@ -79,6 +82,10 @@ class DescriptorSeA(nn.Module):
         )
         self.register_buffer("mean", torch.zeros(ntypes, 4, dtype=dtype))
         self.register_buffer("std", torch.ones(ntypes, 4, dtype=dtype))
+        # centre type * ntypes + neighbour type of the pairs of exclude_types, both orders (from the config: not
+        # part of the weights); the -1 that no pair has keeps the list non-empty, which TorchScript needs
+        self.excluded_pairs = [-1] + sorted({a * ntypes + b for p in exclude_types for a, b in (p, p[::-1])})
+        self.has_exclusion = len(self.excluded_pairs) > 1
         # model compression (see enable_compression; it adds the buffer `table`)
         self.compressed = False
         self.table_lower, self.table_upper, self.table_end = 0.0, 0.0, 0.0
@@ -123,7 +130,7 @@ class DescriptorSeA(nn.Module):
         center_type (n_centers,); neighbor_type (E,).  (forward_padded: the same for DeePMD's padded layout.)
         """
         dtype = self.mean.dtype
-        if self.compressed and edge_vec.device.type == "cpu":
+        if self.compressed and edge_vec.device.type == "cpu" and not self.has_exclusion:
             if self.use_ops:  # frozen with the kernel library
                 return self._fused_tabulated(edge_vec.to(dtype), center, center_type, neighbor_type)
             if not torch.jit.is_scripting():
@@ -132,6 +139,11 @@ class DescriptorSeA(nn.Module):
         ncent = center_type.shape[0]
         ct_edge = center_type.index_select(0, center)
         rows = self.env_rows(edge_vec.to(dtype))
+        slot_center, slot_type = center, neighbor_type  # every edge fills a slot, excluded or not
+        if self.has_exclusion:  # an excluded edge adds nothing: leave it out
+            kept = torch.nonzero(self.kept_edges(rows, ct_edge, neighbor_type)).squeeze(1)
+            rows, edge_vec, ct_edge = rows.index_select(0, kept), edge_vec.index_select(0, kept), ct_edge.index_select(0, kept)
+            center, neighbor_type = center.index_select(0, kept), neighbor_type.index_select(0, kept)
         rows = (rows - self.mean.index_select(0, ct_edge)) / self.std.index_select(0, ct_edge)
         key = neighbor_type if self.type_one_side else neighbor_type * self.ntypes + ct_edge
         # Edges grouped by net, then by centre: each group becomes a dense (centre, slot)
@@ -157,8 +169,17 @@ class DescriptorSeA(nn.Module):
                         linearized = self._linearized_block(i, r, c, ncent)
                     T = T + (self._block(r, net(r[:, :1]), c, ncent) if linearized is None else linearized)
             start += n
-        T = T + self._padding(center, center_type, neighbor_type)
+        T = T + self._padding(slot_center, center_type, slot_type)
         return self._descriptor_from_T(T, ncent)
+
+    def kept_edges(self, rows: torch.Tensor, center_type_of_edge: torch.Tensor, neighbor_type: torch.Tensor):
+        """(E,) bool: the edges whose (un-normalised) rows count, i.e. all but those of exclude_types.  An edge
+        at or beyond rcut (a zero row: DeePMD-kit's empty slot) is kept: it is padding either way."""
+        pair = center_type_of_edge * self.ntypes + neighbor_type
+        included = torch.ones_like(pair, dtype=torch.bool)
+        for code in self.excluded_pairs:
+            included = included & (pair != code)
+        return included | (rows[:, 0] == 0)
 
     def _descriptor_from_T(self, T: torch.Tensor, ncent: int) -> torch.Tensor:
         """D = T^T T[:, :axis_neuron] of the summed T (n_centers, 4, M), flattened (n_centers, M * axis_neuron)."""
@@ -214,14 +235,18 @@ class DescriptorSeA(nn.Module):
         it is an error at once)."""
         dtype, device = self.mean.dtype, edge_vec.device
         ncent, nnei, nt = center_type.shape[0], self.nnei, self.ntypes
-        if self.compressed and device.type == "cpu" and ops.active(edge_vec):
+        if self.compressed and device.type == "cpu" and ops.active(edge_vec) and not self.has_exclusion:
             return self._fused_tabulated(edge_vec.to(dtype), center, center_type, neighbor_type, padded=True)
-        rows = self.env_rows(edge_vec.to(dtype)).view(ncent, nnei, 4)
+        raw = self.env_rows(edge_vec.to(dtype))
+        rows = raw.view(ncent, nnei, 4)
         rows = (rows - self.mean.index_select(0, center_type).unsqueeze(1)) / self.std.index_select(0, center_type).unsqueeze(1)
         if self.compressed:
             x = rows[:, :, 0].reshape(-1)
             if not deferred.record(self.outside_table(x).any()):
                 self._check_table(x, edge_vec, center, center_type, neighbor_type)
+        if self.has_exclusion:  # zeroed rows add nothing to T (DeePMD-kit's exclusion mask)
+            kept = self.kept_edges(raw, center_type.index_select(0, center), neighbor_type)
+            rows = rows * kept.view(ncent, nnei, 1).to(dtype)
         slot0 = [sum(self.sel[:t]) for t in range(nt)]
         type0 = [sum(type_counts[:t]) for t in range(nt)]
         T = rows.new_zeros([ncent, 4, self.width])

@@ -2,23 +2,28 @@
 backend) checkpoints.
 
 Model files are untrusted input: nothing is unpickled (torch.load with weights_only=True only; a frozen
-file's TorchScript is compiled by torch.jit.load, but only its weights are used, in a DeepPot built from
-its metadata), a zip archive's CRCs and the weights checksum recorded at save time are verified, and a
-file that is empty, truncated, corrupted or would run code is a one-line DpmdError naming it.
+file's TorchScript code is never compiled or run: its weights are read by a restricted unpickler into a
+DeepPot built from its metadata), a zip archive's CRCs and the weights checksum recorded at save time are
+verified, and a file that is empty, truncated, corrupted or would run code is a one-line DpmdError naming it.
 """
 
 from __future__ import annotations
 
+import ast
+import collections
 import contextlib
 import errno
 import json
 import os
+import pickle
 import re
 import shutil
+import sys
 import tempfile
 import warnings
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -179,14 +184,6 @@ def read_metadata(path) -> dict:
         raise DpmdError(f"{path}: not a frozen dpmd model ({_first_line(err)})") from None
 
 
-def _needs_ops_library(path: Path) -> bool:
-    """A frozen model scripted with dpmd's kernel library (e.g. a compressed model's fused op) calls it."""
-    try:
-        return bool(read_metadata(path).get("ops_library", False))
-    except DpmdError:
-        return False
-
-
 def _mismatch(err: BaseException) -> str:
     """The specific line of load_state_dict's multi-line error (e.g. the size mismatch)."""
     return next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), _first_line(err))
@@ -209,34 +206,200 @@ def _build(path: Path, config, state) -> DeepPot:
     return model
 
 
+# ---- frozen files: the weights of a TorchScript archive, read without torch.jit.load ----
+#
+# torch.jit.load compiles the archive's code/ and runs any __setstate__ it defines while loading, so a crafted
+# file would run code merely by being loaded.  Python needs only the weights and dpmd.json: data.pkl (the
+# pickled module tree) is read by an unpickler that knows only tensors, storages and TorchScript's list and
+# type tags, and turns every TorchScript object into an inert record of its pickled state.  Which attributes
+# of a module are parameters and buffers is not in data.pkl: it is read (as text, never compiled) from the
+# `__parameters__` / `__buffers__` lines that TorchScript prints at the head of each module class in code/.
+
+_STORAGE_DTYPES = {"DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
+                   "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                   "BoolStorage": torch.bool}
+_MODULE_HEAD = r"^class {}\(Module\):\n  __parameters__ = (\[.*\])\n  __buffers__ = (\[.*\])\n"
+
+
+class _Refused(Exception):
+    """data.pkl holds something that a module's weights never need."""
+
+
+class _ScriptObject:
+    """An inert stand-in for a TorchScript object of data.pkl: its class and the state it was pickled with
+    (BUILD calls this __setstate__, never the archive's)."""
+
+    qualname = ""
+    state = None
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _Storage(NamedTuple):
+    """A storage of data.pkl: the values of record data/<key> (immutable, so that BUILD cannot swap them)."""
+
+    key: str
+    flat: torch.Tensor
+
+
+def _untagged(value, type_tag=None):
+    """torch.jit._pickle's restore_type_tag and build_*list: the value itself (the tag only matters to C++)."""
+    return value
+
+
+def _sizes(values) -> bool:
+    """A tensor's size or stride as TorchScript pickles it: a tuple of non-negative ints."""
+    return isinstance(values, tuple) and all(type(v) is int and v >= 0 for v in values)
+
+
+class _WeightsUnpickler(pickle.Unpickler):
+    """The data.pkl `fh` of the archive `prefix` in zf, with storages read from its data/<key> records."""
+
+    def __init__(self, fh, zf: zipfile.ZipFile, prefix: str):
+        super().__init__(fh)
+        self.zf, self.prefix = zf, prefix
+        self.classes: dict[str, type] = {}
+        self.storages: dict[tuple, _Storage] = {}
+
+    def find_class(self, module, name):
+        if module == "__torch__" or module.startswith("__torch__."):
+            qualname = f"{module}.{name}"
+            if qualname not in self.classes:
+                self.classes[qualname] = type(name, (_ScriptObject,), {"qualname": qualname})
+            return self.classes[qualname]
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]  # only ever the dtype of a persistent id
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return self._rebuild_tensor
+        if module == "torch.jit._pickle" and (name == "restore_type_tag" or re.fullmatch(r"build_\w+list", name)):
+            return _untagged
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict  # a tensor's (empty) backward hooks
+        raise _Refused(f"its data.pkl refers to the Python object {module}.{name}, which no model's weights need")
+
+    def persistent_load(self, pid):
+        """('storage', dtype, key, location, numel): the values of record data/<key>."""
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)
+                and isinstance(pid[2], str) and type(pid[4]) is int and pid[4] >= 0):
+            raise _Refused(f"its data.pkl holds an unexpected persistent id {str(pid)[:80]}")
+        _, dtype, key, _, numel = pid
+        if (key, dtype, numel) not in self.storages:
+            try:
+                raw = self.zf.read(f"{self.prefix}/data/{key}")
+            except KeyError:
+                raise _Refused(f"its data.pkl refers to the record data/{key}, which the archive lacks") from None
+            if len(raw) != numel * dtype.itemsize:
+                raise _Refused(f"its record data/{key} holds {len(raw)} bytes, not the {numel} {dtype} values "
+                               f"its data.pkl declares")
+            flat = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            self.storages[key, dtype, numel] = _Storage(key, flat)
+        return self.storages[key, dtype, numel]
+
+    @staticmethod
+    def _rebuild_tensor(storage, offset, size, stride, requires_grad, hooks):
+        """torch._utils._rebuild_tensor_v2 for plain dense tensors whose view fits inside their storage."""
+        if not (isinstance(storage, _Storage) and type(offset) is int and offset >= 0 and _sizes(size)
+                and _sizes(stride) and len(size) == len(stride) and isinstance(requires_grad, bool) and not hooks):
+            raise _Refused("its data.pkl describes a tensor with an unexpected layout")
+        end = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if all(size) else offset
+        flat = storage.flat
+        if end > flat.numel():
+            raise _Refused(f"its data.pkl describes a tensor of size {list(size)}, stride {list(stride)} and "
+                           f"offset {offset} beyond its storage data/{storage.key} of {flat.numel()} values")
+        return flat.new_empty(0).set_(flat.untyped_storage(), offset, size, stride)
+
+
+def _module_slots(zf: zipfile.ZipFile, prefix: str, qualname: str) -> list[str] | None:
+    """The parameter and buffer names of a TorchScript class (from its head in code/), or None: not a module."""
+    module, _, name = qualname.rpartition(".")
+    try:
+        code = zf.read(f"{prefix}/code/{module.replace('.', '/')}.py").decode()
+    except KeyError:
+        raise _Refused(f"no code/ entry declares the class {qualname} of its data.pkl") from None
+    head = re.search(_MODULE_HEAD.format(re.escape(name)), code, re.M)
+    if head is None:
+        return None
+    names = ast.literal_eval(head[1]) + ast.literal_eval(head[2])  # literals only: never evaluates code
+    if not all(isinstance(n, str) for n in names):
+        raise _Refused(f"the class {qualname} declares odd parameter names")
+    return names
+
+
+def _module_state(zf: zipfile.ZipFile, prefix: str, root) -> dict[str, torch.Tensor]:
+    """What torch.jit's module.state_dict() gives for the module tree `root`: each module's parameters and
+    buffers (slot order), then its submodules' (slot order), under dotted names."""
+    slots: dict[str, list[str] | None] = {}
+    state: dict[str, torch.Tensor] = collections.OrderedDict()
+
+    def module_slots(obj) -> list[str] | None:
+        if obj.qualname not in slots:
+            slots[obj.qualname] = _module_slots(zf, prefix, obj.qualname)
+        return slots[obj.qualname]
+
+    def walk(obj, name: str) -> None:
+        if not isinstance(obj.state, dict):
+            raise _Refused(f"its module {name.rstrip('.') or '(root)'} ({obj.qualname}) was saved by its own "
+                           f"__getstate__, which only its code could read")
+        for slot in module_slots(obj):
+            value = obj.state.get(slot)
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise _Refused(f"its weight {name}{slot} is a {type(value).__name__}, not a tensor")
+            if value is not None:
+                state[name + slot] = value
+        for slot, value in obj.state.items():
+            if isinstance(value, _ScriptObject) and module_slots(value) is not None:
+                walk(value, f"{name}{slot}.")
+
+    if not isinstance(root, _ScriptObject) or module_slots(root) is None:
+        raise _Refused("its data.pkl does not hold a TorchScript module")
+    walk(root, "")
+    return state
+
+
+def _read_weights(path: Path, zf: zipfile.ZipFile, prefix: str) -> dict[str, torch.Tensor]:
+    """The state dict of the TorchScript archive `prefix` in zf; anything unexpected: a one-line DpmdError."""
+    try:
+        order = zf.read(f"{prefix}/byteorder").decode(errors="replace").strip()
+    except KeyError:
+        order = "little"  # archives of older torch record none
+    if order != sys.byteorder:  # the records hold raw bytes in the writer's order
+        raise DpmdError(f"{path}: written with {order!r} byte order, this machine is {sys.byteorder}-endian; "
+                        f"refusing to load it")
+    try:
+        with zf.open(f"{prefix}/data.pkl") as fh:
+            root = _WeightsUnpickler(fh, zf, prefix).load()
+        return _module_state(zf, prefix, root)
+    except _Refused as err:
+        raise DpmdError(f"{path}: {err}; refusing to load it") from None
+    except Exception as err:  # a damaged or foreign pickle: UnpicklingError, EOFError, TypeError, RecursionError...
+        raise DpmdError(f"{path}: unreadable data.pkl ({err.__class__.__name__}: {_first_line(err)}); "
+                        f"refusing to load it") from None
+
+
 def _load_torchscript(path: Path) -> tuple[DeepPot, str | None]:
     """The model of a frozen file and the weights checksum its metadata records (None: written before
-    checksums)."""
+    checksums).  Only dpmd.json and the weights are read: the archive's code is never compiled or run."""
     from dpmd.model.export import FORMAT_VERSION, METADATA_FILE
 
-    extra = {METADATA_FILE: ""}
-    if _needs_ops_library(path):
-        from dpmd import ops
-
-        ops.require(str(path))
-    try:
-        with _no_jit_deprecation():
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    except Exception as err:
-        raise DpmdError(f"{path}: not a readable TorchScript file ({err.__class__.__name__}: "
-                        f"{_first_line(err)})") from None
-    if not extra[METADATA_FILE]:
-        raise DpmdError(f"{path}: a TorchScript file, but not a dpmd model (no {METADATA_FILE})")
-    try:
-        meta = json.loads(extra[METADATA_FILE])
-    except ValueError as err:
-        raise DpmdError(f"{path}: its {METADATA_FILE} is not valid JSON ({err})") from None
-    meta = meta if isinstance(meta, dict) else {}
-    version = meta.get("format_version", 0)
-    if meta.get("format") != FORMAT or not isinstance(version, int) or version > FORMAT_VERSION:
-        raise DpmdError(f"{path}: model format {meta.get('format')!r} version {version!r} "
-                        f"is not readable by this dpmd (up to {FORMAT} {FORMAT_VERSION})")
-    return _build(path, meta.get("config"), module.state_dict()), meta.get("weights_sha256")
+    with zipfile.ZipFile(path) as zf:
+        prefix = zf.namelist()[0].partition("/")[0]  # as torch's reader: every entry is in the first one's folder
+        try:
+            raw = zf.read(f"{prefix}/extra/{METADATA_FILE}")
+        except KeyError:
+            raise DpmdError(f"{path}: a TorchScript file, but not a dpmd model (no {METADATA_FILE})") from None
+        try:
+            meta = json.loads(raw)
+        except ValueError as err:
+            raise DpmdError(f"{path}: its {METADATA_FILE} is not valid JSON ({err})") from None
+        meta = meta if isinstance(meta, dict) else {}
+        version = meta.get("format_version", 0)
+        if meta.get("format") != FORMAT or not isinstance(version, int) or version > FORMAT_VERSION:
+            raise DpmdError(f"{path}: model format {meta.get('format')!r} version {version!r} "
+                            f"is not readable by this dpmd (up to {FORMAT} {FORMAT_VERSION})")
+        state = _read_weights(path, zf, prefix)
+    return _build(path, meta.get("config"), state), meta.get("weights_sha256")
 
 
 def _load_dict(path: Path) -> tuple[DeepPot, str | None]:

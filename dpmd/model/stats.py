@@ -95,3 +95,10 @@ def refit_energy_bias(model, systems, max_frames: int = 10) -> np.ndarray:
     delta = np.linalg.lstsq(np.concatenate(counts).astype(float), np.concatenate(residuals), rcond=None)[0]
     model.fitting.energy_bias.add_(torch.as_tensor(delta, dtype=model.fitting.energy_bias.dtype))
     return delta
+
+
+def stat_frames(nframes: int, max_frames: int) -> range:
+    """The frames of a system that the statistics above read: up to max_frames (0: all), evenly spread from
+    the first (the rule of _frames and refit_energy_bias)."""
+    step = max(1, nframes // max_frames) if max_frames else 1
+    return range(0, nframes, step)[: max_frames or None]

@@ -29,8 +29,17 @@ def resolve_batch_sizes(batch_size, systems) -> list[int]:
     return [max(1, min(size, s.nframes)) for size, s in zip(sizes, systems)]
 
 
-def system_probabilities(auto_prob: str, nbatches: list[int]) -> np.ndarray:
+def system_probabilities(auto_prob: str, nbatches: list[int], sys_probs: list[float] | None = None) -> np.ndarray:
+    """Probability of drawing each system: sys_probs when given (DeePMD-kit's rule: negative entries share
+    what the others leave, by number of batches), else by auto_prob."""
     n = np.asarray(nbatches, dtype=float)
+    if sys_probs is not None:
+        probs = np.asarray(sys_probs, dtype=float)
+        given = probs >= 0
+        rest = 1.0 - probs[given].sum()
+        if not np.isclose(rest, 0.0):
+            probs = np.where(given, probs, rest * n * ~given / (n * ~given).sum())
+        return probs / probs.sum()
     if auto_prob == "prob_uniform":
         return np.full(len(n), 1.0 / len(n))
     if auto_prob == "prob_sys_size":
@@ -52,12 +61,13 @@ def system_probabilities(auto_prob: str, nbatches: list[int]) -> np.ndarray:
 
 
 class BatchSampler:
-    def __init__(self, systems, batch_size, auto_prob: str, seed: int | None, world: int = 1):
+    def __init__(self, systems, batch_size, auto_prob: str, seed: int | None, world: int = 1,
+                 sys_probs: list[float] | None = None):
         self.sizes = resolve_batch_sizes(batch_size, systems)
         self.nframes = [s.nframes for s in systems]
         self.world = world
         nbatches = [max(1, nf // bs) for nf, bs in zip(self.nframes, self.sizes)]
-        self.probs = torch.as_tensor(system_probabilities(auto_prob, nbatches))
+        self.probs = torch.as_tensor(system_probabilities(auto_prob, nbatches, sys_probs))
         self.gen = torch.Generator().manual_seed(seed if seed is not None else 0)
         self.order = [torch.randperm(nf, generator=self.gen) for nf in self.nframes]
         self.cursor = [0] * len(self.nframes)
@@ -80,6 +90,12 @@ class BatchSampler:
         self.last = (i, frames.tolist())
         per = self.sizes[i]
         return i, frames[rank * per:(rank + 1) * per]
+
+    def epoch_steps(self) -> int:
+        """Steps of one epoch, as DeePMD-kit 3 counts them for numb_epoch: ceil(max_i(batches_i / p_i)) over
+        the systems drawn, batches_i = ceil(frames_i / global batch_i)."""
+        return max(math.ceil(math.ceil(nf / (bs * self.world)) / float(p))
+                   for nf, bs, p in zip(self.nframes, self.sizes, self.probs) if p > 0)
 
     def state_dict(self) -> dict:
         return {"gen": self.gen.get_state(), "order": self.order, "cursor": list(self.cursor)}

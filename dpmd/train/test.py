@@ -1,19 +1,87 @@
 """`dpmd test`: errors of a model on labelled data, per system and overall, like DeePMD-kit's `dp test`.
 
+    dpmd test -m MODEL -s SYSTEMS... | -f DATAFILE  [-n N] [-r SEED --shuffle-test] [-a] [-d PREFIX] [--plot PNG]
+
 Energy errors are reported per atom (eV/atom), forces per component (eV/Å), virials per atom.
+`-n N` tests N frames of each system (0: all): the first N, or with --shuffle-test N drawn at random (seeded
+by -r).  `-a/--atomic` also tests per-atom energies against each set's atom_ener.npy (eV, per system only).
 `-d PREFIX` writes DeePMD's per-frame files (PREFIX.e.out, .e_peratom.out, .f.out, .v.out, .v_peratom.out:
 reference columns first, then predictions); `--plot` draws parity plots.
+(torch is imported when the command runs, so that building the `dpmd` parser stays quick.)
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dpmd.data import load_systems
-from dpmd.model import load_model
+from dpmd.errors import DataError, DpmdError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--model", default="frozen_model.pth",
+                        help="model file (frozen dpmd model, dpmd or DeePMD-kit checkpoint)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("-s", "--system", "--systems", dest="systems", nargs="+", default=["."],
+                        help="systems, or directories searched recursively for them")
+    source.add_argument("-f", "--datafile", default=None, help="a file listing one system per line")
+    parser.add_argument("-S", "--set-prefix", default=None, help=argparse.SUPPRESS)  # deprecated in DeePMD-kit
+    parser.add_argument("-n", "--numb-test", type=int, default=0, help="frames per system (0: all)")
+    parser.add_argument("-r", "--rand-seed", type=int, default=None, help="seed of --shuffle-test")
+    parser.add_argument("--shuffle-test", action="store_true", help="test frames drawn at random (with -n)")
+    parser.add_argument("-d", "--detail-file", default=None, help="prefix of per-frame output files")
+    parser.add_argument("-a", "--atomic", action="store_true",
+                        help="also test per-atom energies (every set needs atom_ener.npy)")
+    parser.add_argument("--plot", default=None, help="write parity plots to this image")
+
+
+def run(args) -> None:
+    if args.numb_test < 0:
+        raise DpmdError(f"-n/--numb-test: expected 0 (all frames) or a positive number, got {args.numb_test}")
+    systems = read_datafile(args.datafile) if args.datafile else args.systems
+    test_model(args.model, systems, args.numb_test or None, args.detail_file, args.plot, atomic=args.atomic,
+               shuffle=args.shuffle_test, seed=args.rand_seed)
+
+
+def read_datafile(path) -> list[str]:
+    """The systems listed in a DeePMD-kit datafile: one path per line (blank lines skipped)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DpmdError(f"{path}: cannot read the datafile ({err.strerror or err})") from None
+    systems = [line.strip() for line in lines if line.strip()]
+    if not systems:
+        raise DpmdError(f"{path}: the datafile lists no systems (expected one system path per line)")
+    return systems
+
+
+def read_atom_energy(system) -> np.ndarray:
+    """(F, N): the per-atom energy labels (set.*/atom_ener.npy) of a system."""
+    from dpmd.data.system import _H5Store, _numeric, _open  # dpmd.data reads no atom_ener.npy itself
+
+    store = _open(system.path)
+    try:
+        parts = []
+        for set_name in store.sets():
+            name = f"{set_name}/atom_ener.npy"
+            if not store.has(name):
+                raise DataError(f"{store.where(name)}: missing (-a/--atomic tests per-atom energies: every set "
+                                f"needs atom_ener.npy)")
+            arr = _numeric(store, name, store.read_array(name))
+            if arr.size % system.natoms:
+                raise DataError(f"{store.where(name)}: expected {system.natoms} values per frame (from type.raw), "
+                                f"got {arr.size} values")
+            parts.append(arr.reshape(-1, system.natoms))
+    finally:
+        if isinstance(store, _H5Store):
+            store.close()
+    atom_ener = np.concatenate(parts)
+    if len(atom_ener) != system.nframes:
+        raise DataError(f"{store.label}: atom_ener.npy holds {len(atom_ener)} frames, coord.npy {system.nframes}")
+    return atom_ener
 
 
 def _errors(pred: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
@@ -22,8 +90,10 @@ def _errors(pred: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
 
 
 def evaluate_system(model, system, nframes: int | None = None, batch: int = 1) -> dict:
+    import torch
+
     n = system.nframes if nframes is None else min(nframes, system.nframes)
-    out = {"energy": [], "force": [], "virial": []}
+    out = {"energy": [], "force": [], "virial": [], "atom_energy": []}
     atype = torch.as_tensor(system.atype)
     for f0 in range(0, n, batch):
         f1 = min(n, f0 + batch)
@@ -34,26 +104,36 @@ def evaluate_system(model, system, nframes: int | None = None, batch: int = 1) -
     return {k: np.concatenate(v) for k, v in out.items()} | {"nframes": n}
 
 
-def test_model(model_path, systems, nframes=None, detail_prefix=None, plot=None, log=print) -> dict:
+def test_model(model_path, systems, nframes=None, detail_prefix=None, plot=None, log=print, *, atomic=False,
+               shuffle=False, seed=None) -> dict:
+    from dpmd.model import load_model
+
     model = load_model(model_path)
     data = load_systems(systems, type_map=model.type_map)
+    atom_energies = [read_atom_energy(s) for s in data] if atomic else None  # a missing file fails first
+    rng = np.random.default_rng(seed)
     results, pooled = [], {"e": [], "f": [], "v": []}
-    for k, s in enumerate(data):
-        pred = evaluate_system(model, s, nframes)
+    for k, full in enumerate(data):
+        order = rng.permutation(full.nframes) if shuffle else np.arange(full.nframes)
+        frames = order[:nframes]
+        s = full.subset(frames)
+        pred = evaluate_system(model, s)
         n, natoms = pred["nframes"], s.natoms
         row = {"system": s.path, "nframes": n, "natoms": natoms}
         if s.energy is not None:
-            e_ref, e_pred = s.energy[:n], pred["energy"]
+            e_ref, e_pred = s.energy, pred["energy"]
             row["rmse_e"], row["mae_e"] = _errors(e_pred / natoms, e_ref / natoms)
             pooled["e"].append((e_pred / natoms, e_ref / natoms))
         if s.force is not None:
-            f_ref, f_pred = s.force[:n].reshape(n, -1, 3), pred["force"].reshape(n, -1, 3)
+            f_ref, f_pred = s.force.reshape(n, -1, 3), pred["force"].reshape(n, -1, 3)
             row["rmse_f"], row["mae_f"] = _errors(f_pred, f_ref)
             pooled["f"].append((f_pred.ravel(), f_ref.ravel()))
         if s.virial is not None:
-            v_ref, v_pred = s.virial[:n].reshape(n, 9), pred["virial"].reshape(n, 9)
+            v_ref, v_pred = s.virial.reshape(n, 9), pred["virial"].reshape(n, 9)
             row["rmse_v"], row["mae_v"] = _errors(v_pred / natoms, v_ref / natoms)
             pooled["v"].append(((v_pred / natoms).ravel(), (v_ref / natoms).ravel()))
+        if atomic:  # per system only, as in DeePMD-kit
+            row["rmse_ae"], row["mae_ae"] = _errors(pred["atom_energy"], atom_energies[k][frames])
         results.append(row)
         log(_format_row(row))
         if detail_prefix:
@@ -72,7 +152,7 @@ def test_model(model_path, systems, nframes=None, detail_prefix=None, plot=None,
 
 def _format_row(row: dict) -> str:
     parts = [f"{row['system']}: {row['nframes']} frames"]
-    units = {"e": "eV/atom", "f": "eV/Å", "v": "eV/atom"}
+    units = {"e": "eV/atom", "f": "eV/Å", "v": "eV/atom", "ae": "eV"}
     for key, unit in units.items():
         if f"rmse_{key}" in row:
             parts.append(f"{key.upper()} RMSE {row[f'rmse_{key}']:.4e} MAE {row[f'mae_{key}']:.4e} {unit}")

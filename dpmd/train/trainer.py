@@ -9,6 +9,7 @@ batch and trains on its slice; gradients are averaged; only rank 0 writes.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import sys
 import time
@@ -25,11 +26,12 @@ from dpmd.model import DeepPot, evaluate, load_model
 from dpmd.model.deeppot import normalize_model_config, sel_factor
 from dpmd.model.io import atomic_write
 from dpmd.model.stats import descriptor_stats, energy_bias, refit_energy_bias
+from dpmd.train import stat_file
 from dpmd.train.checkpoint import (check_finite, folder_runs, latest_checkpoint, load_checkpoint, move_aside,
                                    new_run_id, run_files, save_checkpoint, tidy)
 from dpmd.train.loss import EnergyLoss
 from dpmd.train.sampler import BatchSampler
-from dpmd.train.schedule import ExpDecayLR
+from dpmd.train.schedule import learning_rate
 
 
 class FrameStore:
@@ -106,16 +108,19 @@ def _dist_info() -> tuple[int, int]:
     return rank, world
 
 
-def adam(params, lr: float) -> torch.optim.Adam:
-    """Adam, with its fused kernel where this torch has one for the device (CPU: torch >= 2.4; ~3x faster
+def adam(params, lr: float, adam_beta1: float = 0.9, adam_beta2: float = 0.999,
+         weight_decay: float = 0.0) -> torch.optim.Adam:
+    """Adam (the `optimizer` section's keys; weight_decay is an L2 term added to the gradients, as in
+    DeePMD-kit), with its fused kernel where this torch has one for the device (CPU: torch >= 2.4; ~3x faster
     than the per-tensor loop), else the default implementation (the same update rule)."""
     params = list(params)
+    kw = {"lr": lr, "betas": (adam_beta1, adam_beta2), "weight_decay": weight_decay}
     if not hasattr(torch.autograd.graph, "increment_version"):  # needed below
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, **kw)
     try:
-        opt = torch.optim.Adam(params, lr=lr, fused=True)
+        opt = torch.optim.Adam(params, fused=True, **kw)
     except (RuntimeError, ValueError):
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, **kw)
 
     def bump_versions(*_):
         # the fused kernel leaves the weights' version counters as they were; caches keyed on them (the
@@ -139,8 +144,8 @@ def _first_difference(old, new, where: str):
 
 
 def _check_restart(ckpt: dict, config: dict, path) -> None:
-    """A restart continues the checkpoint's model to the input's numb_steps (DeePMD-kit's rule); the learning
-    rate, loss and training keys come from the input."""
+    """A restart continues the checkpoint's model (to the input's numb_steps: DeePMD-kit's rule, checked by
+    _check_steps); the learning rate, loss and training keys come from the input."""
     try:  # with the defaults of this dpmd, so that a key added since the checkpoint is no difference
         old = normalize_model_config(ckpt["config"]["model"])
     except ConfigError:
@@ -149,7 +154,10 @@ def _check_restart(ckpt: dict, config: dict, path) -> None:
     if diff:
         raise ConfigError(f"{path}: '{diff[0]}' is {diff[1]!r} in the checkpoint but {diff[2]!r} in the input; a "
                           f"restart continues the same model (start a new run from its weights with --init-model)")
-    step, numb_steps = ckpt["step"], config["training"]["numb_steps"]
+
+
+def _check_steps(ckpt: dict, numb_steps: int, path) -> None:
+    step = ckpt["step"]
     if numb_steps <= step:
         raise ConfigError(f"{path}: checkpoint is at step {step}; training.numb_steps={numb_steps} leaves nothing "
                           f"to train")
@@ -186,6 +194,13 @@ class Trainer:
                               if tr["validation_data"] else None)
         self.train_store = FrameStore(self.train_systems, mcfg["descriptor"]["rcut"])
         self.valid_store = FrameStore(self.valid_systems, mcfg["descriptor"]["rcut"]) if self.valid_systems else None
+        data = tr["training_data"]
+        self.sampler = BatchSampler(self.train_systems, data["batch_size"], data["auto_prob"], tr["seed"], self.world,
+                                    data["sys_probs"])
+        if tr["numb_epoch"] is not None:  # DeePMD-kit's count: whole epochs of the slowest-drawn system
+            tr["numb_steps"] = math.ceil(tr["numb_epoch"] * self.sampler.epoch_steps())
+        if ckpt is not None:
+            _check_steps(ckpt, tr["numb_steps"], restart)
 
         if ckpt is not None:
             self.model = DeepPot(ckpt["model_config"])
@@ -193,15 +208,13 @@ class Trainer:
         elif init_model or finetune:
             self.model = self._from_weights(init_model or finetune, type_map)
             if finetune:
-                refit_energy_bias(self.model, self.train_systems, max_frames=mcfg["data_stat_nbatch"])
+                refit_energy_bias(self.model, self.train_systems, max_frames=mcfg["data_bias_nsample"])
         else:
             if isinstance(mcfg["descriptor"]["sel"], str):
                 ratio = sel_factor(mcfg["descriptor"]["sel"])
                 mcfg["descriptor"]["sel"] = auto_sel(self.train_store.max_neighbors(len(type_map)), ratio)
             self.model = DeepPot(mcfg)
-            descriptor_stats(self.model, self.train_systems, max_frames=mcfg["data_stat_nbatch"],
-                             protection=mcfg["data_stat_protect"])
-            energy_bias(self.model, self.train_systems, rcond=mcfg["fitting_net"]["rcond"])
+            self._statistics(mcfg)
             # The untrained fitting net adds a random offset to every atomic energy (0.3-1.6 eV/atom on
             # water, from its N(0, 1) output biases), which DeePMD-kit leaves for training to remove.
             # Absorbing it into the bias (DeePMD's change-by-statistic) starts training centred.
@@ -209,18 +222,19 @@ class Trainer:
         self.stat_seconds = time.perf_counter() - t0
 
         lr_cfg = config["learning_rate"]
-        self.lr = ExpDecayLR(lr_cfg["start_lr"], lr_cfg["stop_lr"], lr_cfg["decay_steps"], tr["numb_steps"])
+        self.lr = learning_rate(lr_cfg, tr["numb_steps"])
         self.lr_scale = self.world if (self.world > 1 and lr_cfg["scale_by_worker"] == "linear") else (
             self.world ** 0.5 if self.world > 1 and lr_cfg["scale_by_worker"] == "sqrt" else 1.0)
         self.loss = EnergyLoss(config["loss"], lr_cfg["start_lr"])
         self.trained_params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = adam(self.trained_params, lr_cfg["start_lr"])
-        data = tr["training_data"]
-        self.sampler = BatchSampler(self.train_systems, data["batch_size"], data["auto_prob"], tr["seed"], self.world)
+        opt = config["optimizer"]
+        self.optimizer = adam(self.trained_params, lr_cfg["start_lr"], opt["adam_beta1"], opt["adam_beta2"],
+                              opt["weight_decay"])
         if self.valid_systems:
             vdata = tr["validation_data"]
             vseed = (tr["seed"] or 0) + 1
-            self.valid_sampler = BatchSampler(self.valid_systems, vdata["batch_size"], vdata["auto_prob"], vseed)
+            self.valid_sampler = BatchSampler(self.valid_systems, vdata["batch_size"], vdata["auto_prob"], vseed,
+                                              sys_probs=vdata["sys_probs"])
         if ckpt is not None:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             # the batch order continues where it stopped when the data are the same (an exact restart); on new
@@ -237,6 +251,34 @@ class Trainer:
             for p in self.model.state_dict().values():
                 torch.distributed.broadcast(p, 0)
         self.progress = Progress(tr["numb_steps"], self.start_step, enabled=progress and self.rank == 0)
+
+    def _statistics(self, mcfg: dict) -> None:
+        """A fresh model's normalisation and energy bias from the training data, or from training.stat_file
+        when it holds them (dpmd.train.stat_file); set_davg_zero keeps the mean at zero, as in DeePMD-kit."""
+        tr, desc, fitting = self.config["training"], self.model.descriptor, self.model.fitting
+        if desc.has_exclusion:  # dpmd.model.stats does not zero the excluded pairs' rows yet
+            raise ConfigError("'model.descriptor.exclude_types': training with excluded pairs is not supported yet "
+                              "(the data statistics would still count them)")
+        path, entry = tr["stat_file"], stat_file.group(self.model.config)
+        saved = stat_file.load(path, entry) if path else None
+        if saved is None and tr["stat_file_mode"] == "read":
+            raise ConfigError(f"'training.stat_file' {path} holds no statistics of this model ({entry}) and "
+                              f"stat_file_mode is read")
+        if saved is None:
+            descriptor_stats(self.model, self.train_systems, max_frames=mcfg["data_stat_nbatch"],
+                             protection=mcfg["data_stat_protect"])
+            energy_bias(self.model, self.train_systems, rcond=mcfg["fitting_net"]["rcond"])
+            if path and self.rank == 0:
+                stat_file.save(path, entry, {"davg": desc.mean.numpy(), "dstd": desc.std.numpy(),
+                                             "bias_atom_energy": fitting.energy_bias.numpy()})
+        else:
+            with torch.no_grad():
+                desc.mean.copy_(torch.as_tensor(saved["davg"]))
+                desc.std.copy_(torch.as_tensor(saved["dstd"]))
+                fitting.energy_bias.copy_(torch.as_tensor(saved["bias_atom_energy"]))
+        if mcfg["descriptor"]["set_davg_zero"]:
+            with torch.no_grad():
+                desc.mean.zero_()
 
     def _claim_out_dir(self, restart, overwrite: bool) -> list[Path]:
         """The files of another run in the output folder, to move aside before training (overwrite); without
