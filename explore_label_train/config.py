@@ -17,8 +17,8 @@ import yaml
 
 from dpmd.errors import ConfigError
 
-TOP = {"work_dir": None, "type_map": None, "masses": None, "structures": {}, "initial": {}, "train": None, "explore": None,
-       "trust": None, "select": {}, "filters": {}, "labeller": {}, "dispatcher": {}, "convergence": {}}
+TOP = {"work_dir": None, "type_map": None, "masses": None, "structures": {}, "initial": {}, "train": None,
+       "explore": None, "trust": None, "select": {}, "filters": {}, "labeller": {}, "dispatcher": {}, "convergence": {}}
 STRUCTURE = {"file": None, "format": None, "index": 0, "bulk": None, "crystalstructure": None, "a": None,
              "c": None, "cubic": False, "orthorhombic": False, "repeat": None,
              "molecule": None, "copies": 1, "spacing": 3.0, "seed": 0}

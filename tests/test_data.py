@@ -396,11 +396,15 @@ def write_qe_cp_traj(prefix: Path, coords_bohr, forces_au, energies_ha):
         "ATOMIC_SPECIES\nO 15.999 O.pbe.UPF\nH 1.008 H.pbe.UPF\n"
         "ATOMIC_POSITIONS (bohr)\nO 5.0 5.0 5.0\nH 6.8 5.0 5.0\nH 5.0 6.8 5.0\n")
     steps = [10 * (i + 1) for i in range(len(energies_ha))]
-    blocks = lambda arrays: "".join(f"{n} {0.001 * n:.4f}\n" + "".join(  # noqa: E731
-        " ".join(f"{x:.10f}" for x in row) + "\n" for row in a) for n, a in zip(steps, arrays))
+
+    def blocks(arrays):   # per frame: a "step time" line, then one row per atom
+        return "".join(f"{n} {0.001 * n:.4f}\n" + "".join(" ".join(f"{x:.10f}" for x in row) + "\n" for row in a)
+                       for n, a in zip(steps, arrays))
+
     Path(f"{prefix}.pos").write_text(blocks(coords_bohr))
     Path(f"{prefix}.for").write_text(blocks(forces_au))
-    Path(f"{prefix}.evp").write_text("#  nfi  time(ps)  ekinc  T_cell(K)  Tion(K)  etot  enthal  econs  econt\n" + "".join(
+    header = "#  nfi  time(ps)  ekinc  T_cell(K)  Tion(K)  etot  enthal  econs  econt\n"   # etot: column 5, hartree
+    Path(f"{prefix}.evp").write_text(header + "".join(
         f"{n} {0.001 * n:.4f} 0.0 0.0 300.0 {e:.10f} {e:.10f} {e:.10f} {e:.10f}\n" for n, e in zip(steps, energies_ha)))
 
 

@@ -115,7 +115,9 @@ def model_args() -> object:
                      variants=[choice("descriptor", [key("se_e2_a", dict, REQUIRED, alias=["se_a"],
                                                          doc="DeepPot-SE, two-body embedding with radial and "
                                                              "angular information.", sub=se_e2_a_args())],
-                                      doc="The type of the descriptor.")])
+                                      default="se_e2_a",
+                                      doc="The type of the descriptor (dpmd: may be left out, se_e2_a being the "
+                                          "only one; DeePMD-kit requires it).")])
     fitting = key("fitting_net", dict, REQUIRED, "The fitting net.",
                   variants=[choice("fitting net", [key("ener", dict, REQUIRED, "Energy fitting.",
                                                        sub=ener_fitting_args())],
