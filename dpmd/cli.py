@@ -60,12 +60,6 @@ def _freeze(args) -> None:
     print(f"froze {source} -> {args.output}")
 
 
-def _test(args) -> None:
-    from dpmd.train.test import test_model
-
-    test_model(args.model, args.systems, args.numb_test, args.detail_file, args.plot)
-
-
 def _convert_model(args) -> None:
     from dpmd.model import load_model, save_model
 
@@ -180,13 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="frozen_model.pth")
     p.set_defaults(func=_freeze)
 
+    from dpmd import model_devi, show
+    from dpmd.train import change_bias
+    from dpmd.train import test as test_cmd
+
     p = sub.add_parser("test", help="energy/force/virial errors of a model on labelled data (like dp test)")
-    p.add_argument("-m", "--model", required=True)
-    p.add_argument("-s", "--systems", nargs="+", required=True)
-    p.add_argument("-n", "--numb-test", type=int, default=None, help="frames per system (default: all)")
-    p.add_argument("-d", "--detail-file", default=None, help="prefix of per-frame output files")
-    p.add_argument("--plot", default=None, help="write parity plots to this image")
-    p.set_defaults(func=_test)
+    test_cmd.add_arguments(p)
+    p.set_defaults(func=test_cmd.run)
+
+    p = sub.add_parser("model-devi", help="deviation of several models over the frames of datasets (like dp model-devi)")
+    model_devi.add_arguments(p)
+    p.set_defaults(func=model_devi.run)
+
+    p = sub.add_parser("change-bias", help="re-fit or set a model's per-type energy bias (like dp change-bias)")
+    change_bias.add_arguments(p)
+    p.set_defaults(func=change_bias.run)
+
+    p = sub.add_parser("show", help="a model's type_map, config sections, size, observed types (like dp show)")
+    show.add_arguments(p)
+    p.set_defaults(func=show.run)
 
     p = sub.add_parser("convert-model", help="import a DeePMD-kit (PyTorch) se_e2_a checkpoint")
     p.add_argument("--from", dest="source", default="deepmd", choices=["deepmd"])
@@ -259,6 +265,9 @@ def main(argv=None) -> int:
     except BaseException as err:
         if os.environ.get("DPMD_DEBUG") or isinstance(err, SystemExit):
             raise
+        if isinstance(err, BrokenPipeError):  # `dpmd doc-train-input | head`: the reader has all it wants
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit)
+            return 0
         if isinstance(err, KeyboardInterrupt):
             message, rc = "interrupted", 130
         elif isinstance(err, (DpmdError, ValueError, OSError)):

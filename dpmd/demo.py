@@ -23,22 +23,30 @@ CONFIG = REPO / "configs" / "water_se_e2_a.yaml"
 CAMPAIGN = REPO / "configs" / "campaign_water_xtb.yaml"
 
 
-def run_campaign_demo(campaign: str | Path | None = None, out_dir: str | Path | None = None) -> dict:
-    """Run (or resume) the demo campaign to its end, write the report; returns models, report and decision."""
+def run_campaign_demo(campaign: str | Path | None = None, out_dir: str | Path | None = None,
+                      threads: int | None = None) -> dict:
+    """Run (or resume) the demo campaign to its end, write the report; returns models, report and decision.
+    threads: the cores it uses at once (default: the campaign's threads key, else every usable core)."""
     from explore_label_train.campaign import Campaign
     from explore_label_train.config import load_campaign
     from explore_label_train.report import status_table, write_report
+
+    from dpmd.runtime import usable_cores
 
     t0 = time.perf_counter()
     path = Path(campaign or CAMPAIGN)
     cfg = load_campaign(path)
     if out_dir is not None:
         cfg["work_dir"] = str(Path(out_dir).resolve())
+    if threads:
+        cfg["threads"] = threads
     lab = cfg["labeller"]
     print(f"dpmd demo: explore-label-train campaign {path} in {cfg['work_dir']}")
     print(f"  labels: {lab['calculator']} {lab['kwargs'] or ''}; ensemble of {cfg['train']['ensemble_size']}; "
           f"trust levels {cfg['trust']['lo']} / {cfg['trust']['hi']} eV/Å; converged when "
           f"{cfg['convergence']['accurate_ratio']:.0%} of the explored frames are accurate")
+    print(f"  cores used at once: {cfg['threads'] or usable_cores()} "
+          f"({'as asked' if cfg['threads'] else 'all this process may use; --threads N to change'})")
     camp = Campaign(cfg, log=lambda line: print("  " + line, flush=True))
     decision = camp.run()
     print(status_table(camp.state))
@@ -56,7 +64,7 @@ def run_campaign_demo(campaign: str | Path | None = None, out_dir: str | Path | 
 
 
 def run_demo(data: str | None = None, steps: int = 20, seed: int = 1, train_steps: int = 100,
-             out_dir: str | Path = "runs/demo") -> dict:
+             out_dir: str | Path = "runs/demo", threads: int | None = None) -> dict:
     from ase import Atoms, units
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
     from ase.md.verlet import VelocityVerlet
@@ -64,6 +72,7 @@ def run_demo(data: str | None = None, steps: int = 20, seed: int = 1, train_step
     from dpmd.calculator import DP
     from dpmd.data import load_system
     from dpmd.geometry.neighbor import auto_sel, neighbor_stat
+    from dpmd.runtime import configure_threads, training_work
     from dpmd.train.config import read_input
     from dpmd.train.freeze import freeze
     from dpmd.train.test import test_model
@@ -73,6 +82,7 @@ def run_demo(data: str | None = None, steps: int = 20, seed: int = 1, train_step
     out = Path(out_dir)
     config = read_input(CONFIG, [f"training.training_data.systems=[{data}]", f"training.numb_steps={train_steps}",
                                  f"training.disp_freq={max(1, train_steps // 5)}", f"training.save_freq={train_steps}"])
+    configure_threads(threads, work=training_work(config))   # one thread for this small system
     type_map = config["model"]["type_map"]
     rcut = config["model"]["descriptor"]["rcut"]
     system = load_system(data, type_map=type_map)

@@ -8,12 +8,14 @@ An iteration runs these stages in order; each is skipped when the database says 
              frames and model deviations every traj_interval steps -> one npz per task
     select   classify (accurate / candidate / failed), filter, farthest-point sampling up to the budget,
              create one label task per chosen frame
-    label    run the label tasks on the dispatcher, each result committed with its task, then collect
+    label    run the label tasks on the dispatcher, each result committed with its task, hold out
+             select.holdout of the new labels (init does too), then collect
     check    fractions, validation error, convergence decision
 
 Directory layout (work_dir): campaign.db, data/<system>/ (deepmd/npy, rebuilt from the label files),
-iter.NNN/train/mK/ (checkpoints, lcurve.out, model.pth), iter.NNN/explore/<task>.npz,
-labels/<task>.npz (one labelled frame each, named by its task id).
+test_data/<system>/ (the held-out labels, select.holdout: never trained on), iter.NNN/train/mK/
+(checkpoints, lcurve.out, model.pth), iter.NNN/explore/<task>.npz, labels/<task>.npz (one labelled
+frame each, named by its task id).
 
 The campaign trusts only what its database recorded.  Work is skipped only when the database says it
 is done, never because a file exists; each done task records the sha256 of the files it produced, and
@@ -40,8 +42,9 @@ from pathlib import Path
 import numpy as np
 
 from dpmd.errors import DpmdError
+from dpmd.runtime import choose_threads, configure_threads, usable_cores
 from explore_label_train.config import settings_hash, training_input
-from explore_label_train.dispatch import make_pool, process_start, stop_worker
+from explore_label_train.dispatch import LocalPool, make_pool, process_start, stop_worker
 from explore_label_train.labelers import check_label
 from explore_label_train.state import NoCampaignError, State
 
@@ -53,7 +56,7 @@ class CampaignError(DpmdError):
 
 
 START_OVER = "restore it, or start over with `elt run --move-aside`"
-CAMPAIGN_FILES = re.compile(r"campaign\.db(-wal|-shm|-journal)?|iter\.\d+|labels|data|dispatch|report")
+CAMPAIGN_FILES = re.compile(r"campaign\.db(-wal|-shm|-journal)?|iter\.\d+|labels|data|test_data|dispatch|report")
 
 
 def file_sha256(path: Path) -> str:
@@ -215,6 +218,52 @@ def _thermal_velocities(masses: np.ndarray, temps, rng) -> np.ndarray:
     return v
 
 
+def training_layout(members: int, work, cores: int | None = None) -> tuple[int, int]:
+    """(processes, threads each) to train `members` ensemble members on `cores` cores (None: usable_cores()):
+    each member gets the threads its size needs (work: atoms per step, dpmd.runtime.choose_threads) and as many
+    members train at once as the cores hold; one process means one after another in the campaign process."""
+    from dpmd.runtime import choose_threads, usable_cores
+
+    cores = cores or usable_cores()
+    threads = choose_threads(None, work, cores)
+    return max(1, min(members, cores // threads)), threads
+
+
+def train_member(job: dict) -> dict:
+    """Train one ensemble member with the existing Trainer (job: the training input, restart checkpoint or
+    init_model, output folder, and "threads": torch threads, None to keep the process's); returns its last
+    training errors.  Runs in the campaign process or in a training worker (dispatch.LocalPool)."""
+    import torch
+
+    from dpmd.train.trainer import Trainer
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(job.get("threads") or before)
+    try:
+        result = Trainer(job["config"], restart=job["restart"], init_model=job["init_model"], out_dir=job["out"],
+                         progress=False).run()
+    finally:
+        torch.set_num_threads(before)
+    return {k: result.get("train", {}).get(k) for k in ("rmse_e", "rmse_f")}
+
+
+def train_members(jobs: dict, processes: int, threads: int | None, on_done, on_start=None) -> None:
+    """Train the members in `jobs` (task_id -> train_member job) with `threads` threads each; on_done(task_id,
+    ok, value, seconds) as each one ends.  One process: one after another in this process (an error raises);
+    more: that many single-member worker processes at once (spawned: each in its own process group, killed
+    with this process; a failure is ok=False with its one-line reason).  Same seeds, same threads: the same
+    weights either way."""
+    jobs = {task_id: {**job, "threads": threads} for task_id, job in jobs.items()}
+    if processes <= 1:
+        for task_id, job in jobs.items():
+            t0 = time.perf_counter()
+            value = train_member(job)
+            on_done(task_id, True, value, time.perf_counter() - t0)
+        return
+    LocalPool(processes, timeout=None).run([(task_id, "train", job) for task_id, job in jobs.items()], on_done,
+                                           on_start)
+
+
 class Campaign:
     def __init__(self, cfg: dict, log=print):
         self.cfg = cfg
@@ -257,12 +306,18 @@ class Campaign:
                 self.state.set_meta("config", self.cfg, db)
 
     def _stop_stale_workers(self) -> None:
-        """Label workers an earlier, killed run left behind die before any task is handed out again."""
+        """Label and training workers an earlier, killed run left behind die before any task is handed out again."""
         for r in self.state.q("SELECT task_id, pid, started FROM workers"):
             if stop_worker(r["pid"], r["started"]):
-                self.log(f"stopped worker {r['pid']}, left labelling {r['task_id']} by an earlier run")
+                self.log(f"stopped worker {r['pid']}, left working on {r['task_id']} by an earlier run")
         with self.state.tx() as db:
             db.execute("DELETE FROM workers")
+
+    def _record_worker(self, task_id: str, pid: int) -> None:
+        """A worker took a task: recorded, so that a resume can stop it if it outlives this run."""
+        with self.state.tx() as db:
+            db.execute("INSERT OR REPLACE INTO workers (task_id, pid, started) VALUES (?, ?, ?)",
+                       (task_id, pid, process_start(pid)))
 
     # ------------------------------------------------------------------ helpers
     def result(self, task_id: str) -> dict:
@@ -307,7 +362,13 @@ class Campaign:
         with work_dir_lock(self.root):   # before any write: a refused run changes nothing
             self._record_config()
             self._stop_stale_workers()
+            configure_threads(choose_threads(None, self._explore_work(), self.cfg["threads"] or usable_cores()))
             return self._run()
+
+    def _explore_work(self) -> int:
+        """Atoms per evaluation of the largest exploration batch: the work hint of the campaign process's threads."""
+        return max(len(self.structure(name)) * len(s["temperatures"]) * len(s["pressures"]) * len(s["structures"])
+                   for s in self.cfg["explore"] for name in s["structures"]) * self.cfg["train"]["ensemble_size"]
 
     def _run(self) -> str:
         it = self.state.one("SELECT MAX(iteration) FROM iterations")
@@ -354,19 +415,19 @@ class Campaign:
             return
         lab = self.cfg["labeller"]
         work, meta = [], {}
+        disp = self.cfg["dispatcher"]   # local workers share the campaign's cores; a cluster job has its own
+        threads = None
+        if disp["backend"] == "local":
+            threads = max(1, (self.cfg["threads"] or usable_cores()) // disp["workers"])
         for r in rows:
             payload = json.loads(r["payload"])
             symbols, pos, cell = self._label_inputs(payload)
             meta[r["task_id"]] = (payload, symbols, pos, cell)
             work.append((r["task_id"], "label", {"symbols": [str(s) for s in symbols], "positions": pos.tolist(),
                                                  "cell": None if cell is None else cell.tolist(),
-                                                 "calculator": lab["calculator"], "kwargs": lab["kwargs"]}))
+                                                 "calculator": lab["calculator"], "kwargs": lab["kwargs"],
+                                                 "threads": threads}))
         counts = {"done": 0, "failed": 0}
-
-        def on_start(task_id, pid):   # so that a resume can stop this worker if it outlives us
-            with self.state.tx() as db:
-                db.execute("INSERT OR REPLACE INTO workers (task_id, pid, started) VALUES (?, ?, ?)",
-                           (task_id, pid, process_start(pid)))
 
         def on_done(task_id, ok, value, seconds):
             payload, symbols, pos, cell = meta[task_id]
@@ -382,7 +443,7 @@ class Campaign:
             counts["done"] += 1
 
         self.log(f"[iteration {it}] labelling {len(work)} frames with {lab['calculator']}")
-        make_pool(self.cfg["dispatcher"], self.root).run(work, on_done, on_start)
+        make_pool(self.cfg["dispatcher"], self.root).run(work, on_done, self._record_worker)
         self.log(f"[iteration {it}] labels: {counts['done']} done, {counts['failed']} failed")
 
     def _energy_reference(self, symbols, cell):
@@ -413,18 +474,21 @@ class Campaign:
                                                "files": self._files(self.root / rel)}, seconds)
 
     def collect(self) -> list[str]:
-        """Rebuild data/<system> from the committed (and checked) label files; a system is rewritten,
-        atomically, unless what is on disk already holds exactly these frames.  Returns the system directories."""
+        """Rebuild data/<system> from the committed (and checked) label files, and test_data/<system> from the
+        held-out ones; a system is rewritten, atomically, unless what is on disk already holds exactly these
+        frames.  Returns the training system directories (data/ only)."""
         from dpmd.data import System, write_system
 
-        rows = self.state.q("SELECT task_id, system, file FROM labels ORDER BY label_id")
-        groups: dict[str, list] = {}
+        rows = self.state.q("SELECT l.task_id, l.system, l.file, h.label_id IS NOT NULL AS held FROM labels l "
+                            "LEFT JOIN holdout h USING (label_id) ORDER BY l.label_id")
+        groups: dict[tuple, list] = {}
         for r in rows:
-            groups.setdefault(r["system"], []).append((r["task_id"], r["file"]))
+            groups.setdefault(("test_data" if r["held"] else "data", r["system"]), []).append((r["task_id"], r["file"]))
         dirs = []
-        for key, files in sorted(groups.items()):
-            target = self.root / "data" / key
-            dirs.append(str(target))
+        for (folder, key), files in sorted(groups.items()):
+            target = self.root / folder / key
+            if folder == "data":
+                dirs.append(str(target))
             parts = [dict(np.load(self.recorded(task_id, f))) for task_id, f in files]
             atype = np.array([self.type_index[s] for s in parts[0]["symbols"]])
             has_virial = all("virial" in p for p in parts)
@@ -459,8 +523,28 @@ class Campaign:
                                "source": f"initial:{name}", "step": k}
                     self.state.add_task(db, f"i000-init-{name}-{k:03d}", 0, "label", payload)
         self._run_label_tasks(it)
+        return self._hold_out(it, "init", t0)
+
+    def _hold_out(self, it: int, stage: str, t0) -> bool:
+        """Keep select.holdout of the labels this stage added out of training (test_data/), then rebuild data/
+        and test_data/ and mark the stage done.  No model trains on these labels before the stage is done, so
+        a stage cut short simply draws again (the same labels, unless select.holdout changed meanwhile)."""
+        from explore_label_train.selection import choose_holdout
+
+        added = "frame_id IS NULL" if stage == "init" else "frame_id IS NOT NULL"
+        rows = self.state.q(f"SELECT label_id, task_id FROM labels WHERE iteration=? AND {added}", it)
+        held = set(choose_holdout([r["task_id"] for r in rows], self.cfg["select"]["holdout"],
+                                  seed=[it, STAGES.index(stage)]))
+        with self.state.tx() as db:
+            for r in rows:
+                db.execute("DELETE FROM holdout WHERE label_id=?", (r["label_id"],))
+                if r["task_id"] in held:
+                    db.execute("INSERT INTO holdout (label_id, iteration) VALUES (?, ?)", (r["label_id"], it))
         self.collect()
-        return False
+        with self.state.tx() as db:
+            self.state.stage_finish(it, stage, time.perf_counter() - t0,
+                                    f"{len(rows)} labels, {len(held)} held out for testing", db=db)
+        return True
 
     def _previous_checkpoint(self, it: int, k: int):
         """(path, sha256) of the final checkpoint the previous iteration's member k recorded, or None."""
@@ -477,12 +561,13 @@ class Campaign:
         return systems
 
     def _stage_train(self, it: int, t0) -> bool:
+        from dpmd.runtime import training_work
         from dpmd.train.checkpoint import latest_checkpoint, load_checkpoint
         from dpmd.train.freeze import freeze
-        from dpmd.train.trainer import Trainer
 
         tr = self.cfg["train"]
         systems = self._train_systems()
+        jobs, members = {}, {}   # task_id -> train_member's job; task_id -> (k, steps, init)
         for k in range(tr["ensemble_size"]):
             task_id = f"i{it:03d}-train-m{k}"
             self.state.ensure_task(task_id, it, "train")
@@ -510,21 +595,42 @@ class Campaign:
             if not same:
                 with self.state.tx() as db:
                     db.execute("UPDATE tasks SET payload=? WHERE task_id=?", (json.dumps(attempt), task_id))
-            t1 = time.perf_counter()
-            result = {}
+            members[task_id] = (k, steps, init)
             if restart != "finished":
-                trainer = Trainer(config, restart=str(restart) if restart else None,
-                                  init_model=None if restart else init, out_dir=out, progress=False)
-                result = trainer.run()
+                jobs[task_id] = {"config": config, "restart": str(restart) if restart else None,
+                                 "init_model": None if restart else init, "out": str(out)}
+        failed = []
+
+        def on_done(task_id, ok, value, seconds):
+            k, steps, init = members[task_id]
+            if not ok:
+                failed.append(f"m{k} ({task_id}): {value}")
+                return
+            t1 = time.perf_counter()
+            out = self.model_path(it, k).parent
             freeze(out, out / "model.pth")
             checkpoint = latest_checkpoint(out)
             summary = {"steps": steps, "init_model": init, "systems": systems,
-                       "rmse_e": result.get("train", {}).get("rmse_e"), "rmse_f": result.get("train", {}).get("rmse_f"),
+                       "rmse_e": value.get("rmse_e"), "rmse_f": value.get("rmse_f"),
                        "checkpoint": str(checkpoint.relative_to(self.root)),
                        "files": self._files(out / "model.pth", checkpoint)}
             with self.state.tx() as db:
-                self.state.task_done(db, task_id, summary, time.perf_counter() - t1)
+                self.state.task_done(db, task_id, summary, seconds + time.perf_counter() - t1)
             self.log(f"[iteration {it}] trained m{k}: {steps} steps, rmse_f {summary['rmse_f']}")
+
+        for task_id in members:   # killed after its last step, before it was recorded: nothing left to train
+            if task_id not in jobs:
+                on_done(task_id, True, {}, 0.0)
+        if jobs:
+            processes, threads = training_layout(len(jobs), training_work(next(iter(jobs.values()))["config"]),
+                                                 self.cfg["threads"])
+            if processes > 1:
+                self.log(f"[iteration {it}] training {len(jobs)} members, {processes} at a time "
+                         f"({threads} thread{'s' if threads > 1 else ''} each)")
+            train_members(jobs, processes, threads, on_done, self._record_worker)
+        if failed:
+            raise CampaignError(f"training failed: {failed[0]}" + (f" (and {len(failed) - 1} more member(s))"
+                                                                   if len(failed) > 1 else ""))
         return False
 
     def models(self, it: int):
@@ -553,7 +659,8 @@ class Campaign:
                     continue
                 rel = Path(f"iter.{it:03d}") / "explore" / f"{task_id}.npz"
                 t1 = time.perf_counter()
-                z, note = self._simulate(it, stage, gi, members)   # a file left by a crash: overwritten, not trusted
+                z, stop = self._simulate(it, stage, gi, members)   # a file left by a crash: overwritten, not trusted
+                note = stop and f"stopped early: {stop['message']}"
                 atomic_savez(self.root / rel, **z)
                 classes = classify(z["devi"][:, 3], lo, hi) if len(z["devi"]) else []
                 with self.state.tx() as db:
@@ -566,6 +673,16 @@ class Campaign:
                                    (it, task_id, str(rel), i, stage["name"], int(z["traj"][i]), m[0], m[2], m[3],
                                     int(z["step"][i]), float(dv[3]), float(dv[5]), float(dv[0]), float(dv[6]),
                                     str(classes[i])))
+                    if stop:
+                        # a batch stops as a whole: the incident names the systems dpmd's message names
+                        named = sorted({int(x) for x in re.findall(r"of system (\d+)", stop["message"])}) or (
+                            [0] if len(members) == 1 else [None])
+                        for traj in named:
+                            m = members[traj] if traj is not None else (None, None, None, None)
+                            db.execute("INSERT INTO incidents (task_id, iteration, stage, step, traj, structure, "
+                                       "temperature, pressure, message) VALUES (?,?,?,?,?,?,?,?,?)",
+                                       (task_id, it, stage["name"], stop["step"], traj, m[0], m[2], m[3],
+                                        stop["message"]))
                     self.state.task_done(db, task_id, {"frames": int(len(z["step"])), "trajectories": len(members),
                                                        "note": note or None, "files": self._files(self.root / rel)},
                                          time.perf_counter() - t1)
@@ -574,8 +691,9 @@ class Campaign:
         return False
 
     def _simulate(self, it, stage, gi, members):
-        """One batched Simulation of the group's trajectories; frames every traj_interval steps."""
-        from dpmd.md import MDStopError, Simulation
+        """One batched Simulation of the group's trajectories; frames every traj_interval steps.  Returns the
+        frames and, when the run stopped early, {"step", "message"} (dpmd's one-line reason)."""
+        from dpmd.md import Simulation
 
         models = self.models(it)
         atoms = [m[1] for m in members]
@@ -597,7 +715,7 @@ class Campaign:
                          barostat=stage["barostat"], timestep=stage["timestep"], steps=stage["steps"], seed=seed,
                          min_distance=stage["min_distance"], velocities=vel, thermo_freq=0, log=None, bias=bias)
         coord, boxes, devi, steps, traj = [], [], [], [], []
-        note = ""
+        stop = None
         nf = len(members)
         try:
             for step in range(stage["traj_interval"], stage["steps"] + 1, stage["traj_interval"]):
@@ -612,17 +730,17 @@ class Campaign:
                     devi.append(d[f])
                     steps.append(step)
                     traj.append(f)
-        except MDStopError as err:
-            note = f"stopped early: {str(err).split('; wrote')[0]}"
+        except DpmdError as err:   # MDStopError (atoms too close, lost atoms, ...) or another one-line reason
+            stop = {"step": int(sim.state.step), "message": str(err).splitlines()[0].split("; wrote")[0]}
         n = pos.shape[1]
         out = {"symbols": np.array(symbols[0]), "coord": np.array(coord).reshape(-1, n, 3),
                "devi": np.array(devi).reshape(-1, 7), "step": np.array(steps, dtype=np.int64),
-               "traj": np.array(traj, dtype=np.int64), "note": np.array(note)}
+               "traj": np.array(traj, dtype=np.int64), "note": np.array(stop["message"] if stop else "")}
         if box is not None:
             out["box"] = np.array(boxes).reshape(-1, 3, 3)
         if any(row != symbols[0] for row in symbols):
             out["all_symbols"] = np.array(symbols)
-        return out, note
+        return out, stop
 
     def _stage_select(self, it: int, t0) -> bool:
         from explore_label_train.selection import check_frame, choose, choose_stratified, frame_descriptors
@@ -694,8 +812,7 @@ class Campaign:
 
     def _stage_label(self, it: int, t0) -> bool:
         self._run_label_tasks(it)
-        self.collect()
-        return False
+        return self._hold_out(it, "label", t0)
 
     def _validation_error(self, it: int):
         """Force RMSE (eV/Å) and energy RMSE per atom (eV) of model 0 on the labels this iteration added."""

@@ -1,6 +1,7 @@
 """The `elt` command: run / status / report an explore–label–train campaign.
 
-    elt run campaign.yaml [--move-aside]   # starts, or resumes where it stopped (nothing finished is redone)
+    elt run campaign.yaml [--move-aside] [--threads N]   # starts, or resumes where it stopped (nothing
+                                                         # finished is redone); N: cores it uses at once
     elt status [campaign.yaml | campaign_dir]
     elt report [campaign.yaml | campaign_dir] [-o DIR]
 
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 from dpmd.errors import DpmdError
+from dpmd.runtime import quiet_openmp, thread_count
 from explore_label_train.state import RESTORE
 
 
@@ -38,6 +40,8 @@ def _run(args) -> None:
     from explore_label_train.config import load_campaign
 
     cfg = load_campaign(args.campaign)
+    if args.threads:
+        cfg["threads"] = args.threads
     args.db = Path(cfg["work_dir"]) / "campaign.db"
     if args.move_aside:
         inputs = cfg["initial"]["data"] + [s["file"] for s in cfg["structures"].values() if s["file"]]
@@ -77,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--move-aside", action="store_true",
                    help="first move the work_dir's campaign files (campaign.db, iter.*, labels, data, dispatch, "
                         "report) into <work_dir>/old-<time>/ and start a fresh campaign; nothing is deleted")
+    p.add_argument("--threads", type=thread_count, default=None,
+                   help="cores the campaign uses at once (default: the campaign's threads key, else every core this "
+                        "process may use); small models train one member per core")
     p.set_defaults(func=_run)
     p = sub.add_parser("status", help="iterations, stages, tasks, labels and deviation classes")
     p.add_argument("campaign", nargs="?", default=".", help="campaign YAML or its directory (default: .)")
@@ -93,6 +100,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def main(argv=None) -> int:
+    quiet_openmp()   # before torch (or a labeller's OpenMP) loads, here and in every worker process
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

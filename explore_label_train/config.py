@@ -18,7 +18,12 @@ import yaml
 from dpmd.errors import ConfigError
 
 TOP = {"work_dir": None, "type_map": None, "masses": None, "structures": {}, "initial": {}, "train": None,
-       "explore": None, "trust": None, "select": {}, "filters": {}, "labeller": {}, "dispatcher": {}, "convergence": {}}
+       "explore": None, "trust": None, "select": {}, "filters": {}, "labeller": {}, "dispatcher": {}, "convergence": {},
+       "threads": None}
+# threads: the cores the campaign uses at once (null: the cores this process may use, dpmd.runtime.usable_cores).
+# Work in the campaign process gets up to that many torch threads (one for small systems); the ensemble trains
+# in as many single-member processes as fit (one thread each for small models); each local label worker gets
+# threads / dispatcher.workers threads (at least one).
 STRUCTURE = {"file": None, "format": None, "index": 0, "bulk": None, "crystalstructure": None, "a": None,
              "c": None, "cubic": False, "orthorhombic": False, "repeat": None,
              "molecule": None, "copies": 1, "spacing": 3.0, "seed": 0}
@@ -31,7 +36,9 @@ STAGE = {"name": None, "structures": None, "ensemble": "nvt", "temperatures": No
          "min_distance": 0.5, "bias": None}
 BIAS = {"strength": None, "scale": None}   # E_bias = -strength * tanh(sigma / scale): see explore_label_train/bias.py
 TRUST = {"lo": None, "hi": None}
-SELECT = {"budget": 10, "method": "fps", "stratify": False}
+# holdout: the fraction of each labelling stage's new labels kept out of training as the test set
+# (test_data/; at least one label once a stage has 5): see explore_label_train/selection.py, holdout_count
+SELECT = {"budget": 10, "method": "fps", "stratify": False, "holdout": 0.1}
 # frames before labelling: min_distance (Å), volume_per_atom ([min, max] Å^3), min_cell_angle (degrees),
 # max_cell_length (Å); labels after it, sanity bounds far beyond any physical frame: max_force (eV/Å, any
 # atom) and max_energy_deviation (eV/atom from the median of the labels of the same composition).  A label
@@ -282,6 +289,10 @@ def normalize_campaign(raw, base_dir: Path, source: str = "campaign") -> dict:
         raise ConfigError(f"'select.method' must be fps, random or devi, got {sel['method']!r}")
     if not isinstance(sel["stratify"], bool):
         raise ConfigError(f"'select.stratify' must be true or false, got {sel['stratify']!r}")
+    sel["holdout"] = _num(sel["holdout"], "select.holdout", minimum=0)
+    if sel["holdout"] > 0.5:
+        raise ConfigError(f"'select.holdout' is the fraction of each iteration's labels kept for testing, at most "
+                          f"0.5, got {sel['holdout']}")
     f = c["filters"] = complete(c["filters"], FILTERS, "filters")
     f["min_distance"] = _num(f["min_distance"], "filters.min_distance", minimum=0, allow_none=True)
     f["min_cell_angle"] = _num(f["min_cell_angle"], "filters.min_cell_angle", minimum=0, allow_none=True)
@@ -314,6 +325,7 @@ def normalize_campaign(raw, base_dir: Path, source: str = "campaign") -> dict:
         from explore_label_train.dispatch import check_dpdispatcher
 
         check_dpdispatcher(d)
+    _num(c["threads"], "threads", integer=True, positive=True, allow_none=True)
     cv = c["convergence"] = complete(c["convergence"], CONVERGENCE, "convergence")
     cv["accurate_ratio"] = _num(cv["accurate_ratio"], "convergence.accurate_ratio", minimum=0)
     if cv["accurate_ratio"] > 1:

@@ -1,7 +1,8 @@
-"""Dispatchers: run tasks (label computations) in worker processes, with a time limit per task.
+"""Dispatchers: run tasks (label computations; ensemble members' training) in worker processes, with a time
+limit per task.
 
-`LocalPool(workers, timeout)` keeps `workers` persistent worker processes (spawn by default: no
-SQLite handle, lock or thread crosses a fork).  `pool.run(tasks, on_done)` hands each task
+`LocalPool(workers, timeout)` (timeout None: no limit) keeps `workers` persistent worker processes (spawn by
+default: no SQLite handle, lock or thread crosses a fork).  `pool.run(tasks, on_done)` hands each task
 (task_id, function name, payload) to an idle worker and calls `on_done(task_id, ok, value, seconds)`
 in the calling process as each one finishes, so the caller can commit it at once.  An exception in
 the task (SystemExit included), a worker that dies (os._exit, a signal, out of memory) and a task
@@ -37,7 +38,7 @@ from pathlib import Path
 
 from dpmd.errors import ConfigError
 
-FUNCTIONS = {"label": ("explore_label_train.labelers", "label")}
+FUNCTIONS = {"label": ("explore_label_train.labelers", "label"), "train": ("explore_label_train.campaign", "train_member")}
 
 
 def _first_line(err: BaseException) -> str:
@@ -137,8 +138,8 @@ def _worker_main(conn, lifeline, own_end) -> None:
 
 
 class LocalPool:
-    def __init__(self, workers: int = 1, timeout: float = 600.0, start_method: str = "spawn"):
-        self.workers, self.timeout = int(workers), float(timeout)
+    def __init__(self, workers: int = 1, timeout: float | None = 600.0, start_method: str = "spawn"):
+        self.workers, self.timeout = int(workers), None if timeout is None else float(timeout)   # None: no limit
         self.ctx = mp.get_context(start_method)
 
     def _start(self):
@@ -180,8 +181,10 @@ class LocalPool:
                     if on_start is not None:
                         on_start(task_id, w[0].pid)
                 now = time.monotonic()
-                next_deadline = min(t0 + self.timeout for _, _, t0 in busy.values())
-                ready = wait(list(busy), timeout=max(0.0, next_deadline - now) + 0.01)
+                limit = self.timeout
+                if limit is not None:
+                    limit = max(0.0, min(t0 + limit for _, _, t0 in busy.values()) - now) + 0.01
+                ready = wait(list(busy), timeout=limit)
                 for conn in ready:
                     w, task_id, t0 = busy.pop(conn)
                     seconds = time.monotonic() - t0
@@ -195,7 +198,7 @@ class LocalPool:
                     on_done(rid, ok, value, seconds)
                 now = time.monotonic()
                 for conn, (w, task_id, t0) in list(busy.items()):
-                    if now - t0 > self.timeout:
+                    if self.timeout is not None and now - t0 > self.timeout:
                         busy.pop(conn)
                         self._stop(w)
                         on_done(task_id, False, _timeout_reason(self.timeout), now - t0)

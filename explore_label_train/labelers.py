@@ -7,7 +7,9 @@
     labeller: {calculator: "package.module:Factory", kwargs: {...}}   # anything returning an ASE calculator
 
 `label(payload)` returns energy (eV), forces (eV/Å) and, for periodic cells when the calculator
-gives a stress, the virial (eV, DeePMD's sign: -stress * volume).  Any exception, non-finite
+gives a stress, the virial (eV, DeePMD's sign: -stress * volume).  payload["threads"], when given, is the
+labeller's OpenMP thread count (OMP_NUM_THREADS, read when tblite's or PySCF's runtime loads: the first label
+in a spawned worker): the campaign splits its cores among its local workers instead of each taking them all.  Any exception, non-finite
 result or missing property raises; the dispatcher turns that into a failed task with the reason.
 `check_label` is the campaign's check of a result before it becomes a label (shapes, finite values,
 the sanity bounds in the campaign's filters).
@@ -17,6 +19,7 @@ This module imports no torch, so worker processes start quickly.
 from __future__ import annotations
 
 import importlib
+import os
 
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
@@ -89,6 +92,8 @@ def label(payload: dict) -> dict:
     """payload: symbols, positions (N,3), cell (3,3) or None, calculator, kwargs."""
     from ase import Atoms
 
+    if payload.get("threads"):
+        os.environ["OMP_NUM_THREADS"] = str(payload["threads"])
     cell = payload.get("cell")
     atoms = Atoms(symbols=payload["symbols"], positions=np.asarray(payload["positions"], dtype=float),
                   cell=None if cell is None else np.asarray(cell, dtype=float), pbc=cell is not None)

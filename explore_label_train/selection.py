@@ -14,6 +14,10 @@ With `stratify`, the budget is first shared among the exploration conditions (st
 pressure): one label for each condition with candidates while the budget lasts, the rest in proportion
 to their candidates; each share is then chosen within its condition.  The conditions with the largest
 deviations can no longer take every label, so the labels keep covering everything the exploration visits.
+
+Hold-out: a fraction of each labelling stage's new labels (`select.holdout`) is drawn at random, seeded,
+and never enters the training data; these labels are the campaign's test set, on which the report judges
+the final ensemble.  (DP-GEN has no such set: its only errors are on the training data.)
 """
 
 from __future__ import annotations
@@ -201,3 +205,23 @@ def choose(candidates: list[dict], budget: int, method: str, features: np.ndarra
             else:
                 reasons[i] = f"not selected: budget {budget} reached"
     return chosen, reasons
+
+
+HOLDOUT_MIN_LABELS = 5   # below this a stage's labels all train: one test label would cost too large a share
+
+
+def holdout_count(n: int, fraction: float) -> int:
+    """How many of a stage's n new labels are held out: round(fraction * n), at least one once n reaches
+    HOLDOUT_MIN_LABELS, and never all of them."""
+    if fraction <= 0 or n < HOLDOUT_MIN_LABELS:
+        return 0
+    return min(max(1, int(np.floor(fraction * n + 0.5))), n - 1)
+
+
+def choose_holdout(task_ids: list[str], fraction: float, seed) -> list[str]:
+    """The held-out label task ids: a seeded draw over the ids in sorted order, so the choice does not depend
+    on the order in which labels finished."""
+    ids = sorted(task_ids)
+    k = holdout_count(len(ids), fraction)
+    picks = np.random.default_rng(seed).choice(len(ids), size=k, replace=False) if k else []
+    return sorted(ids[i] for i in picks)

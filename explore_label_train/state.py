@@ -1,9 +1,9 @@
 """The campaign's state: ONE SQLite database (WAL mode), written only by the campaign process.
 
 Every change that marks work finished is one transaction together with its results (a label row
-and its task's `done`; an exploration's frames and its task's `done`; a selection's choices, the
-label tasks it creates and the stage's `done`), so a kill -9 at any moment leaves either all of it
-or none of it.  Files a task writes are named by the task id and written atomically before that
+and its task's `done`; an exploration's frames, its incident and its task's `done`; a selection's
+choices, the label tasks it creates and the stage's `done`; the labels a labelling stage holds out, all
+at once), so a kill -9 at any moment leaves either all of it or none of it.  Files a task writes are named by the task id and written atomically before that
 transaction, so redoing an unfinished task overwrites, never duplicates.  A done task records the
 sha256 of each file it produced (result "files"); readers check the file against it before use.
 
@@ -61,9 +61,16 @@ CREATE TABLE IF NOT EXISTS labels (
     system TEXT NOT NULL, natoms INTEGER NOT NULL, energy REAL NOT NULL, file TEXT NOT NULL, created REAL);
 CREATE TABLE IF NOT EXISTS workers (        -- the worker process holding a label task right now
     task_id TEXT PRIMARY KEY, pid INTEGER NOT NULL, started TEXT);    -- started: the kernel's start time of pid
+CREATE TABLE IF NOT EXISTS holdout (        -- labels no model trains on: the test set (test_data/<system>)
+    label_id INTEGER PRIMARY KEY REFERENCES labels (label_id), iteration INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS incidents (      -- exploration runs that stopped early, with dpmd's one-line message
+    incident_id INTEGER PRIMARY KEY, task_id TEXT NOT NULL REFERENCES tasks (task_id), iteration INTEGER NOT NULL,
+    stage TEXT NOT NULL, step INTEGER,      -- the MD step the run stopped at
+    traj INTEGER, structure TEXT, temperature REAL, pressure REAL,   -- the system the message names (NULL: none)
+    message TEXT NOT NULL);
 """
 TABLES = {"meta", "iterations", "stages", "tasks", "frames", "labels"}   # what makes a file a campaign database
-ADDED = {"workers"}                                                       # tables later versions added
+ADDED = {"workers", "holdout", "incidents"}                               # tables later versions added
 RESTORE = "restore it from a backup, or move the work_dir aside with `elt run --move-aside`"
 
 
@@ -133,6 +140,10 @@ class State:
             self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
+
+    def has_table(self, name: str) -> bool:
+        """False for a table a later version added, in a database opened read-only (status, report)."""
+        return self.one("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", name) is not None
 
     def q(self, sql, *args) -> list[sqlite3.Row]:
         return self.db.execute(sql, args).fetchall()

@@ -49,5 +49,5 @@ def test_bad_model_files(tmp_path):
     with pytest.raises(DpmdError, match="not found"):
         load_model(tmp_path / "missing.pth")
     (tmp_path / "junk.pth").write_text("not a model")
-    with pytest.raises(DpmdError, match="junk.pth: not a readable model file"):
+    with pytest.raises(DpmdError, match=r"junk.pth: unreadable \(not a PyTorch file\); expected a frozen dpmd model"):
         load_model(tmp_path / "junk.pth")

@@ -265,6 +265,12 @@ def test_deepmd_keys_not_implemented_are_refused_unless_default(path, value):
     refused(cfg, f"'{path}' = {json.dumps(value)} is not supported yet")
 
 
+def test_deepmds_other_batch_size_rules_are_refused():
+    cfg = small_input()
+    cfg["training"]["training_data"]["batch_size"] = "max:64"
+    refused(cfg, "'training.training_data.batch_size' = 'max:64' is not supported yet")
+
+
 def test_unknown_keys_list_the_valid_ones():
     cfg = small_input()
     cfg["model"]["descriptor"]["rcutt"] = 3.0
@@ -349,12 +355,45 @@ def test_exclude_types_zero_the_rows_of_excluded_pairs(water, type_one_side):
     torch.testing.assert_close(padded, got[order], rtol=1e-10, atol=1e-12)
 
 
-def test_exclude_types_are_checked_against_the_type_map():
+def test_exclude_types_survive_freezing(water):
+    from dpmd.model.export import script_model
+
+    cfg = small_config()
+    cfg["descriptor"]["exclude_types"] = [[1, 1]]
+    model = DeepPot(cfg).eval()
+    eager, frozen = model(*water), script_model(model)(*water)
+    assert float(frozen["energy"]) == pytest.approx(float(eager["energy"]), rel=1e-12)
+    torch.testing.assert_close(frozen["force"], eager["force"], rtol=1e-10, atol=1e-12)
+
+
+def test_exclude_types_are_checked_against_the_type_map(tmp_path):
     cfg = small_input()
+    cfg["model"]["descriptor"]["exclude_types"] = [[0, 1]]
     cfg["model"]["descriptor"]["exclude_types"] = [[0, 2]]
     refused(cfg, "'model.descriptor.exclude_types' = [[0, 2]]: type 2 is not in model.type_map (2 types)")
     cfg["model"]["descriptor"]["exclude_types"] = [[0, 1, 1]]
     refused(cfg, "'model.descriptor.exclude_types' must be a list of [type, type] pairs")
+
+
+def test_statistics_count_excluded_pairs_as_empty_slots(tmp_path):
+    """DeePMD-kit's env-matrix statistics with exclude_types: an excluded pair's row is zero but its slot still
+    counts.  With O-H excluded, the O centres' radial mean is the sum over their O neighbours alone, over all
+    sel slots of every O atom."""
+    from dpmd.data import load_system
+    from dpmd.geometry.graph import build_graph, edge_vectors
+
+    cfg = small_input(steps=1)
+    cfg["model"]["descriptor"]["exclude_types"] = [[0, 1]]
+    cfg["model"]["data_stat_nbatch"] = 1
+    trainer = Trainer(normalize_input(cfg), out_dir=tmp_path, progress=False)
+    trainer.run()   # training with excluded pairs runs
+    desc = trainer.model.descriptor
+    s = load_system(EXAMPLE, type_map=["O", "H"])
+    graph = build_graph(s.coord[0], s.atype, s.box[0], desc.rcut)   # data_stat_nbatch 1: the first frame
+    rows = desc.env_rows(edge_vectors(graph)).double()
+    oo = (graph["atype"][graph["center"]] == 0) & (graph["atype"][graph["neighbor"]] == 0)
+    expected = float(rows[oo, 0].sum()) / (int((graph["atype"] == 0).sum()) * desc.nnei)
+    assert float(desc.mean[0, 0]) == pytest.approx(expected, rel=1e-10)   # a buffer: training leaves it
 
 
 def test_set_davg_zero_keeps_the_mean_at_zero(tmp_path):

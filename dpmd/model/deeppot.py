@@ -9,7 +9,7 @@ from torch import nn
 
 from dpmd.errors import ConfigError
 from dpmd.geometry.graph import build_graph
-from dpmd.model.args import check_seed, normalize_model_config, sel_factor  # noqa: F401 (re-exported)
+from dpmd.model.args import normalize_model_config
 from dpmd.model.compress import check_graph
 from dpmd.model.descriptor import DescriptorSeA
 from dpmd.model.fitting import EnergyFitting, group_by_type

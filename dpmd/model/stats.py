@@ -33,6 +33,8 @@ def descriptor_stats(model, systems, max_frames: int = 10, protection: float = 1
         graph = build_graph(coord, atype, box, desc.rcut)
         rows = desc.env_rows(edge_vectors(graph)).double()
         ct = graph["atype"][graph["center"]]
+        # excluded pairs count as empty slots (zero rows), as in DeePMD-kit's statistics
+        rows = rows * desc.kept_edges(rows, ct, graph["atype"][graph["neighbor"]]).unsqueeze(1)
         for t in range(nt):
             r = rows[ct == t]
             sums[t] += [r[:, 0].sum(), (r[:, 0] ** 2).sum(), r[:, 1:].sum(), (r[:, 1:] ** 2).sum()]

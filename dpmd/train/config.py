@@ -260,6 +260,8 @@ def _data_section(sec: dict | None, where: str, base: Path) -> dict | None:
     bs = sec["batch_size"]
     ok = (isinstance(bs, int) and bs > 0) or (isinstance(bs, list) and all(b > 0 for b in bs)) or (
         isinstance(bs, str) and (bs == "auto" or (bs.startswith("auto:") and bs[5:].isdigit() and int(bs[5:]) > 0)))
+    if isinstance(bs, str) and bs.split(":")[0] in ("mixed", "max", "filter", "mix"):
+        raise ConfigError(f"'{where}.batch_size' = {bs!r} is not supported yet (an int, a list, 'auto' or 'auto:N')")
     if not ok:
         raise ConfigError(f"'{where}.batch_size' must be a positive int, a list of them, 'auto' or 'auto:N', got {bs!r}")
     for name, value in (("batch_size", bs), ("sys_probs", sec["sys_probs"])):

@@ -23,7 +23,7 @@ from dpmd.errors import ConfigError, DpmdError
 from dpmd.geometry.graph import build_graph
 from dpmd.geometry.neighbor import NeighborList, auto_sel, build_neighbor_list, count_neighbors
 from dpmd.model import DeepPot, evaluate, load_model
-from dpmd.model.deeppot import normalize_model_config, sel_factor
+from dpmd.model.args import normalize_model_config, sel_factor
 from dpmd.model.io import atomic_write
 from dpmd.model.stats import descriptor_stats, energy_bias, refit_energy_bias
 from dpmd.train import stat_file
@@ -256,9 +256,6 @@ class Trainer:
         """A fresh model's normalisation and energy bias from the training data, or from training.stat_file
         when it holds them (dpmd.train.stat_file); set_davg_zero keeps the mean at zero, as in DeePMD-kit."""
         tr, desc, fitting = self.config["training"], self.model.descriptor, self.model.fitting
-        if desc.has_exclusion:  # dpmd.model.stats does not zero the excluded pairs' rows yet
-            raise ConfigError("'model.descriptor.exclude_types': training with excluded pairs is not supported yet "
-                              "(the data statistics would still count them)")
         path, entry = tr["stat_file"], stat_file.group(self.model.config)
         saved = stat_file.load(path, entry) if path else None
         if saved is None and tr["stat_file_mode"] == "read":
