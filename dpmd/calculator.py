@@ -15,12 +15,18 @@ class DP(Calculator):
 
     Atoms are mapped onto the model's type_map by chemical symbol.  Fully periodic or fully
     open boundaries; stress (ASE's sign: -virial / volume) only for periodic cells.
+
+    A model with frame / atomic parameters (numb_fparam, numb_aparam) takes them from the structure,
+    atoms.info["fparam"] and atoms.arrays["aparam"] (or atoms.info["aparam"], where DeePMD-kit's calculator reads
+    it), else from the calculator: DP(model, fparam=[...], aparam=[...]).  aparam: numb_aparam values for every
+    atom, or one row per atom.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
-    def __init__(self, model, device: str = "cpu", **kwargs):
+    def __init__(self, model, device: str = "cpu", fparam=None, aparam=None, **kwargs):
         super().__init__(**kwargs)
+        self.fparam, self.aparam = fparam, aparam
         if not isinstance(model, torch.nn.Module):
             from dpmd.model.io import load_model
 
@@ -37,6 +43,32 @@ class DP(Calculator):
             i = next(i for i, s in enumerate(symbols) if s not in self._type_of)
             raise DpmdError(f"atom {i} is {symbols[i]}, which is not in the model's type_map "
                             f"{self.model.type_map}") from None
+
+    @staticmethod
+    def _atoms_params(atoms) -> dict:
+        """The fparam / aparam that atoms carries itself (None where it has none)."""
+        return {"fparam": atoms.info.get("fparam"),
+                "aparam": atoms.arrays["aparam"] if "aparam" in atoms.arrays else atoms.info.get("aparam")}
+
+    def _params(self, atoms) -> dict:
+        """The structure's own fparam / aparam, else the calculator's; one line if the model needs one and has none."""
+        params = {k: v if v is not None else getattr(self, k) for k, v in self._atoms_params(atoms).items()}
+        has_default = self.model.fitting.default_fparam_tensor is not None
+        for key, per, where in (("fparam", "frame", "info"), ("aparam", "atom", "arrays")):
+            n = getattr(self.model, f"numb_{key}")
+            if n and params[key] is None and not (key == "fparam" and has_default):
+                raise DpmdError(f"the model takes {key} ({n} value(s) per {per}, numb_{key}): give DP(model, "
+                                f"{key}=...) or atoms.{where}['{key}']")
+        return params
+
+    def check_state(self, atoms, tol=1e-15):
+        """ASE's comparison, and a changed fparam / aparam of the structure (ASE compares neither)."""
+        changes = super().check_state(atoms, tol)
+        if self.atoms is not None:
+            old, new = self._atoms_params(self.atoms), self._atoms_params(atoms)
+            changes += [k for k in old if (old[k] is None) != (new[k] is None)
+                        or (old[k] is not None and not np.array_equal(old[k], new[k]))]
+        return changes
 
     def _check_geometry(self, positions: np.ndarray, cell: np.ndarray | None) -> None:
         """Non-finite coordinates or atoms on top of each other would give NaN or garbage: name the atoms."""
@@ -69,7 +101,7 @@ class DP(Calculator):
             self._check_geometry(np.asarray(atoms.positions, dtype=np.float64), cell)
             box = None if cell is None else torch.tensor(cell, device=self.device)
             coord = torch.tensor(atoms.positions, dtype=torch.float64, device=self.device)
-            out = self.model(coord, types, box)
+            out = self.model(coord, types, box, **self._params(atoms))
             energy = float(out["energy"])
             energies = out["atom_energy"].detach().cpu().numpy()
             forces = out["force"].detach().cpu().numpy()

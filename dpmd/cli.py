@@ -1,17 +1,23 @@
 """The `dpmd` command.  Each subcommand lives with the code it drives; this file only routes.
 
-Errors meant for users (DpmdError, bad values, missing files) print as one line.
+A command's results go to stdout; progress and information go through logging (dpmd.log: stderr, and the
+file of -l/--log-path).  Errors meant for users (DpmdError, bad values, missing files) print as one line.
 Set DPMD_DEBUG=1 to see the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import shlex
 import subprocess
 import sys
 
+from dpmd import log as dpmd_log
 from dpmd.errors import DpmdError
+
+logger = logging.getLogger("dpmd")
 
 
 def _neighbor_stat(args) -> None:
@@ -40,31 +46,30 @@ def _train(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    starts = [f"--{name.replace('_', '-')}" for name in ("restart", "init_model", "init_frz_model", "finetune")
+              if getattr(args, name)]
+    if len(starts) > 1:
+        raise DpmdError(f"{starts[0]} and {starts[1]} start a run in different ways; give one")
     config = read_input(args.input, args.set)
-    if args.restart and (args.init_model or args.finetune):
-        raise DpmdError("--restart continues a run; it cannot be combined with --init-model or --finetune")
-    trainer = Trainer(config, restart=args.restart, init_model=args.init_model, finetune=args.finetune,
-                      out_dir=args.output, overwrite=args.overwrite)
-    result = trainer.run()
-    if trainer.rank == 0:
-        if trainer.moved_to:
-            print(f"moved the previous run to {trainer.moved_to}")
-        print(f"trained to step {result['step']}: {result['seconds_per_step']:.3f} s/step, "
-              f"start-up {result['startup_seconds']:.1f} s")
+    # a frozen model and a checkpoint are read by the same function (dpmd.model.load_model)
+    trainer = Trainer(config, restart=args.restart, init_model=args.init_model or args.init_frz_model,
+                      finetune=args.finetune, out_dir=args.output, overwrite=args.overwrite,
+                      skip_neighbor_stat=args.skip_neighbor_stat)
+    trainer.run()
 
 
 def _freeze(args) -> None:
     from dpmd.train.freeze import freeze
 
     source = freeze(args.checkpoint, args.output)
-    print(f"froze {source} -> {args.output}")
+    logger.info(f"froze {source} -> {args.output}")
 
 
 def _convert_model(args) -> None:
     from dpmd.model import load_model, save_model
 
     save_model(load_model(args.input), args.output)
-    print(f"converted {args.input} ({args.source}) -> {args.output}")
+    logger.info(f"converted {args.input} ({args.source}) -> {args.output}")
 
 
 def _compress(args) -> None:
@@ -73,9 +78,9 @@ def _compress(args) -> None:
     spec = compress_file(args.input, args.output, step=args.step, extrapolate=args.extrapolate,
                          check_frequency=args.check_frequency, training_input=args.training_input,
                          min_nbor_dist=args.min_nbor_dist)
-    print(f"compressed {args.input} -> {args.output}: min_nbor_dist {spec['min_nbor_dist']:.4f} Å, tables "
-          f"{spec['n_fine']} x {spec['step']} + {spec['n_coarse']} x {spec['step_coarse']} in normalised s, "
-          f"covering r >= {min(spec['rmin']):.4f} Å")
+    logger.info(f"compressed {args.input} -> {args.output}: min_nbor_dist {spec['min_nbor_dist']:.4f} Å, tables "
+                f"{spec['n_fine']} x {spec['step']} + {spec['n_coarse']} x {spec['step_coarse']} in normalised s, "
+                f"covering r >= {min(spec['rmin']):.4f} Å")
 
 
 def _demo(args) -> None:
@@ -91,13 +96,13 @@ def _md(args) -> None:
     import torch
 
     from dpmd.md import run_md
+    from dpmd.md.config import read_md_input
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run_md(args.input, restart=args.restart)
-    if result.get("rank", 0) == 0:   # MPI runs: rank 0 reports
-        print(f"md: {result['steps']} steps to step {result['final_step']}: {result['steps_per_second']:.2f} steps/s, "
-              f"{result['ns_per_day']:.3f} ns/day, {result['neighbor_builds']} neighbour-list builds")
+    result = run_md(read_md_input(args.input, args.set), restart=args.restart)
+    logger.info(f"md: {result['steps']} steps to step {result['final_step']}: {result['steps_per_second']:.2f} "
+                f"steps/s, {result['ns_per_day']:.3f} ns/day, {result['neighbor_builds']} neighbour-list builds")
 
 
 def _doc_train_input(args) -> None:
@@ -125,11 +130,11 @@ def _build_ops(args) -> None:
     from dpmd import ops
 
     try:
-        path = ops.build(verbose=args.verbose)
+        path = ops.build()
     except (RuntimeError, ImportError, subprocess.CalledProcessError) as err:  # compiler/ninja output is long
         lines = [line for line in str(err).splitlines() if line.strip()]
         raise DpmdError(f"building the kernel library failed: {lines[-1] if lines else type(err).__name__} "
-                        f"(rerun with -v for the compiler output)") from None
+                        f"(rerun with -v for the compiler's messages)") from None
     print(path)
 
 
@@ -139,71 +144,84 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpmd", description="Deep-potential molecular dynamics")
     parser.add_argument("--version", action="version", version=version())
     sub = parser.add_subparsers(dest="command", required=True)
+    logging_options = argparse.ArgumentParser(add_help=False)
+    dpmd_log.add_arguments(logging_options)
 
-    p = sub.add_parser("neighbor-stat", help="max neighbour count per type and min pair distance of datasets")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        """A subcommand with the logging options every command has (as in DeePMD-kit)."""
+        return sub.add_parser(name, help=help, description=help, parents=[logging_options])
+
+    p = command("neighbor-stat", "max neighbour count per type and min pair distance of datasets")
     p.add_argument("-s", "--systems", nargs="+", required=True, help="DeePMD systems or directories holding them")
     p.add_argument("-r", "--rcut", type=float, default=6.0, help="cutoff radius (Å)")
     p.add_argument("-t", "--type-map", nargs="+", default=None, help="element names, e.g. O H")
     p.set_defaults(func=_neighbor_stat)
 
-    p = sub.add_parser("convert", help="convert DFT outputs into deepmd/npy (through dpdata)")
+    p = command("convert", "convert DFT outputs into deepmd/npy (through dpdata)")
     add_convert_arguments(p)
     p.set_defaults(func=run_convert)
 
-    p = sub.add_parser("train", help="train a model from a YAML or JSON input (DeePMD-kit keys)")
+    p = command("train", "train a model from a YAML or JSON input (DeePMD-kit keys)")
     p.add_argument("input", help="input.yaml or input.json")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value, e.g. --set training.numb_steps=200 (repeatable)")
-    p.add_argument("--restart", help="continue the run of this checkpoint")
-    p.add_argument("--init-model", help="start a new run from the weights of a checkpoint or model file")
-    p.add_argument("--finetune", help="like --init-model, re-fitting the energy bias on the new data")
+    p.add_argument("-r", "--restart", help="continue the run of this checkpoint")
+    p.add_argument("-i", "--init-model", help="start a new run from the weights of a checkpoint or model file")
+    p.add_argument("-f", "--init-frz-model", help="start a new run from the weights of a frozen model (the same as "
+                                                  "--init-model, which reads frozen models too)")
+    p.add_argument("-t", "--finetune", help="like --init-model, re-fitting the energy bias on the new data")
+    p.add_argument("--skip-neighbor-stat", action="store_true",
+                   help="do not count neighbours in the training data: model.descriptor.sel must then be a list, "
+                        "not 'auto' (dpmd counts them only for sel 'auto')")
     p.add_argument("-o", "--output", default=".", help="directory for lcurve.out and checkpoints")
     p.add_argument("--overwrite", action="store_true",
                    help="a new run in a folder holding another run moves that run into old-run-<time>/ there")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("doc-train-input", help="every key of the training input, with its default and doc "
-                                              "(like dp doc-train-input)")
+    p = command("doc-train-input", "every key of the training input, with its default and doc "
+                                   "(like dp doc-train-input)")
     p.add_argument("--out-type", default="rst", choices=["rst", "json", "json_schema"],
                    help="rst: text (default); json: the keys as dargs JSON; json_schema: a JSON schema for editors")
     p.set_defaults(func=_doc_train_input)
 
-    p = sub.add_parser("freeze", help="checkpoint -> self-contained model file")
-    p.add_argument("-c", "--checkpoint", default=None, help="checkpoint file or folder (default: latest in .)")
-    p.add_argument("-o", "--output", default="frozen_model.pth")
+    p = command("freeze", "checkpoint -> self-contained model file")
+    p.add_argument("-c", "--checkpoint-folder", "--checkpoint", dest="checkpoint", default=None,
+                   help="checkpoint file, or a folder: its latest checkpoint (default: the latest in .)")
+    p.add_argument("-o", "--output", default="frozen_model.pth", help="the model file to write")
     p.set_defaults(func=_freeze)
 
     from dpmd import model_devi, show
     from dpmd.train import change_bias
     from dpmd.train import test as test_cmd
 
-    p = sub.add_parser("test", help="energy/force/virial errors of a model on labelled data (like dp test)")
+    p = command("test", "energy/force/virial errors of a model on labelled data (like dp test)")
     test_cmd.add_arguments(p)
     p.set_defaults(func=test_cmd.run)
 
-    p = sub.add_parser("model-devi", help="deviation of several models over the frames of datasets (like dp model-devi)")
+    p = command("model-devi", "deviation of several models over the frames of datasets (like dp model-devi)")
     model_devi.add_arguments(p)
     p.set_defaults(func=model_devi.run)
 
-    p = sub.add_parser("change-bias", help="re-fit or set a model's per-type energy bias (like dp change-bias)")
+    p = command("change-bias", "re-fit or set a model's per-type energy bias (like dp change-bias)")
     change_bias.add_arguments(p)
     p.set_defaults(func=change_bias.run)
 
-    p = sub.add_parser("show", help="a model's type_map, config sections, size, observed types (like dp show)")
+    p = command("show", "a model's type_map, config sections, size, observed types (like dp show)")
     show.add_arguments(p)
     p.set_defaults(func=show.run)
 
-    p = sub.add_parser("convert-model", help="import a DeePMD-kit (PyTorch) se_e2_a checkpoint")
-    p.add_argument("--from", dest="source", default="deepmd", choices=["deepmd"])
-    p.add_argument("-i", "--input", required=True)
-    p.add_argument("-o", "--output", required=True)
+    p = command("convert-model", "import a DeePMD-kit (PyTorch) se_e2_a checkpoint")
+    p.add_argument("--from", dest="source", default="deepmd", choices=["deepmd"],
+                   help="what wrote the input: deepmd (DeePMD-kit 3's PyTorch backend, model.ckpt-*.pt)")
+    p.add_argument("-i", "--input", required=True, help="the DeePMD-kit checkpoint")
+    p.add_argument("-o", "--output", required=True, help="the dpmd model file to write (frozen, .pth)")
     p.set_defaults(func=_convert_model)
 
-    p = sub.add_parser("compress", help="tabulate the embedding nets (like dp compress); writes a frozen model")
+    p = command("compress", "tabulate the embedding nets (like dp compress); writes a frozen model")
     p.add_argument("-i", "--input", default="frozen_model.pth",
                    help="model file (frozen, dict or DeePMD-kit checkpoint)")
-    p.add_argument("-o", "--output", default="frozen_model_compressed.pth")
+    p.add_argument("-o", "--output", default="frozen_model_compressed.pth", help="the compressed model file to write")
     p.add_argument("-t", "--training-input", default=None,
                    help="training input (YAML/JSON): its training systems give min_nbor_dist")
     p.add_argument("--min-nbor-dist", type=float, default=None, help="smallest neighbour distance (Å) instead of -t")
@@ -215,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "edges beyond the tables are always an error")
     p.set_defaults(func=_compress)
 
-    p = sub.add_parser("demo", help="the README's main job: an active-learning campaign with GFN2-xTB labels")
+    p = command("demo", "the README's main job: an active-learning campaign with GFN2-xTB labels")
     p.add_argument("--campaign", default=None, help="campaign file (default: configs/campaign_water_xtb.yaml)")
     p.add_argument("-o", "--output", default=None,
                    help="working directory (default: the campaign's work_dir, runs/demo; --quick: runs/demo-quick)")
@@ -227,27 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, help="--quick: velocity seed")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("md", help="molecular dynamics (NVE/NVT/NPT) with model deviation, from a YAML input")
-    p.add_argument("input", help="input.yaml (see README, section MD)")
+    p = command("md", "molecular dynamics (NVE/NVT/NPT) with model deviation, from a YAML input")
+    p.add_argument("input", help="input.yaml (keys: docs/md.md)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the input, e.g. --set steps=200 (repeatable; as dpmd train --set)")
     p.add_argument("--restart", default=None, help="continue from this checkpoint (output_dir/checkpoint.pt)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.set_defaults(func=_md)
 
-    p = sub.add_parser("build-ops", help="compile the C++/CUDA kernel library (csrc/) and print its path")
-    p.add_argument("-v", "--verbose", action="store_true", help="show the compiler commands")
+    p = command("build-ops", "compile the C++/CUDA kernel library (csrc/) and print its path")
     p.set_defaults(func=_build_ops)
 
     from dpmd import lammps as lammps_plugin
 
-    p = sub.add_parser("build-lammps-plugin", help="compile the LAMMPS pair_style dpmd plugin; prints its path")
+    p = command("build-lammps-plugin", "compile the LAMMPS pair_style dpmd plugin; prints its path")
     lammps_plugin.add_arguments(p)
     p.set_defaults(func=lammps_plugin.run)
     return parser
-
-
-def _launcher_rank() -> int:
-    """This process's MPI rank as mpiexec set it (0 outside mpiexec); reading it does not initialise MPI."""
-    return int(next((os.environ[k] for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK") if k in os.environ), 0))
 
 
 def _one_line(err: BaseException) -> str:
@@ -258,9 +272,12 @@ def _one_line(err: BaseException) -> str:
 def main(argv=None) -> int:
     from dpmd.runtime import keep_freed_memory
 
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     keep_freed_memory()
     try:
+        dpmd_log.setup(args.log_level, args.log_path)
+        dpmd_log.file_only(logger, logging.INFO, f"dpmd {shlex.join(argv)}  ({version()})")
         args.func(args)
     except BaseException as err:
         if os.environ.get("DPMD_DEBUG") or isinstance(err, SystemExit):
@@ -275,8 +292,9 @@ def main(argv=None) -> int:
         else:  # a bug: still one line, the traceback on request
             message = f"internal error: {type(err).__name__}: {_one_line(err)} (set DPMD_DEBUG=1 for the traceback)"
             rc = 1
-        if _launcher_rank() == 0:   # under mpiexec every rank fails alike: one line
+        if dpmd_log.process_rank() == 0:   # under mpiexec and torchrun every rank fails alike: one line
             print(f"dpmd {args.command}: {message}", file=sys.stderr)
+        dpmd_log.file_only(logger, logging.ERROR, message)
         return rc
     return 0
 

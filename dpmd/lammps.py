@@ -18,14 +18,18 @@ For a site-installed LAMMPS use csrc/lammps/CMakeLists.txt (see the README, sect
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 from dpmd.errors import DpmdError
+
+log = logging.getLogger(__name__)
 
 PLUGIN_NAME = "dpmdplugin.so"  # LAMMPS auto-loads *plugin.so files found in LAMMPS_PLUGIN_PATH
 IMPL_NAME = "libdpmd_lammps.so"  # the pair style itself, opened by the plugin with RTLD_DEEPBIND
@@ -108,8 +112,7 @@ def build_ops_library() -> Path | None:
     try:
         return Path(ops.build())
     except Exception as err:  # no compiler for the kernels, ...: models that need them then ask for it
-        print(f"dpmd build-lammps-plugin: warning: the kernel library did not build ({err}); models frozen "
-              "with it will need DPMD_OPS_LIBRARY", file=sys.stderr)
+        log.warning(f"the kernel library did not build ({err}); models frozen with it will need DPMD_OPS_LIBRARY")
         return None
 
 
@@ -130,7 +133,7 @@ def build_commands(impl: Path, shim: Path) -> list[list[str]]:
             common + lammps_include + [str(SOURCE_DIR / "dpmd_plugin.cpp"), "-o", str(shim), "-ldl"]]
 
 
-def build_plugin(output_dir=None, force: bool = False, verbose: bool = False) -> Path:
+def build_plugin(output_dir=None, force: bool = False) -> Path:
     """Compile csrc/lammps into output_dir/{dpmdplugin.so, libdpmd_lammps.so} (skipped when up to date);
     returns the plugin's path."""
     missing = [s for s in SOURCES + HEADERS if not (SOURCE_DIR / s).is_file()]
@@ -152,13 +155,16 @@ def build_plugin(output_dir=None, force: bool = False, verbose: bool = False) ->
     if (not force and all(t.is_file() for t in targets) and stamp.is_file()
             and stamp.read_text().strip() == digest.hexdigest()):
         return targets[1]
-    for command, tmp in zip(commands, temps):
-        if verbose:
-            print(" ".join(command), file=sys.stderr)
+    t0 = time.perf_counter()
+    for command, tmp, name in zip(commands, temps, SOURCES):
+        log.info(f"compiling {name}" + (" against libtorch (about a minute)" if name == SOURCES[0] else ""))
+        log.debug(" ".join(command))
         try:
             result = subprocess.run(command, capture_output=True, text=True)
         except OSError as err:
             raise DpmdError(f"cannot run the compiler {command[0]}: {err}")
+        if result.stderr.strip():
+            log.debug(result.stderr.strip())
         if result.returncode != 0:
             for t in temps:
                 t.unlink(missing_ok=True)
@@ -168,6 +174,7 @@ def build_plugin(output_dir=None, force: bool = False, verbose: bool = False) ->
     for tmp, target in zip(temps, targets):
         os.replace(tmp, target)
     stamp.write_text(digest.hexdigest() + "\n")
+    log.info(f"built {targets[1]} in {time.perf_counter() - t0:.0f} s")
     return targets[1]
 
 
@@ -204,9 +211,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("-o", "--output", default=None,
                         help=f"directory for {PLUGIN_NAME} (default: {default_output_dir()})")
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print the compiler command")
 
 
 def run(args) -> None:
-    plugin = build_plugin(args.output, force=args.force, verbose=args.verbose)
+    plugin = build_plugin(args.output, force=args.force)
     print(plugin)

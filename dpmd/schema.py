@@ -10,8 +10,8 @@ problem is one line naming the key and what was expected:
 - a key made with `fixed=True` is one DeePMD-kit has and dpmd does not implement yet: only its default passes;
 - numbers are finite; an int passes where a float is expected, a bool never passes as a number.
 
-No torch here: the MD and campaign inputs can check their keys with the same machinery (see `key`,
-`normalize` and `check_number`), and labelling workers import it cheaply.
+No torch here: the MD and campaign inputs check their keys with the same machinery (`key`, `normalize`,
+`check_number`, `read_file`, `apply_overrides` for --set), and labelling workers import it cheaply.
 """
 
 from __future__ import annotations
@@ -223,6 +223,33 @@ _Loader.add_implicit_resolver(
 def load_yaml(text: str):
     """Plain YAML data (no tags that build objects), with YAML 1.2 numbers."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
+
+
+def parse_value(text: str, item: str):
+    """A --set value as plain YAML with YAML 1.2 numbers (no tags: !!python/object is an error, never code)."""
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: not a plain YAML value ({str(err).splitlines()[0]})") from None
+
+
+def apply_overrides(config: dict, overrides: list[str] | None, example: str = "training.numb_steps=200") -> dict:
+    """A copy of `config` with `--set section.key=value` overrides applied (values parsed as YAML) before it is
+    checked; `example` shows the form in the message for a malformed one."""
+    config = copy.deepcopy(config)
+    for item in overrides or []:
+        name, eq, value = item.partition("=")
+        if not eq or not name or "" in name.split("."):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. {example}")
+        node, parts = config, name.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if node.get(part) is None:  # absent, or `section:` left empty (defaults)
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: '{'.'.join(parts[:i + 1])}' is not a section")
+        node[parts[-1]] = parse_value(value, item)
+    return config
 
 
 def read_file(path: str | Path, what: str = "input"):

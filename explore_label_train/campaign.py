@@ -731,7 +731,9 @@ class Campaign:
                     steps.append(step)
                     traj.append(f)
         except DpmdError as err:   # MDStopError (atoms too close, lost atoms, ...) or another one-line reason
-            stop = {"step": int(sim.state.step), "message": str(err).splitlines()[0].split("; wrote")[0]}
+            message = str(err).splitlines()[0].split("; wrote")[0]
+            at = re.match(r"step (\d+):", message)   # MDStopError names the step it stopped at
+            stop = {"step": int(at[1]) if at else int(sim.state.step), "message": message}
         n = pos.shape[1]
         out = {"symbols": np.array(symbols[0]), "coord": np.array(coord).reshape(-1, n, 3),
                "devi": np.array(devi).reshape(-1, 7), "step": np.array(steps, dtype=np.int64),

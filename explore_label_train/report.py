@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import html
 import importlib.metadata
+import json
 import os
 import platform
+import re
 import time
 import urllib.parse
 from pathlib import Path
@@ -251,13 +253,14 @@ def _num(x, cell_id: str | None = None, fmt: str = ".3g") -> str:
 
 
 CSS = """body{font-family:"DejaVu Sans",Helvetica,Arial,sans-serif;max-width:1150px;margin:0 auto;padding:1em 2em;
-color:#222;line-height:1.45} h1{margin:.3em 0 .1em} h2{border-bottom:1px solid #ccc;padding-bottom:.15em;margin-top:1.8em}
+color:#222;line-height:1.45} h1{margin:.3em 0 .1em}
+h2{border-bottom:1px solid #ccc;padding-bottom:.15em;margin-top:1.8em}
 .sub{color:#555;margin-top:0} table{border-collapse:collapse;margin:.6em 0} th,td{padding:3px 10px;
 border-bottom:1px solid #e4e4e4;vertical-align:top} th{background:#f3f3f3;text-align:left}
 td.n{text-align:right;font-variant-numeric:tabular-nums} table.facts th{background:none;width:11em}
 figure{margin:1em 0} figure img{max-width:100%} figcaption{color:#555;font-size:.9em;max-width:60em}
 .note{color:#555;max-width:60em} code{background:#f4f4f4;padding:1px 4px} pre{font-size:.85em;overflow-x:auto}
-td.msg{font-family:monospace;font-size:.85em;max-width:45em}"""
+td.msg{font-family:monospace;font-size:.85em;max-width:55em}"""
 
 
 def write_report(state: State, out_dir: Path) -> Path:
@@ -309,12 +312,11 @@ def _header(page, state, cfg, rows, root, final, members, frames) -> None:
     page.add(f"<h1>{html.escape(_name(cfg, root))}: active-learning campaign</h1>",
              f"<p class='sub'>{len(rows)} iteration{'s' * (len(rows) != 1)}, "
              f"{html.escape(decision or 'running')}; report written {_date(time.time())}</p>")
+    span = f"; {_duration(last - started)} from start to the last stage" if started and last else ""
     facts = [("campaign file", html.escape(cfg.get("source", "-"))), ("work directory", html.escape(str(root))),
              ("started", _date(started)), ("last stage finished", _date(last)),
              ("compute time", f"{_duration(busy)} (the sum of the stages' times"
-                              + (f"; {running} stage still running, not counted" if running else "")
-                              + (f"; {_duration(last - started)} from start to the last stage" if started and last else "")
-                              + ")"),
+                              + (f"; {running} stage still running, not counted" if running else "") + span + ")"),
              ("labels", f"{n_labels} ({len(frames)} held out for testing, in test_data/)")]
     lab = cfg.get("labeller")
     if lab:
@@ -358,10 +360,11 @@ def _final_errors(page, cfg, frames, pred, final, members) -> None:
              f"model's training data (select.holdout {cfg['select']['holdout']:g} of each labelling stage's new "
              f"labels, drawn at random). The ensemble's prediction is the mean of its {members} members; energies "
              f"per atom, forces per Cartesian component. The held-out frames were chosen by the campaign's "
-             f"selection (uncertain frames), so they are harder than typical MD frames.</p>")
+             f"selection (uncertain frames), so they are harder than typical MD frames; init's are perturbed "
+             f"copies of the initial structures.</p>")
     table = [["ensemble mean", *_err_cells(frames, pred, None, "ensemble")]]
     table += [[f"member m{k}", *_err_cells(frames, pred, k, f"m{k}")] for k in range(members)]
-    page.add(_table(["model (iteration %d)" % final, "energy RMSE (meV/atom)", "force RMSE (eV/Å)"], table))
+    page.add(_table([f"model (iteration {final})", "energy RMSE (meV/atom)", "force RMSE (eV/Å)"], table))
     # per condition
     keys = sorted({f["condition"] for f in frames}, key=Conditions.order)
     by_key = {k: [i for i, f in enumerate(frames) if f["condition"] == k] for k in keys}
@@ -393,8 +396,8 @@ def _final_errors(page, cfg, frames, pred, final, members) -> None:
         fm = np.concatenate([pred["force"][i].mean(0).ravel() for i in idx])
         axes[1].plot(fr, fm, ".", ms=3, color=c, alpha=0.6)
     e_all, f_all = errors(frames, pred)
-    for ax, title, unit in ((axes[0], f"energy per atom: RMSE {e_all:.3g} meV/atom", "meV/atom"),
-                            (axes[1], f"force components: RMSE {f_all:.3g} eV/Å", "eV/Å")):
+    for ax, title in ((axes[0], f"energy per atom: RMSE {e_all:.3g} meV/atom"),
+                      (axes[1], f"force components: RMSE {f_all:.3g} eV/Å")):
         lo, hi = (min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1]))
         ax.plot([lo, hi], [lo, hi], color="0.3", lw=0.8, ls="--", zorder=0)
         ax.set(xlim=(lo, hi), ylim=(lo, hi), aspect="equal", title=title)
@@ -415,30 +418,42 @@ def _err_cells(frames, pred, member, ident) -> list[str]:
 
 
 def _history(page, state, camp, frames, pred, final) -> None:
-    """Every trained iteration's ensemble on the same held-out labels, against its training-set size."""
-    if final is None or not frames:
-        return
-    members = camp.cfg["train"]["ensemble_size"]
+    """Every trained iteration's ensemble on the same held-out labels, against its training-set size; without
+    held-out labels (select.holdout 0, or a campaign older than it), model 0's error on its own new labels."""
     points = []
-    for it in range(final + 1):
-        if state.one("SELECT COUNT(*) FROM tasks WHERE kind='train' AND status='done' AND iteration=?", it) < members:
-            continue
-        p = pred if it == final else predict(load_ensemble(camp, it), frames)
-        # what iteration it trained on: the labels committed before its training, less the held-out ones
-        n = state.one("SELECT COUNT(*) FROM labels l WHERE (l.iteration < ? OR l.frame_id IS NULL) "
-                      "AND l.label_id NOT IN (SELECT label_id FROM holdout)", it)
-        points.append((it, n, *errors(frames, p)))
+    if final is not None and frames:
+        members = camp.cfg["train"]["ensemble_size"]
+        for it in range(final + 1):
+            if state.one("SELECT COUNT(*) FROM tasks WHERE kind='train' AND status='done' AND iteration=?",
+                         it) < members:
+                continue
+            p = pred if it == final else predict(load_ensemble(camp, it), frames)
+            # what iteration it trained on: the labels committed before its training, less the held-out ones
+            n = state.one("SELECT COUNT(*) FROM labels l WHERE (l.iteration < ? OR l.frame_id IS NULL) "
+                          "AND l.label_id NOT IN (SELECT label_id FROM holdout)", it)
+            points.append((it, n, *errors(frames, p)))
+        xlabel = "campaign labels in the training set"
+        caption = ("Held-out error of each iteration's ensemble (mean of its members) against the number of labels "
+                   "it trained on; all points use the same held-out labels.")
+    else:
+        points = [(r["iteration"], r["total_labels"], 1000 * (r["val_rmse_e"] or np.nan), r["val_rmse_f"])
+                  for r in state.q("SELECT * FROM iterations WHERE val_rmse_f IS NOT NULL ORDER BY iteration")]
+        xlabel = "labels so far"
+        caption = ("No held-out labels: each iteration's model 0 on the labels its own exploration chose, the "
+                   "frames it was least sure of (a biased sample: larger errors than typical frames).")
+    if not points:
+        return
     fig, axes = page.plt.subplots(1, 2, figsize=(11, 3.6))
     for ax, j, what in ((axes[0], 2, "energy RMSE (meV/atom)"), (axes[1], 3, "force RMSE (eV/Å)")):
         ax.plot([p[1] for p in points], [p[j] for p in points], "o-", color="#1f77b4")
         for p in points:
             ax.annotate(f"iteration {p[0]}", (p[1], p[j]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set(xlabel="campaign labels in the training set", ylabel=what)
-        ax.set_ylim(0, 1.2 * max(p[j] for p in points))
+        ax.set(xlabel=xlabel, ylabel=what)
+        ax.set_ylim(0, 1.2 * np.nanmax([p[j] for p in points] + [1e-12]))
         ax.margins(x=0.12)
     fig.tight_layout()
-    page.figure(fig, "labels_vs_error.png", "Held-out error of each iteration's ensemble (mean of its members) "
-                "against the number of labels it trained on; all points use the same held-out labels.")
+    page.add("<h2>Error as the labels grew</h2>")
+    page.figure(fig, "labels_vs_error.png", caption)
 
 
 def _learning_curves(page, camp, final, members) -> None:
@@ -486,7 +501,7 @@ def _exploration(page, state, cfg, rows, conditions) -> None:
     plt = page.plt
     its = [r["iteration"] for r in rows]
     page.add("<h2>Exploration</h2>")
-    incidents = state.q("SELECT * FROM incidents ORDER BY incident_id") if state.has_table("incidents") else []
+    incidents = _incidents(state)
     stops = {it: len({r["task_id"] for r in incidents if r["iteration"] == it}) for it in its}
     # deviation classes per iteration; the legend beside the bars, not over them
     fig, ax = plt.subplots(figsize=(8, 3.6))
@@ -516,12 +531,28 @@ def _exploration(page, state, cfg, rows, conditions) -> None:
         table = []
         for r in incidents:
             key = conditions.key(r["structure"], r["temperature"], r["pressure"], r["stage"])
-            where = Conditions.name(key) if r["structure"] else "(the whole batch; no single system named)"
+            where = Conditions.name(key) if r["structure"] else r.get("unnamed", "(the whole batch: no system named)")
             table.append([str(r["iteration"]), html.escape(r["stage"]), html.escape(where), _num(r["step"], fmt="d"),
                           f"<td class='msg'>{html.escape(r['message'])}</td>"])
         page.add("<p class='note'>A batched exploration run stops as a whole: its other trajectories end at the "
                  "same step. Frames recorded before the stop are kept.</p>",
                  _table(["iteration", "stage", "condition", "MD step", "message"], table))
+
+
+def _incidents(state) -> list[dict]:
+    """The incidents table; a database older than it has the stops only in its explore tasks' notes."""
+    if state.has_table("incidents"):
+        return [dict(r) for r in state.q("SELECT * FROM incidents ORDER BY incident_id")]
+    found = []
+    for r in state.q("SELECT task_id, iteration, result FROM tasks WHERE kind='explore' AND status='done' "
+                     "AND result LIKE '%stopped early%' ORDER BY task_id"):
+        message = json.loads(r["result"])["note"].removeprefix("stopped early: ")
+        at = re.match(r"step (\d+):", message)
+        found.append({"task_id": r["task_id"], "iteration": r["iteration"], "step": at and int(at[1]),
+                      "stage": r["task_id"].split("-explore-")[1].rsplit("-g", 1)[0], "message": message,
+                      "structure": None, "temperature": None, "pressure": None,
+                      "unnamed": "(not recorded by the version that ran it)"})
+    return found
 
 
 def _deviation_histograms(page, state, cfg, its) -> None:
@@ -541,22 +572,29 @@ def _deviation_histograms(page, state, cfg, its) -> None:
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.8 * ncols, 2.3 * nrows + 0.4), sharex=True, sharey=True,
                              squeeze=False)
     for ax, it in zip(axes.flat, shown):
-        if lo is not None and hi:
-            ax.axvspan(max(lo, bins[0]), hi, color=CLASS_COLOURS["candidate"], alpha=0.15, lw=0)
-        ax.hist(values[it], bins=bins, histtype="stepfilled", color="#1f77b4", alpha=0.8)
+        v = values[it]
+        if lo is not None and hi:   # coloured by class, as in the fractions chart
+            parts = [v[v < lo], v[(v >= lo) & (v < hi)], v[v >= hi]]
+            ax.hist(parts, bins=bins, stacked=True, color=list(CLASS_COLOURS.values()), label=list(CLASS_COLOURS))
+        else:
+            ax.hist(v, bins=bins, color="#1f77b4")
         for level in edges:
             ax.axvline(level, color="k", ls="--", lw=0.8)
         ax.set_title(f"iteration {it} ({len(values[it])} frames)", fontsize=9)
         ax.set_xscale("log")
     for ax in axes.flat[len(shown):]:
         ax.set_visible(False)
-    for ax in axes[-1]:
-        ax.set_xlabel("max force deviation (eV/Å)")
+    for i, ax in enumerate(axes.flat[:len(shown)]):
+        if i + ncols >= len(shown):   # the lowest panel of its column
+            ax.tick_params(labelbottom=True)
+            ax.set_xlabel("max force deviation (eV/Å)")
     for ax in axes[:, 0]:
         ax.set_ylabel("frames")
     fig.tight_layout()
-    page.figure(fig, "devi_hist.png", "Max force deviation of the ensemble on the explored frames, per iteration; "
-                "shaded: the candidate range between the trust levels lo and hi (dashed)"
+    if lo is not None and hi:
+        axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9, frameon=False)
+    page.figure(fig, "devi_hist.png", "Max force deviation of the ensemble on the explored frames, one panel per "
+                "iteration, coloured by class; dashed: the trust levels lo and hi"
                 + (f" ({lo:g} and {hi:g} eV/Å)" if lo is not None and hi else "") + ".")
 
 

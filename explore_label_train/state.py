@@ -3,9 +3,10 @@
 Every change that marks work finished is one transaction together with its results (a label row
 and its task's `done`; an exploration's frames, its incident and its task's `done`; a selection's
 choices, the label tasks it creates and the stage's `done`; the labels a labelling stage holds out, all
-at once), so a kill -9 at any moment leaves either all of it or none of it.  Files a task writes are named by the task id and written atomically before that
-transaction, so redoing an unfinished task overwrites, never duplicates.  A done task records the
-sha256 of each file it produced (result "files"); readers check the file against it before use.
+at once), so a kill -9 at any moment leaves either all of it or none of it.  Files a task writes are
+named by the task id and written atomically before that transaction, so redoing an unfinished task
+overwrites, never duplicates.  A done task records the sha256 of each file it produced (result "files");
+readers check the file against it before use.
 
 Opening checks the database before anything reads or writes it (SQLite's quick_check, the campaign's
 tables); a corrupt or foreign file is a one-line StateError naming it.

@@ -86,3 +86,49 @@ def triclinic_water(water, scale=0.5, seed=0):
 def random_rotation(seed=0) -> torch.Tensor:
     q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
     return q * torch.sign(torch.linalg.det(q))
+
+
+def _slurm_partitions():
+    """({partition: node state}, None) when `sinfo` answers and a node can take jobs, else (None, why)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return None, "Slurm is not installed (no sinfo/sbatch on PATH)"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P %T"], capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return None, f"sinfo: {type(err).__name__}: {err}"
+    if out.returncode != 0:
+        return None, f"sinfo fails: {((out.stderr.strip() or out.stdout.strip()).splitlines() or ['no output'])[-1]}"
+    parts = dict(line.split(None, 1) for line in out.stdout.splitlines() if len(line.split()) == 2)
+    usable = {p.rstrip("*"): s for p, s in parts.items() if s in ("idle", "mixed", "allocated", "completing")}
+    return (usable, None) if usable else (None, f"no Slurm node takes jobs (sinfo: {parts or 'no partitions'})")
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A running Slurm cluster: {partition: node state} (.ci/slurm/start.sh's one node on 127.0.0.1 has the
+    partitions `debug`, the default, and `gpu`).  Off CI, with slurm-wlm installed and as root, it runs
+    .ci/slurm/start.sh (no install) when `sinfo` does not answer.  Without Slurm the test skips with the reason;
+    under DPMD_REQUIRE_SLURM=1 (.ci/run, which started it) it fails instead, so CI never skips Slurm silently."""
+    import os
+    import shutil
+    import subprocess
+
+    parts, why = _slurm_partitions()
+    if parts is None and not os.environ.get("CI") and shutil.which("slurmctld") and os.geteuid() == 0:
+        try:
+            start = subprocess.run(["bash", str(REPO / ".ci" / "slurm" / "start.sh")], capture_output=True,
+                                   text=True, timeout=120, env={**os.environ, "SLURM_CI_NO_INSTALL": "1"})
+            if start.returncode == 0:
+                parts, why = _slurm_partitions()
+            else:
+                why = f"{why}; .ci/slurm/start.sh: {(start.stderr.strip().splitlines() or ['failed'])[-1]}"
+        except subprocess.TimeoutExpired:
+            why = f"{why}; .ci/slurm/start.sh took over 120 s"
+    if parts is None:
+        if os.environ.get("DPMD_REQUIRE_SLURM") == "1":
+            pytest.fail(f"DPMD_REQUIRE_SLURM=1 but {why}")
+        pytest.skip(why)
+    return parts

@@ -231,8 +231,11 @@ def _truncated(data: bytes) -> bytes:
 
 
 def _middle_page(data: bytes) -> bytes:
+    """Random bytes over the index leaf page nearest the middle (quick_check reports such a page; a broken
+    table page makes it raise instead), whatever the schema's page layout."""
     page = int.from_bytes(data[16:18], "big")
-    mid = (len(data) // page // 2) * page
+    n = len(data) // page
+    mid = page * min((i for i in range(1, n) if data[i * page] == 0x0A), key=lambda i: abs(i - n // 2))
     return data[:mid] + np.random.default_rng(0).bytes(page) + data[mid + page:]
 
 

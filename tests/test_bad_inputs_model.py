@@ -256,7 +256,7 @@ def test_training_checkpoint_loads_for_inference(trained, water):
 def test_training_checkpoint_runs_md_and_test(trained, tmp_path, capsys):
     assert main(["test", "-m", str(trained), "-s", str(EXAMPLE), "-n", "1"]) == 0
     assert main(["md", str(_md_input(tmp_path, trained, steps=2))]) == 0
-    assert "md: 2 steps" in capsys.readouterr().out
+    assert "md: 2 steps" in capsys.readouterr().err  # (logged: stderr)
     assert (tmp_path / "md_out" / "checkpoint.pt").is_file()
 
 

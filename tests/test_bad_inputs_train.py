@@ -190,15 +190,15 @@ def test_new_run_refuses_a_folder_holding_a_run_and_overwrite_moves_it_aside(tmp
     rc, _, err = dpmd(capsys, "train", short, "-o", out)
     one_line_error(rc, err, str(out), "--restart", "-o", "--overwrite")
     assert snapshot(out) == before
-    rc, stdout, err = dpmd(capsys, "train", short, "-o", out, "--overwrite")
+    rc, _, err = dpmd(capsys, "train", short, "-o", out, "--overwrite")
     assert rc == 0, err
     old = [p for p in out.iterdir() if p.name.startswith("old-run-")]
-    assert len(old) == 1 and f"moved the previous run to {old[0]}" in stdout
+    assert len(old) == 1 and f"moved the previous run to {old[0]}" in err  # (logged: stderr)
     assert snapshot(old[0]) == before  # nothing of the old run lost
     assert sorted(p.name for p in out.glob("model.ckpt-*.pt")) == ["model.ckpt-2.pt"]
     assert (out / "model.ckpt.pt").resolve() == (out / "model.ckpt-2.pt").resolve()
-    rc, stdout, err = dpmd(capsys, "freeze", "-c", out, "-o", tmp_path / "m.pth")
-    assert rc == 0 and "model.ckpt-2.pt" in stdout, err
+    rc, _, err = dpmd(capsys, "freeze", "-c", out, "-o", tmp_path / "m.pth")
+    assert rc == 0 and "model.ckpt-2.pt" in err, err
 
 
 def test_restart_into_a_folder_holding_another_run_is_refused(tmp_path, capsys, trained):
@@ -209,8 +209,8 @@ def test_restart_into_a_folder_holding_another_run_is_refused(tmp_path, capsys, 
     rc, _, err = dpmd(capsys, "train", inp, "--restart", trained / "model.ckpt-4.pt", "-o", out)
     one_line_error(rc, err, str(out), "another training run", "--overwrite")
     assert snapshot(out) == before
-    rc, stdout, err = dpmd(capsys, "train", inp, "--restart", trained / "model.ckpt-4.pt", "-o", out, "--overwrite")
-    assert rc == 0 and "trained to step 6:" in stdout, err
+    rc, _, err = dpmd(capsys, "train", inp, "--restart", trained / "model.ckpt-4.pt", "-o", out, "--overwrite")
+    assert rc == 0 and "trained to step 6:" in err, err
     old = next(out.glob("old-run-*"))
     assert snapshot(old) == before and (out / "model.ckpt-6.pt").is_file()
 
@@ -256,10 +256,10 @@ def test_startup_removes_temp_files_and_repairs_the_link(tmp_path, trained):
 def test_restart_continues_to_the_new_numb_steps(tmp_path, capsys, trained):
     out = tmp_path / "out"
     inp = write_input(tmp_path)
-    rc, stdout, err = dpmd(capsys, "train", inp, "--restart", trained / "model.ckpt-4.pt", "-o", out,
-                           "--set", "training.numb_steps=6")
+    rc, _, err = dpmd(capsys, "train", inp, "--restart", trained / "model.ckpt-4.pt", "-o", out,
+                      "--set", "training.numb_steps=6")
     assert rc == 0, err
-    assert "trained to step 6:" in stdout
+    assert "trained to step 6:" in err
     assert torch.load(out / "model.ckpt-6.pt", weights_only=True)["step"] == 6
     assert (out / "lcurve.out").read_text().splitlines()[-1].split()[0] == "6"
 

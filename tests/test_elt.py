@@ -274,7 +274,7 @@ def test_stratified_selection_shares_the_budget_among_conditions():
 
 @pytest.mark.parametrize("change, message", [
     ({"bogus": 1}, "unknown key 'bogus'; valid keys: convergence, dispatcher, explore, filters, initial"),
-    ({"select": {"budget": 3, "fps": True}}, "unknown key 'select.fps'; valid keys: budget, method, stratify"),
+    ({"select": {"budget": 3, "fps": True}}, "unknown key 'select.fps'; valid keys: budget, holdout, method, stratify"),
     ({"structures": {"x": {"file": "nope/POSCAR"}}}, "nope/POSCAR does not exist"),
     ({"initial": {"data": ["missing_data"], "structures": []}}, "'initial.data[0]': missing_data does not exist"),
     ({"trust": {"lo": 0.3, "hi": 0.1}}, "'trust.lo' (0.3) must be smaller than 'trust.hi' (0.1)"),
@@ -480,23 +480,12 @@ def test_label_tasks_through_dpdispatcher_shell(tmp_path):
     _dispatch_through_dpdispatcher(tmp_path, "Shell")
 
 
-def _slurm_controller_up() -> bool:
-    """sbatch on PATH is not enough: a machine can have Slurm installed with no controller running."""
-    import shutil
-    import subprocess
-
-    if shutil.which("sbatch") is None or shutil.which("scontrol") is None:
-        return False
-    try:
-        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return ping.returncode == 0 and " is UP" in ping.stdout
-
-
-@pytest.mark.skipif(not _slurm_controller_up(), reason="no Slurm controller here (`scontrol ping` is not UP)")
-def test_label_tasks_through_dpdispatcher_slurm(tmp_path):
-    pytest.importorskip("dpdispatcher")
+def test_label_tasks_through_dpdispatcher_slurm(tmp_path, slurm, monkeypatch):
+    """Through Slurm (the `slurm` fixture: .ci/slurm/start.sh's one-node cluster; CI starts it)."""
+    dpdispatcher = pytest.importorskip("dpdispatcher")
+    run_submission = dpdispatcher.Submission.run_submission   # poll squeue every second, not every 30 s
+    monkeypatch.setattr(dpdispatcher.Submission, "run_submission",
+                        lambda self, **kw: run_submission(self, **{"check_interval": 1, **kw}))
     _dispatch_through_dpdispatcher(tmp_path, "Slurm")
 
 

@@ -81,7 +81,7 @@ def run_many(ranks: int, *commands: list[str]) -> str:
     proc = subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, "-c", script, json.dumps(commands)],
                           env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
+    return proc.stdout + proc.stderr
 
 
 def run_mpi(d: Path, ranks: int, *extra, config="input.yaml"):
@@ -182,7 +182,7 @@ def test_two_ranks_match_serial(serial_nvt):
 
     d = write_case(serial_nvt.parent, "mpi2", 100)
     out = run_mpi(d, 2)
-    assert out.count("md: 100 steps") == 1                          # rank 0 alone reports
+    assert out.count("md: 100 steps") == 1                          # rank 0 alone logs
     assert_same_run(serial_nvt, d)
     a, b = read(serial_nvt / "out/traj.extxyz", ":"), read(d / "out/traj.extxyz", ":")
     assert len(a) == len(b) == 3

@@ -28,6 +28,7 @@ CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in runtime.WAIT_VARIAB
 
 # ---------------------------------------------------------------- usable cores
 def cgroup(tmp_path, files: dict, self_cgroup="0::/\n"):
+    tmp_path.mkdir()
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text)

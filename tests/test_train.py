@@ -60,6 +60,13 @@ def test_loss_decreases_on_water(tmp_path):
     assert rows[-1, 0] == 50 and np.all(np.diff(rows[:, -1]) <= 0)  # lr decays
 
 
+def test_lcurve_always_holds_the_last_step(tmp_path):
+    """Step 1, every disp_freq-th step and the last (DeePMD-kit writes no last line: a 50-step run with
+    disp_freq 100 showed step 1 only)."""
+    run(small_input(tmp_path, steps=7, disp_freq=5, save_freq=7), tmp_path)
+    assert np.loadtxt(tmp_path / "lcurve.out")[:, 0].tolist() == [1, 5, 7]
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_training_starts_with_zero_mean_energy_error(tmp_path, seed):
     """The energy bias absorbs the untrained network's random offset (without it: ~0.1-1 eV/atom here)."""

@@ -31,11 +31,13 @@ using namespace LAMMPS_NS;
 namespace {
 
 const char *const METADATA_FILE = "dpmd.json";
-const char *const KEYWORDS = "out_freq, out_file, atomic, relative";
+const char *const KEYWORDS = "out_freq, out_file, atomic, relative, fparam, aparam";
 
 bool is_keyword(const std::string &word)
 {
-  return word == "out_freq" || word == "out_file" || word == "atomic" || word == "relative";
+  return word == "out_freq" || word == "out_file" || word == "atomic" || word == "relative" || word == "fparam" ||
+         word == "aparam" || word == "fparam_from_compute" || word == "fparam_from_fix" ||
+         word == "aparam_from_compute" || word == "ttm";
 }
 
 bool file_exists(const std::string &path)
@@ -58,6 +60,8 @@ std::string torch_message(const std::exception &err)
   while (std::getline(lines, line)) {
     auto pos = line.find("Error: dpmd: ");
     if (pos != std::string::npos) raised = line.substr(pos + 13);
+    pos = line.find("dpmd.errors.DpmdError: ");    // the model's own checks (e.g. of fparam / aparam)
+    if (pos != std::string::npos) raised = line.substr(pos + 23);
     if (first.empty() && !line.empty()) first = line;
   }
   return raised.empty() ? first : raised;
@@ -133,7 +137,7 @@ void PairDPMD::settings(int narg, char **arg)
 {
   if (narg < 1)
     error->all(FLERR, "{}", "Illegal pair_style dpmd command: expected pair_style dpmd model.pth [model2.pth ...] "
-                            "[out_freq N] [out_file FILE] [atomic] [relative EPS]");
+                            "[out_freq N] [out_file FILE] [atomic] [relative EPS] [fparam V1 ...] [aparam V1 ...]");
   models.clear();
   if (devi_fp) fclose(devi_fp);
   devi_fp = nullptr;
@@ -142,6 +146,8 @@ void PairDPMD::settings(int narg, char **arg)
   out_file = "model_devi.out";
   atomic = relative = false;
   relative_eps = 0.0;
+  fparam.clear();
+  aparam.clear();
 
   int iarg = 0;
   std::vector<std::string> paths;
@@ -155,6 +161,7 @@ void PairDPMD::settings(int narg, char **arg)
     paths.push_back(path);
   }
   if (paths.empty()) error->all(FLERR, "{}", "pair_style dpmd: the first argument must be a model file");
+  for (const auto &path : paths) load_model(path);    // first: fparam / aparam take the models' counts of values
   while (iarg < narg) {
     std::string key = arg[iarg];
     if (key == "out_freq") {
@@ -175,13 +182,31 @@ void PairDPMD::settings(int narg, char **arg)
       relative_eps = utils::numeric(FLERR, arg[iarg + 1], false, lmp);
       if (relative_eps < 0.0) error->all(FLERR, "pair_style dpmd: relative must be >= 0, got {}", relative_eps);
       iarg += 2;
+    } else if (key == "fparam" || key == "aparam") {
+      // as DeePMD-kit: exactly the model's numb_fparam (numb_aparam) values
+      const int dim = key == "fparam" ? models[0].dim_fparam : models[0].dim_aparam;
+      if (dim == 0)
+        error->all(FLERR, "pair_style dpmd: {} given, but {} takes none (numb_{} = 0)", key, models[0].path, key);
+      auto &values = key == "fparam" ? fparam : aparam;
+      values.clear();
+      for (int k = 1; k <= dim; k++) {
+        if (iarg + k >= narg || is_keyword(arg[iarg + k]))
+          error->all(FLERR, "pair_style dpmd: {} needs {} value(s) ({}'s numb_{}), got {}", key, dim,
+                     models[0].path, key, k - 1);
+        values.push_back(utils::numeric(FLERR, arg[iarg + k], false, lmp));
+      }
+      iarg += 1 + dim;
+    } else if (key == "fparam_from_compute" || key == "fparam_from_fix" || key == "aparam_from_compute" ||
+               key == "ttm") {
+      error->all(FLERR, "pair_style dpmd: {} is not supported; give constant values with fparam V1 ... / aparam "
+                        "V1 ...", key);
     } else {
       error->all(FLERR, "pair_style dpmd: unknown keyword '{}' (expected {}); model files come first", key,
                  KEYWORDS);
     }
   }
 
-  for (const auto &path : paths) load_model(path);
+  check_params();
   rcut_max = 0.0;
   for (const auto &m : models) rcut_max = std::max(rcut_max, m.rcut);
   cutforce = rcut_max;
@@ -233,10 +258,32 @@ void PairDPMD::load_model(const std::string &path)
     auto types = model.module.get_method("get_type_map")(std::vector<c10::IValue>{}).toList();
     for (const auto &t : types) model.type_map.push_back(static_cast<c10::IValue>(t).toStringRef());
     model.rcut = model.module.get_method("get_rcut")(std::vector<c10::IValue>{}).toDouble();
+    if (model.module.find_method("get_dim_fparam")) {
+      model.dim_fparam = model.module.get_method("get_dim_fparam")(std::vector<c10::IValue>{}).toInt();
+      model.dim_aparam = model.module.get_method("get_dim_aparam")(std::vector<c10::IValue>{}).toInt();
+      model.has_default_fparam = model.module.get_method("has_default_fparam")(std::vector<c10::IValue>{}).toBool();
+    }
   } catch (const std::exception &err) {
     error->all(FLERR, "pair_style dpmd: cannot load {}: {}", path, torch_message(err));
   }
   models.push_back(std::move(model));
+}
+
+// Every model takes the fparam / aparam given (one set of values for all models, so their counts must agree).
+void PairDPMD::check_params()
+{
+  for (const auto &m : models) {
+    if (m.dim_fparam != models[0].dim_fparam || m.dim_aparam != models[0].dim_aparam)
+      error->all(FLERR, "pair_style dpmd: {} takes {} fparam and {} aparam value(s), {} takes {} and {}: the models "
+                        "must agree", m.path, m.dim_fparam, m.dim_aparam, models[0].path, models[0].dim_fparam,
+                 models[0].dim_aparam);
+    if (m.dim_fparam > 0 && fparam.empty() && !m.has_default_fparam)
+      error->all(FLERR, "pair_style dpmd: {} takes {} fparam value(s) per frame (numb_fparam) and has no "
+                        "default_fparam: add fparam V1 ... to the pair_style line", m.path, m.dim_fparam);
+    if (m.dim_aparam > 0 && aparam.empty())
+      error->all(FLERR, "pair_style dpmd: {} takes {} aparam value(s) per atom (numb_aparam): add aparam V1 ... to "
+                        "the pair_style line", m.path, m.dim_aparam);
+  }
 }
 
 void PairDPMD::coeff(int narg, char **arg)
@@ -324,6 +371,13 @@ c10::Dict<c10::IValue, c10::IValue> PairDPMD::evaluate(Model &model, const torch
   try {
     std::vector<c10::IValue> inputs{coord,    types_for(model, nall), c10::IValue(), center, neighbor,
                                     c10::IValue(), static_cast<int64_t>(nlocal), atom_virial};
+    if (model.dim_fparam > 0 || model.dim_aparam > 0) {    // (models without them: the 8-argument forward)
+      auto values = [](const std::vector<double> &v) {
+        return v.empty() ? c10::IValue() : c10::IValue(torch::tensor(v, torch::kFloat64));
+      };
+      inputs.push_back(values(fparam));
+      inputs.push_back(values(aparam));    // the same values for every local atom
+    }
     return model.module.forward(inputs).toGenericDict();
   } catch (const std::exception &err) {
     std::string message = torch_message(err);

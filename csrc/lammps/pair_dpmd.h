@@ -1,7 +1,11 @@
 // pair_style dpmd: a dpmd frozen (TorchScript) model as a LAMMPS many-body pair style.
 //
 //   pair_style dpmd model1.pth [model2.pth ...] [out_freq N] [out_file model_devi.out] [atomic] [relative EPS]
+//                   [fparam V1 ... Vn] [aparam V1 ... Vm]
 //   pair_coeff * * O H
+//
+// fparam / aparam (DeePMD-kit's pair_style deepmd keywords): the models' frame parameters (numb_fparam values)
+// and atomic parameters (numb_aparam values, the same for every atom), constant through the run.
 //
 // The first model drives the dynamics.  With several models every model is evaluated every
 // out_freq steps and the ensemble deviation is written (by rank 0) with DeePMD-kit's columns.
@@ -42,6 +46,8 @@ class PairDPMD : public Pair {
     std::vector<std::string> type_map;
     double rcut = 0.0;
     std::vector<int> lmp_to_model;  // LAMMPS type (1-based) -> model type index
+    int dim_fparam = 0, dim_aparam = 0;  // numb_fparam / numb_aparam (0 for models frozen before they existed)
+    bool has_default_fparam = false;
   };
 
   std::vector<Model> models;
@@ -51,6 +57,7 @@ class PairDPMD : public Pair {
   bool atomic = false;
   bool relative = false;
   double relative_eps = 0.0;
+  std::vector<double> fparam, aparam;  // the fparam / aparam keywords' values (empty: not given)
   FILE *devi_fp = nullptr;
   bigint last_devi_step = -1;
 
@@ -61,6 +68,7 @@ class PairDPMD : public Pair {
   void allocate();
   void load_model(const std::string &path);
   void open_devi_file();
+  void check_params();
   torch::Tensor types_for(const Model &model, int nall);
   c10::Dict<c10::IValue, c10::IValue> evaluate(Model &model, const torch::Tensor &coord, int nall, int nlocal,
                                                const torch::Tensor &center, const torch::Tensor &neighbor,

@@ -12,6 +12,8 @@ A *system* is a set of frames that share the same atoms, in the same order::
             energy.npy  [nframes]            optional: total energy (eV)
             force.npy   [nframes, natoms*3]  optional: forces (eV/Angstrom)
             virial.npy  [nframes, 9]         optional: virial (eV)
+            fparam.npy  [nframes, nfp]       optional: frame parameters (the model's numb_fparam = nfp)
+            aparam.npy  [nframes, natoms*nap] optional: atomic parameters (numb_aparam = nap per atom)
         set.001/ ...
 
 The HDF5 layout holds the same names as datasets inside a group (``type.raw`` as
@@ -39,7 +41,7 @@ import numpy as np
 
 from dpmd.errors import DataError
 
-__all__ = ["System", "load_system", "load_systems", "find_systems", "write_system"]
+__all__ = ["System", "load_system", "load_systems", "find_systems", "write_system", "check_params"]
 
 H5_SUFFIXES = (".h5", ".hdf5")
 # Atoms closer than this (Å) are refused: the shortest bond (H2) is 0.74 Å, so such a pair is a duplicated
@@ -49,6 +51,8 @@ _CLOSE_PAIR_CHUNK = 1 << 20  # atoms (all frames together) checked for close pai
 # name -> values per atom (per-atom arrays) or per frame (per-frame arrays)
 _PER_ATOM = {"coord": 3, "force": 3}
 _PER_FRAME = {"box": 9, "virial": 9, "energy": 1}
+# model inputs of any width: values per frame (fparam) or per atom (aparam), the width set by the model
+_PARAMS = ("fparam", "aparam")
 
 
 @dataclass
@@ -63,6 +67,8 @@ class System:
     energy: np.ndarray | None = None
     force: np.ndarray | None = None
     virial: np.ndarray | None = None
+    fparam: np.ndarray | None = None  # (nframes, numb_fparam)
+    aparam: np.ndarray | None = None  # (nframes, natoms, numb_aparam)
 
     @property
     def nframes(self) -> int:
@@ -95,6 +101,8 @@ class System:
             energy=pick(self.energy),
             force=pick(self.force),
             virial=pick(self.virial),
+            fparam=pick(self.fparam),
+            aparam=pick(self.aparam),
         )
 
     def __repr__(self) -> str:
@@ -259,7 +267,7 @@ def _check_finite(store, name: str, key: str, arr: np.ndarray) -> None:
     bad = ~np.isfinite(arr)
     if bad.any():
         at = np.argwhere(bad)[0]
-        where = f"frame {at[0]}, atom {at[1]}" if key in _PER_ATOM else f"frame {at[0]}"
+        where = f"frame {at[0]}, atom {at[1]}" if key in _PER_ATOM or key == "aparam" else f"frame {at[0]}"
         raise DataError(f"{store.where(name)}: {where} holds a non-finite value ({arr[tuple(at)]})")
 
 
@@ -377,6 +385,10 @@ def _read_set(store, set_name: str, natoms: int, want_box: bool) -> dict[str, np
             arr = arr.reshape(nf, 3, 3)
         _check_finite(store, fname, key, arr)
         out[key] = arr
+    for key in _PARAMS:
+        fname = f"{set_name}/{key}.npy"
+        if store.has(fname):
+            out[key] = _read_params(store, fname, key, nf, natoms)
     if "box" in out:
         det = np.linalg.det(out["box"])
         bad = np.flatnonzero(np.abs(det) < 1e-8)
@@ -394,6 +406,37 @@ def _read_set(store, set_name: str, natoms: int, want_box: bool) -> dict[str, np
             f"(a duplicated atom, or coordinates not in Å?)"
         )
     return out
+
+
+def _read_params(store, fname: str, key: str, nf: int, natoms: int) -> np.ndarray:
+    """fparam.npy as (nframes, nfp) or aparam.npy as (nframes, natoms, nap): any width, checked against the
+    model when it is used (check_params)."""
+    arr = _numeric(store, fname, store.read_array(fname))
+    rows = arr.shape[0] if arr.ndim >= 2 else None
+    if rows is not None and rows != nf:
+        raise DataError(f"{store.where(fname)}: has {rows} frames, but coord.npy has {nf}")
+    per = nf if key == "fparam" else nf * natoms
+    if arr.size == 0 or arr.size % per:
+        shape = ("[nframes, numb_fparam]" if key == "fparam"
+                 else f"[nframes, {natoms}*numb_aparam] (natoms from type.raw)")
+        raise DataError(f"{store.where(fname)}: {arr.size} values do not fill {nf} frames: expected {shape}")
+    arr = arr.reshape(nf, -1) if key == "fparam" else arr.reshape(nf, natoms, -1)
+    _check_finite(store, fname, key, arr)
+    return arr
+
+
+def check_params(system: System, numb_fparam: int, numb_aparam: int, default_fparam=None) -> None:
+    """The system holds what a model with numb_fparam / numb_aparam inputs needs (fparam.npy may be absent when
+    the model has a default_fparam), of the model's widths; else a one-line DataError naming the system."""
+    for key, width in (("fparam", numb_fparam), ("aparam", numb_aparam)):
+        arr = getattr(system, key)
+        per = "frame" if key == "fparam" else "atom"
+        if arr is None and width > 0 and not (key == "fparam" and default_fparam is not None):
+            raise DataError(f"{system.path}: no {key}.npy in its sets, but the model takes {width} {key} value(s) "
+                            f"per {per} (numb_{key} = {width})")
+        if arr is not None and width > 0 and arr.shape[-1] != width:  # (a model without them ignores them)
+            raise DataError(f"{system.path}: {key}.npy holds {arr.shape[-1]} value(s) per {per}, but the model's "
+                            f"numb_{key} is {width}")
 
 
 def _remap_types(store, atype, sys_names, type_map):
@@ -447,7 +490,7 @@ def load_system(path, type_map: Sequence[str] | None = None) -> System:
             raise DataError(f"{store.label}: no set.* directory with frames found")
         parts = [_read_set(store, s, natoms, want_box=not nopbc) for s in sets]
         data = {}
-        for key in ("coord", "box", "energy", "force", "virial"):
+        for key in ("coord", "box", "energy", "force", "virial", *_PARAMS):
             have = [key in p for p in parts]
             if not any(have):
                 data[key] = None
@@ -459,6 +502,11 @@ def load_system(path, type_map: Sequence[str] | None = None) -> System:
                     f"{store.where(missing + '/' + key + '.npy')}: missing, but {present}/{key}.npy "
                     f"exists (a label must be in all sets or none)"
                 )
+            widths = [p[key].shape[-1] for p in parts]
+            if key in _PARAMS and len(set(widths)) > 1:
+                k = next(k for k, w in enumerate(widths) if w != widths[0])
+                raise DataError(f"{store.where(sets[k] + '/' + key + '.npy')}: {widths[k]} values per "
+                                f"{'frame' if key == 'fparam' else 'atom'}, but {sets[0]}/{key}.npy has {widths[0]}")
             data[key] = np.concatenate([p[key] for p in parts])
     finally:
         if isinstance(store, _H5Store):
@@ -563,6 +611,9 @@ def _h5_groups(file: str) -> list[str]:
 def _check_for_write(system: System, path: str) -> None:
     n, nf = system.natoms, system.nframes
     shapes = {"coord": (nf, n, 3), "force": (nf, n, 3), "box": (nf, 3, 3), "virial": (nf, 3, 3), "energy": (nf,)}
+    for key in _PARAMS:  # any width (the model's numb_fparam / numb_aparam)
+        if getattr(system, key) is not None:
+            shapes[key] = (nf,) + ((n,) if key == "aparam" else ()) + np.shape(getattr(system, key))[-1:]
     for key, shape in shapes.items():
         arr = getattr(system, key)
         if arr is not None and np.shape(arr) != shape:
@@ -602,6 +653,8 @@ def write_system(system: System, path, set_size: int = 2000, overwrite: bool = F
                 "energy": None if system.energy is None else system.energy[sl].reshape(-1),
                 "force": None if system.force is None else system.force[sl].reshape(-1, n * 3),
                 "virial": None if system.virial is None else system.virial[sl].reshape(-1, 9),
+                "fparam": None if system.fparam is None else system.fparam[sl],
+                "aparam": None if system.aparam is None else system.aparam[sl].reshape(len(system.aparam[sl]), -1),
             }
             for key, arr in arrays.items():
                 if arr is not None:

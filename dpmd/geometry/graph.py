@@ -8,6 +8,9 @@
 
     edge_vec (E, 3)    optional: the edge vectors, when the caller has them already (the MD
                        engine's Verlet filter); must equal what `edge_vectors` computes
+    fparam  (F, nfp)   frame parameters, for a model with numb_fparam = nfp > 0 (else absent)
+    aparam  (N, nap)   atomic parameters, for a model with numb_aparam = nap > 0 (else absent)
+                       (DeepPot.fitting.param_inputs checks and shapes both; `atom_params` hands them on)
 
 Edge vectors come from `edge_vectors`, and gradients with respect to them give forces and the
 virial in one place (dpmd.model.forces).
@@ -53,6 +56,20 @@ def build_graph(coord, atype, box=None, rcut: float | None = None, neighbors: li
         "shift": torch.cat([nl.shift for nl in neighbors]).to(dtype),
         "natoms": natoms,
     }
+
+
+def atom_params(graph: dict, atoms: slice) -> torch.Tensor | None:
+    """The fitting net's extra inputs of the atoms in `atoms` (a range of centres): each atom's frame's fparam
+    followed by its own aparam, (n, nfp + nap); None when the graph has neither."""
+    parts = []
+    fparam, aparam = graph.get("fparam"), graph.get("aparam")
+    if fparam is not None:
+        n = len(range(*atoms.indices(graph["atype"].numel())))
+        # one frame (the MD engine's ghost-atom graphs carry no `batch`): every atom has its fparam
+        parts.append(fparam.expand(n, -1) if fparam.shape[0] == 1 else fparam.index_select(0, graph["batch"][atoms]))
+    if aparam is not None:
+        parts.append(aparam[atoms])
+    return torch.cat(parts, 1) if parts else None
 
 
 def edge_vectors(graph: dict, edges: slice = slice(None)) -> torch.Tensor:

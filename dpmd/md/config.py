@@ -1,87 +1,96 @@
-"""`dpmd md input.yaml`: the input keys, their validation, structure reading, and the run.
+"""`dpmd md input.yaml`: the input keys (a dpmd.schema tree), their validation, structure reading, and the run.
 
-Every key is checked before anything runs; an unknown or bad key is one line naming it.
+Every key is checked before anything runs; an unknown or bad key is one line naming it.  `dpmd md --set
+KEY=VALUE` overrides a value first, as `dpmd train --set` does.
 """
 
 from __future__ import annotations
 
-import numbers
+import logging
 from pathlib import Path
 
 from dpmd.errors import ConfigError, DpmdError
 from dpmd.md.barostats import MODES
-from dpmd.train.config import check_number
+from dpmd.schema import REQUIRED, UNSET, apply_overrides, check_number, choice, key, normalize, read_file, section
 
-DEFAULTS = {
-    "structure": None, "models": None, "ensemble": "nve", "thermostat": None, "barostat": None,
-    "timestep": 0.5, "steps": None, "temperature": 300.0, "pressure": None, "seed": 1, "skin": 2.0,
-    "thermo_freq": 100, "traj_freq": 100, "traj_format": "extxyz", "model_devi_freq": 0,
-    "checkpoint_freq": 1000, "output_dir": ".", "min_distance": 0.5, "device": "cpu", "sync_free": "auto",
-    "masses": None,
-}
-REQUIRED = ("structure", "models", "steps")
-THERMOSTAT_KEYS = {"langevin": {"damp"}, "csvr": {"damp"}, "nose_hoover": {"damp", "chain"}}
-BAROSTAT_KEYS = {"type", "damp", "mode", "compressibility", "pressure"}
 TRAJ_FORMATS = ("extxyz", "lammps")
+ENSEMBLES = ("nve", "nvt", "npt")
+log = logging.getLogger("dpmd.md")
 
 
-def _valid(keys) -> str:
-    return ", ".join(sorted(keys))
+def _non_negative():
+    return {"check": lambda v: v >= 0, "expect": ">= 0"}
 
 
-def _number(cfg: dict, key: str, where: str, positive=False, nonneg=False, integer=False):
-    return check_number(cfg[key], f"{where}{key}", integer=integer, positive=positive, minimum=0 if nonneg else None)
+def _damp(default: float, doc: str):
+    return key("damp", float, default, doc, check=lambda v: v > 0, expect="positive")
 
 
-def _schedule(cfg: dict, key: str):
-    v = cfg[key]
-    if v is None:
-        return None
-    if isinstance(v, (list, tuple)):
-        if len(v) != 2 or not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in v):
-            raise ConfigError(f"{key}: expected a number or [start, end], got {v!r}")
-        return [float(x) for x in v]
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise ConfigError(f"{key}: expected a number or [start, end], got {v!r}")
-    return float(v)
+def thermostat_args():
+    """The `thermostat` section (nvt and npt); a campaign's exploration stages can share it."""
+    damp = _damp(0.1, "Time constant (ps): 1/gamma for langevin, tau for csvr, Tdamp for nose_hoover.")
+    kinds = [key("langevin", dict, REQUIRED, "Langevin dynamics (OBABO).", sub=[damp]),
+             key("csvr", dict, REQUIRED, "Canonical sampling through velocity rescaling (Bussi).", sub=[damp]),
+             key("nose_hoover", dict, REQUIRED, "A Nose-Hoover chain (as LAMMPS fix nvt).", sub=[
+                 damp, key("chain", int, 3, "Chain length.", check=lambda v: v > 0, expect="positive")])]
+    return key("thermostat", [dict, None], UNSET,
+               "nvt and npt: {type: langevin|csvr|nose_hoover, damp: ps, chain: N}; also written `langevin` or "
+               "{langevin: {damp: 0.1}} (default: langevin, damp 0.1 ps).",
+               what="a mapping such as {type: langevin, damp: 0.1}, or a name such as langevin", sub=[],
+               variants=[choice("thermostat", kinds, default="langevin", doc="The thermostat.")])
 
 
-def _thermostat(v) -> dict:
-    if isinstance(v, str):
-        v = {"type": v}
-    if not isinstance(v, dict):
-        raise ConfigError(f"thermostat: expected e.g. {{type: langevin, damp: 0.1}}, got {v!r}")
-    if "type" not in v and len(v) == 1 and next(iter(v)) in THERMOSTAT_KEYS:   # {langevin: {damp: 0.1}}
-        kind, params = next(iter(v.items()))
-        v = {"type": kind, **(params or {})}
-    kind = v.get("type", "langevin")
-    if kind not in THERMOSTAT_KEYS:
-        raise ConfigError(f"thermostat.type: unknown {kind!r}; valid: {_valid(THERMOSTAT_KEYS)}")
-    for key in v:
-        if key != "type" and key not in THERMOSTAT_KEYS[kind]:
-            raise ConfigError(f"thermostat: unknown key {key!r} for {kind}; valid: {_valid(THERMOSTAT_KEYS[kind] | {'type'})}")
-    out = {"type": kind, "damp": 0.1, "chain": 3, **v}
-    _number(out, "damp", "thermostat.", positive=True)
-    _number(out, "chain", "thermostat.", positive=True, integer=True)
-    return out
+def barostat_args():
+    """The `barostat` section (npt)."""
+    scr = key("scr", dict, REQUIRED, "Stochastic cell rescaling (Bernetti and Bussi 2020).",
+              alias=["stochastic_cell_rescaling", "c-rescale"], sub=[])
+    return key("barostat", [dict, None], UNSET, "npt: stochastic cell rescaling.",
+               what="a mapping such as {damp: 1.0, mode: iso}", sub=[_damp(1.0, "Time constant (ps)."),
+                    key("mode", str, "iso", "iso: one scale factor; aniso: three; tri: the full cell."),
+                    key("compressibility", float, 4.5e-5, "Isothermal compressibility (1/bar; water's by default).",
+                        check=lambda v: v > 0, expect="positive"),
+                    key("pressure", [float, list[float], None], UNSET, "Target pressure (bar), instead of the "
+                                                                       "top-level pressure.")],
+               variants=[choice("barostat", [scr], default="scr", doc="The barostat.")])
 
 
-def _barostat(v) -> dict:
-    if v is None:
-        v = {}
-    if not isinstance(v, dict):
-        raise ConfigError(f"barostat: expected e.g. {{damp: 1.0, mode: iso}}, got {v!r}")
-    for key in v:
-        if key not in BAROSTAT_KEYS:
-            raise ConfigError(f"barostat: unknown key {key!r}; valid: {_valid(BAROSTAT_KEYS)}")
-    out = {"type": "scr", "damp": 1.0, "mode": "iso", "compressibility": 4.5e-5, **v}
-    if out["type"] not in ("scr", "stochastic_cell_rescaling", "c-rescale"):
-        raise ConfigError(f"barostat.type: unknown {out['type']!r}; valid: scr (stochastic cell rescaling)")
-    if out["mode"] not in MODES:
-        raise ConfigError(f"barostat.mode: expected {', '.join(MODES[:-1])} or {MODES[-1]}, got {out['mode']!r}")
-    _number(out, "damp", "barostat.", positive=True)
-    _number(out, "compressibility", "barostat.", positive=True)
-    return out
+def _ramp(name: str, default, doc: str, unit: str):
+    return key(name, [float, list[float]] + ([] if default is not UNSET else [None]), default,
+               f"{doc} ({unit}); [start, end] ramps linearly over the run.", what=f"a number ({unit}) or [start, end]")
+
+
+MD_ARGS = section("dpmd md input", [
+    key("structure", [str, dict, list], REQUIRED,
+        "The start: a file ASE reads (extxyz, POSCAR, cif, LAMMPS data: types in the model's type_map order), "
+        "{file, format}, {system: deepmd/npy directory, frame: N}, or a list of them (a batch of equal-sized "
+        "systems run side by side)."),
+    key("models", [str, list[str]], REQUIRED, "Model files (frozen models, dpmd or DeePMD-kit checkpoints); the "
+                                              "first drives the dynamics, all give the model deviation.",
+        what="a model file or a list of them", check=lambda v: len(v) > 0, expect="at least one model file"),
+    key("ensemble", str, "nve", f"One of {', '.join(ENSEMBLES)}."),
+    thermostat_args(),
+    barostat_args(),
+    key("timestep", float, 0.5, "Time step (fs).", check=lambda v: v > 0, expect="positive"),
+    key("steps", int, REQUIRED, "Steps of the run in total (a restart continues to this step).",
+        **_non_negative()),
+    _ramp("temperature", 300.0, "Temperature of the thermostat and of the initial velocities", "K"),
+    _ramp("pressure", UNSET, "npt: target pressure", "bar"),
+    key("seed", int, 1, "Seed of the initial velocities and the thermostat's noise.", **_non_negative()),
+    key("skin", float, 2.0, "Neighbour-list skin (Å): lists are rebuilt when an atom moved half of it.",
+        **_non_negative()),
+    key("thermo_freq", int, 100, "Steps between lines of thermo.log (0: none).", **_non_negative()),
+    key("traj_freq", int, 100, "Steps between trajectory frames (0: none).", **_non_negative()),
+    key("traj_format", [str, list[str]], "extxyz", f"Trajectory format(s): {', '.join(TRAJ_FORMATS)}."),
+    key("model_devi_freq", int, 0, "Steps between lines of model_devi.out (0: none).", **_non_negative()),
+    key("checkpoint_freq", int, 1000, "Steps between checkpoints (output_dir/checkpoint.pt; 0: none).",
+        **_non_negative()),
+    key("output_dir", str, ".", "Directory of the output files."),
+    key("min_distance", float, 0.5, "Stop when two atoms come closer than this (Å).", **_non_negative()),
+    key("device", str, "cpu", "cpu, cuda or cuda:N."),
+    key("sync_free", [str, bool], "auto", "CUDA: check the neighbour list on the GPU without a host sync each "
+                                          "step (auto: on CUDA devices)."),
+    key("masses", [dict, None], None, "Masses (amu) of elements instead of ASE's, e.g. {H: 2.014} for deuterium."),
+], "The input of `dpmd md`.")
 
 
 def check_masses(value, type_map=None, where="masses") -> dict:
@@ -98,82 +107,88 @@ def check_masses(value, type_map=None, where="masses") -> dict:
     return {name: float(mass) for name, mass in value.items()}
 
 
+def _thermostat_form(value):
+    """`langevin` and {langevin: {damp: 0.1}} as {type: langevin, damp: 0.1}."""
+    if isinstance(value, str):
+        return {"type": value}
+    if isinstance(value, dict) and "type" not in value and len(value) == 1 and isinstance(next(iter(value)), str) \
+            and isinstance(next(iter(value.values())), (dict, type(None))):
+        kind, params = next(iter(value.items()))
+        return {"type": kind, **(params or {})}
+    return value
+
+
+def _schedule(value, name: str, unit: str):
+    if isinstance(value, list) and len(value) != 2:
+        raise ConfigError(f"{name}: expected a number or [start, end], got {value!r}")
+    values = value if isinstance(value, list) else [value]
+    if min(values) < 0:
+        raise ConfigError(f"{name}: must be >= 0 {unit}, got {value!r}")
+    return [float(v) for v in value] if isinstance(value, list) else float(value)
+
+
 def normalize_md_config(config: dict) -> dict:
-    """Defaults filled in, every key checked; raises ConfigError (one line) on the first problem."""
+    """Defaults filled in, every key checked; raises ConfigError (one line) on the first problem.  A normalised
+    config passes unchanged."""
     if not isinstance(config, dict):
         raise ConfigError(f"md input: expected a mapping of keys, got {type(config).__name__}")
-    for key in config:
-        if key not in DEFAULTS:
-            raise ConfigError(f"unknown key {key!r} in md input; valid keys: {_valid(DEFAULTS)}")
-    cfg = {**DEFAULTS, **config}
-    for key in REQUIRED:
-        if cfg[key] is None:
-            raise ConfigError(f"md input: missing required key {key!r}")
-    models = cfg["models"]
-    if isinstance(models, str):
-        models = [models]
-    if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
-        raise ConfigError(f"models: expected a list of model files, got {cfg['models']!r}")
-    cfg["models"] = models
-    if cfg["ensemble"] not in ("nve", "nvt", "npt"):
+    given = dict(config)
+    if "thermostat" in given:
+        given["thermostat"] = _thermostat_form(given["thermostat"])
+    if "masses" in given:  # check_masses' words (it checks a campaign's masses too)
+        given["masses"] = check_masses(given["masses"])
+    cfg = normalize(MD_ARGS, given)
+    if isinstance(cfg["models"], str):
+        cfg["models"] = [cfg["models"]]
+    if cfg["ensemble"] not in ENSEMBLES:
         raise ConfigError(f"ensemble: expected nve, nvt or npt, got {cfg['ensemble']!r}")
-    if cfg["ensemble"] == "nve":
-        if cfg["thermostat"] is not None:
-            raise ConfigError("thermostat: given for ensemble nve; use nvt or npt, or remove it")
-    else:
-        cfg["thermostat"] = _thermostat(cfg["thermostat"] if cfg["thermostat"] is not None else "langevin")
-    if cfg["ensemble"] != "npt" and config.get("barostat") is not None:
+    if cfg["ensemble"] == "nve" and cfg["thermostat"] is not None:
+        raise ConfigError("thermostat: given for ensemble nve; use nvt or npt, or remove it")
+    if cfg["ensemble"] != "nve" and cfg["thermostat"] is None:
+        cfg["thermostat"] = normalize(MD_ARGS.sub_fields["thermostat"], {}, "thermostat")
+    if cfg["ensemble"] != "npt" and cfg["barostat"] is not None:
         raise ConfigError(f"barostat: given for ensemble {cfg['ensemble']}; use npt, or remove it")
     if cfg["ensemble"] == "npt":
-        cfg["barostat"] = _barostat(cfg["barostat"])
-        if "pressure" in cfg["barostat"] and config.get("pressure") is not None:
+        baro = cfg["barostat"] or normalize(MD_ARGS.sub_fields["barostat"], {}, "barostat")
+        if baro["mode"] not in MODES:
+            raise ConfigError(f"barostat.mode: expected {', '.join(MODES[:-1])} or {MODES[-1]}, got {baro['mode']!r}")
+        if baro["pressure"] is not None and cfg["pressure"] is not None:
             raise ConfigError("pressure: given both at the top level and in barostat; keep one")
-        if "pressure" in cfg["barostat"]:
-            cfg["pressure"] = cfg["barostat"].pop("pressure")
+        cfg["pressure"] = cfg["pressure"] if baro["pressure"] is None else baro["pressure"]
+        cfg["barostat"] = {k: v for k, v in baro.items() if k != "pressure"}
         if cfg["pressure"] is None:
             raise ConfigError("pressure: required for ensemble npt (bar, a number or [start, end])")
-    for key in ("timestep", "skin", "min_distance"):
-        _number(cfg, key, "", positive=key == "timestep", nonneg=True)
     if cfg["sync_free"] not in ("auto", True, False):
         raise ConfigError(f"sync_free: expected auto, true or false, got {cfg['sync_free']!r}")
-    for key in ("steps", "thermo_freq", "traj_freq", "model_devi_freq", "checkpoint_freq", "seed"):
-        _number(cfg, key, "", nonneg=True, integer=True)
-    cfg["temperature"] = _schedule(cfg, "temperature")
-    cfg["pressure"] = _schedule(cfg, "pressure")
-    if cfg["temperature"] is None or min(cfg["temperature"] if isinstance(cfg["temperature"], list)
-                                         else [cfg["temperature"]]) < 0:
-        raise ConfigError(f"temperature: must be >= 0 K, got {cfg['temperature']!r}")
-    fmt = cfg["traj_format"]
-    fmt = [fmt] if isinstance(fmt, str) else fmt
-    if not isinstance(fmt, list) or not all(f in TRAJ_FORMATS for f in fmt):
-        raise ConfigError(f"traj_format: expected one or a list of {', '.join(TRAJ_FORMATS)}, got {cfg['traj_format']!r}")
+    cfg["temperature"] = _schedule(cfg["temperature"], "temperature", "K")
+    if cfg["pressure"] is not None:
+        cfg["pressure"] = _schedule(cfg["pressure"], "pressure", "bar")
+    fmt = [cfg["traj_format"]] if isinstance(cfg["traj_format"], str) else cfg["traj_format"]
+    if not all(f in TRAJ_FORMATS for f in fmt):
+        raise ConfigError(f"traj_format: expected one or a list of {', '.join(TRAJ_FORMATS)}, "
+                          f"got {cfg['traj_format']!r}")
     cfg["traj_format"] = fmt
-    cfg["masses"] = check_masses(cfg["masses"])
-    structs = cfg["structure"] if isinstance(cfg["structure"], list) else [cfg["structure"]]
-    for s in structs:
+    cfg["masses"] = cfg["masses"] or {}
+    for s in cfg["structure"] if isinstance(cfg["structure"], list) else [cfg["structure"]]:
         if isinstance(s, dict):
             allowed = {"system", "frame"} if "system" in s else {"file", "format"}
-            for key in s:
-                if key not in allowed:
-                    raise ConfigError(f"structure: unknown key {key!r}; valid: {{file, format}} or {{system, frame}}")
+            for name in s:
+                if name not in allowed:
+                    raise ConfigError(f"structure: unknown key {name!r}; valid: {{file, format}} or {{system, frame}}")
         elif not isinstance(s, str):
             raise ConfigError(f"structure: expected a file, {{file, format}} or {{system, frame}}, got {s!r}")
-    if not isinstance(cfg["output_dir"], str):
-        raise ConfigError(f"output_dir: expected a directory name, got {cfg['output_dir']!r}")
     return cfg
 
 
-def read_md_input(path) -> dict:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise DpmdError(f"{path}: input file not found")
+def read_md_input(path, overrides: list[str] | None = None) -> dict:
+    """The md input file, with `--set KEY=VALUE` overrides applied, checked; problems name the file."""
+    raw = read_file(path, "md input")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the md input must be a mapping of keys, got {type(raw).__name__}")
     try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    return normalize_md_config(config)
+        return normalize_md_config(apply_overrides(raw, overrides, example="steps=200"))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def read_structure(spec, type_map: list[str]):
@@ -236,7 +251,7 @@ def _check_lammps_types(path, atoms, type_map: list[str]) -> None:
                             f"is {type_map[t - 1]}; order the LAMMPS types as the model's type_map {type_map}")
 
 
-def build_simulation(cfg: dict, log=print):
+def build_simulation(cfg: dict, log=log.info):
     """A Simulation from a normalised config (models loaded, structure read)."""
     import numpy as np
 
@@ -285,7 +300,7 @@ def build_simulation(cfg: dict, log=print):
     return sim
 
 
-def run_md(config, restart=None, log=print) -> dict:
+def run_md(config, restart=None, log=log.info) -> dict:
     """Run MD from an input file path or a config dict; `restart` continues from a checkpoint."""
     cfg = read_md_input(config) if isinstance(config, (str, Path)) else normalize_md_config(config)
     sim = build_simulation(cfg, log=log)

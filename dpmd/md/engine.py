@@ -70,7 +70,7 @@ class Simulation:
                  temperature=300.0, pressure=1.0, steps: int | None = None, seed: int = 1, skin: float = 2.0,
                  min_distance: float = 0.5, velocities=None, thermo_freq: int = 100, traj_freq: int = 0,
                  traj_format=("extxyz",), model_devi_freq: int = 0, checkpoint_freq: int = 0,
-                 output_dir=None, log=print, bias=None, sync_free=None):
+                 output_dir=None, log=print, bias=None, sync_free=None, fparam=None, aparam=None):
         """models: a DeepPot or a list (the first drives the dynamics).
         positions: (N, 3) or (F, N, 3) Å; symbols: N element names (or F lists); box: (3, 3), (F, 3, 3) or None.
         masses: amu, per atom ((N,) or (F, N)), or {element: amu} overriding ASE's masses (None: ASE's).
@@ -82,7 +82,11 @@ class Simulation:
         barostat {damp: ps, mode: iso|aniso|tri, compressibility: 1/bar} (stochastic cell rescaling).
         output_dir None writes no files.
         sync_free: step without the host waiting for the device except on output steps
-        (dpmd.md.sync_free); None: on CUDA devices (not with a bias).
+        (dpmd.md.sync_free); None: on CUDA devices (not with a bias, nor with fparam / aparam).
+        fparam, aparam: the frame and atomic parameters of models that take them (numb_fparam, numb_aparam),
+        constant through the run: fparam numb_fparam values (every system) or (F, numb_fparam); aparam
+        numb_aparam values (every atom), (N, numb_aparam) or (F, N, numb_aparam).  A model with a default_fparam
+        uses it when fparam is None.
         """
         self.models = list(models) if isinstance(models, (list, tuple)) else [models]
         model = self.models[0]
@@ -98,6 +102,9 @@ class Simulation:
         if len(self.symbols) != nf or any(len(s) != n for s in self.symbols):
             raise DpmdError(f"symbols must give {n} element names for each of the {nf} systems")
         self.atypes = [self._types(m) for m in self.models]
+        # each model's graph entries fparam / aparam (dpmd.geometry.graph); a test's pair potential takes none
+        self.params = [m.graph_params(nf, n, fparam, aparam) if hasattr(m, "graph_params") else {}
+                       for m in self.models]
         if box is not None:
             box = torch.as_tensor(np.asarray(box, dtype=np.float64), device=self.device).reshape(-1, 3, 3)
             box = box.expand(nf, 3, 3).clone()
@@ -142,7 +149,10 @@ class Simulation:
         if sync_free and bias is not None:
             raise DpmdError("sync_free: a bias potential is not supported in sync-free mode; set sync_free: false")
         padded = hasattr(model, "descriptor")   # a DeepPot (a test's pair potential has no padded layout)
-        use = (self.device.type == "cuda" and bias is None and padded) if sync_free is None else bool(sync_free)
+        if sync_free and self.params[0]:
+            raise DpmdError("sync_free: a model with fparam / aparam runs on the checked path; set sync_free: false")
+        use = (self.device.type == "cuda" and bias is None and padded and not self.params[0]) if sync_free is None \
+            else bool(sync_free)
         if use and not padded:
             raise DpmdError("sync_free: needs a DeepPot model (its padded layout); set sync_free: false")
         # chosen by auto: a skin too thin for its look-ahead falls back to the checked path (else: an error)
@@ -245,7 +255,8 @@ class Simulation:
         center, neighbor, shift, vec, d2 = self.verlet.within_cutoff(state.positions, state.box)
         graph = {"coord": state.positions.reshape(-1, 3), "atype": state.atype.reshape(-1),
                  "batch": torch.arange(nf, device=self.device).repeat_interleave(n), "box": self._box(state),
-                 "center": center, "neighbor": neighbor, "shift": shift, "natoms": n, "edge_vec": vec}
+                 "center": center, "neighbor": neighbor, "shift": shift, "natoms": n, "edge_vec": vec,
+                 **self.params[0]}
         return graph, d2
 
     def _box(self, state: MDState) -> torch.Tensor:
@@ -294,13 +305,13 @@ class Simulation:
         forces, virials, energies = [s.forces], [s.virial], [s.energy]
         # models on the driving model's graph (same rcut and types) go through one ensemble call
         shared = [k for k in range(1, len(self.models)) if self.models[k].rcut == self.models[0].rcut
-                  and torch.equal(self.atypes[k], self.atypes[0])]
+                  and torch.equal(self.atypes[k], self.atypes[0]) and self._same_params(k)]
         graph = self._edge_graph(s)[0] if self.sync_free else self._graph   # (sync-free: read back here)
         outs = dict(zip(shared, evaluate_ensemble([self.models[k] for k in shared], dict(graph))))
         for k in range(1, len(self.models)):
             if k not in outs:
-                outs[k] = evaluate(self.models[k], build_graph(s.positions, self.atypes[k], s.box,
-                                                               self.models[k].rcut))
+                graph_k = build_graph(s.positions, self.atypes[k], s.box, self.models[k].rcut)
+                outs[k] = evaluate(self.models[k], {**graph_k, **self.params[k]})
         for k in range(1, len(self.models)):
             out = outs[k]
             forces.append(out["force"].reshape(s.nframes, s.natoms, 3))
@@ -308,6 +319,11 @@ class Simulation:
             energies.append(out["energy"])
         d = devi_mod.model_deviation(torch.stack(forces), torch.stack(virials), torch.stack(energies), s.natoms)
         return d.detach().cpu().numpy()
+
+    def _same_params(self, k: int) -> bool:
+        """Does model k take the same fparam / aparam as the driving model (so it can share its graph)?"""
+        mine, first = self.params[k], self.params[0]
+        return mine.keys() == first.keys() and all(torch.equal(mine[key], first[key]) for key in mine)
 
     # ---------------------------------------------------------------- output
     def _open_outputs(self, restart: bool) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 from dpmd.md import devi
 
 THERMO_COLUMNS = ["step", "time", "pe", "ke", "temp", "press", "vol", "etotal", "econserve"]
+THERMO_UNITS = ["", "ps", "eV", "eV", "K", "bar", "Å^3", "eV", "eV"]  # LAMMPS metal units
 
 
 class TextFile:
@@ -36,7 +37,8 @@ class TextFile:
 
 
 def thermo_header() -> str:
-    return "#%9s" % "step" + "%12s" % "time" + "".join("%18s" % c for c in THERMO_COLUMNS[2:])
+    names = [f"{c}({u})" if u else c for c, u in zip(THERMO_COLUMNS, THERMO_UNITS)]
+    return "#%9s" % names[0] + "%12s" % names[1] + "".join("%18s" % c for c in names[2:])
 
 
 def thermo_row(step: int, time_ps: float, values) -> str:

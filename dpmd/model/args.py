@@ -88,10 +88,15 @@ def se_e2_a_args() -> list:
 
 def ener_fitting_args() -> list:
     return [
-        key("numb_fparam", int, 0, "Size of the frame parameter (fparam.npy) input.", fixed=True),
-        key("numb_aparam", int, 0, "Size of the atomic parameter (aparam.npy) input.", fixed=True),
-        key("default_fparam", [list[float], None], None, "The frame parameter used when the data have none.",
-            fixed=True),
+        key("numb_fparam", int, 0, "Values per frame of the frame parameter input (set.*/fparam.npy; given to the "
+                                   "ASE calculator, MD and LAMMPS as fparam), normalised by its training-data mean "
+                                   "and deviation and appended to every atom's descriptor.",
+            check=lambda v: v >= 0, expect="a non-negative integer"),
+        key("numb_aparam", int, 0, "Values per atom of the atomic parameter input (set.*/aparam.npy; aparam in the "
+                                   "ASE calculator, MD and LAMMPS), normalised like numb_fparam and appended after "
+                                   "the frame parameters.", check=lambda v: v >= 0, expect="a non-negative integer"),
+        key("default_fparam", [list[float], None], None, "The frame parameter of systems without fparam.npy (and of "
+                                                         "evaluations given no fparam); numb_fparam values."),
         key("dim_case_embd", int, 0, "Size of the case embedding (multi-task).", fixed=True),
         _neuron([120, 120, 120], "Widths of the fitting net's hidden layers (a layer of the same width as the "
                                  "previous one gets a skip connection).", alias=["n_neuron"]),
@@ -202,5 +207,8 @@ def normalize_model_config(config: dict) -> dict:
     if isinstance(f["trainable"], list) and len(f["trainable"]) != len(f["neuron"]) + 1:
         raise ConfigError(f"'model.fitting_net.trainable' lists {len(f['trainable'])} layers; the fitting net has "
                           f"{len(f['neuron']) + 1} (neuron + the output layer)")
+    if f["default_fparam"] is not None and f["numb_fparam"] > 0 and len(f["default_fparam"]) != f["numb_fparam"]:
+        raise ConfigError(f"'model.fitting_net.default_fparam' = {f['default_fparam']} has {len(f['default_fparam'])} "
+                          f"value(s); numb_fparam is {f['numb_fparam']}")
     cfg["compress"] = normalize_compress(cfg["compress"], ntypes)
     return cfg

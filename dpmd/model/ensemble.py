@@ -42,16 +42,17 @@ def evaluate_ensemble(models, graph: dict, *, batched: bool | None = None, chunk
     params, buffers = torch.func.stack_module_state(list(models))
     template = _AtomicEnergy(models[0])
 
-    def energy(p, b, vec, center, center_type, neighbor_type):
+    def energy(p, b, vec, center, center_type, neighbor_type, atom_params):
         e = torch.func.functional_call(template, ({"m." + k: v for k, v in p.items()},
                                                   {"m." + k: v for k, v in b.items()}),
-                                       (vec, center, center_type, neighbor_type))
+                                       (vec, center, center_type, neighbor_type, atom_params))
         return e.sum(), e
 
-    grad_all = torch.func.vmap(torch.func.grad(energy, argnums=2, has_aux=True), in_dims=(0, 0, None, None, None, None))
+    grad_all = torch.func.vmap(torch.func.grad(energy, argnums=2, has_aux=True),
+                               in_dims=(0, 0, None, None, None, None, None))
 
-    def energy_and_gradient(vec, center, center_type, neighbor_type):
-        g, e = grad_all(params, buffers, vec.detach(), center, center_type, neighbor_type)
+    def energy_and_gradient(vec, center, center_type, neighbor_type, atom_params=None):
+        g, e = grad_all(params, buffers, vec.detach(), center, center_type, neighbor_type, atom_params)
         return e, g
 
     with ops.reference_only():  # the kernels have no batching rule; the reference path vmaps
@@ -68,5 +69,7 @@ class _AtomicEnergy(torch.nn.Module):
         super().__init__()
         self.m = model
 
-    def forward(self, vec, center, center_type, neighbor_type):
-        return self.m.atomic_energy(vec, center, center_type, neighbor_type)
+    def forward(self, vec, center, center_type, neighbor_type, params=None):
+        if params is None:  # (a model without fparam/aparam need not know the keyword)
+            return self.m.atomic_energy(vec, center, center_type, neighbor_type)
+        return self.m.atomic_energy(vec, center, center_type, neighbor_type, params=params)

@@ -6,7 +6,7 @@ derivatives included, so a C++ caller needs nothing but `torch::jit::load`:
 
     forward(coord (N, 3), atype (N,), box (3, 3) or None,
             center (E,), neighbor (E,), shift (E, 3) or None,
-            nlocal = -1, atom_virial = False) -> Dict[str, Tensor]
+            nlocal = -1, atom_virial = False, fparam = None, aparam = None) -> Dict[str, Tensor]
 
     energy ()              sum of the atomic energies of the local atoms
     atom_energy (nlocal,)
@@ -27,6 +27,9 @@ Two ways of supplying the environment:
              any atom, shift = None.  Ghosts contribute no energy; the forces (and atomic
              virials) on them are returned so that the caller can add them to their owners
              (LAMMPS's reverse communication).
+fparam (numb_fparam values) and aparam (numb_aparam values for every atom, or per local atom, or per atom
+ghosts included) are the model's frame and atomic parameters, for a model that takes them (get_dim_fparam,
+get_dim_aparam; without fparam a model with a default_fparam uses it).
 Without center/neighbor the module finds neighbours itself by brute force (O(N^2) per
 lattice image; for small systems and tests: large systems should pass a neighbour list).
 """
@@ -41,7 +44,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from dpmd.model.fitting import group_by_type
+from dpmd.model.fitting import group_by_type, in_type_order
 from dpmd.model.forces import DEFAULT_CHUNK_ATOMS, assemble
 
 FORMAT = "dpmd-model"
@@ -89,8 +92,11 @@ def model_metadata(model) -> dict:
         "config": model.config,  # the normalised model section: rebuilds DeepPot(config)
         "weights_sha256": weights_checksum(model.state_dict()),  # verified by dpmd.model.io.load_model
         "units": {"length": "angstrom", "energy": "eV"},
+        "dim_fparam": int(model.numb_fparam),
+        "dim_aparam": int(model.numb_aparam),
         "forward": "forward(coord, atype, box=None, center=None, neighbor=None, shift=None, nlocal=-1, "
-                   "atom_virial=False) -> {energy, atom_energy, force, virial[, atom_virial]}",
+                   "atom_virial=False, fparam=None, aparam=None) -> {energy, atom_energy, force, virial"
+                   "[, atom_virial]}",
     }
 
 
@@ -133,11 +139,24 @@ class FrozenDeepPot(nn.Module):
     def get_metadata(self) -> str:
         return self.metadata
 
+    @torch.jit.export
+    def get_dim_fparam(self) -> int:
+        return self.fitting.numb_fparam
+
+    @torch.jit.export
+    def get_dim_aparam(self) -> int:
+        return self.fitting.numb_aparam
+
+    @torch.jit.export
+    def has_default_fparam(self) -> bool:
+        return self.fitting.default_fparam_tensor is not None
+
     def atomic_energy(self, edge_vec: torch.Tensor, center: torch.Tensor, center_type: torch.Tensor,
-                      neighbor_type: torch.Tensor) -> torch.Tensor:
+                      neighbor_type: torch.Tensor, params: Optional[torch.Tensor]) -> torch.Tensor:
         center, center_type, position = group_by_type(center, center_type)
         desc = self.descriptor(edge_vec, center, center_type, neighbor_type)
-        return self.fitting(desc.to(self.fitting.energy_bias.dtype), center_type).index_select(0, position)
+        return self.fitting(desc.to(self.fitting.energy_bias.dtype), center_type, None,
+                            in_type_order(params, position)).index_select(0, position)
 
     @torch.jit.export
     def neighbor_list(self, coord: torch.Tensor, box: Optional[torch.Tensor] = None
@@ -180,7 +199,8 @@ class FrozenDeepPot(nn.Module):
 
     def forward(self, coord: torch.Tensor, atype: torch.Tensor, box: Optional[torch.Tensor] = None,
                 center: Optional[torch.Tensor] = None, neighbor: Optional[torch.Tensor] = None,
-                shift: Optional[torch.Tensor] = None, nlocal: int = -1, atom_virial: bool = False
+                shift: Optional[torch.Tensor] = None, nlocal: int = -1, atom_virial: bool = False,
+                fparam: Optional[torch.Tensor] = None, aparam: Optional[torch.Tensor] = None
                 ) -> Dict[str, torch.Tensor]:
         dtype = torch.float64
         coord = coord.to(dtype).reshape(-1, 3)
@@ -189,6 +209,17 @@ class FrozenDeepPot(nn.Module):
         nloc = natoms if nlocal < 0 else nlocal
         if atype.shape[0] != natoms:
             raise RuntimeError("dpmd: coord and atype describe different numbers of atoms")
+        na = self.fitting.numb_aparam
+        if aparam is not None and nloc < natoms and na > 0 and aparam.numel() == natoms * na:
+            aparam = aparam.reshape(natoms, na)[:nloc]  # given for the ghosts too: only the centres' are used
+        fparam, aparam = self.fitting.param_inputs(1, nloc, fparam, aparam)
+        params: Optional[torch.Tensor] = None
+        if fparam is not None and aparam is not None:
+            params = torch.cat([fparam.expand(nloc, -1), aparam], 1)
+        elif fparam is not None:
+            params = fparam.expand(nloc, -1)
+        elif aparam is not None:
+            params = aparam
         if center is None or neighbor is None:
             center, neighbor, shift = self.neighbor_list(coord, box)
         center, neighbor = center.to(torch.long), neighbor.to(torch.long)
@@ -234,7 +265,8 @@ class FrozenDeepPot(nn.Module):
             b0, b1 = bounds[k], bounds[k + 1]
             k += 1
             v = vec[b0:b1].requires_grad_()
-            e = self.atomic_energy(v, center[b0:b1] - a0, atype[a0:a1], neighbor_type[b0:b1])
+            e = self.atomic_energy(v, center[b0:b1] - a0, atype[a0:a1], neighbor_type[b0:b1],
+                                   None if params is None else params[a0:a1])
             g = torch.autograd.grad([e.sum()], [v])[0]
             assert g is not None
             energies.append(e.detach())

@@ -2,6 +2,7 @@
 
 This is the only place where derivatives are taken.  A model provides
     model.atomic_energy(edge_vec, center, center_type, neighbor_type) -> (n_centers,)
+(with params=: the centres' fparam and aparam, when the graph carries them: dpmd.geometry.graph.atom_params)
 and everything else follows from g_e = dE/dr_e, the gradient with respect to each edge
 vector r_e = x_j - x_i + shift @ box:
     F_i = sum_{e: center i} g_e - sum_{e: neighbour i} g_e
@@ -24,7 +25,7 @@ import torch
 
 from dpmd import ops
 
-from dpmd.geometry.graph import edge_vectors
+from dpmd.geometry.graph import atom_params, edge_vectors
 from dpmd.geometry.neighbor import NeighborList, check_sel, count_neighbors
 
 DEFAULT_CHUNK_ATOMS = 512
@@ -64,8 +65,10 @@ def evaluate(model, graph: dict, *, create_graph: bool = False, chunk_atoms: int
 
 def energy_and_gradient(model, create_graph: bool = False):
     """The function edge_gradients evaluates per chunk: a model's atomic energies and dE/d(edge vectors)."""
-    def fn(vec, center, center_type, neighbor_type):
-        e = model.atomic_energy(vec, center, center_type, neighbor_type)
+    def fn(vec, center, center_type, neighbor_type, params=None):
+        # (a model without fparam/aparam, e.g. a test's pair potential, need not know the keyword)
+        e = (model.atomic_energy(vec, center, center_type, neighbor_type) if params is None
+             else model.atomic_energy(vec, center, center_type, neighbor_type, params=params))
         # allow_unused: a chunk of isolated atoms has no edges, hence no gradient
         (g,) = torch.autograd.grad(e.sum(), vec, create_graph=create_graph, allow_unused=True)
         return e, (torch.zeros_like(vec) if g is None else g)
@@ -76,7 +79,8 @@ def edge_gradients(energy_and_gradient, graph: dict, create_graph: bool = False,
                    ncenters: int | None = None):
     """Atomic energies (..., N) and their gradients g = dE/dr (..., E, 3) with respect to the edge vectors
     (..., E, 3), evaluated in chunks of centre atoms.  A leading axis (..., an ensemble's models) is allowed:
-    energy_and_gradient(vec (E, 3), center, center_type, neighbor_type) -> (e (..., n), g (..., E, 3)).
+    energy_and_gradient(vec (E, 3), center, center_type, neighbor_type, params) -> (e (..., n), g (..., E, 3)),
+    params: the chunk's centres' fparam and aparam (None when the graph has neither).
     ncenters: only atoms 0..ncenters-1 are centres (the others are ghosts: neighbours only)."""
     natoms_total = graph["atype"].numel() if ncenters is None else ncenters
     center, neighbor, atype = graph["center"], graph["neighbor"], graph["atype"]
@@ -91,7 +95,8 @@ def edge_gradients(energy_and_gradient, graph: dict, create_graph: bool = False,
             edges = slice(bounds[k], bounds[k + 1])
             vec = edge_vectors(graph, edges)
             vec = vec if vec.requires_grad else vec.detach().requires_grad_()
-            e, g = energy_and_gradient(vec, center[edges] - a0, atype[a0:a1], atype[neighbor[edges]])
+            e, g = energy_and_gradient(vec, center[edges] - a0, atype[a0:a1], atype[neighbor[edges]],
+                                       atom_params(graph, slice(a0, a1)))
             energies.append(e if create_graph else e.detach())
             g_parts.append(g)
             vec_parts.append(vec.detach())
@@ -137,12 +142,13 @@ def evaluate_padded(model, graph: dict) -> dict:
           type in each chunk (host integers);
       edge_vec (R * nnei, 3) and neighbor (R * nnei,): nnei = sum(sel) slots per row in blocks of sel[t]
           slots for neighbour type t; an empty slot has the row's own atom and a vector beyond rcut;
-      atype, batch, box, natoms as in evaluate().
+      atype, batch, box, natoms[, fparam, aparam] as in evaluate().
     No `sel` check here: the caller that built the slots knows whether a neighbour did not fit."""
     rows, vec_all, neighbor = graph["rows"], graph["edge_vec"], graph["neighbor"]
     nnei, nrows = model.descriptor.nnei, rows.shape[0]
     chunk = graph["row_chunk"]
     slot_type = model.descriptor.slot_types(rows.device)
+    params = atom_params(graph, slice(None))
     energies, g_parts = [], []
     with ops.first_derivative_only(), torch.enable_grad():
         for k, r0 in enumerate(range(0, nrows, chunk)):
@@ -150,7 +156,8 @@ def evaluate_padded(model, graph: dict) -> dict:
             vec = vec_all[r0 * nnei:r1 * nnei].detach().requires_grad_()
             center = torch.arange(r1 - r0, device=rows.device).repeat_interleave(nnei)
             e = model.atomic_energy(vec, center, graph["atype"].index_select(0, rows[r0:r1]),
-                                    slot_type.repeat(r1 - r0), graph["row_type_counts"][k])
+                                    slot_type.repeat(r1 - r0), graph["row_type_counts"][k],
+                                    params=None if params is None else params.index_select(0, rows[r0:r1]))
             (g,) = torch.autograd.grad(e.sum(), vec)
             energies.append(e.detach())
             g_parts.append(g)

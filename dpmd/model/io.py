@@ -458,6 +458,8 @@ def from_deepmd_state_dict(state: dict, source: str = "checkpoint") -> DeepPot:
             ours[f"descriptor.embeddings.{n[1]}.layers.{n[2]}.{n[3]}"] = value
         elif (n := re.fullmatch(r"fitting_net\.filter_layers\.networks\.(\d+)\.layers\.(\d+)\.(\w+)", name)):
             ours[f"fitting.nets.{n[1]}.layers.{n[2]}.{n[3]}"] = value
+        elif (n := re.fullmatch(r"fitting_net\.((?:f|a)param_(?:avg|inv_std)|default_fparam_tensor)", name)):
+            ours[f"fitting.{n[1]}"] = value  # the frame / atomic parameters' normalisation: DeePMD-kit's names
         elif name in ("descriptor.sea.mean", "descriptor.sea.stddev"):
             # DeePMD stores one row per neighbour slot; the rows of a centre type are equal.
             if not torch.equal(value, value[:, :1].expand_as(value)):

@@ -4,6 +4,8 @@
   `sel` slots, empty slots counting as zero rows; the angular mean is zero; a std below
   `protection` is raised to it).
 - Per-type energy bias: least squares of frame energies on per-type atom counts.
+- Mean and inverse standard deviation of each frame / atomic parameter (DeePMD-kit's fitting
+  compute_input_stats: over the sampled frames, resp. their atoms; a std below `protection` is raised to it).
 """
 
 from __future__ import annotations
@@ -72,8 +74,28 @@ def energy_bias(model, systems, rcond=None) -> np.ndarray:
     return bias
 
 
+@torch.no_grad()
+def param_stats(model, systems, max_frames: int = 10, protection: float = 1e-2) -> None:
+    """Set model.fitting's fparam_avg / fparam_inv_std and aparam_avg / aparam_inv_std from up to `max_frames`
+    frames of each system that holds them (systems without fparam.npy use default_fparam and are left out, as
+    in DeePMD-kit; with no data at all the normalisation stays the identity)."""
+    fitting = model.fitting
+    for key, width in (("fparam", fitting.numb_fparam), ("aparam", fitting.numb_aparam)):
+        values = [getattr(s, key)[stat_frames(s.nframes, max_frames)].reshape(-1, width) for s in systems
+                  if width and getattr(s, key) is not None]
+        if not values:
+            continue
+        v = np.concatenate(values)
+        mean = v.mean(axis=0)
+        std = np.sqrt(np.maximum((v * v).mean(axis=0) - mean * mean, 0.0))
+        std[std < protection] = protection
+        getattr(fitting, f"{key}_avg").copy_(torch.as_tensor(mean))
+        getattr(fitting, f"{key}_inv_std").copy_(torch.as_tensor(1.0 / std))
+
+
 def init_from_data(model, systems, max_frames: int = 10, protection: float = 1e-2) -> None:
     descriptor_stats(model, systems, max_frames, protection)
+    param_stats(model, systems, max_frames, protection)
     energy_bias(model, systems)
 
 
@@ -89,7 +111,8 @@ def refit_energy_bias(model, systems, max_frames: int = 10) -> np.ndarray:
         step = max(1, system.nframes // max_frames)
         frames = list(range(0, system.nframes, step))[:max_frames]
         box = None if system.box is None else torch.as_tensor(system.box[frames])
-        pred = model(torch.as_tensor(system.coord[frames]), torch.as_tensor(system.atype), box)["energy"]
+        pred = model(torch.as_tensor(system.coord[frames]), torch.as_tensor(system.atype), box,
+                     **model.data_params(system, frames))["energy"]
         residuals.append(system.energy[frames] - pred.double().numpy())
         counts.append(np.repeat(np.bincount(system.atype, minlength=nt)[None, :], len(frames), axis=0))
     if not counts:

@@ -1,6 +1,6 @@
 """dpmd's kernel library (csrc/): C++/OpenMP and CUDA kernels registered as `torch.ops.dpmd.*`.
 
-    dpmd.ops.build(verbose=False) -> Path   compile (once; cached by source hash) and return the library
+    dpmd.ops.build() -> Path                compile (once; cached by source hash; progress logged) and load it
     dpmd.ops.library_path() -> Path | None  the built library for these sources, or None
     dpmd.ops.available() -> bool            loads the library if it is built; never builds it
 
@@ -33,12 +33,12 @@ _state = {"loaded": None, "warned": False}
 _local = threading.local()
 
 
-def build(verbose: bool = False) -> Path:
+def build() -> Path:
     """Compile the library (if not already built for these sources) and load it into this process.
     Once a library is loaded, that one is returned: a process cannot register the ops twice."""
     if _state["loaded"] is not None:
         return _state["loaded"]
-    path = _build.build(verbose)
+    path = _build.build()
     _load(path)
     return path
 

@@ -9,7 +9,8 @@ the flags and the PyTorch version:
 
 A file lock serialises concurrent builds (MPI ranks, DDP workers, pytest processes), and the
 library is compiled in a private folder and renamed into place, so a process never sees a
-half-written `.so`.
+half-written `.so`.  A build takes minutes: each compiled file is logged (dpmd.log), the compiler's
+commands and messages at DEBUG.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +34,7 @@ LIB_NAME = "dpmd_ops"
 CXX_FLAGS = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno", "-fno-trapping-math"]  # as PyTorch: lets loops with math vectorize
 LD_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "-std=c++17"]
+log = logging.getLogger(__name__)
 
 
 def arch_flags() -> list[str]:
@@ -94,7 +99,16 @@ def target_path(cuda: bool | None = None) -> Path:
     return cache_root() / build_key(cuda) / f"{LIB_NAME}.so"
 
 
-def build(verbose: bool = False) -> Path:
+def _lock(lock, what: str) -> None:
+    """Take the file lock, saying so when another process holds it (a build there can take minutes)."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.info(f"another process is building {what}; waiting for it")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+
+
+def build() -> Path:
     """Compile the library unless an up-to-date one exists; returns its path (does not load it)."""
     cuda = with_cuda()
     target = target_path(cuda)
@@ -102,17 +116,37 @@ def build(verbose: bool = False) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others wait, then find the library
+        _lock(lock, target)  # one builder at a time; the others wait, then find the library
         try:
             if target.is_file():
                 return target
-            _compile(target, cuda, verbose)
+            _compile(target, cuda)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return target
 
 
-def _compile(target: Path, cuda: bool, verbose: bool) -> None:
+def _run_logged(command: list[str]) -> None:
+    """Run the build, logging each file ninja finishes ('[i/n] <command>' lines) with the elapsed time; every
+    other line (compiler messages) at DEBUG.  A failure raises RuntimeError ending in the compiler's first
+    error."""
+    t0, lines = time.perf_counter(), []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            line = line.rstrip()
+            lines.append(line)
+            log.debug(line)
+            step = re.match(r"\[(\d+)/(\d+)\] ", line)
+            if step:
+                source = re.search(r" -c (\S+)", line)
+                what = f"compiled {Path(source.group(1)).name}" if source else "linked the library"
+                log.info(f"{what} ({step.group(1)}/{step.group(2)}, {time.perf_counter() - t0:.0f} s)")
+    if proc.returncode != 0:
+        errors = [line for line in lines if "error:" in line.lower() and not line.startswith("[")]  # not commands
+        raise RuntimeError("compiling the kernel library failed:\n" + "\n".join((errors[:1] or lines[-15:])))
+
+
+def _compile(target: Path, cuda: bool) -> None:
     # One ninja folder per torch version and backend, reused (under the lock) so that a change to
     # one source recompiles only that file; the finished library is copied out and renamed into place.
     # The compile runs in a child process: cpp_extension.load() also loads what it built, and a process
@@ -120,20 +154,22 @@ def _compile(target: Path, cuda: bool, verbose: bool) -> None:
     work = cache_root() / f"build-{torch.__version__.replace('+', '_')}-{'cuda' if cuda else 'cpu'}"
     work.mkdir(parents=True, exist_ok=True)
     with open(work / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        _lock(lock, work)
         try:
-            args = dict(name=LIB_NAME, sources=[str(s) for s in sources(cuda)],
+            files = sources(cuda)
+            log.info(f"compiling the kernel library: {len(files)} sources{' with CUDA' if cuda else ''}, a few "
+                     f"minutes (in {work})")
+            # verbose: ninja prints a line per finished file, which _run_logged turns into progress
+            args = dict(name=LIB_NAME, sources=[str(s) for s in files],
                         extra_cflags=CXX_FLAGS + arch_flags() + (["-DDPMD_WITH_CUDA"] if cuda else []),
                         extra_cuda_cflags=NVCC_FLAGS + ["-DDPMD_WITH_CUDA"], extra_ldflags=LD_FLAGS,
                         extra_include_paths=[str(CSRC / "kernels"), str(CSRC / "torch")], build_directory=str(work),
-                        with_cuda=cuda, is_python_module=False, verbose=verbose)
+                        with_cuda=cuda, is_python_module=False, verbose=True)
             script = f"from torch.utils.cpp_extension import load; load(**{args!r})"
-            proc = subprocess.run([sys.executable, "-c", script], capture_output=not verbose, text=True)
-            if proc.returncode != 0:
-                tail = (proc.stderr or "").strip().splitlines()[-15:]
-                raise RuntimeError("compiling the kernel library failed:\n" + "\n".join(tail))
+            _run_logged([sys.executable, "-c", script])
             tmp = target.with_name(f".{target.name}.{os.getpid()}")
             shutil.copy2(work / f"{LIB_NAME}.so", tmp)
             os.replace(tmp, target)
+            log.info(f"built {target}")
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)

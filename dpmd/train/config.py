@@ -13,11 +13,10 @@ import copy
 import math
 from pathlib import Path
 
-import yaml
-
 from dpmd.errors import ConfigError
 from dpmd.model.args import MODEL_ARGS, normalize_model_config, valid_seed
-from dpmd.schema import REQUIRED, UNSET, check_number, choice, key, load_yaml, normalize, read_file, section
+from dpmd.schema import (REQUIRED, UNSET, apply_overrides, check_number, choice, key, normalize, read_file,
+                         section)
 
 __all__ = ["TRAIN_ARGS", "check_number", "normalize_input", "read_input", "apply_overrides"]
 
@@ -312,32 +311,6 @@ def normalize_input(config: dict, base_dir: str | Path = ".") -> dict:
     tr["training_data"] = _data_section(tr["training_data"], "training.training_data", base)
     tr["validation_data"] = _data_section(tr["validation_data"], "training.validation_data", base)
     return cfg
-
-
-def parse_value(text: str, item: str):
-    """A --set value as plain YAML with YAML 1.2 numbers (no tags: !!python/object is an error, never code)."""
-    try:
-        return load_yaml(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {item!r}: not a plain YAML value ({str(err).splitlines()[0]})") from None
-
-
-def apply_overrides(config: dict, overrides: list[str]) -> dict:
-    """Apply `section.key=value` overrides (value parsed as YAML)."""
-    config = copy.deepcopy(config)
-    for item in overrides or []:
-        key_, eq, value = item.partition("=")
-        if not eq or not key_ or "" in key_.split("."):
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. training.numb_steps=200")
-        node, parts = config, key_.split(".")
-        for i, part in enumerate(parts[:-1]):
-            if node.get(part) is None:  # absent, or `section:` left empty (defaults)
-                node[part] = {}
-            node = node[part]
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: '{'.'.join(parts[:i + 1])}' is not a section")
-        node[parts[-1]] = parse_value(value, item)
-    return config
 
 
 def read_input(path: str | Path, overrides: list[str] | None = None) -> dict:

@@ -6,7 +6,7 @@ Energy errors are reported per atom (eV/atom), forces per component (eV/Å), vir
 `-n N` tests N frames of each system (0: all): the first N, or with --shuffle-test N drawn at random (seeded
 by -r).  `-a/--atomic` also tests per-atom energies against each set's atom_ener.npy (eV, per system only).
 `-d PREFIX` writes DeePMD's per-frame files (PREFIX.e.out, .e_peratom.out, .f.out, .v.out, .v_peratom.out:
-reference columns first, then predictions); `--plot` draws parity plots.
+reference columns first, then predictions); `--plot` draws parity plots (model against the reference labels).
 (torch is imported when the command runs, so that building the `dpmd` parser stays quick.)
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpmd.data import load_systems
+from dpmd.data import check_params, load_systems
 from dpmd.errors import DataError, DpmdError
 
 
@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-d", "--detail-file", default=None, help="prefix of per-frame output files")
     parser.add_argument("-a", "--atomic", action="store_true",
                         help="also test per-atom energies (every set needs atom_ener.npy)")
-    parser.add_argument("--plot", default=None, help="write parity plots to this image")
+    parser.add_argument("--plot", default=None,
+                        help="write parity plots (model against reference labels, with RMSEs) to this image")
 
 
 def run(args) -> None:
@@ -98,7 +99,7 @@ def evaluate_system(model, system, nframes: int | None = None, batch: int = 1) -
     for f0 in range(0, n, batch):
         f1 = min(n, f0 + batch)
         box = None if system.box is None else torch.as_tensor(system.box[f0:f1])
-        res = model(torch.as_tensor(system.coord[f0:f1]), atype, box)
+        res = model(torch.as_tensor(system.coord[f0:f1]), atype, box, **model.data_params(system, slice(f0, f1)))
         for k in out:
             out[k].append(res[k].detach().cpu().numpy())
     return {k: np.concatenate(v) for k, v in out.items()} | {"nframes": n}
@@ -110,6 +111,8 @@ def test_model(model_path, systems, nframes=None, detail_prefix=None, plot=None,
 
     model = load_model(model_path)
     data = load_systems(systems, type_map=model.type_map)
+    for s in data:  # a system without the model's fparam / aparam: one line naming it
+        check_params(s, model.numb_fparam, model.numb_aparam, model.fitting.default_fparam_tensor)
     atom_energies = [read_atom_energy(s) for s in data] if atomic else None  # a missing file fails first
     rng = np.random.default_rng(seed)
     results, pooled = [], {"e": [], "f": [], "v": []}
@@ -179,6 +182,15 @@ def _write_detail(prefix: str, k: int, system, pred: dict, n: int) -> None:
 
 
 def _parity_plot(pooled: dict, path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = parity_figure(pooled)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parity_figure(pooled: dict):
+    """Model against reference labels, one panel per quantity, titled with its RMSE and unit."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,7 +198,7 @@ def _parity_plot(pooled: dict, path) -> None:
 
     keys = [k for k in ("e", "f", "v") if pooled[k]]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4.2), squeeze=False)
-    labels = {"e": "energy (eV/atom)", "f": "force (eV/Å)", "v": "virial (eV/atom)"}
+    quantities = {"e": ("energy", "eV/atom"), "f": ("force", "eV/Å"), "v": ("virial", "eV/atom")}
     for ax, key in zip(axes[0], keys):
         pred = np.concatenate([a.ravel() for a, _ in pooled[key]])
         ref = np.concatenate([b.ravel() for _, b in pooled[key]])
@@ -194,7 +206,8 @@ def _parity_plot(pooled: dict, path) -> None:
         lo, hi = min(ref.min(), pred.min()), max(ref.max(), pred.max())
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
         rmse = float(np.sqrt(np.mean((pred - ref) ** 2)))
-        ax.set(xlabel=f"DFT {labels[key]}", ylabel=f"model {labels[key]}", title=f"RMSE {rmse:.3e}")
+        what, unit = quantities[key]
+        ax.set(xlabel=f"reference {what} ({unit})", ylabel=f"model {what} ({unit})",
+               title=f"{what}: RMSE {rmse:.3e} {unit}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig

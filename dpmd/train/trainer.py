@@ -4,34 +4,43 @@ Run state that a restart needs (weights, optimizer, step, sampler orders and gen
 in each checkpoint, so a run killed after a checkpoint and restarted from it writes the same
 lcurve as an unbroken run.  Data-parallel under torchrun: every worker draws the same global
 batch and trains on its slice; gradients are averaged; only rank 0 writes.
+Progress goes to the `dpmd.train.trainer` logger (dpmd.log).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from dpmd import ops
-from dpmd.data import load_systems
+from dpmd.data import check_params, load_systems
 from dpmd.errors import ConfigError, DpmdError
 from dpmd.geometry.graph import build_graph
 from dpmd.geometry.neighbor import NeighborList, auto_sel, build_neighbor_list, count_neighbors
 from dpmd.model import DeepPot, evaluate, load_model
 from dpmd.model.args import normalize_model_config, sel_factor
 from dpmd.model.io import atomic_write
-from dpmd.model.stats import descriptor_stats, energy_bias, refit_energy_bias
+from dpmd.model.stats import descriptor_stats, energy_bias, param_stats, refit_energy_bias
 from dpmd.train import stat_file
 from dpmd.train.checkpoint import (check_finite, folder_runs, latest_checkpoint, load_checkpoint, move_aside,
                                    new_run_id, run_files, save_checkpoint, tidy)
 from dpmd.train.loss import EnergyLoss
 from dpmd.train.sampler import BatchSampler
 from dpmd.train.schedule import learning_rate
+
+log = logging.getLogger(__name__)
+UNITS = {"rmse_e": ("energy", "eV/atom"), "rmse_f": ("force", "eV/Å"), "rmse_v": ("virial", "eV/atom")}
+
+
+def describe_errors(metrics: dict) -> str:
+    """'energy 1.2e-03 eV/atom, force 1.5e-01 eV/Å' from a loss's rmse_* figures (lcurve.out's columns)."""
+    return ", ".join(f"{what} {metrics[k]:.3e} {unit}" for k, (what, unit) in UNITS.items() if k in metrics)
 
 
 class FrameStore:
@@ -43,7 +52,15 @@ class FrameStore:
         self._nl: dict[tuple[int, int], NeighborList] = {}
         self._cached_edges, self.max_cached_edges = 0, max_cached_edges
         self.tensors = [{k: (None if getattr(s, k) is None else torch.as_tensor(getattr(s, k)))
-                         for k in ("coord", "box", "energy", "force", "virial")} for s in systems]
+                         for k in ("coord", "box", "energy", "force", "virial", "fparam", "aparam")} for s in systems]
+        self.params: tuple = (False, False, None)  # the model takes fparam, aparam; its default_fparam (take_params)
+
+    def take_params(self, fitting) -> None:
+        """Batches carry the fparam / aparam that `fitting` takes, checked per system (one line naming it); a
+        system without fparam.npy gets the model's default_fparam."""
+        for s in self.systems:
+            check_params(s, fitting.numb_fparam, fitting.numb_aparam, fitting.default_fparam_tensor)
+        self.params = (fitting.numb_fparam > 0, fitting.numb_aparam > 0, fitting.default_fparam_tensor)
 
     def neighbors(self, i: int, f: int) -> NeighborList:
         key = (i, f)
@@ -62,6 +79,11 @@ class FrameStore:
         box = None if t["box"] is None else t["box"][frames]
         graph = build_graph(t["coord"][frames], torch.as_tensor(system.atype), box,
                             neighbors=[self.neighbors(i, f) for f in frames])
+        takes_fparam, takes_aparam, default_fparam = self.params
+        if takes_fparam:
+            graph["fparam"] = t["fparam"][frames] if t["fparam"] is not None else default_fparam.expand(len(frames), -1)
+        if takes_aparam:
+            graph["aparam"] = t["aparam"][frames].reshape(-1, t["aparam"].shape[-1])
         label = {k: (None if t[k] is None else t[k][frames]) for k in ("energy", "force", "virial")}
         if label["force"] is not None:
             label["force"] = label["force"].reshape(-1, 3)
@@ -78,26 +100,21 @@ class FrameStore:
 
 
 class Progress:
-    """A one-line progress bar on a terminal; plain lines at display steps otherwise."""
+    """Progress lines: at display steps (with the errors shown) and, between them, at least every `every`
+    seconds, so that a slow run is never silent for long."""
 
-    def __init__(self, total: int, start: int, enabled: bool = True):
+    def __init__(self, total: int, start: int, enabled: bool = True, every: float = 60.0):
         self.total, self.start_step, self.t0 = total, start, time.perf_counter()
-        self.tty = enabled and sys.stderr.isatty()
-        self.enabled = enabled
+        self.enabled, self.every, self.last = enabled, every, self.t0
 
     def update(self, step: int, display: str | None) -> None:
-        if not self.enabled:
+        now = time.perf_counter()
+        if not self.enabled or (display is None and now - self.last < self.every):
             return
-        done = step - self.start_step
-        rate = (time.perf_counter() - self.t0) / max(done, 1)
+        self.last = now
+        rate = (now - self.t0) / max(step - self.start_step, 1)
         eta = rate * (self.total - step)
-        line = f"step {step}/{self.total}  {rate:.3f} s/step  ETA {eta / 60:.1f} min"
-        if self.tty:
-            print(f"\r{line}  {display or ''}", end="", file=sys.stderr, flush=True)
-            if step == self.total:
-                print(file=sys.stderr)
-        elif display is not None:
-            print(f"{line}  {display}", file=sys.stderr, flush=True)
+        log.info(f"step {step}/{self.total}  {rate:.3f} s/step  ETA {eta / 60:.1f} min  {display or ''}".rstrip())
 
 
 def _dist_info() -> tuple[int, int]:
@@ -169,7 +186,11 @@ class Trainer:
 
     def __init__(self, config: dict, *, restart: str | None = None, init_model: str | None = None,
                  finetune: str | None = None, out_dir: str | Path = ".", progress: bool = True,
-                 overwrite: bool = False):
+                 overwrite: bool = False, skip_neighbor_stat: bool = False):
+        sel = config["model"]["descriptor"]["sel"]
+        if skip_neighbor_stat and isinstance(sel, str) and not (restart or init_model or finetune):
+            raise ConfigError(f"'model.descriptor.sel' is {sel!r}, which counts the neighbours in the training data; "
+                              f"--skip-neighbor-stat skips that: give sel as a list, one count per type")
         self.rank, self.world = _dist_info()
         self.out_dir = Path(out_dir)
         self.start_step = 0
@@ -205,15 +226,21 @@ class Trainer:
         if ckpt is not None:
             self.model = DeepPot(ckpt["model_config"])
             self.model.load_state_dict(ckpt["model"])
+            self._take_params()
         elif init_model or finetune:
             self.model = self._from_weights(init_model or finetune, type_map)
+            self._take_params()
             if finetune:
                 refit_energy_bias(self.model, self.train_systems, max_frames=mcfg["data_bias_nsample"])
         else:
             if isinstance(mcfg["descriptor"]["sel"], str):
                 ratio = sel_factor(mcfg["descriptor"]["sel"])
+                log.info(f"counting neighbours in the training data for sel {mcfg['descriptor']['sel']!r} "
+                         f"(a sel list skips this)")
                 mcfg["descriptor"]["sel"] = auto_sel(self.train_store.max_neighbors(len(type_map)), ratio)
+                log.info(f"sel {mcfg['descriptor']['sel']} (type_map {type_map})")
             self.model = DeepPot(mcfg)
+            self._take_params()
             self._statistics(mcfg)
             # The untrained fitting net adds a random offset to every atomic energy (0.3-1.6 eV/atom on
             # water, from its N(0, 1) output biases), which DeePMD-kit leaves for training to remove.
@@ -261,6 +288,9 @@ class Trainer:
         if saved is None and tr["stat_file_mode"] == "read":
             raise ConfigError(f"'training.stat_file' {path} holds no statistics of this model ({entry}) and "
                               f"stat_file_mode is read")
+        # fparam / aparam normalisation: from the data always (DeePMD-kit's stat file keeps it elsewhere)
+        param_stats(self.model, self.train_systems, max_frames=mcfg["data_stat_nbatch"],
+                    protection=mcfg["data_stat_protect"])
         if saved is None:
             descriptor_stats(self.model, self.train_systems, max_frames=mcfg["data_stat_nbatch"],
                              protection=mcfg["data_stat_protect"])
@@ -276,6 +306,11 @@ class Trainer:
         if mcfg["descriptor"]["set_davg_zero"]:
             with torch.no_grad():
                 desc.mean.zero_()
+
+    def _take_params(self) -> None:
+        for store in (self.train_store, self.valid_store):
+            if store is not None:
+                store.take_params(self.model.fitting)
 
     def _claim_out_dir(self, restart, overwrite: bool) -> list[Path]:
         """The files of another run in the output folder, to move aside before training (overwrite); without
@@ -388,6 +423,7 @@ class Trainer:
             if self._old_run:
                 self.moved_to = move_aside(self._old_run, self.out_dir)
                 self._old_run = []
+                log.info(f"moved the previous run to {self.moved_to}")
             self.out_dir.mkdir(parents=True, exist_ok=True)
             tidy(self.prefix, tr["disp_file"])
         lcurve, header_written = (self._open_lcurve(self.out_dir / tr["disp_file"]) if self.rank == 0 else (None, True))
@@ -415,7 +451,7 @@ class Trainer:
                 self.optimizer.step()
                 reached = shown
                 display = None
-                if shown % disp_freq == 0 or shown == 1:
+                if shown % disp_freq == 0 or shown == 1 or shown == numb_steps:  # (DeePMD-kit skips the last)
                     val = self._validate(lr) if self.valid_systems else {}
                     if self.rank == 0:
                         if not header_written:
@@ -427,7 +463,8 @@ class Trainer:
                             values += ([val[c]] if self.valid_systems else []) + [metrics[c]]
                         lcurve.write(f"{shown:7d}" + "".join(f"{v:14.6e}" for v in values) + f"{lr:14.6e}\n")
                         lcurve.flush()
-                        display = "  ".join(f"{k} {v:.3e}" for k, v in metrics.items())
+                        display = f"lr {lr:.2e}  RMSE on the training batch: {describe_errors(metrics)}" + (
+                            f"; on validation: {describe_errors(val)}" if val else "")
                     last = {"train": metrics, "valid": val, "lr": lr}
                 if self.rank == 0 and (shown % save_freq == 0 or shown == numb_steps):
                     self._save(shown)
@@ -435,7 +472,12 @@ class Trainer:
         finally:
             if lcurve is not None:
                 lcurve.close()
+        seconds = time.perf_counter() - t_start
         last["step"] = reached  # the step reached, for the final message
-        last["seconds_per_step"] = (time.perf_counter() - t_start) / max(reached - self.start_step, 1)
+        last["seconds_per_step"] = seconds / max(reached - self.start_step, 1)
         last["startup_seconds"] = self.stat_seconds
+        figures = (f"; last RMSE on the training batch: {describe_errors(last['train'])}" if last.get("train") else ""
+                   ) + (f"; on validation: {describe_errors(last['valid'])}" if last.get("valid") else "")
+        log.info(f"trained to step {reached}: {seconds:.1f} s, {last['seconds_per_step']:.3f} s/step, start-up "
+                 f"{self.stat_seconds:.1f} s{figures}; checkpoint {self.last_saved}")
         return last
