@@ -20,7 +20,7 @@ import io
 
 import numpy as np
 
-from dpmd.data import load_systems
+from dpmd.data import check_params, load_systems
 from dpmd.errors import DpmdError
 
 DEFAULT_MODELS = [f"graph.{k:03d}.pth" for k in range(4)]
@@ -75,6 +75,8 @@ def make_model_devi(models, systems, *, frequency: int = 1, real_error: bool = F
             raise DpmdError(f"-m/--models: the models' type_maps differ ({type_map} and {model.type_map})")
     blocks = []
     for system in load_systems(systems, type_map=type_map):
+        for model in models:
+            check_params(system, model.numb_fparam, model.numb_aparam, model.fitting.default_fparam_tensor)
         energy, force, virial = predict(models, system)
         reference = None
         if real_error:
@@ -105,9 +107,9 @@ def predict(models, system) -> tuple:
     from dpmd.geometry.graph import build_graph
     from dpmd.model.ensemble import evaluate_ensemble
 
-    by_rcut: dict[float, list[int]] = {}
+    by_rcut: dict[tuple, list[int]] = {}   # one graph per cutoff and parameter layout
     for k, model in enumerate(models):
-        by_rcut.setdefault(model.rcut, []).append(k)
+        by_rcut.setdefault((model.rcut, model.numb_fparam, model.numb_aparam), []).append(k)
     n = system.natoms
     atype = torch.as_tensor(system.atype)
     chunk = max(1, FRAME_ATOMS // n)
@@ -117,8 +119,10 @@ def predict(models, system) -> tuple:
         coord = torch.as_tensor(system.coord[f0:f1])
         box = None if system.box is None else torch.as_tensor(system.box[f0:f1])
         outs: list = [None] * len(models)
-        for rcut, members in by_rcut.items():
+        for (rcut, _, _), members in by_rcut.items():
             graph = build_graph(coord, atype, box, rcut)
+            first = models[members[0]]
+            graph.update(first.graph_params(f1 - f0, n, **first.data_params(system, slice(f0, f1))))
             with torch.no_grad():
                 for k, out in zip(members, evaluate_ensemble([models[k] for k in members], graph)):
                     outs[k] = out

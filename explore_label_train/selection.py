@@ -110,24 +110,33 @@ def frame_descriptors(model, coords, types, boxes, chunk: int = 64) -> np.ndarra
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 
-def farthest_point_sampling(features: np.ndarray, k: int, start: int = 0) -> tuple[list[int], list[float]]:
-    """Indices of k rows chosen greedily to be far from those already chosen; with the distance at choice."""
-    m = len(features)
+def farthest_point_sampling(features: np.ndarray, k: int, start: int = 0):
+    """Indices of k rows chosen greedily to be far from those already chosen, the distance of each at its choice,
+    and every row's distance to the nearest chosen row.  O(rows x k): one matrix-vector product per choice, with
+    squared distances from the norms, |a - b|^2 = |a|^2 + |b|^2 - 2 a.b (centre the rows first for accuracy)."""
+    x = np.asarray(features, dtype=float)
+    m = len(x)
     if m == 0 or k <= 0:
-        return [], []
+        return [], [], np.full(m, np.inf)
+    sq = np.einsum("ij,ij->i", x, x)
+
+    def dist2(i):
+        d2 = sq + sq[i] - 2.0 * (x @ x[i])
+        # rounding leaves duplicates a few ulps from zero: make them exactly zero, so they are taken in row order
+        d2[d2 <= 1e-12 * (sq + sq[i])] = 0.0
+        return d2
+
     chosen, dist_at = [int(start)], [float("inf")]
-    dmin = np.linalg.norm(features - features[start], axis=1)
+    dmin = dist2(start)
+    dmin[start] = -1.0
     while len(chosen) < min(k, m):
-        i = int(np.argmax(dmin))
-        if dmin[i] <= 0 and len(chosen) >= 1:
-            # only duplicates left: still take them in order of deviation (caller's order)
-            remaining = [j for j in range(m) if j not in chosen]
-            i = remaining[0]
+        i = int(np.argmax(dmin))   # the first of equals: once only duplicates are left, in row order
         chosen.append(i)
-        dist_at.append(float(dmin[i]))
-        dmin = np.minimum(dmin, np.linalg.norm(features - features[i], axis=1))
-        dmin[chosen] = -1.0
-    return chosen, dist_at
+        dist_at.append(float(np.sqrt(dmin[i])))
+        np.minimum(dmin, dist2(i), out=dmin)
+        dmin[i] = -1.0
+    dmin[chosen] = 0.0
+    return chosen, dist_at, np.sqrt(dmin)
 
 
 def stratum_shares(strata: list, budget: int) -> dict:
@@ -177,20 +186,21 @@ def choose(candidates: list[dict], budget: int, method: str, features: np.ndarra
     if m == 0:
         return chosen, reasons
     devi = np.array([c["max_devi_f"] for c in candidates])
-    if method == "devi" or features is None:
-        chosen = list(np.argsort(-devi, kind="stable")[:budget])
-        for rank, i in enumerate(chosen):
-            reasons[int(i)] = f"selected: rank {rank + 1} by max_devi_f"
-    elif method == "random":
+    to_chosen = None   # fps: each candidate's descriptor distance to the nearest chosen one
+    if method == "random":   # DP-GEN's rule: uniformly among the candidates
         rng = np.random.default_rng(seed)
         chosen = list(rng.permutation(m)[:budget])
         for rank, i in enumerate(chosen):
             reasons[int(i)] = f"selected: random draw {rank + 1}"
+    elif method == "devi" or features is None:
+        chosen = list(np.argsort(-devi, kind="stable")[:budget])
+        for rank, i in enumerate(chosen):
+            reasons[int(i)] = f"selected: rank {rank + 1} by max_devi_f"
     else:
-        start = int(np.argmax(devi))
+        # distances in units of each feature's spread over these candidates
         scale = features.std(axis=0)
-        feats = features / np.where(scale > 0, scale, 1.0)
-        chosen, dist = farthest_point_sampling(feats, budget, start)
+        feats = (features - features.mean(axis=0)) / np.where(scale > 0, scale, 1.0)
+        chosen, dist, to_chosen = farthest_point_sampling(feats, budget, start=int(np.argmax(devi)))
         for rank, (i, d) in enumerate(zip(chosen, dist)):
             reasons[i] = ("selected: fps start (largest max_devi_f)" if rank == 0
                           else f"selected: fps #{rank + 1}, descriptor distance {d:.3g} to the chosen")
@@ -198,12 +208,8 @@ def choose(candidates: list[dict], budget: int, method: str, features: np.ndarra
     taken = set(chosen)
     for i in range(m):
         if i not in taken:
-            if features is not None and method == "fps" and chosen:
-                feats_all = features / np.where(features.std(axis=0) > 0, features.std(axis=0), 1.0)
-                d = float(np.linalg.norm(feats_all[chosen] - feats_all[i], axis=1).min())
-                reasons[i] = f"not selected: budget {budget} reached (descriptor distance {d:.3g} to the chosen)"
-            else:
-                reasons[i] = f"not selected: budget {budget} reached"
+            reasons[i] = f"not selected: budget {budget} reached" + (
+                f" (descriptor distance {to_chosen[i]:.3g} to the chosen)" if to_chosen is not None and chosen else "")
     return chosen, reasons
 
 

@@ -342,6 +342,21 @@ def test_md_runs_with_constant_params(model, cell):
         Simulation(model, coord, symbols, box, aparam=aparam, log=None)
 
 
+def test_sync_free_md_with_params_follows_the_checked_path(model, cell):
+    """The padded (sync-free) graph carries fparam/aparam too: same trajectory as the checked path."""
+    from dpmd.md.engine import Simulation
+
+    coord, atype, box, aparam = cell
+    symbols = [model.type_map[t] for t in atype]
+    runs = [Simulation(model, coord, symbols, box, timestep=0.5, temperature=300.0, seed=3, skin=2.0,
+                       thermo_freq=0, fparam=FPARAM, aparam=aparam, sync_free=mode, log=None)
+            for mode in (False, True)]
+    for sim in runs:
+        sim.run(10)
+    assert torch.allclose(runs[0].state.positions, runs[1].state.positions, atol=1e-10)
+    assert torch.allclose(runs[0].state.forces, runs[1].state.forces, atol=1e-8)
+
+
 # ------------------------------------------------------------------------------------------------ LAMMPS
 @pytest.fixture(scope="module")
 def plugin():

@@ -247,8 +247,7 @@ def test_deepmd_examples_using_tensorflow_only_keys_are_refused(name, fragment):
 
 
 @pytest.mark.parametrize("path, value", [
-    ("model.descriptor.env_protection", 0.1), ("model.fitting_net.numb_fparam", 2),
-    ("model.fitting_net.numb_aparam", 1), ("model.fitting_net.atom_ener", [1.0, None]),
+    ("model.descriptor.env_protection", 0.1), ("model.fitting_net.atom_ener", [1.0, None]),
     ("model.fitting_net.layer_name", ["a", "b", "c"]), ("model.pair_exclude_types", [[0, 1]]),
     ("model.use_srtab", "table.txt"), ("loss.relative_f", 0.1), ("loss.use_huber", True), ("loss.loss_func", "mae"),
     ("loss.start_pref_ae", 1.0), ("training.enable_ema", True), ("training.tensorboard", True),

@@ -90,6 +90,11 @@ MD_ARGS = section("dpmd md input", [
     key("sync_free", [str, bool], "auto", "CUDA: check the neighbour list on the GPU without a host sync each "
                                           "step (auto: on CUDA devices)."),
     key("masses", [dict, None], None, "Masses (amu) of elements instead of ASE's, e.g. {H: 2.014} for deuterium."),
+    key("fparam", [list[float], None], None, "Frame parameters of models that take them (numb_fparam values), "
+                                             "constant through the run; none: the model's default_fparam."),
+    key("aparam", [list[float], list[list[float]], None], None,
+        "Atomic parameters of models that take them: numb_aparam values for every atom, or one list per atom (in "
+        "the structure's order), constant through the run."),
 ], "The input of `dpmd md`.")
 
 
@@ -292,7 +297,8 @@ def build_simulation(cfg: dict, log=log.info):
                       min_distance=cfg["min_distance"], thermo_freq=cfg["thermo_freq"], traj_freq=cfg["traj_freq"],
                       traj_format=cfg["traj_format"], model_devi_freq=cfg["model_devi_freq"],
                       checkpoint_freq=cfg["checkpoint_freq"], output_dir=cfg["output_dir"], log=log,
-                      sync_free=None if cfg["sync_free"] == "auto" else cfg["sync_free"])
+                      sync_free=None if cfg["sync_free"] == "auto" else cfg["sync_free"],
+                      fparam=cfg["fparam"], aparam=cfg["aparam"])
     try:   # only now that models, structure and settings are checked: a refused run leaves no folder behind
         Path(cfg["output_dir"]).mkdir(parents=True, exist_ok=True)
     except OSError as err:

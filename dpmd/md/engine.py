@@ -149,10 +149,7 @@ class Simulation:
         if sync_free and bias is not None:
             raise DpmdError("sync_free: a bias potential is not supported in sync-free mode; set sync_free: false")
         padded = hasattr(model, "descriptor")   # a DeepPot (a test's pair potential has no padded layout)
-        if sync_free and self.params[0]:
-            raise DpmdError("sync_free: a model with fparam / aparam runs on the checked path; set sync_free: false")
-        use = (self.device.type == "cuda" and bias is None and padded and not self.params[0]) if sync_free is None \
-            else bool(sync_free)
+        use = (self.device.type == "cuda" and bias is None and padded) if sync_free is None else bool(sync_free)
         if use and not padded:
             raise DpmdError("sync_free: needs a DeepPot model (its padded layout); set sync_free: false")
         # chosen by auto: a skin too thin for its look-ahead falls back to the checked path (else: an error)

@@ -219,7 +219,9 @@ class ParallelSimulation(Simulation):
         n_over = int(over.any(dim=1).sum())
         nslots = coord.shape[0]
         if n_over == 0 and nlocal > 0:  # ghosts are neighbours, never centres; kernels as in the serial engine
-            graph = {"coord": coord, "atype": atype, "center": center, "neighbor": neighbor, "edge_vec": vec}
+            params = self.params[k]   # one system: fparam for every atom; the local atoms' aparam rows (global ids)
+            graph = {"coord": coord, "atype": atype, "center": center, "neighbor": neighbor, "edge_vec": vec,
+                     **{key: value.index_select(0, gid) if key == "aparam" else value for key, value in params.items()}}
             with ops.first_derivative_only():
                 atom_e, g, _ = edge_gradients(energy_and_gradient(model), graph, ncenters=nlocal)
         else:

@@ -73,7 +73,7 @@ class SyncFreeForces:
         vec, neighbor, overflow, dmin2 = verlet.padded_within_cutoff(state.positions, state.box, model.sel)
         graph = {"rows": self.rows, "row_chunk": DEFAULT_CHUNK_ATOMS, "row_type_counts": self.row_type_counts,
                  "edge_vec": vec, "neighbor": neighbor, "atype": state.atype.reshape(-1), "box": sim._box(state),
-                 "natoms": n, "batch": torch.arange(nf, device=sim.device).repeat_interleave(n)}
+                 "natoms": n, "batch": torch.arange(nf, device=sim.device).repeat_interleave(n), **sim.params[0]}
         with deferred.collect() as model_flags:
             out = evaluate_padded(model, graph)
         state.forces = out["force"].reshape(nf, n, 3)
