@@ -136,7 +136,12 @@ def main(argv=None) -> int:
                     help="evaluation models per point (seeds 0..N-1, the same for campaign and random; random "
                          "also draws its frames with a different order per seed)")
     ap.add_argument("--random-multiples", type=float, nargs="+", default=[1.5, 2.0, 3.0],
-                    help="extra random points at these multiples of the campaign's final explored-label count")
+                    help="extra baseline points: random at these multiples of the campaign's final explored-label "
+                         "count, dpgen with the per-iteration cap at these multiples of the budget")
+    ap.add_argument("--baselines", nargs="+", default=["random", "dpgen"], choices=["random", "dpgen"],
+                    help="random: drawn from all explored frames; dpgen: DP-GEN's rule, uniformly among each "
+                         "iteration's candidates up to the budget")
+    ap.add_argument("--stratify", action="store_true", help="select.stratify: true")
     ap.add_argument("--test-steps", type=int, default=3000, help="reference MD steps per temperature (test set)")
     ap.add_argument("--temperatures", type=float, nargs="+", default=[300.0, 900.0])
     ap.add_argument("--trust", type=float, nargs=2, default=None, metavar=("LO", "HI"),
@@ -184,6 +189,7 @@ def main(argv=None) -> int:
     cfg["select"]["budget"] = args.budget
     if args.method:
         cfg["select"]["method"] = args.method
+    cfg["select"]["stratify"] = cfg["select"]["stratify"] or args.stratify
     if args.campaign_seed is not None:
         cfg["initial"]["seed"] = stage["seed"] = args.campaign_seed
     if args.trust:
@@ -230,20 +236,18 @@ def main(argv=None) -> int:
         return out
 
     # the explored pool: every frame of every exploration, any class
-    pool = []
-    for r in st.q("SELECT file, idx FROM frames ORDER BY frame_id"):
-        z = np.load(camp.root / r["file"])
-        pool.append((z["coord"][r["idx"]], z["box"][r["idx"]]))
+    pool = st.q("SELECT frame_id, iteration, file, idx, class, filter FROM frames ORDER BY frame_id")
     initial = st.q("SELECT file FROM labels WHERE frame_id IS NULL ORDER BY label_id")
     n_init = len(initial)
     pool_labels: dict = {}   # pool index -> EMT label, labelled lazily
 
-    def random_set(n_explored, seed):
-        order = np.random.default_rng([args.seed, seed]).permutation(len(pool))
+    def labelled(picks):
+        """The initial labels and the pool frames `picks`, labelled with EMT here."""
         out = frames_of(initial)
-        for i in order[:n_explored]:
+        for i in picks:
             if i not in pool_labels:
-                coord, box = pool[i]
+                z = np.load(camp.root / pool[i]["file"])
+                coord, box = z["coord"][pool[i]["idx"]], z["box"][pool[i]["idx"]]
                 v = label({"symbols": ["Cu"] * len(coord), "positions": coord.tolist(), "cell": box.tolist(),
                            "calculator": "emt", "kwargs": {}})
                 pool_labels[i] = (coord, box, v["energy"], v["forces"])
@@ -251,9 +255,26 @@ def main(argv=None) -> int:
             out.setdefault(f"Cu{len(f[0])}", []).append(f)
         return out
 
+    def random_picks(n_explored, seed):
+        """Random over all: n frames of the whole pool, any class, any iteration."""
+        return np.random.default_rng([args.seed, seed]).permutation(len(pool))[:n_explored]
+
+    # DP-GEN's rule: in each iteration, uniformly among that iteration's candidates (between the trust levels,
+    # passing the filters), at most `cap` of them; the orders are drawn once per seed and iteration, so a
+    # larger cap adds frames to a smaller one's
+    cands = {}
+    for i, r in enumerate(pool):
+        if r["class"] == "candidate" and r["filter"] is None:
+            cands.setdefault(r["iteration"], []).append(i)
+
+    def dpgen_picks(cap, upto, seed):
+        return [i for it, idx in sorted(cands.items()) if it <= upto
+                for i in np.array(idx)[np.random.default_rng([args.seed, seed, it]).permutation(len(idx))][:cap]]
+
     seeds = list(range(args.seeds))
-    curve = {"campaign": {}, "random": {}}       # labels -> [rmse per seed]
-    groups = {"campaign": {}, "random": {}}      # labels -> [[rmse per test group] per seed]
+    arms = ["campaign"] + args.baselines
+    curve = {k: {} for k in arms}       # labels -> [rmse per seed]
+    groups = {k: {} for k in arms}      # labels -> [[rmse per test group] per seed]
 
     def evaluate(kind, n, sets, tag, s):
         model = train_one(cfg, write_labels(sets, work / f"eval/{tag}", cfg["type_map"]), args.train_steps,
@@ -273,45 +294,61 @@ def main(argv=None) -> int:
             evaluate("campaign", len(rows), frames_of(rows), f"campaign{it}_s{s}", s)
         counts.append(len(rows) - n_init)
     final = counts[-1] if counts else 0
-    extra = sorted({int(round(m * final)) for m in args.random_multiples} - set(counts))
-    for n_explored in counts + extra:
-        if n_explored > len(pool):
-            break
-        for s in seeds:
-            evaluate("random", n_init + n_explored, random_set(n_explored, s), f"random{n_explored}_s{s}", s)
+    multiples = sorted(set(args.random_multiples) - {1.0})
+    if "random" in arms:
+        extra = sorted({int(round(m * final)) for m in multiples} - set(counts))
+        for n_explored in counts + extra:
+            if n_explored > len(pool):
+                break
+            for s in seeds:
+                evaluate("random", n_init + n_explored, labelled(random_picks(n_explored, s)),
+                         f"random{n_explored}_s{s}", s)
+    if "dpgen" in arms:
+        # the campaign's budget at every iteration, then larger caps (the multiples) over all its iterations
+        points = [(args.budget, it) for it in its] + [(int(round(m * args.budget)), its[-1]) for m in multiples]
+        for cap, upto in points:
+            n = n_init + sum(min(cap, len(idx)) for it, idx in cands.items() if it <= upto)
+            if n in curve["dpgen"]:
+                continue   # too few candidates for the larger cap to add any
+            for s in seeds:
+                evaluate("dpgen", n, labelled(dpgen_picks(cap, upto, s)), f"dpgen{cap}_i{upto}_s{s}", s)
     times["evaluation training (from scratch)"] = time.perf_counter() - t0
 
     mean = {k: {n: float(np.mean(v)) for n, v in c.items()} for k, c in curve.items()}
     std = {k: {n: float(np.std(v)) for n, v in c.items()} for k, c in curve.items()}
     print(f"\nheld-out force RMSE (eV/Å) vs labels, mean ± std over {len(seeds)} seeds ({n_init} initial labels in "
-          f"both; {len(pool)} explored frames in the random pool; {args.train_steps} training steps per model)")
+          f"every arm; {len(pool)} explored frames, {sum(map(len, cands.values()))} of them candidates; "
+          f"{args.train_steps} training steps per model)\n"
+          f"  random: frames drawn from all explored; dpgen: DP-GEN's rule, uniformly among each iteration's "
+          f"candidates, at most the budget ({args.budget}) or a multiple of it")
     names = [g[0] for g in test_groups]
-    print(f"{'labels':>7}  {'campaign':>15}  {'random':>15}   per test group, campaign | random: " + ", ".join(names))
-    c, r = mean["campaign"], mean["random"]
-    for n in sorted(set(c) | set(r)):
-        cs = f"{c[n]:.4f} ± {std['campaign'][n]:.4f}" if n in c else "-"
-        rs = f"{r[n]:.4f} ± {std['random'][n]:.4f}" if n in r else "-"
-        gc = " ".join(f"{x:.3f}" for x in np.mean(groups["campaign"][n], axis=0)) if n in c else "-"
-        gr = " ".join(f"{x:.3f}" for x in np.mean(groups["random"][n], axis=0)) if n in r else "-"
-        print(f"{n:>7}  {cs:>15}  {rs:>15}   {gc} | {gr}")
-    rn = sorted(r)
-    ratios = {}
-    for n in sorted(c):
-        need = labels_needed(rn, [r[k] for k in rn], c[n])
-        ratios[n] = None if need is None else need / n
-        print(f"campaign at {n:>3} labels ({c[n]:.4f}): random needs "
-              + (f"~{need:.0f} labels, ratio {need / n:.2f}" if need is not None
-                 else f"more than {rn[-1]} labels, ratio > {rn[-1] / n:.2f}"))
+    print(f"{'labels':>7}  " + "  ".join(f"{k:>15}" for k in arms)
+          + "   per test group, " + " | ".join(arms) + ": " + ", ".join(names))
+    for n in sorted(set().union(*map(set, mean.values()))):
+        cells = [f"{mean[k][n]:.4f} ± {std[k][n]:.4f}" if n in mean[k] else "-" for k in arms]
+        per_group = [" ".join(f"{x:.3f}" for x in np.mean(groups[k][n], axis=0)) if n in mean[k] else "-"
+                     for k in arms]
+        print(f"{n:>7}  " + "  ".join(f"{x:>15}" for x in cells) + "   " + " | ".join(per_group))
+    c = mean["campaign"]
     target_n = max(c)
-    ratio = ratios[target_n]
-    per_seed = []
-    for i in seeds:
-        need = labels_needed(rn, [curve["random"][k][i] for k in rn], curve["campaign"][target_n][i])
-        per_seed.append(None if need is None else need / target_n)
-    print(f"ratio at the campaign's final point ({target_n} labels): "
-          + (f"{ratio:.2f}" if ratio is not None else f"> {rn[-1] / target_n:.2f}")
-          + " (target >= 2); per seed: " + ", ".join(f"> {rn[-1] / target_n:.2f}" if x is None else f"{x:.2f}"
-                                                  for x in per_seed))
+    ratios, ratio, per_seed = {}, {}, {}
+    for base in args.baselines:
+        rn = sorted(mean[base])
+        ratios[base] = {}
+        for n in sorted(c):
+            need = labels_needed(rn, [mean[base][k] for k in rn], c[n])
+            ratios[base][n] = None if need is None else need / n
+            print(f"campaign at {n:>3} labels ({c[n]:.4f}): {base} needs "
+                  + (f"~{need:.0f} labels, ratio {need / n:.2f}" if need is not None
+                     else f"more than {rn[-1]} labels, ratio > {rn[-1] / n:.2f}"))
+        ratio[base] = ratios[base][target_n]
+        per_seed[base] = []
+        for i in seeds:
+            need = labels_needed(rn, [curve[base][k][i] for k in rn], curve["campaign"][target_n][i])
+            per_seed[base].append(None if need is None else need / target_n)
+        shown = [f"> {rn[-1] / target_n:.2f}" if x is None else f"{x:.2f}" for x in [ratio[base]] + per_seed[base]]
+        print(f"{base} / campaign labels at the campaign's final point ({target_n} labels): {shown[0]} "
+              f"(target >= 2); per seed: {', '.join(shown[1:])}")
     times["total"] = time.perf_counter() - t_start
     print("\nwall time per stage (s):")
     for k, v in times.items():

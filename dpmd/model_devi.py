@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import logging
 
 import numpy as np
 
@@ -56,7 +57,7 @@ def run(args) -> None:
                              atomic=args.atomic, relative=args.relative, relative_v=args.relative_v)
     atomic_write(args.output, lambda fh: fh.write("".join(format_block(path, devi, args.atomic)
                                                            for path, devi in blocks)), mode="w")
-    print(f"model-devi: {len(models)} models, {sum(len(d) for _, d in blocks)} frames of {len(blocks)} "
+    logging.getLogger(__name__).info(f"model-devi: {len(models)} models, {sum(len(d) for _, d in blocks)} frames of {len(blocks)} "
           f"system(s) -> {args.output}")
 
 

@@ -112,8 +112,9 @@ def check_masses(value, type_map=None, where="masses") -> dict:
     return {name: float(mass) for name, mass in value.items()}
 
 
-def _thermostat_form(value):
-    """`langevin` and {langevin: {damp: 0.1}} as {type: langevin, damp: 0.1}."""
+def thermostat_form(value):
+    """`langevin` and {langevin: {damp: 0.1}} as {type: langevin, damp: 0.1}, for thermostat_args() (a campaign's
+    stages take the same forms)."""
     if isinstance(value, str):
         return {"type": value}
     if isinstance(value, dict) and "type" not in value and len(value) == 1 and isinstance(next(iter(value)), str) \
@@ -139,7 +140,7 @@ def normalize_md_config(config: dict) -> dict:
         raise ConfigError(f"md input: expected a mapping of keys, got {type(config).__name__}")
     given = dict(config)
     if "thermostat" in given:
-        given["thermostat"] = _thermostat_form(given["thermostat"])
+        given["thermostat"] = thermostat_form(given["thermostat"])
     if "masses" in given:  # check_masses' words (it checks a campaign's masses too)
         given["masses"] = check_masses(given["masses"])
     cfg = normalize(MD_ARGS, given)

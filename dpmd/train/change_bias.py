@@ -16,6 +16,7 @@ checkpoint; OUTPUT (default MODEL_updated.pth) is a frozen dpmd model, written a
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +61,9 @@ def run(args) -> None:
         change_bias(model, load_systems(paths, type_map=model.type_map), args.numb_batch, args.mode)
     output = args.output or str(Path(args.INPUT).with_name(Path(args.INPUT).stem + "_updated.pth"))
     save_model(model, output)
-    print(f"Change output bias of {model.type_map} from {old.numpy()} to {model.fitting.energy_bias.numpy()}.")
-    print(f"Saved model to {output}")
+    log = logging.getLogger(__name__)
+    log.info(f"Change output bias of {model.type_map} from {old.numpy()} to {model.fitting.energy_bias.numpy()}.")
+    log.info(f"Saved model to {output}")
 
 
 def set_bias(model, values) -> None:
