@@ -1,19 +1,25 @@
-"""Active-learning efficiency: held-out force RMSE vs number of labels, campaign selection vs random selection.
+"""Active-learning efficiency: held-out force RMSE vs number of labels, campaign selection vs two baselines.
 
 Reference: EMT copper (ASE).  Held-out test frames come from long reference (EMT) Langevin MD at the explored
 temperatures (--temperatures; the campaign's NVT stage explores exactly these, so the test set covers what the
 campaign explores and nothing else).  The campaign (configs/campaign_cu_emt.yaml's structures, model template,
 trust levels and NVT stage, shortened) runs for a few iterations; after each iteration k, models are trained
 from scratch on
-  - campaign: every label the campaign holds after iteration k, and
+  - campaign: every label the campaign holds after iteration k,
   - random:   the same initial labels plus the same number of frames drawn at random from ALL frames the
-              campaign explored (any class, every iteration; labelled with EMT here),
-and evaluated on the test frames.  Every point is trained --seeds times (template seeds 0..N-1, the same for
-both arms and for every point, the same steps; random also redraws its frames per seed), and the curve is the
-mean ± std over seeds: a single model per point is dominated by its seed (differences of 2x in held-out RMSE
-between seeds on the same data), not by its data.  Random is also run at --random-multiples of the campaign's
-final count, so the labels random needs for each campaign RMSE can be interpolated on the mean curve; the
-ratio at the campaign's final point is the figure of merit (target: >= 2), also printed per seed.  The RMSE
+              campaign explored (any class, every iteration; labelled with EMT here), and
+  - dpgen:    DP-GEN's rule on the same explorations: the initial labels plus, from each iteration <= k, frames
+              drawn uniformly among that iteration's candidates (between the trust levels, passing the
+              filters), at most the budget of them,
+and evaluated on the test frames.  Both baselines select from the frames the campaign explored, so the selection
+rule alone differs (a DP-GEN run would explore with its own models; here it gets the campaign's candidates).
+Every point is trained --seeds times (template seeds 0..N-1, the same for every arm and every point, the same
+steps; the baselines also redraw their frames per seed), and the curve is the mean ± std over seeds: a single
+model per point is dominated by its seed (differences of 2x in held-out RMSE between seeds on the same data),
+not by its data.  The baselines are also run beyond the campaign's final count (--random-multiples: random at
+those multiples of the count, dpgen with its cap at those multiples of the budget), so the labels each needs
+for each campaign RMSE can be interpolated on its mean curve; the ratio at the campaign's final point is the
+figure of merit (target: >= 2, i.e. the campaign needs <= 0.5x the labels), also printed per seed.  The RMSE
 per test group (structure x temperature) shows where the difference comes from.
 
 --vacancy adds a harder third structure, fcc_vac: a 2x2x2 cubic fcc cell (a = 3.61 Å) with one atom removed
@@ -24,6 +30,7 @@ It is explored and tested like them but is not in the initial labels, so the cam
     PYTHONPATH=. python benchmarks/al_efficiency.py --temperatures 300 600 900 1200 --random-multiples 2 3
     PYTHONPATH=. python benchmarks/al_efficiency.py --seeds 1 --train-steps 600 --campaign-steps 200   # quick look
     PYTHONPATH=. python benchmarks/al_efficiency.py --vacancy --random-multiples 2 3   # ~17 min on one core
+    PYTHONPATH=. python benchmarks/al_efficiency.py --vacancy --method devi --baselines dpgen --random-multiples 2 3
 """
 
 from __future__ import annotations
@@ -318,9 +325,11 @@ def main(argv=None) -> int:
     std = {k: {n: float(np.std(v)) for n, v in c.items()} for k, c in curve.items()}
     print(f"\nheld-out force RMSE (eV/Å) vs labels, mean ± std over {len(seeds)} seeds ({n_init} initial labels in "
           f"every arm; {len(pool)} explored frames, {sum(map(len, cands.values()))} of them candidates; "
-          f"{args.train_steps} training steps per model)\n"
-          f"  random: frames drawn from all explored; dpgen: DP-GEN's rule, uniformly among each iteration's "
-          f"candidates, at most the budget ({args.budget}) or a multiple of it")
+          f"{args.train_steps} training steps per model)")
+    about = {"random": "drawn from all explored frames",
+             "dpgen": f"DP-GEN's rule, uniformly among each iteration's candidates, at most the budget "
+                      f"({args.budget}) or a multiple of it"}
+    print("".join(f"  {k}: {about[k]}\n" for k in args.baselines), end="")
     names = [g[0] for g in test_groups]
     print(f"{'labels':>7}  " + "  ".join(f"{k:>15}" for k in arms)
           + "   per test group, " + " | ".join(arms) + ": " + ", ".join(names))

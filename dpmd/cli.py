@@ -270,8 +270,9 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv=None) -> int:
-    from dpmd.runtime import keep_freed_memory
+    from dpmd.runtime import keep_freed_memory, quiet_openmp
 
+    quiet_openmp()   # before torch loads: OpenMP threads sleep instead of spinning when the user set no policy
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     keep_freed_memory()

@@ -57,10 +57,11 @@ def run_campaign_demo(campaign: str | Path | None = None, out_dir: str | Path | 
     models = [camp.model_path(last, k) for k in range(cfg["train"]["ensemble_size"])]
     labels = camp.total_labels()
     seconds = time.perf_counter() - t0
-    log.info(f"finished: {decision} after {last + 1} iterations, {labels} {lab['calculator']} labels, {seconds:.0f} s")
-    log.info(f"trained model: {models[0]}  (ensemble: {', '.join(str(m.parent.name) for m in models)} beside it)")
-    log.info(f"training data: {camp.root / 'data'}")
-    log.info(f"report: {report}")
+    # the demo's result: where things are (stdout, as a command's output; progress went to the log)
+    print(f"finished: {decision} after {last + 1} iterations, {labels} {lab['calculator']} labels, {seconds:.0f} s")
+    print(f"trained model: {models[0]}  (ensemble: {', '.join(str(m.parent.name) for m in models)} beside it)")
+    print(f"training data: {camp.root / 'data'}")
+    print(f"report: {report}")
     return {"decision": decision, "iterations": last + 1, "labels": labels, "models": models, "report": report,
             "seconds": seconds}
 

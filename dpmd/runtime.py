@@ -3,13 +3,13 @@
 Threads.  PyTorch takes every core of the machine by default, and its OpenMP threads spin-wait between
 parallel regions.  On a machine that anything else also uses, a thread that the scheduler has parked holds up
 every region (the others spin, burning the cores that thread needs), so small models ran 6-80x slower than with
-one thread (benchmarks/contention.py measures it).  The policy here:
+one thread.  The policy here (benchmarks/contention.py: 8-13x faster than that default beside a busy process):
 
 - `quiet_openmp()`, first thing in `dpmd` and `elt` (before torch, or any OpenMP library, is loaded: libgomp
   reads the variables once, at load): idle OpenMP threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE,
   KMP_BLOCKTIME=0 for Intel's runtime) unless the user chose a wait policy.  Child processes inherit it.
-- `usable_cores()`: the cores this process may use (affinity, cgroup CPU quota, SLURM_CPUS_PER_TASK, and
-  OMP_NUM_THREADS when the user set it), not the machine's.
+- `usable_cores()`: the cores this process may use (affinity, cgroup CPU quota, SLURM_CPUS_PER_TASK,
+  OMP_NUM_THREADS when the user set it, its share among unbound MPI ranks), not the machine's.
 - `configure_threads(threads, work)`: torch's intra-op threads.  An explicit count wins; otherwise one thread
   per ATOMS_PER_THREAD atoms of one model evaluation (small systems: one), at most usable_cores().
   `training_work` and `md_work` give that size for a `dpmd train` and a `dpmd md` input.
@@ -24,11 +24,12 @@ import sys
 from pathlib import Path
 
 # Atoms per model evaluation (atoms x frames x models) that one more thread needs before it pays on a shared
-# machine.  On an idle machine a second thread speeds up even 192 water atoms, but beside one busy process it
-# makes them several times slower; at thousands of atoms per thread the loss stays bounded
-# (benchmarks/contention.py, "threads by size").
+# machine (benchmarks/contention.py --sizes, 2 cores, idle threads sleeping): beside a busy process a second
+# thread gained nothing at 192 water atoms (0.97x), 1.47x at 1,536 and 2.0x at 5,184.  On an idle machine it
+# also speeds up 192 atoms (up to 1.8x): --threads asks for that where the machine is known to be free.
 ATOMS_PER_THREAD = 1000
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "KMP_LIBRARY")
+LOCAL_RANKS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_WORLD_SIZE")   # Open MPI, MPICH, torchrun
 
 
 def keep_freed_memory() -> None:
@@ -104,12 +105,16 @@ def cgroup_cpus(root: str | Path = "/sys/fs/cgroup", self_cgroup: str | Path = "
 
 def usable_cores(environ=os.environ) -> int:
     """The cores this process may use: its CPU affinity, its cgroup's quota, SLURM_CPUS_PER_TASK and (when the
-    user set it) OMP_NUM_THREADS, whichever is smallest."""
+    user set it) OMP_NUM_THREADS, whichever is smallest.  Under mpiexec or torchrun, ranks that were not bound
+    to cores of their own share the machine's: each gets its part."""
     try:
-        counts = [len(os.sched_getaffinity(0))]
+        affinity = len(os.sched_getaffinity(0))
     except AttributeError:   # not Linux
-        counts = [os.cpu_count() or 1]
-    counts.append(cgroup_cpus())
+        affinity = os.cpu_count() or 1
+    counts = [affinity, cgroup_cpus()]
+    ranks = _positive_int(next((environ[v] for v in LOCAL_RANKS if environ.get(v)), ""))
+    if ranks and affinity >= (os.cpu_count() or 1):
+        counts.append(max(1, affinity // ranks))
     counts += [_positive_int(environ.get(v, "")) for v in ("SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS")]
     return max(1, min(c for c in counts if c))
 

@@ -3,7 +3,8 @@
 An iteration runs these stages in order; each is skipped when the database says it is done:
 
     init     (iteration 0 only) label perturbed copies of initial.structures
-    train    collect the dataset, train the ensemble (one task per member; restarts from its checkpoint)
+    train    collect the dataset, train the ensemble (one task per member; restarts from its checkpoint;
+             members train side by side in worker processes when the campaign's cores allow, train_members)
     explore  one batched dpmd.md.Simulation per (stage, atom count): structures x temperatures x pressures,
              frames and model deviations every traj_interval steps -> one npz per task
     select   classify (accurate / candidate / failed), filter, farthest-point sampling up to the budget,

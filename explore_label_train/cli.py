@@ -4,6 +4,7 @@
                                                          # finished is redone); N: cores it uses at once
     elt status [campaign.yaml | campaign_dir]
     elt report [campaign.yaml | campaign_dir] [-o DIR]
+    elt import-dpgen param.json [machine.json] [-o campaign.yaml] [--force]   # a DP-GEN run as a campaign file
 
 Every failure prints one line and exits 1: `elt <cmd>: error: ...` for what the user can fix,
 `elt <cmd>: internal error: ...` for anything else (DPMD_DEBUG=1 or ELT_DEBUG=1 shows the traceback).
@@ -92,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("campaign", nargs="?", default=".", help="campaign YAML or its directory (default: .)")
     p.add_argument("-o", "--output", help="output directory (default: <campaign dir>/report)")
     p.set_defaults(func=_report)
+    from explore_label_train import dpgen_import
+
+    p = sub.add_parser("import-dpgen", help="a DP-GEN run (param.json [machine.json]) as a campaign file")
+    dpgen_import.add_arguments(p)
+    p.set_defaults(func=dpgen_import.run)
     return parser
 
 

@@ -66,9 +66,15 @@ def check_labeller(lab: dict) -> None:
 
 
 _CACHE: dict = {}
+# A reused TBLite calculator carries state from one frame into the next even with cache_api False: the same frame
+# labelled after another one differed by ~1e-8 eV (forces up to 1e-4 eV/Å), so labels depended on which frames a
+# worker happened to label before and the demo did not repeat.  These get a fresh calculator for every frame.
+FRESH = {"tblite", "xtb"}
 
 
 def make_calculator(name: str, kwargs: dict):
+    if name in FRESH:
+        return _factory(name)(**kwargs)
     key = (name, repr(sorted(kwargs.items())))
     calc = _CACHE.get(key)
     if calc is None:
@@ -78,7 +84,8 @@ def make_calculator(name: str, kwargs: dict):
 
 def TBLiteCalculator(method: str = "GFN2-xTB", **kwargs):
     """tblite's ASE calculator (GFN2-xTB by default), quiet, and with a fresh SCF start for every frame
-    (cache_api False: a label does not depend on which frame the worker labelled before).  SCF
+    (cache_api False, and a new calculator per frame, FRESH: a label does not depend on which frame the worker
+    labelled before).  SCF
     non-convergence raises CalculationFailed("SCF not converged in N cycles"): the task fails with it.
     kwargs: tblite.ase.TBLite's (accuracy, max_iterations, electronic_temperature, charge, ...)."""
     from tblite.ase import TBLite

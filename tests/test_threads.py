@@ -61,6 +61,16 @@ def test_usable_cores_takes_the_smallest_limit(monkeypatch):
     assert runtime.usable_cores({}) == 1
 
 
+def test_mpi_ranks_share_the_cores_unless_bound(monkeypatch):
+    monkeypatch.setattr(runtime, "cgroup_cpus", lambda: None)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert runtime.usable_cores({"OMPI_COMM_WORLD_LOCAL_SIZE": "4"}) == 2
+    assert runtime.usable_cores({"MPI_LOCALNRANKS": "16"}) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})   # mpiexec bound this rank to 3 cores
+    assert runtime.usable_cores({"OMPI_COMM_WORLD_LOCAL_SIZE": "2"}) == 3
+
+
 # ---------------------------------------------------------------- threads chosen
 def test_threads_by_work_size_and_the_explicit_count_wins():
     per = runtime.ATOMS_PER_THREAD
@@ -130,6 +140,21 @@ def test_quiet_openmp_leaves_a_user_policy_alone():
     assert not runtime.quiet_openmp(env) and env == {"GOMP_SPINCOUNT": "1000"}
     env = {}
     assert runtime.quiet_openmp(env) and env == {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+
+
+def test_a_tblite_label_does_not_depend_on_the_frames_labelled_before():
+    pytest.importorskip("tblite")
+    from explore_label_train.campaign import molecular_cluster
+    from explore_label_train.labelers import label
+
+    atoms = molecular_cluster("H2O", 4, 3.0, 0)
+    rng = np.random.default_rng(0)
+    frames = [{"symbols": atoms.get_chemical_symbols(), "cell": None, "calculator": "tblite", "kwargs": {},
+               "positions": (atoms.positions + rng.normal(0, 0.03, atoms.positions.shape)).tolist()} for _ in range(2)]
+    alone = label(frames[1])
+    label(frames[0])
+    after = label(frames[1])
+    assert alone["energy"] == after["energy"] and np.array_equal(alone["forces"], after["forces"])
 
 
 # ---------------------------------------------------------------- elt: the ensemble in worker processes
