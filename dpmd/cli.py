@@ -195,21 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     from dpmd.train import change_bias
     from dpmd.train import test as test_cmd
 
-    p = command("test", "energy/force/virial errors of a model on labelled data (like dp test)")
-    test_cmd.add_arguments(p)
-    p.set_defaults(func=test_cmd.run)
-
-    p = command("model-devi", "deviation of several models over the frames of datasets (like dp model-devi)")
-    model_devi.add_arguments(p)
-    p.set_defaults(func=model_devi.run)
-
-    p = command("change-bias", "re-fit or set a model's per-type energy bias (like dp change-bias)")
-    change_bias.add_arguments(p)
-    p.set_defaults(func=change_bias.run)
-
-    p = command("show", "a model's type_map, config sections, size, observed types (like dp show)")
-    show.add_arguments(p)
-    p.set_defaults(func=show.run)
+    for name, text, module in (   # commands whose module defines add_arguments(parser) and run(args)
+            ("test", "energy/force/virial errors of a model on labelled data (like dp test)", test_cmd),
+            ("model-devi", "deviation of several models over the frames of datasets (like dp model-devi)", model_devi),
+            ("change-bias", "re-fit or set a model's per-type energy bias (like dp change-bias)", change_bias),
+            ("show", "a model's type_map, config sections, size, observed types (like dp show)", show)):
+        p = command(name, text)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
 
     p = command("convert-model", "import a DeePMD-kit (PyTorch) se_e2_a checkpoint")
     p.add_argument("--from", dest="source", default="deepmd", choices=["deepmd"],
