@@ -481,7 +481,8 @@ class Campaign:
         from dpmd.data import System, write_system
 
         rows = self.state.q("SELECT l.task_id, l.system, l.file, h.label_id IS NOT NULL AS held FROM labels l "
-                            "LEFT JOIN holdout h USING (label_id) ORDER BY l.label_id")
+                            "LEFT JOIN holdout h USING (label_id) ORDER BY l.iteration, l.task_id")   # not commit order: that
+        # depends on which label worker finished first, and the frame order shapes the models
         groups: dict[tuple, list] = {}
         for r in rows:
             groups.setdefault(("test_data" if r["held"] else "data", r["system"]), []).append((r["task_id"], r["file"]))

@@ -38,7 +38,8 @@ from pathlib import Path
 
 from dpmd.errors import ConfigError
 
-FUNCTIONS = {"label": ("explore_label_train.labelers", "label"), "train": ("explore_label_train.campaign", "train_member")}
+FUNCTIONS = {"label": ("explore_label_train.labelers", "label"),
+             "train": ("explore_label_train.campaign", "train_member")}
 
 
 def _first_line(err: BaseException) -> str:

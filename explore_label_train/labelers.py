@@ -9,8 +9,9 @@
 `label(payload)` returns energy (eV), forces (eV/Å) and, for periodic cells when the calculator
 gives a stress, the virial (eV, DeePMD's sign: -stress * volume).  payload["threads"], when given, is the
 labeller's OpenMP thread count (OMP_NUM_THREADS, read when tblite's or PySCF's runtime loads: the first label
-in a spawned worker): the campaign splits its cores among its local workers instead of each taking them all.  Any exception, non-finite
-result or missing property raises; the dispatcher turns that into a failed task with the reason.
+in a spawned worker): the campaign splits its cores among its local workers instead of each taking them all.
+Any exception, non-finite result or missing property raises; the dispatcher turns that into a failed task
+with the reason.
 `check_label` is the campaign's check of a result before it becomes a label (shapes, finite values,
 the sanity bounds in the campaign's filters).
 This module imports no torch, so worker processes start quickly.

@@ -6,9 +6,16 @@
 
 Candidates failing a filter (atoms closer than min_distance, a cell with too small an angle, too long
 a side or a volume per atom outside a range, non-finite positions) are never labelled.  Among the
-rest, up to `budget` frames are chosen by farthest-point sampling on per-frame descriptors (the mean
-se_e2_a descriptor of each element, from the first ensemble model), starting from the frame with the
-largest deviation; every frame gets a reason.
+rest, up to `budget` frames are chosen by `method`; every frame gets a reason:
+
+    devi     the largest max_devi_f first
+    fps      farthest-point sampling on per-frame descriptors (the mean se_e2_a descriptor of each element,
+             from the first ensemble model, each feature in units of its spread over the candidates),
+             starting from the frame with the largest deviation
+    random   uniformly (DP-GEN's rule)
+
+benchmarks/al_efficiency.py compares them: on its Cu problems devi needed the fewest labels for a given
+held-out force error (the numbers are in benchmarks/README.md).
 
 With `stratify`, the budget is first shared among the exploration conditions (structure, temperature,
 pressure): one label for each condition with candidates while the budget lasts, the rest in proportion

@@ -5,7 +5,6 @@ failures, no worker outliving a killed campaign."""
 from __future__ import annotations
 
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
