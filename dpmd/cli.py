@@ -39,18 +39,16 @@ def _neighbor_stat(args) -> None:
 
 
 def _train(args) -> None:
-    import torch
-
+    from dpmd.runtime import configure_threads, training_work
     from dpmd.train.config import read_input
     from dpmd.train.trainer import Trainer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     starts = [f"--{name.replace('_', '-')}" for name in ("restart", "init_model", "init_frz_model", "finetune")
               if getattr(args, name)]
     if len(starts) > 1:
         raise DpmdError(f"{starts[0]} and {starts[1]} start a run in different ways; give one")
-    config = read_input(args.input, args.set)
+    config = read_input(args.input, args.set + ([f"training.device={args.device}"] if args.device else []))
+    configure_threads(args.threads, work=training_work(config))
     # a frozen model and a checkpoint are read by the same function (dpmd.model.load_model)
     trainer = Trainer(config, restart=args.restart, init_model=args.init_model or args.init_frz_model,
                       finetune=args.finetune, out_dir=args.output, overwrite=args.overwrite,
@@ -74,33 +72,24 @@ def _convert_model(args) -> None:
 
 def _compress(args) -> None:
     from dpmd.model.compress import compress_file
+    from dpmd.train.config import read_input
 
+    systems = None   # the training data's systems give the tables' range, unless --min-nbor-dist does
+    if args.training_input and args.min_nbor_dist is None:
+        systems = read_input(args.training_input)["training"]["training_data"]["systems"]
     spec = compress_file(args.input, args.output, step=args.step, extrapolate=args.extrapolate,
-                         check_frequency=args.check_frequency, training_input=args.training_input,
-                         min_nbor_dist=args.min_nbor_dist)
+                         check_frequency=args.check_frequency, training_systems=systems,
+                         min_nbor_dist=args.min_nbor_dist, systems_source=args.training_input or "the training data")
     logger.info(f"compressed {args.input} -> {args.output}: min_nbor_dist {spec['min_nbor_dist']:.4f} Å, tables "
                 f"{spec['n_fine']} x {spec['step']} + {spec['n_coarse']} x {spec['step_coarse']} in normalised s, "
                 f"covering r >= {min(spec['rmin']):.4f} Å")
 
 
-def _demo(args) -> None:
-    from dpmd.demo import run_campaign_demo, run_demo
-
-    if args.quick:
-        run_demo(args.data, args.steps, args.seed, args.train_steps, args.output or "runs/demo-quick")
-    else:
-        run_campaign_demo(args.campaign, args.output)
-
-
 def _md(args) -> None:
-    import torch
-
     from dpmd.md import run_md
     from dpmd.md.config import read_md_input
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run_md(read_md_input(args.input, args.set), restart=args.restart)
+    result = run_md(read_md_input(args.input, args.set), restart=args.restart, threads=args.threads)
     logger.info(f"md: {result['steps']} steps to step {result['final_step']}: {result['steps_per_second']:.2f} "
                 f"steps/s, {result['ns_per_day']:.3f} ns/day, {result['neighbor_builds']} neighbour-list builds")
 
@@ -139,13 +128,19 @@ def _build_ops(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import entry_points
+
     from dpmd.data.convert import add_convert_arguments, run_convert
+    from dpmd.runtime import thread_count
 
     parser = argparse.ArgumentParser(prog="dpmd", description="Deep-potential molecular dynamics")
     parser.add_argument("--version", action="version", version=version())
     sub = parser.add_subparsers(dest="command", required=True)
     logging_options = argparse.ArgumentParser(add_help=False)
     dpmd_log.add_arguments(logging_options)
+    logging_options.add_argument("--threads", type=thread_count, default=None, metavar="N",
+                                 help="threads for tensor work (default: one per 1,000 atoms of a model "
+                                      "evaluation, at most the cores this process may use)")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         """A subcommand with the logging options every command has (as in DeePMD-kit)."""
@@ -176,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=".", help="directory for lcurve.out and checkpoints")
     p.add_argument("--overwrite", action="store_true",
                    help="a new run in a folder holding another run moves that run into old-run-<time>/ there")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", metavar="DEV", help="where to train: auto, cpu, cuda or cuda:N (overrides "
+                                                   "training.device; default auto: cuda when torch sees a GPU; under "
+                                                   "torchrun each worker takes cuda:LOCAL_RANK)")
     p.set_defaults(func=_train)
 
     p = command("doc-train-input", "every key of the training input, with its default and doc "
@@ -203,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = command(name, text)
         module.add_arguments(p)
         p.set_defaults(func=module.run)
+    for entry in entry_points(group="dpmd.commands"):   # commands of installed packages (elt's `dpmd demo`)
+        module = entry.load()
+        p = command(entry.name, module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
 
     p = command("convert-model", "import a DeePMD-kit (PyTorch) se_e2_a checkpoint")
     p.add_argument("--from", dest="source", default="deepmd", choices=["deepmd"],
@@ -226,24 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "edges beyond the tables are always an error")
     p.set_defaults(func=_compress)
 
-    p = command("demo", "the README's main job: an active-learning campaign with GFN2-xTB labels")
-    p.add_argument("--campaign", default=None, help="campaign file (default: configs/campaign_water_xtb.yaml)")
-    p.add_argument("-o", "--output", default=None,
-                   help="working directory (default: the campaign's work_dir, runs/demo; --quick: runs/demo-quick)")
-    p.add_argument("--quick", action="store_true",
-                   help="instead: train, freeze, test and NVE on the bundled water example (no labelling)")
-    p.add_argument("--data", default=None, help="--quick: DeePMD system (default: examples/water/data_0)")
-    p.add_argument("--steps", type=int, default=20, help="--quick: MD steps")
-    p.add_argument("--train-steps", type=int, default=100, help="--quick: training steps")
-    p.add_argument("--seed", type=int, default=1, help="--quick: velocity seed")
-    p.set_defaults(func=_demo)
-
     p = command("md", "molecular dynamics (NVE/NVT/NPT) with model deviation, from a YAML input")
     p.add_argument("input", help="input.yaml (keys: docs/md.md)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of the input, e.g. --set steps=200 (repeatable; as dpmd train --set)")
     p.add_argument("--restart", default=None, help="continue from this checkpoint (output_dir/checkpoint.pt)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.set_defaults(func=_md)
 
     p = command("build-ops", "compile the C++/CUDA kernel library (csrc/) and print its path")
@@ -263,7 +252,7 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv=None) -> int:
-    from dpmd.runtime import keep_freed_memory, quiet_openmp
+    from dpmd.runtime import configure_threads, keep_freed_memory, quiet_openmp
 
     quiet_openmp()   # before torch loads: OpenMP threads sleep instead of spinning when the user set no policy
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
@@ -272,6 +261,10 @@ def main(argv=None) -> int:
     try:
         dpmd_log.setup(args.log_level, args.log_path)
         dpmd_log.file_only(logger, logging.INFO, f"dpmd {shlex.join(argv)}  ({version()})")
+        # train, md and demo size their threads by their input's work; a few commands do no tensor work
+        if args.command not in ("train", "md", "demo", "convert", "doc-train-input", "build-ops",
+                                "build-lammps-plugin"):
+            configure_threads(args.threads)
         args.func(args)
     except BaseException as err:
         if os.environ.get("DPMD_DEBUG") or isinstance(err, SystemExit):

@@ -1,19 +1,14 @@
-"""The README's main job: what a new user runs first.
-
-`dpmd demo` (run_campaign_demo): a complete explore-label-train campaign, configs/campaign_water_xtb.yaml:
-water clusters labelled with GFN2-xTB (tblite), an ensemble of four se_e2_a models, NVT exploration at
-two temperatures, selection by model deviation, until the accurate ratio converges; then the report.
-Ends by logging where the trained models and the report are.
-
-`dpmd demo --quick` (run_demo): the bundled water example without labelling: neighbour statistics ->
+"""`dpmd demo --quick` (run_demo): the bundled water example without labelling: neighbour statistics ->
 `dpmd train` (configs/water_se_e2_a.yaml, a short run) -> `dpmd freeze` -> `dpmd test` -> NVE with
 ASE's Velocity Verlet on the frozen model, checking energy conservation.
+
+`dpmd demo` itself, the campaign, lives with the orchestrator (explore_label_train/demo.py): the core does not
+import the orchestrator, which registers the command through the `dpmd.commands` entry point.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,49 +16,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "water" / "data_0"
 CONFIG = REPO / "configs" / "water_se_e2_a.yaml"
-CAMPAIGN = REPO / "configs" / "campaign_water_xtb.yaml"
 log = logging.getLogger(__name__)  # dpmd.log: stderr and the -l file
-
-
-def run_campaign_demo(campaign: str | Path | None = None, out_dir: str | Path | None = None,
-                      threads: int | None = None) -> dict:
-    """Run (or resume) the demo campaign to its end, write the report; returns models, report and decision.
-    threads: the cores it uses at once (default: the campaign's threads key, else every usable core)."""
-    from explore_label_train.campaign import Campaign
-    from explore_label_train.config import load_campaign
-    from explore_label_train.report import status_table, write_report
-
-    from dpmd.runtime import usable_cores
-
-    t0 = time.perf_counter()
-    path = Path(campaign or CAMPAIGN)
-    cfg = load_campaign(path)
-    if out_dir is not None:
-        cfg["work_dir"] = str(Path(out_dir).resolve())
-    if threads:
-        cfg["threads"] = threads
-    lab = cfg["labeller"]
-    log.info(f"dpmd demo: explore-label-train campaign {path} in {cfg['work_dir']}")
-    log.info(f"  labels: {lab['calculator']} {lab['kwargs'] or ''}; ensemble of {cfg['train']['ensemble_size']}; "
-             f"trust levels {cfg['trust']['lo']} / {cfg['trust']['hi']} eV/Å; converged when "
-             f"{cfg['convergence']['accurate_ratio']:.0%} of the explored frames are accurate")
-    log.info(f"  cores used at once: {cfg['threads'] or usable_cores()} "
-             f"({'as asked' if cfg['threads'] else 'all this process may use; --threads N to change'})")
-    camp = Campaign(cfg, log=lambda line: log.info("  " + line))
-    decision = camp.run()
-    log.info(status_table(camp.state))
-    report = write_report(camp.state, camp.root / "report")
-    last = camp.state.one("SELECT MAX(iteration) FROM iterations")
-    models = [camp.model_path(last, k) for k in range(cfg["train"]["ensemble_size"])]
-    labels = camp.total_labels()
-    seconds = time.perf_counter() - t0
-    # the demo's result: where things are (stdout, as a command's output; progress went to the log)
-    print(f"finished: {decision} after {last + 1} iterations, {labels} {lab['calculator']} labels, {seconds:.0f} s")
-    print(f"trained model: {models[0]}  (ensemble: {', '.join(str(m.parent.name) for m in models)} beside it)")
-    print(f"training data: {camp.root / 'data'}")
-    print(f"report: {report}")
-    return {"decision": decision, "iterations": last + 1, "labels": labels, "models": models, "report": report,
-            "seconds": seconds}
 
 
 def run_demo(data: str | None = None, steps: int = 20, seed: int = 1, train_steps: int = 100,

@@ -15,3 +15,8 @@ class ConfigError(DpmdError, ValueError):
 
 class NeighborOverflowError(DpmdError, RuntimeError):
     """An atom has more neighbours of one type than the model's `sel` allows."""
+
+
+class MDStopError(DpmdError, RuntimeError):
+    """An MD run was stopped by a safety check (lost atoms, atoms too close, NaN energy, neighbour overflow);
+    the message is "step N: what happened, naming the atoms" (dpmd.md.safety)."""

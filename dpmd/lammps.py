@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from dpmd.errors import DpmdError
+from dpmd.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +148,9 @@ def build_plugin(output_dir=None, force: bool = False) -> Path:
     digest = hashlib.sha256(repr(commands).replace(f".{os.getpid()}.tmp", "").encode())
     for name in SOURCES + HEADERS:
         digest.update((SOURCE_DIR / name).read_bytes())
-    from dpmd.model.io import atomic_write
-
     stamp = out_dir / (PLUGIN_NAME + ".sha256")
     ops = build_ops_library()  # its path goes beside the plugin, read when a model needs it
-    atomic_write(out_dir / OPS_PATH_FILE, lambda fh: fh.write(f"{ops or ''}\n"), mode="w")
+    atomic_write_text(out_dir / OPS_PATH_FILE, f"{ops or ''}\n")
     if (not force and all(t.is_file() for t in targets) and stamp.is_file()
             and stamp.read_text().strip() == digest.hexdigest()):
         return targets[1]
@@ -173,7 +172,7 @@ def build_plugin(output_dir=None, force: bool = False) -> Path:
                             + "\n".join(errors or result.stderr.splitlines()[-10:]))
     for tmp, target in zip(temps, targets):
         os.replace(tmp, target)
-    stamp.write_text(digest.hexdigest() + "\n")
+    atomic_write_text(stamp, digest.hexdigest() + "\n")
     log.info(f"built {targets[1]} in {time.perf_counter() - t0:.0f} s")
     return targets[1]
 
@@ -186,7 +185,6 @@ def write_data(path, coord, atype, box, type_map) -> None:
     import numpy as np
     from ase.data import atomic_masses, atomic_numbers
 
-    from dpmd.model.io import atomic_write
 
     coord, box, atype = np.asarray(coord, float).reshape(-1, 3), np.asarray(box, float).reshape(3, 3), np.asarray(atype)
     if abs(box[0, 1]) + abs(box[0, 2]) + abs(box[1, 2]) > 1e-12 * np.abs(box).max():
@@ -204,7 +202,7 @@ def write_data(path, coord, atype, box, type_map) -> None:
                                   for t, name in enumerate(type_map)]
     lines += ["", "Atoms  # atomic", ""] + [f"{i + 1} {int(t) + 1} {x!r} {y!r} {z!r}"
                                            for i, (t, (x, y, z)) in enumerate(zip(atype.tolist(), coord.tolist()))]
-    atomic_write(path, lambda fh: fh.write("\n".join(lines) + "\n"), mode="w")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def add_arguments(parser) -> None:

@@ -58,14 +58,14 @@ class _Console(logging.StreamHandler):
         return text if record.levelno == logging.INFO else f"{record.levelname.lower()}: {text}"
 
 
-def setup(level: str | int = "INFO", path: str | Path | None = None, names=("dpmd",)) -> None:
-    """Send the loggers `names` (and their children) to stderr and, if given, to the file `path` (appended).
-    Replaces what an earlier call set up; ranks other than 0 log nothing."""
+def setup(level: str | int = "INFO", path: str | Path | None = None, names=("dpmd",), more_paths=()) -> None:
+    """Send the loggers `names` (and their children) to stderr and, if given, to the file `path` and the files
+    `more_paths` (appended).  Replaces what an earlier call set up; ranks other than 0 log nothing."""
     level = LEVELS[str(level).upper()] if isinstance(level, str) else level
     handlers: list[logging.Handler] = []
     if process_rank() == 0:
         handlers.append(_Console())
-        if path is not None:
+        for path in dict.fromkeys(Path(p).resolve() for p in [path, *more_paths] if p is not None):
             try:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
                 handler = logging.FileHandler(path, mode="a", encoding="utf-8")

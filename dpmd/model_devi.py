@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> None:
     from dpmd.model import load_model
-    from dpmd.model.io import atomic_write
+    from dpmd.files import atomic_write
 
     if args.frequency < 1:
         raise DpmdError(f"-f/--frequency: expected a positive number of steps, got {args.frequency}")

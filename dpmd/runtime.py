@@ -12,7 +12,7 @@ one thread.  The policy here (benchmarks/contention.py: 8-13x faster than that d
   OMP_NUM_THREADS when the user set it, its share among unbound MPI ranks), not the machine's.
 - `configure_threads(threads, work)`: torch's intra-op threads.  An explicit count wins; otherwise one thread
   per ATOMS_PER_THREAD atoms of one model evaluation (small systems: one), at most usable_cores().
-  `training_work` and `md_work` give that size for a `dpmd train` and a `dpmd md` input.
+  `training_work` gives that size for a `dpmd train` input; `dpmd md` takes it from its built simulation.
 """
 
 from __future__ import annotations
@@ -164,17 +164,9 @@ def training_work(config: dict) -> int | None:
             natoms = len(Path(path, "type.raw").read_text().split())
         except OSError:
             return None
-        if isinstance(size, str):   # "auto" / "auto:N": at least N (32) atoms per batch
-            size = math.ceil((32 if size == "auto" else int(size.split(":")[1])) / max(natoms, 1))
+        if isinstance(size, str):   # "auto[:N]": at least N (32) atoms per batch; "max:N": at most N, one frame
+            kind, _, n = size.partition(":")
+            rule = int(n) if n else 32
+            size = math.ceil(rule / max(natoms, 1)) if kind == "auto" else max(1, rule // max(natoms, 1))
         work.append(size * natoms)
     return max(work, default=None)
-
-
-def md_work(cfg: dict) -> int:
-    """Atoms per step of a normalised `dpmd md` input: atoms x structures x models."""
-    from dpmd.md.config import read_structure
-    from dpmd.model import load_model
-
-    structures = cfg["structure"] if isinstance(cfg["structure"], list) else [cfg["structure"]]
-    type_map = load_model(cfg["models"][0]).type_map
-    return len(read_structure(structures[0], type_map)[1]) * len(structures) * len(cfg["models"])

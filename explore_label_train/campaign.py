@@ -4,12 +4,15 @@ An iteration runs these stages in order; each is skipped when the database says 
 
     init     (iteration 0 only) label perturbed copies of initial.structures
     train    collect the dataset, train the ensemble (one task per member; restarts from its checkpoint;
-             members train side by side in worker processes when the campaign's cores allow, train_members)
+             members train side by side in worker processes when the campaign's cores allow, train_members;
+             or as cluster jobs, train.dispatcher)
     explore  one batched dpmd.md.Simulation per (stage, atom count): structures x temperatures x pressures,
-             frames and model deviations every traj_interval steps -> one npz per task
+             frames and model deviations every traj_interval steps -> one npz per task (explore_group: in
+             this process, or as cluster jobs, explore[].dispatcher)
     select   classify (accurate / candidate / failed), filter, farthest-point sampling up to the budget,
              create one label task per chosen frame
-    label    run the label tasks on the dispatcher, each result committed with its task, hold out
+    label    run the label tasks on the dispatcher (an ASE calculator, or a DFT code in a task folder under
+             dispatch/), each result committed with its task, hold out
              select.holdout of the new labels (init does too), then collect
     check    fractions, validation error, convergence decision
 
@@ -31,7 +34,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import io
 import json
 import os
 import re
@@ -43,8 +45,9 @@ from pathlib import Path
 import numpy as np
 
 from dpmd.errors import DpmdError
+from dpmd.files import atomic_write
 from dpmd.runtime import choose_threads, configure_threads, usable_cores
-from explore_label_train.config import settings_hash, training_input
+from explore_label_train.config import settings_hash, training_input, trust_levels
 from explore_label_train.dispatch import LocalPool, make_pool, process_start, stop_worker
 from explore_label_train.labelers import check_label
 from explore_label_train.state import NoCampaignError, State
@@ -122,15 +125,7 @@ def move_aside(root: Path, inputs=()):
 
 
 def atomic_savez(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    with open(tmp, "wb") as fh:
-        fh.write(buf.getvalue())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def read_structure(spec: dict, type_map: list[str], name: str):
@@ -230,19 +225,42 @@ def training_layout(members: int, work, cores: int | None = None) -> tuple[int, 
     return max(1, min(members, cores // threads)), threads
 
 
+def resume_point(out: Path, steps: int):
+    """The checkpoint a member's training in `out` continues from: its latest, "finished" when that one reached
+    `steps`, None when there is none (or none readable)."""
+    from dpmd.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    if not ((out / "checkpoint").is_file() or list(out.glob("*.ckpt-*.pt"))):
+        return None
+    try:
+        restart = latest_checkpoint(out)
+        return "finished" if load_checkpoint(restart)["step"] >= steps else restart
+    except DpmdError:
+        return None
+
+
 def train_member(job: dict) -> dict:
     """Train one ensemble member with the existing Trainer (job: the training input, restart checkpoint or
     init_model, output folder, and "threads": torch threads, None to keep the process's); returns its last
-    training errors.  Runs in the campaign process or in a training worker (dispatch.LocalPool)."""
+    training errors.  Runs in the campaign process, in a training worker (dispatch.LocalPool) or in a cluster
+    job; a job with "resume": steps first looks for the checkpoint an earlier attempt left in its folder (the
+    campaign does not: the job it submits stays the one a killed run submitted, to re-attach to)."""
     import torch
 
     from dpmd.train.trainer import Trainer
 
+    restart, init_model, finetune = job["restart"], job["init_model"], job.get("finetune")
+    if job.get("resume"):
+        found = resume_point(Path(job["out"]), job["resume"])
+        if found == "finished":
+            return {}
+        if found is not None:
+            restart, init_model, finetune = str(found), None, None
     before = torch.get_num_threads()
     torch.set_num_threads(job.get("threads") or before)
     try:
-        result = Trainer(job["config"], restart=job["restart"], init_model=job["init_model"], out_dir=job["out"],
-                         progress=False).run()
+        result = Trainer(job["config"], restart=restart, init_model=init_model, finetune=finetune,
+                         out_dir=job["out"], progress=False).run()
     finally:
         torch.set_num_threads(before)
     return {k: result.get("train", {}).get(k) for k in ("rmse_e", "rmse_f")}
@@ -265,6 +283,63 @@ def train_members(jobs: dict, processes: int, threads: int | None, on_done, on_s
                                            on_start)
 
 
+def explore_group(job: dict, models=None) -> dict:
+    """One batched exploration run (dpmd.md.Simulation) of a group's trajectories (Campaign._explore_job: plain
+    JSON), frames and model deviations every traj_interval steps, written to job["out"] (npz, atomically).
+    Returns {"stop": None, or {"step", "message"} when the run stopped early (dpmd's one-line reason)}.  Runs in
+    the campaign process (models: loaded already) or in a cluster job (loaded from job["models"])."""
+    from dpmd.md import Simulation
+
+    if models is None:
+        from dpmd.model import load_model
+
+        models = [load_model(p).eval() for p in job["models"]]
+    stage, symbols, seed = job["stage"], job["symbols"], job["seed"]
+    masses, pos = np.array(job["masses"]), np.array(job["positions"])
+    box = None if job["cells"] is None else np.array(job["cells"])
+    temps, press = job["temperatures"], job["pressures"]
+    vel = _thermal_velocities(masses, temps, np.random.default_rng(seed))
+    bias = None
+    if stage["bias"] is not None:
+        from explore_label_train.bias import DeviationBias
+
+        bias = DeviationBias(stage["bias"]["strength"], stage["bias"]["scale"])
+    sim = Simulation(models, pos, symbols, box, temperature=np.array(temps), pressure=np.array(press),
+                     masses=masses, ensemble=stage["ensemble"], thermostat=stage["thermostat"],
+                     barostat=stage["barostat"], timestep=stage["timestep"], steps=stage["steps"], seed=seed,
+                     min_distance=stage["min_distance"], velocities=vel, thermo_freq=0, log=None, bias=bias)
+    coord, boxes, devi, steps, traj = [], [], [], [], []
+    stop = None
+    nf = len(symbols)
+    try:
+        for step in range(stage["traj_interval"], stage["steps"] + 1, stage["traj_interval"]):
+            sim.run(stage["traj_interval"])
+            d = sim.deviation()
+            p = sim.state.positions.detach().cpu().numpy()
+            b = None if sim.state.box is None else sim.state.box.detach().cpu().numpy()
+            for f in range(nf):
+                coord.append(p[f])
+                if b is not None:
+                    boxes.append(b[f])
+                devi.append(d[f])
+                steps.append(step)
+                traj.append(f)
+    except DpmdError as err:   # MDStopError (atoms too close, lost atoms, ...) or another one-line reason
+        message = str(err).splitlines()[0].split("; wrote")[0]
+        at = re.match(r"step (\d+):", message)   # MDStopError names the step it stopped at
+        stop = {"step": int(at[1]) if at else int(sim.state.step), "message": message}
+    n = pos.shape[1]
+    out = {"symbols": np.array(symbols[0]), "coord": np.array(coord).reshape(-1, n, 3),
+           "devi": np.array(devi).reshape(-1, 7), "step": np.array(steps, dtype=np.int64),
+           "traj": np.array(traj, dtype=np.int64), "note": np.array(stop["message"] if stop else "")}
+    if box is not None:
+        out["box"] = np.array(boxes).reshape(-1, 3, 3)
+    if any(row != symbols[0] for row in symbols):
+        out["all_symbols"] = np.array(symbols)
+    atomic_savez(Path(job["out"]), **out)
+    return {"stop": stop}
+
+
 class Campaign:
     def __init__(self, cfg: dict, log=print):
         self.cfg = cfg
@@ -274,8 +349,13 @@ class Campaign:
         self._state = None
         self.type_map = list(cfg["type_map"])
         self.type_index = {t: i for i, t in enumerate(self.type_map)}
-        self.label_hash = settings_hash(cfg["labeller"])
-        self.labeller_name = cfg["labeller"]["calculator"]
+        lab = cfg["labeller"]
+        if "code" in lab:   # a DFT code: its templates' and pseudopotentials' contents are part of its settings
+            from explore_label_train.dft import fingerprint
+
+            self.label_hash, self.labeller_name = fingerprint(lab), lab["code"]
+        else:
+            self.label_hash, self.labeller_name = settings_hash(lab), lab["calculator"]
         self._structures = {}
         self._models = None
 
@@ -297,13 +377,19 @@ class Campaign:
         return self._state
 
     def _record_config(self) -> None:
-        old = self.state.get_meta("config_hash")
-        new = settings_hash({k: v for k, v in self.cfg.items() if k not in ("source",)})
+        """The settings of this run, recorded; a change since the last run is noted (the labeller's on its own:
+        its hash covers a DFT code's template and pseudopotential contents, so an edited INCAR counts)."""
+        old, old_label = self.state.get_meta("config_hash"), self.state.get_meta("label_hash")
+        new = settings_hash({**{k: v for k, v in self.cfg.items() if k not in ("source",)}, "label": self.label_hash})
         if old != new:
-            if old is not None:
+            if old_label is not None and old_label != self.label_hash:
+                self.log(f"note: the labeller's settings changed since the last run (settings hash {old_label} -> "
+                         f"{self.label_hash}); new labels use the new settings, the labels made before keep theirs")
+            elif old is not None:
                 self.log("note: the campaign file changed since the last run; continuing with the new settings")
             with self.state.tx() as db:
                 self.state.set_meta("config_hash", new, db)
+                self.state.set_meta("label_hash", self.label_hash, db)
                 self.state.set_meta("config", self.cfg, db)
 
     def _stop_stale_workers(self) -> None:
@@ -319,6 +405,11 @@ class Campaign:
         with self.state.tx() as db:
             db.execute("INSERT OR REPLACE INTO workers (task_id, pid, started) VALUES (?, ?, ?)",
                        (task_id, pid, process_start(pid)))
+
+    def _jobs_recorder(self, it: int, kind: str):
+        """on_jobs for a cluster dispatcher: the stage's jobs recorded as submitted (or found) and as ended, for
+        `elt status`; re-attaching to them is dpdispatcher's (DPDispatcherPool)."""
+        return lambda submission, jobs: self.state.record_jobs(it, kind, submission, jobs)
 
     # ------------------------------------------------------------------ helpers
     def result(self, task_id: str) -> dict:
@@ -341,10 +432,17 @@ class Campaign:
     def _files(self, *paths: Path) -> dict:
         return {str(p.relative_to(self.root)): file_sha256(p) for p in paths}
 
-    def structure(self, name):
+    def structures(self, name) -> list:
+        """The start configurations a structure name stands for: one, or a group's (files: ...), in order."""
         if name not in self._structures:
-            self._structures[name] = read_structure(self.cfg["structures"][name], self.type_map, name)
+            spec = self.cfg["structures"][name]
+            specs = [{**spec, "file": f} for f in spec["files"]] if spec["files"] else [spec]
+            self._structures[name] = [read_structure(one, self.type_map, name) for one in specs]
         return self._structures[name]
+
+    def structure(self, name):
+        """The first (for most, the only) start configuration of a structure name."""
+        return self.structures(name)[0]
 
     def it_dir(self, it: int) -> Path:
         return self.root / f"iter.{it:03d}"
@@ -368,8 +466,9 @@ class Campaign:
 
     def _explore_work(self) -> int:
         """Atoms per evaluation of the largest exploration batch: the work hint of the campaign process's threads."""
-        return max(len(self.structure(name)) * len(s["temperatures"]) * len(s["pressures"]) * len(s["structures"])
-                   for s in self.cfg["explore"] for name in s["structures"]) * self.cfg["train"]["ensemble_size"]
+        return max(len(atoms) * len(s["temperatures"]) * len(s["pressures"]) * len(s["structures"])
+                   for s in self.cfg["explore"] for name in s["structures"] for atoms in self.structures(name)
+                   ) * self.cfg["train"]["ensemble_size"]
 
     def _run(self) -> str:
         it = self.state.one("SELECT MAX(iteration) FROM iterations")
@@ -424,10 +523,14 @@ class Campaign:
             payload = json.loads(r["payload"])
             symbols, pos, cell = self._label_inputs(payload)
             meta[r["task_id"]] = (payload, symbols, pos, cell)
-            work.append((r["task_id"], "label", {"symbols": [str(s) for s in symbols], "positions": pos.tolist(),
-                                                 "cell": None if cell is None else cell.tolist(),
-                                                 "calculator": lab["calculator"], "kwargs": lab["kwargs"],
-                                                 "threads": threads}))
+            frame = {"symbols": [str(s) for s in symbols], "positions": pos.tolist(),
+                     "cell": None if cell is None else cell.tolist(), "threads": threads}
+            if "code" in lab:   # a DFT code in a task folder (explore_label_train/dft), the same one a cluster job uses
+                work.append((r["task_id"], "dft", {**frame, "dft": lab, "fingerprint": self.label_hash,
+                                                   "folder": str(self.root / "dispatch" / r["task_id"])}))
+            else:
+                work.append((r["task_id"], "label", {**frame, "calculator": lab["calculator"],
+                                                     "kwargs": lab["kwargs"]}))
         counts = {"done": 0, "failed": 0}
 
         def on_done(task_id, ok, value, seconds):
@@ -443,8 +546,8 @@ class Campaign:
             self._commit_label(it, task_id, payload, symbols, pos, cell, value, seconds)
             counts["done"] += 1
 
-        self.log(f"[iteration {it}] labelling {len(work)} frames with {lab['calculator']}")
-        make_pool(self.cfg["dispatcher"], self.root).run(work, on_done, self._record_worker)
+        self.log(f"[iteration {it}] labelling {len(work)} frames with {self.labeller_name}")
+        make_pool(disp, self.root).run(work, on_done, self._record_worker, self._jobs_recorder(it, "label"))
         self.log(f"[iteration {it}] labels: {counts['done']} done, {counts['failed']} failed")
 
     def _energy_reference(self, symbols, cell):
@@ -512,19 +615,21 @@ class Campaign:
             return False
         with self.state.tx() as db:
             for si, name in enumerate(ini["structures"]):
-                atoms = self.structure(name)
-                for k in range(ini["perturb"]):
-                    rng = np.random.default_rng([ini["seed"], si, k])
-                    a = atoms.copy()
-                    if a.pbc.all() and ini["cell_strain"] > 0:
-                        e = rng.uniform(-1, 1, (3, 3)) * ini["cell_strain"]
-                        a.set_cell(a.cell[:] @ (np.eye(3) + 0.5 * (e + e.T)), scale_atoms=True)
-                    a.positions = a.positions + rng.normal(0, ini["displacement"], a.positions.shape)
-                    payload = {"symbols": a.get_chemical_symbols(), "positions": a.positions.tolist(),
-                               "cell": a.cell[:].tolist() if a.pbc.all() else None,
-                               "source": f"initial:{name}", "step": k}
-                    self.state.add_task(db, f"i000-init-{name}-{k:03d}", 0, "label", payload)
+                for ci, atoms in enumerate(self.structures(name)):
+                    tag = name if ci == 0 else f"{name}.{ci}"   # a group's later files (the first keeps its task ids)
+                    for k in range(ini["perturb"]):
+                        rng = np.random.default_rng([ini["seed"], si, k] + ([ci] if ci else []))
+                        a = atoms.copy()
+                        if a.pbc.all() and ini["cell_strain"] > 0:
+                            e = rng.uniform(-1, 1, (3, 3)) * ini["cell_strain"]
+                            a.set_cell(a.cell[:] @ (np.eye(3) + 0.5 * (e + e.T)), scale_atoms=True)
+                        a.positions = a.positions + rng.normal(0, ini["displacement"], a.positions.shape)
+                        payload = {"symbols": a.get_chemical_symbols(), "positions": a.positions.tolist(),
+                                   "cell": a.cell[:].tolist() if a.pbc.all() else None,
+                                   "source": f"initial:{tag}", "step": k}
+                        self.state.add_task(db, f"i000-init-{tag}-{k:03d}", 0, "label", payload)
         self._run_label_tasks(it)
+        self._check_failed(it)
         return self._hold_out(it, "init", t0)
 
     def _hold_out(self, it: int, stage: str, t0) -> bool:
@@ -548,9 +653,25 @@ class Campaign:
                                     f"{len(rows)} labels, {len(held)} held out for testing", db=db)
         return True
 
+    def _check_failed(self, it: int) -> None:
+        """convergence.max_failed_ratio (DP-GEN's ratio_failed): too many of the iteration's label tasks failed."""
+        limit = self.cfg["convergence"]["max_failed_ratio"]
+        n = self.state.one("SELECT COUNT(*) FROM tasks WHERE iteration=? AND kind='label'", it)
+        failed = self.state.one("SELECT COUNT(*) FROM tasks WHERE iteration=? AND kind='label' AND status='failed'", it)
+        if limit is not None and n and failed / n > limit:
+            reason = self.state.one("SELECT reason FROM tasks WHERE iteration=? AND kind='label' AND status='failed' "
+                                    "ORDER BY task_id LIMIT 1", it)
+            raise CampaignError(f"iteration {it}: {failed} of {n} label tasks failed, over "
+                                f"convergence.max_failed_ratio {limit:g} (first: {reason})")
+
     def _previous_checkpoint(self, it: int, k: int):
-        """(path, sha256) of the final checkpoint the previous iteration's member k recorded, or None."""
-        if it == 0 or not self.cfg["train"]["init_from_previous"]:
+        """(path, sha256) of the checkpoint member k starts from: the previous iteration's final one (from
+        train.init_from_previous's iteration on), train.init_models[k] at iteration 0, or None."""
+        tr = self.cfg["train"]
+        if it == 0 and tr["init_models"]:
+            return Path(tr["init_models"][k]), file_sha256(Path(tr["init_models"][k]))
+        start = tr["init_from_previous"]
+        if it == 0 or start is False or it < int(start):
             return None
         task_id = f"i{it - 1:03d}-train-m{k}"
         result = self.result(task_id)
@@ -564,11 +685,14 @@ class Campaign:
 
     def _stage_train(self, it: int, t0) -> bool:
         from dpmd.runtime import training_work
-        from dpmd.train.checkpoint import latest_checkpoint, load_checkpoint
+        from dpmd.train.checkpoint import latest_checkpoint
         from dpmd.train.freeze import freeze
 
         tr = self.cfg["train"]
         systems = self._train_systems()
+        # DP-GEN's fp_task_min: after an iteration that added too few labels, its models serve again untrained
+        added = self.state.one("SELECT COUNT(*) FROM labels WHERE iteration=?", it - 1) if it else None
+        reuse = it > 0 and added < tr["min_new_labels"]
         jobs, members = {}, {}   # task_id -> train_member's job; task_id -> (k, steps, init)
         for k in range(tr["ensemble_size"]):
             task_id = f"i{it:03d}-train-m{k}"
@@ -576,6 +700,9 @@ class Campaign:
             if self.state.task_status(task_id) == "done":
                 continue
             out = self.model_path(it, k).parent
+            if reuse:
+                self._reuse_member(it, k, task_id, systems)
+                continue
             previous = self._previous_checkpoint(it, k)
             init = None if previous is None else str(previous[0])
             steps = tr["reuse_numb_steps"] if init else tr["numb_steps"]
@@ -584,23 +711,21 @@ class Campaign:
             # when they come from an attempt with the same settings, else they are cleared away
             attempt = {"settings": settings_hash({"input": config, "init": previous and previous[1]})}
             same = json.loads(self.state.one("SELECT payload FROM tasks WHERE task_id=?", task_id) or "null") == attempt
-            restart = None
-            if same and ((out / "checkpoint").is_file() or list(out.glob("*.ckpt-*.pt"))):
-                try:
-                    restart = latest_checkpoint(out)
-                    if load_checkpoint(restart)["step"] >= steps:
-                        restart = "finished"
-                except DpmdError:
-                    restart = None
-            if restart is None and out.exists():
+            cluster = tr["dispatcher"] is not None
+            # a cluster job of the same attempt may still be running in `out`: left alone, it resumes there itself
+            restart = resume_point(out, steps) if same and not cluster else None
+            if out.exists() and (not same or (restart is None and not cluster)):
                 shutil.rmtree(out)
             if not same:
                 with self.state.tx() as db:
                     db.execute("UPDATE tasks SET payload=? WHERE task_id=?", (json.dumps(attempt), task_id))
             members[task_id] = (k, steps, init)
             if restart != "finished":
+                finetune = it == 0 and tr["finetune"] and not restart
                 jobs[task_id] = {"config": config, "restart": str(restart) if restart else None,
-                                 "init_model": None if restart else init, "out": str(out)}
+                                 "init_model": None if restart or finetune else init,
+                                 "finetune": init if finetune else None, "out": str(out),
+                                 **({"resume": steps} if cluster else {})}
         failed = []
 
         def on_done(task_id, ok, value, seconds):
@@ -618,12 +743,21 @@ class Campaign:
                        "files": self._files(out / "model.pth", checkpoint)}
             with self.state.tx() as db:
                 self.state.task_done(db, task_id, summary, seconds + time.perf_counter() - t1)
-            self.log(f"[iteration {it}] trained m{k}: {steps} steps, rmse_f {summary['rmse_f']}")
+            from dpmd.train.trainer import describe_errors
+
+            errors = describe_errors({key: v for key, v in value.items()
+                                      if key in ("rmse_e", "rmse_f") and v is not None})
+            self.log(f"[iteration {it}] trained m{k}: {steps} steps"
+                     + (f"; last training batch: {errors}" if errors else ""))
 
         for task_id in members:   # killed after its last step, before it was recorded: nothing left to train
             if task_id not in jobs:
                 on_done(task_id, True, {}, 0.0)
-        if jobs:
+        if jobs and tr["dispatcher"] is not None:   # cluster jobs, each with the cores its resources give it
+            self.log(f"[iteration {it}] training {len(jobs)} members as cluster jobs")
+            make_pool(tr["dispatcher"], self.root).run([(task_id, "train", job) for task_id, job in jobs.items()],
+                                                       on_done, None, self._jobs_recorder(it, "train"))
+        elif jobs:
             processes, threads = training_layout(len(jobs), training_work(next(iter(jobs.values()))["config"]),
                                                  self.cfg["threads"])
             if processes > 1:
@@ -635,6 +769,23 @@ class Campaign:
                                                                    if len(failed) > 1 else ""))
         return False
 
+    def _reuse_member(self, it: int, k: int, task_id: str, systems) -> None:
+        """Member k of iteration it is the previous iteration's, copied (model file and final checkpoint)."""
+        before = f"i{it - 1:03d}-train-m{k}"
+        result = self.result(before)
+        out = self.model_path(it, k).parent
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint = self.recorded(before, result["checkpoint"])
+        shutil.copyfile(self.recorded(before, self.model_path(it - 1, k).relative_to(self.root)), out / "model.pth")
+        shutil.copyfile(checkpoint, out / checkpoint.name)
+        summary = {**result, "steps": 0, "reused": before, "systems": systems,
+                   "checkpoint": str((out / checkpoint.name).relative_to(self.root)),
+                   "files": self._files(out / "model.pth", out / checkpoint.name)}
+        with self.state.tx() as db:
+            self.state.task_done(db, task_id, summary, 0.0)
+        self.log(f"[iteration {it}] m{k}: the previous iteration added fewer than train.min_new_labels labels; "
+                 f"reusing {before}")
+
     def models(self, it: int):
         if self._models is None:
             from dpmd.model import load_model
@@ -645,106 +796,100 @@ class Campaign:
         return self._models
 
     def _stage_explore(self, it: int, t0) -> bool:
-        lo, hi = self.cfg["trust"]["lo"], self.cfg["trust"]["hi"]
-        from explore_label_train.selection import classify
-
         for stage in self.stages_for(it):
-            trajs = [(name, self.structure(name), float(t), float(p)) for name in stage["structures"]
-                     for t in stage["temperatures"] for p in stage["pressures"]]
+            trajs = [(name, atoms, float(t), float(p)) for name in stage["structures"]
+                     for atoms in self.structures(name) for t in stage["temperatures"] for p in stage["pressures"]]
             groups: dict = {}
             for tr in trajs:
                 groups.setdefault((len(tr[1]), bool(tr[1].pbc.all())), []).append(tr)
+            todo = {}   # task_id -> (group index, members, file): the groups not explored yet
             for gi, ((natoms, pbc), members) in enumerate(sorted(groups.items())):
                 task_id = f"i{it:03d}-explore-{stage['name']}-g{gi}"
                 self.state.ensure_task(task_id, it, "explore")
-                if self.state.task_status(task_id) == "done":
-                    continue
-                rel = Path(f"iter.{it:03d}") / "explore" / f"{task_id}.npz"
-                t1 = time.perf_counter()
-                z, stop = self._simulate(it, stage, gi, members)   # a file left by a crash: overwritten, not trusted
-                note = stop and f"stopped early: {stop['message']}"
-                atomic_savez(self.root / rel, **z)
-                classes = classify(z["devi"][:, 3], lo, hi) if len(z["devi"]) else []
-                with self.state.tx() as db:
-                    for i in range(len(z["step"])):
-                        m = members[int(z["traj"][i])]
-                        dv = z["devi"][i]
-                        db.execute("INSERT OR IGNORE INTO frames (iteration, task_id, file, idx, stage, traj, structure, "
-                                   "temperature, pressure, step, max_devi_f, avg_devi_f, max_devi_v, devi_e, class) "
-                                   "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                                   (it, task_id, str(rel), i, stage["name"], int(z["traj"][i]), m[0], m[2], m[3],
-                                    int(z["step"][i]), float(dv[3]), float(dv[5]), float(dv[0]), float(dv[6]),
-                                    str(classes[i])))
-                    if stop:
-                        # a batch stops as a whole: the incident names the systems dpmd's message names
-                        named = sorted({int(x) for x in re.findall(r"of system (\d+)", stop["message"])}) or (
-                            [0] if len(members) == 1 else [None])
-                        for traj in named:
-                            m = members[traj] if traj is not None else (None, None, None, None)
-                            db.execute("INSERT INTO incidents (task_id, iteration, stage, step, traj, structure, "
-                                       "temperature, pressure, message) VALUES (?,?,?,?,?,?,?,?,?)",
-                                       (task_id, it, stage["name"], stop["step"], traj, m[0], m[2], m[3],
-                                        stop["message"]))
-                    self.state.task_done(db, task_id, {"frames": int(len(z["step"])), "trajectories": len(members),
-                                                       "note": note or None, "files": self._files(self.root / rel)},
-                                         time.perf_counter() - t1)
-                self.log(f"[iteration {it}] explored {stage['name']} group {gi}: {len(members)} trajectories x "
-                         f"{natoms} atoms, {len(z['step'])} frames" + (f" ({note})" if note else ""))
+                if self.state.task_status(task_id) != "done":
+                    todo[task_id] = (gi, members, Path(f"iter.{it:03d}") / "explore" / f"{task_id}.npz")
+            if not todo:
+                continue
+            models = [str(self.recorded(f"i{it:03d}-train-m{k}", self.model_path(it, k).relative_to(self.root)))
+                      for k in range(self.cfg["train"]["ensemble_size"])]
+            jobs = {task_id: self._explore_job(it, stage, gi, members, rel, models)
+                    for task_id, (gi, members, rel) in todo.items()}
+            if stage["dispatcher"] is None:   # in this process (a file left by a crash: overwritten, not trusted)
+                for task_id, job in jobs.items():
+                    t1 = time.perf_counter()
+                    value = explore_group(job, self.models(it))
+                    self._explored(it, stage, task_id, *todo[task_id][1:], value["stop"], time.perf_counter() - t1)
+            else:
+                self._explore_on_cluster(it, stage, jobs, todo)
         return False
 
-    def _simulate(self, it, stage, gi, members):
-        """One batched Simulation of the group's trajectories; frames every traj_interval steps.  Returns the
-        frames and, when the run stopped early, {"step", "message"} (dpmd's one-line reason)."""
-        from dpmd.md import Simulation
+    def _explore_on_cluster(self, it, stage, jobs: dict, todo: dict) -> None:
+        """A stage's exploration groups as cluster jobs; each recorded as it comes back; a failed one stops the
+        stage with its reason once the others are recorded (the next run submits it again)."""
+        failed = []
 
-        models = self.models(it)
+        def on_done(task_id, ok, value, seconds):
+            if not ok:
+                failed.append(f"{task_id}: {value}")
+                return
+            self._explored(it, stage, task_id, *todo[task_id][1:], value["stop"], seconds)
+
+        self.log(f"[iteration {it}] exploring {stage['name']}: {len(jobs)} group(s) as cluster jobs")
+        make_pool(stage["dispatcher"], self.root).run([(task_id, "explore", job) for task_id, job in jobs.items()],
+                                                      on_done, None, self._jobs_recorder(it, "explore"))
+        if failed:
+            raise CampaignError(f"exploration failed: {failed[0]}" + (f" (and {len(failed) - 1} more)"
+                                                                      if len(failed) > 1 else ""))
+
+    def _explore_job(self, it, stage, gi, members, rel, models) -> dict:
+        """explore_group's job for a group's trajectories (members: (structure, atoms, temperature, pressure)),
+        plain JSON: the same job runs in this process or in a cluster job."""
         atoms = [m[1] for m in members]
         symbols = [a.get_chemical_symbols() for a in atoms]
-        masses = np.array([[self.cfg["masses"][self.type_index[s]] for s in row] for row in symbols])
-        pos = np.stack([a.positions for a in atoms])
-        box = np.stack([a.cell[:] for a in atoms]) if atoms[0].pbc.all() else None
-        temps = [m[2] for m in members]
-        press = [m[3] for m in members]
-        seed = stage["seed"] + 1000 * it + 37 * gi
-        vel = _thermal_velocities(masses, temps, np.random.default_rng(seed))
-        bias = None
-        if stage["bias"] is not None:
-            from explore_label_train.bias import DeviationBias
+        return {"models": models, "symbols": symbols, "positions": np.stack([a.positions for a in atoms]).tolist(),
+                "cells": np.stack([a.cell[:] for a in atoms]).tolist() if atoms[0].pbc.all() else None,
+                "masses": [[self.cfg["masses"][self.type_index[s]] for s in row] for row in symbols],
+                "temperatures": [m[2] for m in members], "pressures": [m[3] for m in members], "stage": stage,
+                "seed": stage["seed"] + 1000 * it + 37 * gi, "out": str(self.root / rel)}
 
-            bias = DeviationBias(stage["bias"]["strength"], stage["bias"]["scale"])
-        sim = Simulation(models, pos, symbols, box, temperature=np.array(temps), pressure=np.array(press),
-                         masses=masses, ensemble=stage["ensemble"], thermostat=stage["thermostat"],
-                         barostat=stage["barostat"], timestep=stage["timestep"], steps=stage["steps"], seed=seed,
-                         min_distance=stage["min_distance"], velocities=vel, thermo_freq=0, log=None, bias=bias)
-        coord, boxes, devi, steps, traj = [], [], [], [], []
-        stop = None
-        nf = len(members)
-        try:
-            for step in range(stage["traj_interval"], stage["steps"] + 1, stage["traj_interval"]):
-                sim.run(stage["traj_interval"])
-                d = sim.deviation()
-                p = sim.state.positions.detach().cpu().numpy()
-                b = None if sim.state.box is None else sim.state.box.detach().cpu().numpy()
-                for f in range(nf):
-                    coord.append(p[f])
-                    if b is not None:
-                        boxes.append(b[f])
-                    devi.append(d[f])
-                    steps.append(step)
-                    traj.append(f)
-        except DpmdError as err:   # MDStopError (atoms too close, lost atoms, ...) or another one-line reason
-            message = str(err).splitlines()[0].split("; wrote")[0]
-            at = re.match(r"step (\d+):", message)   # MDStopError names the step it stopped at
-            stop = {"step": int(at[1]) if at else int(sim.state.step), "message": message}
-        n = pos.shape[1]
-        out = {"symbols": np.array(symbols[0]), "coord": np.array(coord).reshape(-1, n, 3),
-               "devi": np.array(devi).reshape(-1, 7), "step": np.array(steps, dtype=np.int64),
-               "traj": np.array(traj, dtype=np.int64), "note": np.array(stop["message"] if stop else "")}
-        if box is not None:
-            out["box"] = np.array(boxes).reshape(-1, 3, 3)
-        if any(row != symbols[0] for row in symbols):
-            out["all_symbols"] = np.array(symbols)
-        return out, stop
+    def _explored(self, it, stage, task_id, members, rel, stop, seconds) -> None:
+        """Record an exploration run: its frames, classified, its incident (a run that stopped early) and its
+        task done, in one transaction."""
+        from explore_label_train.selection import classify
+
+        with np.load(self.root / rel) as f:
+            z = dict(f)
+        note = stop and f"stopped early: {stop['message']}"
+        levels = [trust_levels(self.cfg, stage, members[int(t)][0]) for t in z["traj"]]
+        inf = float("inf")   # no virial level: no virial criterion
+        classes = classify(z["devi"][:, 3], [v["lo"] for v in levels], [v["hi"] for v in levels],
+                           z["devi"][:, 0], [inf if v["v_lo"] is None else v["v_lo"] for v in levels],
+                           [inf if v["v_hi"] is None else v["v_hi"] for v in levels]) if len(z["devi"]) else []
+        with self.state.tx() as db:
+            for i in range(len(z["step"])):
+                if z["step"][i] < stage["skip_steps"]:   # DP-GEN's model_devi_skip: kept, never classified
+                    continue
+                m = members[int(z["traj"][i])]
+                dv = z["devi"][i]
+                db.execute("INSERT OR IGNORE INTO frames (iteration, task_id, file, idx, stage, traj, structure, "
+                           "temperature, pressure, step, max_devi_f, avg_devi_f, max_devi_v, devi_e, class) "
+                           "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                           (it, task_id, str(rel), i, stage["name"], int(z["traj"][i]), m[0], m[2], m[3],
+                            int(z["step"][i]), float(dv[3]), float(dv[5]), float(dv[0]), float(dv[6]),
+                            str(classes[i])))
+            if stop:
+                # a batch stops as a whole: the incident names the systems dpmd's message names
+                named = sorted({int(x) for x in re.findall(r"of system (\d+)", stop["message"])}) or (
+                    [0] if len(members) == 1 else [None])
+                for traj in named:
+                    m = members[traj] if traj is not None else (None, None, None, None)
+                    db.execute("INSERT INTO incidents (task_id, iteration, stage, step, traj, structure, "
+                               "temperature, pressure, message) VALUES (?,?,?,?,?,?,?,?,?)",
+                               (task_id, it, stage["name"], stop["step"], traj, m[0], m[2], m[3], stop["message"]))
+            self.state.task_done(db, task_id, {"frames": int(len(z["step"])), "trajectories": len(members),
+                                               "note": note or None, "files": self._files(self.root / rel)}, seconds)
+        self.log(f"[iteration {it}] explored {task_id}: {len(members)} trajectories x {len(members[0][1])} atoms, "
+                 f"{len(z['step'])} frames" + (f" ({note})" if note else ""))
 
     def _stage_select(self, it: int, t0) -> bool:
         from explore_label_train.selection import check_frame, choose, choose_stratified, frame_descriptors
@@ -774,7 +919,8 @@ class Campaign:
                     updates[r["frame_id"]] = (why, f"rejected by filter: {why}")
                 else:
                     passing.append(r)
-        budget = max(0, min(sel["budget"], self.cfg["convergence"]["max_labels"] - self.total_labels()))
+        left = max(0, self.cfg["convergence"]["max_labels"] - self.total_labels())
+        budget = min(sel["budget"], left)
         features = None
         if sel["method"] == "fps" and len(passing) > budget > 0:
             model = self.models(it)[0]
@@ -790,12 +936,24 @@ class Campaign:
                 for (j, _, _), row in zip(items, f):
                     feats[j] = row
             features = np.stack(feats)
-        if sel["stratify"]:  # each exploration condition gets its share of the budget
-            strata = [(r["structure"], r["temperature"], r["pressure"]) for r in passing]
-            chosen, reasons = choose_stratified([dict(r) for r in passing], strata, budget, sel["method"], features,
-                                                seed=it)
-        else:
-            chosen, reasons = choose([dict(r) for r in passing], budget, sel["method"], features, seed=it)
+        groups: dict = {}   # the budget's scope: the iteration, or each structure (select.per_structure)
+        for j, r in enumerate(passing):
+            groups.setdefault(r["structure"] if sel["per_structure"] else None, []).append(j)
+        chosen, reasons = [], {}
+        for key, idx in groups.items():
+            rows, share = [dict(passing[j]) for j in idx], min(sel["budget"], left)
+            feats = None if features is None else features[idx]
+            if len(idx) < sel["min_labels"]:   # DP-GEN's fp_task_min
+                sub, why = [], {s: f"not selected: {len(idx)} candidates{f' of {key}' if key else ''}, fewer than "
+                                   f"select.min_labels {sel['min_labels']}" for s in range(len(idx))}
+            elif sel["stratify"]:  # each exploration condition gets its share of the budget
+                strata = [(r["structure"], r["temperature"], r["pressure"]) for r in rows]
+                sub, why = choose_stratified(rows, strata, share, sel["method"], feats, seed=it)
+            else:
+                sub, why = choose(rows, share, sel["method"], feats, seed=it)
+            chosen += [idx[s] for s in sub]
+            reasons.update({idx[s]: w for s, w in why.items()})
+            left -= len(sub)
         chosen_ids = {passing[j]["frame_id"] for j in chosen}
         for j, r in enumerate(passing):
             updates[r["frame_id"]] = (None, reasons[j])
@@ -816,6 +974,7 @@ class Campaign:
 
     def _stage_label(self, it: int, t0) -> bool:
         self._run_label_tasks(it)
+        self._check_failed(it)
         return self._hold_out(it, "label", t0)
 
     def _validation_error(self, it: int):
@@ -850,7 +1009,7 @@ class Campaign:
         n_labels = st.one("SELECT COUNT(*) FROM labels WHERE iteration=?", it)
         total = self.total_labels()
         val_e, val_f = self._validation_error(it)
-        if n and frac["accurate"] >= cv["accurate_ratio"]:
+        if n and cv["accurate_ratio"] is not None and frac["accurate"] >= cv["accurate_ratio"]:
             decision = "converged"
         elif it + 1 >= cv["max_iterations"]:
             decision = "max_iterations"

@@ -13,14 +13,20 @@ Every failure prints one line and exits 1: `elt <cmd>: error: ...` for what the 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import shlex
 import sqlite3
 import sys
 from pathlib import Path
 
+from dpmd import log as dpmd_log
 from dpmd.errors import DpmdError
 from dpmd.runtime import quiet_openmp, thread_count
 from explore_label_train.state import RESTORE
+
+LOGGERS = ("dpmd", "explore_label_train")
+log = logging.getLogger("explore_label_train")
 
 
 def _db_path(target: str, args) -> Path:
@@ -37,7 +43,7 @@ def _db_path(target: str, args) -> Path:
 
 
 def _run(args) -> None:
-    from explore_label_train.campaign import Campaign, move_aside
+    from explore_label_train.campaign import Campaign, move_aside, work_dir_lock
     from explore_label_train.config import load_campaign
 
     cfg = load_campaign(args.campaign)
@@ -45,10 +51,16 @@ def _run(args) -> None:
         cfg["threads"] = args.threads
     args.db = Path(cfg["work_dir"]) / "campaign.db"
     if args.move_aside:
-        inputs = cfg["initial"]["data"] + [s["file"] for s in cfg["structures"].values() if s["file"]]
+        inputs = cfg["initial"]["data"] + [f for s in cfg["structures"].values()
+                                           for f in [s["file"], *(s["files"] or [])] if f]
         moved = move_aside(Path(cfg["work_dir"]), inputs)
         print(f"moved the earlier campaign files to {moved}" if moved else "nothing to move aside; starting fresh")
-    campaign = Campaign(cfg)
+    campaign = Campaign(cfg, log=log.info)
+    with work_dir_lock(campaign.root):   # a run refused (another run holds the lock, files no database vouches for)
+        campaign.state                   # writes no campaign.log; campaign.run takes the lock again
+    # a campaign runs for days: its progress also goes to <work_dir>/campaign.log, appended across resumes
+    dpmd_log.setup(args.log_level, args.log_path, names=LOGGERS, more_paths=[campaign.root / "campaign.log"])
+    dpmd_log.file_only(log, logging.INFO, f"elt {shlex.join(sys.argv[1:] if args.argv is None else args.argv)}")
     decision = campaign.run()
     from explore_label_train.report import status_table
 
@@ -77,7 +89,13 @@ def _report(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elt", description="explore-label-train active learning with dpmd")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="run (or resume) a campaign")
+    logging_options = argparse.ArgumentParser(add_help=False)
+    dpmd_log.add_arguments(logging_options)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=[logging_options])
+
+    p = command("run", "run (or resume) a campaign; progress also goes to <work_dir>/campaign.log")
     p.add_argument("campaign", help="campaign YAML file")
     p.add_argument("--move-aside", action="store_true",
                    help="first move the work_dir's campaign files (campaign.db, iter.*, labels, data, dispatch, "
@@ -86,16 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cores the campaign uses at once (default: the campaign's threads key, else every core this "
                         "process may use); small models train one member per core")
     p.set_defaults(func=_run)
-    p = sub.add_parser("status", help="iterations, stages, tasks, labels and deviation classes")
+    p = command("status", "iterations, stages, tasks, labels and deviation classes")
     p.add_argument("campaign", nargs="?", default=".", help="campaign YAML or its directory (default: .)")
     p.set_defaults(func=_status)
-    p = sub.add_parser("report", help="PNG plots and an HTML page")
+    p = command("report", "PNG plots and an HTML page")
     p.add_argument("campaign", nargs="?", default=".", help="campaign YAML or its directory (default: .)")
     p.add_argument("-o", "--output", help="output directory (default: <campaign dir>/report)")
     p.set_defaults(func=_report)
     from explore_label_train import dpgen_import
 
-    p = sub.add_parser("import-dpgen", help="a DP-GEN run (param.json [machine.json]) as a campaign file")
+    p = command("import-dpgen", "a DP-GEN run (param.json [machine.json]) as a campaign file")
     dpgen_import.add_arguments(p)
     p.set_defaults(func=dpgen_import.run)
     return parser
@@ -108,7 +126,9 @@ def _first_line(err: BaseException) -> str:
 def main(argv=None) -> int:
     quiet_openmp()   # before torch (or a labeller's OpenMP) loads, here and in every worker process
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
+        dpmd_log.setup(args.log_level, args.log_path, names=LOGGERS)
         args.func(args)
     except Exception as err:  # noqa: BLE001 - every failure is one line; the traceback only on request
         if os.environ.get("DPMD_DEBUG") or os.environ.get("ELT_DEBUG"):
@@ -121,6 +141,7 @@ def main(argv=None) -> int:
             message = (f"internal error: {type(err).__name__}: {_first_line(err)} "
                        f"(set DPMD_DEBUG=1 for the traceback)")
         print(f"elt {args.command}: {message}", file=sys.stderr)
+        dpmd_log.file_only(log, logging.ERROR, message)
         return 1
     return 0
 

@@ -8,9 +8,11 @@ against the campaign file's directory.  `load_campaign(path)` returns a plain di
 from __future__ import annotations
 
 import copy
+import glob
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -24,31 +26,51 @@ TOP = {"work_dir": None, "type_map": None, "masses": None, "structures": {}, "in
 # Work in the campaign process gets up to that many torch threads (one for small systems); the ensemble trains
 # in as many single-member processes as fit (one thread each for small models); each local label worker gets
 # threads / dispatcher.workers threads (at least one).
-STRUCTURE = {"file": None, "format": None, "index": 0, "bulk": None, "crystalstructure": None, "a": None,
+STRUCTURE = {"file": None, "files": None, "format": None, "index": 0, "bulk": None, "crystalstructure": None, "a": None,
              "c": None, "cubic": False, "orthorhombic": False, "repeat": None,
              "molecule": None, "copies": 1, "spacing": 3.0, "seed": 0}
 INITIAL = {"data": [], "structures": [], "perturb": 4, "displacement": 0.05, "cell_strain": 0.02, "seed": 0}
+# init_from_previous: true (from iteration 1), false, or N (from iteration N on); init_models: one model per member
+# iteration 0 starts from (finetune: as `dpmd train --finetune`); min_new_labels: an iteration whose predecessor
+# added fewer labels reuses its models untrained (DP-GEN's fp_task_min)
 TRAIN = {"template": None, "ensemble_size": 4, "numb_steps": None, "reuse_numb_steps": None,
-         "init_from_previous": True, "seed": 1}
+         "init_from_previous": True, "init_models": None, "finetune": False, "min_new_labels": 0, "seed": 1,
+         "dispatcher": None}
+# ensemble, timestep, seed, min_distance, thermostat, barostat: as `dpmd md` takes them (stage_md), but timestep
+# 1 fs; thermostat null: nvt and npt get dpmd md's (langevin, damp 0.1 ps), barostat null: npt gets its (stochastic
+# cell rescaling, damp 1 ps, iso, water's compressibility)
 STAGE = {"name": None, "structures": None, "ensemble": "nvt", "temperatures": None, "pressures": [1.0],
-         "steps": None, "traj_interval": 10, "timestep": 1.0, "thermostat": {"type": "langevin", "damp": 0.1},
-         "barostat": {"damp": 1.0, "mode": "iso", "compressibility": 4.5e-5}, "iterations": None, "seed": 1,
-         "min_distance": 0.5, "bias": None}
+         "steps": None, "traj_interval": 10, "timestep": 1.0, "thermostat": None, "barostat": None,
+         "iterations": None, "seed": 1, "min_distance": 0.5, "bias": None, "skip_steps": 0, "trust": None,
+         "dispatcher": None}
 BIAS = {"strength": None, "scale": None}   # E_bias = -strength * tanh(sigma / scale): see explore_label_train/bias.py
-TRUST = {"lo": None, "hi": None}
+# lo, hi: eV/Å on max_devi_f; v_lo, v_hi: eV on max_devi_v (null: no virial criterion); structures: {name: {lo,
+# hi, v_lo, v_hi}}.  A stage's own trust (the same keys) comes first: see trust_levels
+LEVELS = ("lo", "hi", "v_lo", "v_hi")
+TRUST = {"lo": None, "hi": None, "v_lo": None, "v_hi": None, "structures": {}}
 # holdout: the fraction of each labelling stage's new labels kept out of training as the test set
 # (test_data/; at least one label once a stage has 5): see explore_label_train/selection.py, holdout_count
-SELECT = {"budget": 10, "method": "fps", "stratify": False, "holdout": 0.1}
+# per_structure: budget and min_labels count per explored structure, not per iteration (DP-GEN's fp_task_max and
+# fp_task_min); fewer selectable candidates than min_labels: none is labelled
+SELECT = {"budget": 10, "method": "fps", "stratify": False, "holdout": 0.1, "per_structure": False, "min_labels": 0}
 # frames before labelling: min_distance (Å), volume_per_atom ([min, max] Å^3), min_cell_angle (degrees),
 # max_cell_length (Å); labels after it, sanity bounds far beyond any physical frame: max_force (eV/Å, any
 # atom) and max_energy_deviation (eV/atom from the median of the labels of the same composition).  A label
 # over a bound is a failed task naming the value and the atom; null switches a filter off.
 FILTERS = {"min_distance": 1.0, "volume_per_atom": None, "min_cell_angle": 30.0, "max_cell_length": None,
            "max_force": 1000.0, "max_energy_deviation": 10.0}
+# an ASE calculator; or, with `code:` (vasp, cp2k, qe, abacus, gaussian), a file-based DFT labeller whose keys
+# (DP-GEN's: templates, pseudopotentials, k-points, command) explore_label_train.dft.check_settings validates
 LABELLER = {"calculator": "emt", "kwargs": {}}
+# dispatcher: the label tasks'; train.dispatcher, explore[].dispatcher: null or local (in and beside the campaign
+# process), or such a block: each member, each exploration group a cluster job (stage_dispatcher).
+# python: the command that runs a Python with dpmd in a cluster job (dpdispatcher; e.g. "conda run -n dpmd
+# python"); poll_interval: seconds between dpdispatcher's checks of its jobs (null: dpdispatcher's 30)
 DISPATCHER = {"backend": "local", "workers": 1, "timeout": 600.0, "start_method": "spawn", "machine": None,
-              "resources": None, "retries": 3, "retry_wait": 30.0}
-CONVERGENCE = {"accurate_ratio": 0.95, "max_iterations": 5, "max_labels": 1000}
+              "resources": None, "retries": 3, "retry_wait": 30.0, "python": "python", "poll_interval": None}
+# accurate_ratio null: no accuracy stop (DP-GEN runs every job); max_failed_ratio: more failed label tasks in an
+# iteration stop the campaign with an error (DP-GEN's ratio_failed; null: never)
+CONVERGENCE = {"accurate_ratio": 0.95, "max_iterations": 5, "max_labels": 1000, "max_failed_ratio": None}
 
 SCHEMA = {"": TOP, "structures.*": STRUCTURE, "initial": INITIAL, "train": TRAIN, "explore[]": STAGE,
           "trust": TRUST, "select": SELECT, "filters": FILTERS, "labeller": LABELLER, "dispatcher": DISPATCHER,
@@ -106,14 +128,33 @@ def _names(value, where, known: dict) -> list[str]:
     return value
 
 
+def _files(value, where: str, base: Path) -> list[str]:
+    """Paths or glob patterns relative to the campaign file, each matching a file: their matches, each pattern's
+    sorted, in the order given."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"'{where}' must be a path or glob pattern, or a list of them, got {value!r}")
+    out = []
+    for i, v in enumerate(value):
+        pattern = _path(v, f"{where}[{i}]", base, must_exist=False)
+        found = sorted(glob.glob(pattern)) or ([pattern] if Path(pattern).is_file() else [])
+        if not found:
+            raise ConfigError(f"'{where}[{i}]': {v} matches no file (looked for {pattern})")
+        out += [f for f in found if f not in out]
+    return out
+
+
 def _structure(spec, name: str, base: Path, type_map: list[str]) -> dict:
     where = f"structures.{name}"
     if isinstance(spec, str):
         spec = {"file": spec}
     s = complete(spec, STRUCTURE, where)
-    if sum(s[k] is not None for k in ("file", "bulk", "molecule")) != 1:
-        raise ConfigError(f"'{where}' needs exactly one of 'file' (any file ASE reads), 'bulk' (an element) or "
-                          f"'molecule' (an ASE molecule name, with copies and spacing: a cluster)")
+    if sum(s[k] is not None for k in ("file", "files", "bulk", "molecule")) != 1:
+        raise ConfigError(f"'{where}' needs exactly one of 'file' (any file ASE reads), 'files' (several: a group), "
+                          f"'bulk' (an element) or 'molecule' (an ASE molecule name, with copies and spacing)")
+    if s["files"] is not None:
+        s["files"] = _files(s["files"], f"{where}.files", base)
     if s["molecule"] is not None:
         _num(s["copies"], f"{where}.copies", integer=True, positive=True)
         s["spacing"] = _num(s["spacing"], f"{where}.spacing", positive=True)
@@ -144,9 +185,90 @@ def _template(value, base: Path) -> dict:
     return value
 
 
+def _trust(section, where: str, structures: dict, required=False) -> dict:
+    """The campaign's trust, or a stage's (required=False: every level may be left out)."""
+    t = complete(section, TRUST, where)
+    for k in LEVELS:
+        if required and k in ("lo", "hi") and t[k] is None:
+            raise ConfigError(f"'{where}.{k}' is required (max force deviation, eV/Å)")
+        t[k] = _num(t[k], f"{where}.{k}", minimum=0, allow_none=True)
+    if not isinstance(t["structures"], dict):
+        raise ConfigError(f"'{where}.structures' must map structure names to {{lo, hi, v_lo, v_hi}}")
+    _names(list(t["structures"]), f"{where}.structures", structures)
+    for name, levels in t["structures"].items():
+        lv = t["structures"][name] = complete(levels, dict.fromkeys(LEVELS), f"{where}.structures.{name}")
+        for k in LEVELS:
+            lv[k] = _num(lv[k], f"{where}.structures.{name}.{k}", minimum=0, allow_none=True)
+    return t
+
+
+def dispatcher(section, where: str) -> dict:
+    """A dispatcher block (DISPATCHER's keys) completed and checked; `where` names it in errors."""
+    d = complete(section, DISPATCHER, where)
+    if d["backend"] not in ("local", "dpdispatcher"):
+        raise ConfigError(f"'{where}.backend' must be local or dpdispatcher, got {d['backend']!r}")
+    _num(d["workers"], f"{where}.workers", integer=True, positive=True)
+    d["timeout"] = _num(d["timeout"], f"{where}.timeout", positive=True, allow_none=True)
+    _num(d["retries"], f"{where}.retries", integer=True, minimum=0)
+    d["retry_wait"] = _num(d["retry_wait"], f"{where}.retry_wait", minimum=0)
+    d["poll_interval"] = _num(d["poll_interval"], f"{where}.poll_interval", positive=True, allow_none=True)
+    if d["start_method"] not in ("spawn", "forkserver", "fork"):
+        raise ConfigError(f"'{where}.start_method' must be spawn, forkserver or fork, got {d['start_method']!r}")
+    if not isinstance(d["python"], str) or not d["python"].strip():
+        raise ConfigError(f"'{where}.python' must be the command that runs Python with dpmd in a job, "
+                          f"got {d['python']!r}")
+    if d["backend"] == "dpdispatcher":
+        from explore_label_train.dispatch import check_dpdispatcher
+
+        check_dpdispatcher(d, where)
+    return d
+
+
+def stage_dispatcher(section, where: str):
+    """train.dispatcher / explore[].dispatcher: null or `local` (None: the campaign process and its training
+    workers, as without the key), or a dispatcher block; its jobs have no time limit unless `timeout` is given."""
+    if section in (None, "local"):
+        return None
+    if not isinstance(section, dict):
+        raise ConfigError(f"'{where}' must be local or a dispatcher block (backend, machine, resources, ...), "
+                          f"got {section!r}")
+    d = dispatcher({"timeout": None, **section}, where)
+    return None if d["backend"] == "local" else d
+
+
+def stage_md(stage: dict, where: str) -> dict:
+    """A stage's ensemble, timestep, seed, min_distance, thermostat and barostat checked and completed by `dpmd
+    md`'s validator (dpmd.md.config.normalize_md_config): the same forms (thermostat: langevin, {csvr: {damp:
+    0.2}}, ...) and the same one-line errors, naming `where`'s key.  Null thermostat / barostat: md's default
+    where the ensemble has one; pressure: the first of the stage's, npt only."""
+    from dpmd.md.config import normalize_md_config   # lazily: labelling workers import this module without torch
+
+    keys = ("ensemble", "timestep", "seed", "min_distance")
+    md = {"structure": "-", "models": ["-"], "steps": stage["steps"], **{k: stage[k] for k in keys}}
+    md.update({k: stage[k] for k in ("thermostat", "barostat") if stage[k] is not None})
+    if stage["ensemble"] == "npt":
+        md["pressure"] = stage["pressures"][0]
+    try:
+        cfg = normalize_md_config(md)
+    except ConfigError as err:   # md names its key ('timestep' ..., thermostat: ..., unknown key 'barostat.x')
+        at = re.match(r"(unknown key )?'?", str(err)).end()
+        raise ConfigError(f"{str(err)[:at]}{where}.{str(err)[at:]}") from None
+    return {k: cfg[k] for k in (*keys, "thermostat", "barostat")}
+
+
+def trust_levels(campaign: dict, stage: dict, structure: str) -> dict:
+    """{lo, hi, v_lo, v_hi} for frames of `structure` explored in `stage`: of the stage's level for the
+    structure, the stage's, the campaign's for the structure and the campaign's, the first given (DP-GEN's
+    order: a job's levels over the global ones, a system's over the common one)."""
+    own = stage["trust"] or {"structures": {}}
+    order = (own["structures"].get(structure, {}), own, campaign["trust"]["structures"].get(structure, {}),
+             campaign["trust"])
+    return {k: next((t[k] for t in order if t.get(k) is not None), None) for k in LEVELS}
+
+
 def training_input(campaign: dict, systems: list[str], numb_steps: int, member: int, iteration: int) -> dict:
     """The `dpmd train` input of one ensemble member: the template with type_map, data, steps and seeds filled."""
-    from dpmd.train.config import normalize_input
+    from dpmd.train.config import NUMB_STEPS_NAMES, normalize_input
 
     cfg = copy.deepcopy(campaign["train"]["template"])
     model = cfg.setdefault("model", {})
@@ -155,6 +277,8 @@ def training_input(campaign: dict, systems: list[str], numb_steps: int, member: 
     model.setdefault("descriptor", {})["seed"] = seed
     model.setdefault("fitting_net", {})["seed"] = seed + 1
     tr = cfg.setdefault("training", {})
+    for alias in NUMB_STEPS_NAMES:   # numb_steps is set below: an alias in the template (stop_batch) would clash
+        tr.pop(alias, None)
     tr["seed"] = seed + 2 + 7919 * iteration
     data = dict(tr.get("training_data") or {})
     data["systems"] = list(systems)
@@ -213,15 +337,30 @@ def normalize_campaign(raw, base_dir: Path, source: str = "campaign") -> dict:
         raise ConfigError("'train.template' is required (a `dpmd train` input: a path or a mapping)")
     tr["template"] = _template(tr["template"], base)
     _num(tr["ensemble_size"], "train.ensemble_size", integer=True, minimum=2)
-    if tr["numb_steps"] is None:
-        tr["numb_steps"] = (tr["template"].get("training") or {}).get("numb_steps")
+    if tr["numb_steps"] is None:   # the template's, under DeePMD-kit's name or an alias (stop_batch, ...)
+        from dpmd.train.config import NUMB_STEPS_NAMES
+
+        training = tr["template"].get("training") or {}
+        tr["numb_steps"] = next((training[k] for k in NUMB_STEPS_NAMES if k in training), None)
     _num(tr["numb_steps"], "train.numb_steps", integer=True, positive=True)
     if tr["reuse_numb_steps"] is None:
         tr["reuse_numb_steps"] = tr["numb_steps"]
     _num(tr["reuse_numb_steps"], "train.reuse_numb_steps", integer=True, positive=True)
     _num(tr["seed"], "train.seed", integer=True, minimum=0)
-    if not isinstance(tr["init_from_previous"], bool):
-        raise ConfigError(f"'train.init_from_previous' must be true or false, got {tr['init_from_previous']!r}")
+    start = tr["init_from_previous"]
+    if not (isinstance(start, bool) or (isinstance(start, int) and start >= 1)):
+        raise ConfigError(f"'train.init_from_previous' must be true, false or the first iteration that starts from "
+                          f"the previous models (1, 2, ...), got {start!r}")
+    if tr["init_models"] is not None:
+        models = tr["init_models"]
+        if not isinstance(models, list) or len(models) != tr["ensemble_size"]:
+            raise ConfigError(f"'train.init_models' must list one model per member ({tr['ensemble_size']}), "
+                              f"got {models!r}")
+        tr["init_models"] = [_path(m, f"train.init_models[{i}]", base) for i, m in enumerate(models)]
+    if not isinstance(tr["finetune"], bool) or (tr["finetune"] and tr["init_models"] is None):
+        raise ConfigError("'train.finetune' must be true or false; true needs train.init_models")
+    _num(tr["min_new_labels"], "train.min_new_labels", integer=True, minimum=0)
+    tr["dispatcher"] = stage_dispatcher(tr["dispatcher"], "train.dispatcher")
     tmpl_model = tr["template"].get("model") if isinstance(tr["template"].get("model"), dict) else {}
     if tmpl_model.get("type_map") not in (None, tm):
         raise ConfigError(f"'train.template' model.type_map {tmpl_model.get('type_map')} differs from type_map {tm}")
@@ -245,24 +384,19 @@ def normalize_campaign(raw, base_dir: Path, source: str = "campaign") -> dict:
         if s["structures"] is None:
             raise ConfigError(f"'{where}.structures' is required (names from 'structures')")
         s["structures"] = _names(s["structures"], f"{where}.structures", c["structures"])
-        if s["ensemble"] not in ("nvt", "npt", "nve"):
-            raise ConfigError(f"'{where}.ensemble' must be nvt, npt or nve, got {s['ensemble']!r}")
         if s["temperatures"] is None:
             raise ConfigError(f"'{where}.temperatures' is required (K)")
         s["temperatures"] = _numbers(s["temperatures"], f"{where}.temperatures", minimum=0)
         s["pressures"] = _numbers(s["pressures"], f"{where}.pressures")
-        if s["ensemble"] != "npt":
-            s["pressures"] = [s["pressures"][0]]
         if s["steps"] is None:
             raise ConfigError(f"'{where}.steps' is required")
         _num(s["steps"], f"{where}.steps", integer=True, positive=True)
+        s.update(stage_md(s, where))
+        if s["ensemble"] != "npt":
+            s["pressures"] = [s["pressures"][0]]
         _num(s["traj_interval"], f"{where}.traj_interval", integer=True, positive=True)
-        s["timestep"] = _num(s["timestep"], f"{where}.timestep", positive=True)
-        _num(s["seed"], f"{where}.seed", integer=True, minimum=0)
-        s["min_distance"] = _num(s["min_distance"], f"{where}.min_distance", minimum=0)
-        s["thermostat"] = complete(s["thermostat"], {"type": "langevin", "damp": 0.1, "chain": 3},
-                                   f"{where}.thermostat")
-        s["barostat"] = complete(s["barostat"], STAGE["barostat"], f"{where}.barostat")
+        s["dispatcher"] = stage_dispatcher(s["dispatcher"], f"{where}.dispatcher")
+        _num(s["skip_steps"], f"{where}.skip_steps", integer=True, minimum=0)
         its = s["iterations"]
         if its is not None:
             if isinstance(its, int) and not isinstance(its, bool):
@@ -271,13 +405,18 @@ def normalize_campaign(raw, base_dir: Path, source: str = "campaign") -> dict:
                 raise ConfigError(f"'{where}.iterations' must list iteration numbers (0, 1, ...), got {its!r}")
             s["iterations"] = its
     # trust levels
-    t = c["trust"] = complete(c["trust"], TRUST, "trust")
-    for k in ("lo", "hi"):
-        if t[k] is None:
-            raise ConfigError(f"'trust.{k}' is required (max force deviation, eV/Å)")
-        t[k] = _num(t[k], f"trust.{k}", minimum=0)
+    t = c["trust"] = _trust(c["trust"], "trust", c["structures"], required=True)
     if not t["lo"] < t["hi"]:
         raise ConfigError(f"'trust.lo' ({t['lo']}) must be smaller than 'trust.hi' ({t['hi']})")
+    for i, s in enumerate(stages):
+        if s["trust"] is not None:
+            s["trust"] = _trust(s["trust"], f"explore[{i}].trust", c["structures"])
+        for name in s["structures"]:
+            lv = trust_levels(c, s, name)
+            for lo, hi in (("lo", "hi"), ("v_lo", "v_hi")):
+                if lv[lo] is not None and lv[hi] is not None and not lv[lo] < lv[hi]:
+                    raise ConfigError(f"trust: {lo} ({lv[lo]}) must be smaller than {hi} ({lv[hi]}) for structure "
+                                      f"{name!r} in explore[{i}]")
     for i, s in enumerate(stages):   # uncertainty-biased exploration ("reinforced dynamics")
         if s["bias"] is not None:
             b = s["bias"] = complete(s["bias"], BIAS, f"explore[{i}].bias")
@@ -290,6 +429,9 @@ def normalize_campaign(raw, base_dir: Path, source: str = "campaign") -> dict:
     if not isinstance(sel["stratify"], bool):
         raise ConfigError(f"'select.stratify' must be true or false, got {sel['stratify']!r}")
     sel["holdout"] = _num(sel["holdout"], "select.holdout", minimum=0)
+    if not isinstance(sel["per_structure"], bool):
+        raise ConfigError(f"'select.per_structure' must be true or false, got {sel['per_structure']!r}")
+    _num(sel["min_labels"], "select.min_labels", integer=True, minimum=0)
     if sel["holdout"] > 0.5:
         raise ConfigError(f"'select.holdout' is the fraction of each iteration's labels kept for testing, at most "
                           f"0.5, got {sel['holdout']}")
@@ -305,33 +447,28 @@ def normalize_campaign(raw, base_dir: Path, source: str = "campaign") -> dict:
         if not isinstance(v, list) or len(v) != 2:
             raise ConfigError(f"'filters.volume_per_atom' must be [min, max] in Å^3, got {v!r}")
         f["volume_per_atom"] = [_num(x, "filters.volume_per_atom", positive=True) for x in v]
-    lab = c["labeller"] = complete(c["labeller"], LABELLER, "labeller")
-    if not isinstance(lab["calculator"], str) or not isinstance(lab["kwargs"], dict):
-        raise ConfigError("'labeller' needs 'calculator' (a name: emt, lj, tblite, pyscf, or module:attr) "
-                          "and 'kwargs' (a mapping)")
-    from explore_label_train.labelers import check_labeller
+    lab = c["labeller"]
+    if isinstance(lab, dict) and "code" in lab:   # a file-based DFT labeller (explore_label_train/dft)
+        from explore_label_train.dft import check_settings
 
-    check_labeller(lab)
-    d = c["dispatcher"] = complete(c["dispatcher"], DISPATCHER, "dispatcher")
-    if d["backend"] not in ("local", "dpdispatcher"):
-        raise ConfigError(f"'dispatcher.backend' must be local or dpdispatcher, got {d['backend']!r}")
-    _num(d["workers"], "dispatcher.workers", integer=True, positive=True)
-    d["timeout"] = _num(d["timeout"], "dispatcher.timeout", positive=True)
-    _num(d["retries"], "dispatcher.retries", integer=True, minimum=0)
-    d["retry_wait"] = _num(d["retry_wait"], "dispatcher.retry_wait", minimum=0)
-    if d["start_method"] not in ("spawn", "forkserver", "fork"):
-        raise ConfigError(f"'dispatcher.start_method' must be spawn, forkserver or fork, got {d['start_method']!r}")
-    if d["backend"] == "dpdispatcher":
-        from explore_label_train.dispatch import check_dpdispatcher
+        c["labeller"] = check_settings(lab, tm, base)
+    else:
+        lab = c["labeller"] = complete(lab, LABELLER, "labeller")
+        if not isinstance(lab["calculator"], str) or not isinstance(lab["kwargs"], dict):
+            raise ConfigError("'labeller' needs 'calculator' (a name: emt, lj, tblite, pyscf, or module:attr) "
+                              "and 'kwargs' (a mapping), or 'code' (vasp, cp2k, qe, abacus, gaussian)")
+        from explore_label_train.labelers import check_labeller
 
-        check_dpdispatcher(d)
+        check_labeller(lab)
+    c["dispatcher"] = dispatcher(c["dispatcher"], "dispatcher")
     _num(c["threads"], "threads", integer=True, positive=True, allow_none=True)
     cv = c["convergence"] = complete(c["convergence"], CONVERGENCE, "convergence")
-    cv["accurate_ratio"] = _num(cv["accurate_ratio"], "convergence.accurate_ratio", minimum=0)
-    if cv["accurate_ratio"] > 1:
+    cv["accurate_ratio"] = _num(cv["accurate_ratio"], "convergence.accurate_ratio", minimum=0, allow_none=True)
+    if cv["accurate_ratio"] is not None and cv["accurate_ratio"] > 1:
         raise ConfigError(f"'convergence.accurate_ratio' must be <= 1, got {cv['accurate_ratio']}")
     _num(cv["max_iterations"], "convergence.max_iterations", integer=True, positive=True)
     _num(cv["max_labels"], "convergence.max_labels", integer=True, minimum=0)
+    cv["max_failed_ratio"] = _num(cv["max_failed_ratio"], "convergence.max_failed_ratio", minimum=0, allow_none=True)
     return c
 
 

@@ -14,19 +14,24 @@ labeller and anything it started) with a watchdog thread that kills that group a
 parent is gone, kill -9 included.  `stop_worker` ends a worker an earlier, killed `elt run` left
 behind (named by pid and start time, so a reused pid is never hit).
 
-`DPDispatcherPool` submits the same tasks through dpdispatcher (only if `import dpdispatcher` works).
-A submission that fails (sbatch refused, squeue or the SSH link down: the transient scheduler errors
-that kill long DP-GEN runs) is retried `retries` times after waiting `retry_wait` seconds, doubled
-each time; tasks that already wrote a result are not submitted again.  Each job enforces the task
-time limit itself, so a labeller over its limit is a failed task, not a failed job.  Jobs read
+`DPDispatcherPool` submits the same tasks through dpdispatcher (only if `import dpdispatcher` works), as
+Python jobs (`dispatcher.python -m explore_label_train.dispatch task.json`) or, for a DFT labeller, the code's own
+command line in the task folder (SHELL_TASKS); a resumed campaign re-attaches to the jobs a killed one left
+(same tasks, same submission: dpdispatcher finds its record of them).  A submission that fails
+(sbatch refused, squeue or the SSH link down: the transient scheduler errors that kill long DP-GEN runs) is
+retried `retries` times after waiting `retry_wait` seconds, doubled each time; tasks that already brought a
+result back are not submitted again.  A Python job enforces the task time limit itself, so a labeller over
+its limit is a failed task, not a failed job (a DFT job has the scheduler's limit).  Python jobs read
 task.json and write result.json (plain JSON: nothing coming back from a cluster is unpickled).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -36,15 +41,26 @@ from collections import deque
 from multiprocessing.connection import wait
 from pathlib import Path
 
-from dpmd.errors import ConfigError
+from dpmd.errors import ConfigError, DpmdError
+from dpmd.files import atomic_write_text
 
 FUNCTIONS = {"label": ("explore_label_train.labelers", "label"),
-             "train": ("explore_label_train.campaign", "train_member")}
+             "dft": ("explore_label_train.dft", "label"),
+             "train": ("explore_label_train.campaign", "train_member"),
+             "explore": ("explore_label_train.campaign", "explore_group")}
 
 
 def _first_line(err: BaseException) -> str:
     text = str(err)
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _reason(err: BaseException) -> str:
+    """A failed task's reason: a DpmdError's own line (it names the file, key or atom: an SCF that did not
+    converge, a bad setting), else the exception's type and first line."""
+    if isinstance(err, DpmdError):
+        return (str(err).splitlines() or [type(err).__name__])[0]
+    return _first_line(err)
 
 
 def _timeout_reason(seconds: float) -> str:
@@ -130,8 +146,9 @@ def _worker_main(conn, lifeline, own_end) -> None:
             return
         except BaseException as err:  # noqa: BLE001 - SystemExit from a labeller is a failed task too
             where = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
-            at = f" (at {Path(where.filename).name}:{where.lineno})" if where else ""
-            reply = (task_id, False, f"{_first_line(err)}{at}")
+            at = "" if where is None or isinstance(err, DpmdError) else \
+                f" (at {Path(where.filename).name}:{where.lineno})"
+            reply = (task_id, False, f"{_reason(err)}{at}")
         try:
             conn.send(reply)
         except (EOFError, OSError, BrokenPipeError):
@@ -163,7 +180,7 @@ class LocalPool:
         w[1].close()
         w[2].close()
 
-    def run(self, tasks, on_done, on_start=None) -> None:
+    def run(self, tasks, on_done, on_start=None, on_jobs=None) -> None:   # on_jobs: no cluster jobs here
         pending = deque(tasks)
         idle: list = []
         busy: dict = {}   # conn -> (worker, task_id, t0)
@@ -215,21 +232,55 @@ class LocalPool:
                 self._stop(w)
 
 
-def check_dpdispatcher(cfg: dict) -> None:
+def check_dpdispatcher(cfg: dict, where: str = "dispatcher") -> None:
     try:
         import dpdispatcher  # noqa: F401
     except ImportError:
-        raise ConfigError("'dispatcher.backend' is dpdispatcher but `import dpdispatcher` fails "
+        raise ConfigError(f"'{where}.backend' is dpdispatcher but `import dpdispatcher` fails "
                           "(pip install dpdispatcher, or use backend: local)") from None
     if not isinstance(cfg.get("machine"), dict) or not isinstance(cfg.get("resources"), dict):
-        raise ConfigError("'dispatcher.backend' dpdispatcher needs 'machine' and 'resources' mappings "
+        raise ConfigError(f"'{where}.backend' dpdispatcher needs 'machine' and 'resources' mappings "
                           "(dpdispatcher's Machine and Resources arguments)")
 
 
+# Tasks a cluster job runs as a plain shell line in its folder (a DFT code), not as a Python function:
+# fn -> (module, prepare(payload, folder, write) -> (command, files to send, files to fetch back),
+#        read(folder) -> the task's value, raising DpmdError with the reason of a failed task)
+SHELL_TASKS = {"dft": ("explore_label_train.dft", "prepare_job", "parse")}
+TASK_FILE, RESULT_FILE = "task.json", "result.json"
+
+
+def _shell_task(fn: str):
+    import importlib
+
+    module, prepare, read = SHELL_TASKS[fn]
+    mod = importlib.import_module(module)
+    return getattr(mod, prepare), getattr(mod, read)
+
+
+def _job_rows(submission) -> list[dict]:
+    """dpdispatcher's jobs of a submission as plain rows: job_hash, job_id (the scheduler's), state, tasks."""
+    return [{"job_hash": job.job_hash, "job_id": str(job.job_id or ""),
+             "state": job.job_state.name if job.job_state is not None else "unsubmitted",
+             "tasks": [task.task_work_path for task in job.job_task_list]} for job in submission.belonging_jobs]
+
+
 class DPDispatcherPool:
-    """Tasks as `python -m explore_label_train.dispatch task.json` jobs submitted through dpdispatcher
-    (any batch_type: Shell, Slurm, PBS, LSF, ...; tests/test_elt.py runs Shell, and Slurm where sbatch exists).
-    Results come back as result.json files.
+    """Tasks as cluster jobs submitted through dpdispatcher (any batch_type: Shell, Slurm, PBS, LSF, ...;
+    tests run Shell and a real local Slurm).  A Python task (FUNCTIONS) is `<python> -m
+    explore_label_train.dispatch task.json`, `python` being the dispatcher's command for a Python with dpmd on
+    the cluster (a module load, a conda run, a container: not this process's interpreter), and returns its
+    value in result.json (plain JSON: nothing coming back from a cluster is unpickled).  A shell task
+    (SHELL_TASKS: a DFT code) runs its own command line; its value is read from the files it fetched back.
+
+    Each task's folder, work_dir/dispatch/<task_id>, holds task.json, the record of the task it was written
+    for.  A folder whose record matches the task and whose results came back is reported without a job (not a
+    Python task's failed result: it gets a job again); one whose record matches but whose results did not is
+    submitted again as it is: the same submission a killed run made (a digest of each record is part of its
+    job's command, so dpdispatcher's submission hash changes with any task's content), whose record in the
+    remote root dpdispatcher finds, re-attaching to its jobs, queued, running or finished, instead of
+    submitting them twice.  `on_jobs(submission_hash, rows)`, if given, hears of the jobs (_job_rows) once they
+    are submitted or found, and once they ended.
     """
 
     def __init__(self, cfg: dict, work_dir: Path, sleep=time.sleep):
@@ -238,35 +289,81 @@ class DPDispatcherPool:
         check_dpdispatcher(cfg)
         self.cfg, self.work_dir, self.sleep = {**DISPATCHER, **cfg}, Path(work_dir), sleep
         self.root = self.work_dir / "dispatch"
+        self._specs: dict = {}   # task_id -> (fn, command, files to send, files to fetch back)
+        self._on_jobs = None
+
+    def _prepare(self, task_id: str, fn: str, payload) -> tuple:
+        """The task's folder (rewritten unless it holds this very task) and its job (fn, command, send, fetch)."""
+        folder = self.root / task_id
+        record = json.loads(json.dumps({"task_id": task_id, "fn": fn, "payload": payload,
+                                        "timeout": self.cfg["timeout"]}, default=_plain))
+        try:
+            same = json.loads((folder / TASK_FILE).read_text()) == record
+        except (OSError, ValueError):
+            same = False
+        if not same and folder.exists():   # another task's, or one cut short: this pool's folder, cleared
+            shutil.rmtree(folder)
+        if same and fn not in SHELL_TASKS and (folder / RESULT_FILE).exists():
+            try:
+                kept = json.loads((folder / RESULT_FILE).read_text())["ok"] is True
+            except (OSError, ValueError, TypeError, KeyError):
+                kept = False
+            if not kept:   # a failed (or unreadable) result is not reused: the task gets a job again
+                (folder / RESULT_FILE).unlink()
+        if fn in SHELL_TASKS:
+            command, send, fetch = _shell_task(fn)[0](payload, folder, write=not same)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            command = f"{self.cfg['python']} -m explore_label_train.dispatch {TASK_FILE}"
+            send, fetch = [TASK_FILE], [RESULT_FILE]
+        if not same:
+            _write_json(folder / TASK_FILE, record)
+        digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+        return fn, f": elt task {digest}; {command}", list(send), list(fetch)
 
     def _submit(self, tasks) -> None:
-        """One dpdispatcher submission of `tasks`; raises on scheduler errors."""
+        """One dpdispatcher submission of `tasks` (task_id, fn, payload), run to its end; raises on scheduler
+        errors.  Submitted (or found: re-attached) first, without cleaning the remote record a later run would
+        re-attach with, then waited for, fetched back and cleaned."""
         from dpdispatcher import Machine, Resources, Submission, Task
 
-        jobs = [Task(command=f"{sys.executable} -m explore_label_train.dispatch task.json",
-                     task_work_path=task_id, forward_files=["task.json"], backward_files=["result.json"],
-                     outlog="out.log", errlog="err.log") for task_id, _, _ in tasks]
-        machine = Machine.load_from_dict(self.cfg["machine"])
-        resources = Resources.load_from_dict(self.cfg["resources"])
-        Submission(work_base=str(self.root), machine=machine, resources=resources, task_list=jobs).run_submission()
+        jobs = [Task(command=self._specs[task_id][1], task_work_path=task_id, forward_files=self._specs[task_id][2],
+                     backward_files=self._specs[task_id][3], outlog="out.log", errlog="err.log")
+                for task_id, _, _ in tasks]
+        submission = Submission(work_base=str(self.root), machine=Machine.load_from_dict(self.cfg["machine"]),
+                                resources=Resources.load_from_dict(self.cfg["resources"]), task_list=jobs)
+        poll = {} if self.cfg["poll_interval"] is None else {"check_interval": self.cfg["poll_interval"]}
+        submission.run_submission(exit_on_submit=True, clean=False, **poll)
+        if self._on_jobs is not None:
+            self._on_jobs(submission.submission_hash, _job_rows(submission))
+        if submission.check_all_finished():   # finished already: that call fetched the results
+            submission.clean_jobs()
+        else:
+            submission.run_submission(**poll)
+        if self._on_jobs is not None:
+            self._on_jobs(submission.submission_hash, _job_rows(submission))
 
-    def run(self, tasks, on_done, on_start=None) -> None:   # on_start: jobs run elsewhere, no pid to record
+    def run(self, tasks, on_done, on_start=None, on_jobs=None) -> None:   # on_start: no pid to record
         tasks = list(tasks)
         if not tasks:
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        for task_id, fn, payload in tasks:
-            d = self.root / task_id
-            d.mkdir(exist_ok=True)
-            _write_json(d / "task.json", {"task_id": task_id, "fn": fn, "payload": payload,
-                                          "timeout": self.cfg["timeout"]})
-            (d / "result.json").unlink(missing_ok=True)
+        self._on_jobs = on_jobs
         t0 = time.monotonic()
-        retries, wait_s = int(self.cfg["retries"]), float(self.cfg["retry_wait"])
         reported: set = set()
+        ready = []
+        for task_id, fn, payload in tasks:
+            try:
+                self._specs[task_id] = self._prepare(task_id, fn, payload)
+                ready.append((task_id, fn, payload))
+            except Exception as err:  # noqa: BLE001 - a frame the code cannot take, an unwritable folder
+                reported.add(task_id)
+                on_done(task_id, False, _reason(err), time.monotonic() - t0)
+        retries, wait_s = int(self.cfg["retries"]), float(self.cfg["retry_wait"])
         error = None
+        self._report(ready, on_done, t0, reported)   # results a killed run's jobs brought back
         for attempt in range(retries + 1):
-            todo = [t for t in tasks if not (self.root / t[0] / "result.json").is_file()]
+            todo = [t for t in ready if t[0] not in reported]
             if not todo:
                 break
             try:
@@ -274,7 +371,7 @@ class DPDispatcherPool:
                 error = None
             except Exception as err:  # noqa: BLE001 - any scheduler/transport error is worth a retry
                 error = f"dpdispatcher: {_first_line(err)}"
-            self._report(tasks, on_done, t0, reported)   # commit what finished before trying again
+            self._report(ready, on_done, t0, reported)   # commit what finished before trying again
             if error is None:
                 break
             if attempt < retries:
@@ -282,21 +379,32 @@ class DPDispatcherPool:
                 print(f"[elt] {error}; retrying {len(todo)} task(s) in {delay:g} s "
                       f"(attempt {attempt + 2} of {retries + 1})", flush=True)
                 self.sleep(delay)
-        for task_id, _, _ in tasks:
+        for task_id, _, _ in ready:
             if task_id not in reported:
-                on_done(task_id, False, error or "dpdispatcher: the job wrote no result.json", time.monotonic() - t0)
+                on_done(task_id, False, error or f"dpdispatcher: the job brought back no {self._specs[task_id][3][0]}",
+                        time.monotonic() - t0)
 
     def _report(self, tasks, on_done, t0, reported: set) -> None:
-        for task_id, _, _ in tasks:
-            res = self.root / task_id / "result.json"
-            if task_id not in reported and res.is_file():
+        """on_done for each task whose results came back (every file it fetches is there)."""
+        for task_id, fn, _ in tasks:
+            folder = self.root / task_id
+            fetch = self._specs[task_id][3] if fn in SHELL_TASKS else [RESULT_FILE]
+            if task_id in reported or not all((folder / name).exists() for name in fetch):
+                continue
+            if fn in SHELL_TASKS:
+                try:
+                    ok, value = True, _shell_task(fn)[1](folder)
+                except Exception as err:  # noqa: BLE001 - the reason of a failed task
+                    ok, value = False, _reason(err)
+            else:
+                res = folder / RESULT_FILE
                 try:
                     reply = json.loads(res.read_text())
                     ok, value = bool(reply["ok"]), reply["value"]
                 except (OSError, ValueError, TypeError, KeyError) as err:
                     ok, value = False, f"{res}: unreadable result ({_first_line(err)})"
-                reported.add(task_id)
-                on_done(task_id, ok, value, time.monotonic() - t0)
+            reported.add(task_id)
+            on_done(task_id, ok, value, time.monotonic() - t0)
 
 
 def make_pool(cfg: dict, work_dir: Path):
@@ -321,9 +429,7 @@ def _plain(obj):
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(obj, default=_plain))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, default=_plain))
 
 
 def _main(argv) -> int:
@@ -331,19 +437,20 @@ def _main(argv) -> int:
     task = json.loads(Path(argv[0]).read_text())
     task_id, fn, payload, timeout = task["task_id"], task["fn"], task["payload"], task["timeout"]
     signal.signal(signal.SIGALRM, _on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, float(timeout))
+    if timeout is not None:   # None: no limit (training)
+        signal.setitimer(signal.ITIMER_REAL, float(timeout))
     try:
         reply = {"task_id": task_id, "ok": True, "value": call(fn, payload)}
     except _TaskTimeout:
         reply = {"task_id": task_id, "ok": False, "value": _timeout_reason(timeout)}
     except BaseException as err:  # noqa: BLE001
-        reply = {"task_id": task_id, "ok": False, "value": f"{type(err).__name__}: {err}"}
+        reply = {"task_id": task_id, "ok": False, "value": _reason(err)}
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
     try:
-        _write_json(Path("result.json"), reply)
+        _write_json(Path(RESULT_FILE), reply)
     except (TypeError, ValueError) as err:   # a task that returned something JSON cannot hold
-        _write_json(Path("result.json"), {"task_id": task_id, "ok": False, "value": f"unwritable result: {err}"})
+        _write_json(Path(RESULT_FILE), {"task_id": task_id, "ok": False, "value": f"unwritable result: {err}"})
     return 0
 
 

@@ -2,8 +2,7 @@
 
 Every key of param.json, of its model_devi_jobs entries and of machine.json has one row in PARAM, JOB or
 MACHINE: mapped onto the campaign, or dropped with a one-line reason.  The campaign file opens with a comment
-header listing the dropped keys, the campaign keys this elt does not accept yet (PENDING: until it does, the
-campaign fails to load, naming one of them) and what to check by hand.
+header listing the dropped keys and what to check by hand.
 
 What changes on the way:
 - paths: DP-GEN's are relative to param.json's folder (where `dpgen run` runs), the campaign's to its own file;
@@ -12,8 +11,9 @@ What changes on the way:
 - model_devi_jobs: job j becomes explore stage `job<j>`, run in iteration j only, and the campaign stops after the
   last one; model_devi_dt ps -> timestep fs; LAMMPS's fix nvt -> a Nose-Hoover chain (damp taut), fix npt's
   barostat -> stochastic cell rescaling (damp taup);
-- machine.json: fp -> dispatcher (dpdispatcher's machine and resources) and labeller.command; training and
-  exploration run in the `elt run` process.
+- machine.json: fp -> dispatcher (dpdispatcher's machine and resources) and labeller.command; train ->
+  train.dispatcher and model_devi -> every explore[].dispatcher (cluster jobs running dpmd's Python, `python`,
+  instead of DP-GEN's dp and lmp commands).
 """
 
 from __future__ import annotations
@@ -28,30 +28,6 @@ from pathlib import Path
 import yaml
 
 from dpmd.errors import ConfigError
-
-# Campaign keys the import writes that config.py does not accept yet (issue 22), with their meaning.  Delete a
-# row once config.py accepts its key (tests/test_dpgen_import.py checks that none of them is in its SCHEMA).
-PENDING = {
-    "structures.*.files": "a structure group (DP-GEN's system): every file listed (paths or globs, relative to the "
-                          "campaign) starts trajectories; per-structure settings apply to the group",
-    "trust.v_lo": "virial trust levels (eV, on max_devi_v): a frame is a candidate when lo <= max_devi_f < hi or "
-                  "v_lo <= max_devi_v < v_hi, failed when max_devi_f >= hi or max_devi_v >= v_hi (DP-GEN's rule)",
-    "trust.v_hi": "see trust.v_lo",
-    "trust.structures": "per-structure trust levels {name: {lo, hi, v_lo, v_hi}} over the global ones",
-    "explore[].trust": "a stage's own trust levels {lo, hi, v_lo, v_hi, structures}, over trust's",
-    "explore[].skip_steps": "frames recorded before this MD step are neither classified nor selected",
-    "select.per_structure": "budget and min_labels count per explored structure (group), not per iteration",
-    "select.min_labels": "fewer selectable candidates than this (per iteration, or per structure) label none",
-    "train.min_new_labels": "an iteration whose predecessor added fewer labels reuses its models untrained",
-    "train.init_from_previous: N": "start from the previous models from iteration N on (true: from 1)",
-    "train.init_models": "models (one per member) iteration 0 starts from: dpmd or DeePMD-kit 3 checkpoints, "
-                         "frozen dpmd models",
-    "train.finetune": "iteration 0 fine-tunes init_models (dpmd train --finetune) instead of --init-model",
-    "convergence.accurate_ratio: null": "no accuracy stop: the campaign runs until its stages or max_iterations end",
-    "convergence.max_failed_ratio": "stop with an error when more than this fraction of an iteration's label "
-                                    "tasks failed",
-    "labeller.code": "the file-based DFT labellers' block (explore_label_train/dft, check_settings)",
-}
 
 ENSEMBLES = {   # DP-GEN's ensemble (its LAMMPS fix) -> (elt ensemble, barostat mode)
     "nvt": ("nvt", None), "nve": ("nve", None),
@@ -154,11 +130,10 @@ def _sys_configs(imp, key, value):
         else:
             entry = {"files": [imp.convert(str(imp.base / f), fmt, f"sys{i}_{k}") for k, f in enumerate(files)]}
         imp.doc["structures"][f"sys{i}"] = entry
-    imp.use("structures.*.files")
 
 
 def _default_training_param(imp, key, value):
-    from dpmd.train.config import _NUMB_STEPS_NAMES, upgrade   # _NUMB_STEPS_NAMES: numb_steps and its aliases
+    from dpmd.train.config import NUMB_STEPS_NAMES, upgrade   # numb_steps and its aliases
 
     if not isinstance(value, dict) or not isinstance(value.get("training", {}), dict):
         imp.fail(key, "must be a DeePMD-kit training input (a mapping)")
@@ -176,7 +151,7 @@ def _default_training_param(imp, key, value):
     training = template["training"]
     training.get("training_data", {}).pop("systems", None)
     # the campaign sets numb_steps in every member's input: an alias left in the template would clash with it
-    steps = [training.pop(k) for k in _NUMB_STEPS_NAMES if k in training]
+    steps = [training.pop(k) for k in NUMB_STEPS_NAMES if k in training]
     train = imp.doc["train"]
     train["template"] = template
     if steps:
@@ -199,8 +174,6 @@ def init_from_previous(imp):
             _init_models(imp, "training_iter0_model_path", param["training_iter0_model_path"])
     elif reuse is not None:
         train["init_from_previous"] = True if reuse <= 1 else int(reuse)
-        if reuse > 1:
-            imp.use("train.init_from_previous: N")
         steps = param.get("training_reuse_numb_steps", param.get("training_reuse_stop_batch"))
         if steps is not None:
             train["reuse_numb_steps"] = steps
@@ -212,10 +185,8 @@ def _init_models(imp, key, value):
     if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
         imp.fail(key, f"must be a list of model paths, one per model, got {value!r}")
     imp.doc["train"]["init_models"] = [imp.rel(p) for p in value]
-    imp.use("train.init_models")
     if key == "training_finetune_model":
         imp.doc["train"]["finetune"] = True
-        imp.use("train.finetune")
 
 
 def _model_devi_engine(imp, key, value):
@@ -233,12 +204,9 @@ def _trust(imp, key, value):
         return
     trust = imp.doc["trust"]
     trust[name] = per_system.get("sys0", next(iter(per_system.values())))
-    if name in ("v_lo", "v_hi"):
-        imp.use(f"trust.{name}")
     for sys_name, level in per_system.items():
         if level != trust[name]:
             trust.setdefault("structures", {}).setdefault(sys_name, {})[name] = level
-            imp.use("trust.structures")
 
 
 def _model_devi_jobs(imp, key, value):
@@ -247,7 +215,6 @@ def _model_devi_jobs(imp, key, value):
     imp.doc["explore"] = [imp.stage(j, job) for j, job in enumerate(value)]
     # DP-GEN runs job j in iteration j and stops after the last one, whatever the accuracy
     imp.doc["convergence"].update(accurate_ratio=None, max_iterations=len(value))
-    imp.use("convergence.accurate_ratio: null")
 
 
 def _fp_task_max(imp, key, value):
@@ -259,7 +226,6 @@ def _fp_task_max(imp, key, value):
     imp.doc["convergence"]["max_labels"] = value * sum(len(job.get("sys_idx", [])) for job in jobs)
     if any(len(job.get("sys_idx", [])) > 1 for job in jobs):
         imp.doc["select"]["per_structure"] = True
-        imp.use("select.per_structure")
 
 
 def _fp_task_min(imp, key, value):
@@ -268,13 +234,10 @@ def _fp_task_min(imp, key, value):
     if value and value > 0:
         imp.doc["select"]["min_labels"] = value
         imp.doc["train"]["min_new_labels"] = value
-        imp.use("select.min_labels")
-        imp.use("train.min_new_labels")
 
 
 def _ratio_failed(imp, key, value):
     imp.doc["convergence"]["max_failed_ratio"] = value
-    imp.use("convergence.max_failed_ratio")
 
 
 def _use_ele_temp(imp, key, value):
@@ -399,13 +362,15 @@ JOB = {   # one row per key of a model_devi_jobs entry; stage() maps them
 MACHINE = {   # one row per machine.json key
     "api_version": ignored("DP-GEN's machine format 1.0, the one read here"),
     "deepmd_version": ignored("dpmd trains and explores"),
-    "train": ignored("not dispatched yet: training runs in the `elt run` process"),
-    "model_devi": ignored("not dispatched yet: exploration runs in the `elt run` process"),
+    "train": lambda imp, key, value: imp.stage_dispatch(key, value),
+    "model_devi": lambda imp, key, value: imp.stage_dispatch(key, value),
     "fp": lambda imp, key, value: imp.dispatch(value),
 }
-FP_SECTION = {"command", "machine", "resources"}   # machine.json fp keys mapped; the others below
-FP_SECTION_UNSUPPORTED = {"user_forward_files": "the labeller copies its own inputs into each task folder",
-                          "user_backward_files": "the labeller reads its own outputs"}
+STAGE_TARGETS = {"train": "train.dispatcher", "model_devi": "explore[].dispatcher"}
+SECTION = {"command", "machine", "resources"}   # keys of a machine.json section mapped; the others below
+SECTION_UNSUPPORTED = {"user_forward_files": "elt's jobs send the files they need (a labeller its task folder's "
+                                             "inputs; training and exploration read work_dir in place)",
+                       "user_backward_files": "elt's jobs fetch the files they write"}
 
 
 # ---------------------------------------------------------------------------------------------- the import
@@ -441,7 +406,7 @@ class Import:
         self.out_dir = self.out.resolve().parent
         self.param = read_input(self.param_path)
         self.where = self.param_path
-        self.dropped, self.used, self.notes, self.conversions = [], [], [], []
+        self.dropped, self.notes, self.conversions, self.stage_jobs = [], [], [], []
         self.doc = {"type_map": None, "masses": None, "structures": {}, "initial": {}, "train": {}, "explore": [],
                     "trust": {}, "select": {"method": "random"}, "labeller": {}, "dispatcher": {},
                     "convergence": {}}
@@ -454,7 +419,6 @@ class Import:
             self.fail("fp_style", f"{style!r} has no elt labeller; valid: {', '.join(FP_STYLES)}")
         self.code = FP_STYLES[style]
         self.doc["labeller"]["code"] = self.code
-        self.use("labeller.code")
         for key, value in self.param.items():
             if not str(key).startswith("_") and key not in PARAM:
                 self.drop(key, "not a DP-GEN run key known to elt import-dpgen")
@@ -474,10 +438,6 @@ class Import:
 
     def drop(self, key, reason, needed=True):
         self.dropped.append((self.where.name, key, reason, needed))
-
-    def use(self, pending_key):
-        if pending_key not in self.used:
-            self.used.append(pending_key)
 
     def rel(self, path: str) -> str:
         """A DP-GEN path (relative to param.json's folder) as the campaign's (relative to the campaign file)."""
@@ -559,7 +519,6 @@ class Import:
         skip = self.param.get("model_devi_skip", 0)
         if skip:
             stage["skip_steps"] = skip
-            self.use("explore[].skip_steps")
         trust = {}
         for key, name in TRUST_KEYS.items():
             if key in job:
@@ -570,7 +529,6 @@ class Import:
                         trust[name] = level
         if trust:
             stage["trust"] = trust
-            self.use("explore[].trust")
         return stage
 
     # -- labelling and dispatch
@@ -604,21 +562,26 @@ class Import:
             else:
                 row(self, key, _plain(value))
 
+    def section(self, name: str, value) -> dict:
+        """A machine.json section (train, model_devi, fp): the first entry of a list (DP-GEN's choice too),
+        which must hold dpdispatcher's machine and resources."""
+        if isinstance(value, list):
+            for k in range(1, len(value)):
+                self.drop(f"{name}[{k}]", f"DP-GEN uses the first {name} entry only")
+            value = value[0] if value else {}
+        if not isinstance(value, dict) or not isinstance(value.get("machine"), dict) \
+                or not isinstance(value.get("resources"), dict):
+            self.fail(name, "must hold command, machine and resources (dpdispatcher's)")
+        for key in value:
+            if key in SECTION_UNSUPPORTED:
+                self.drop(f"{name}.{key}", SECTION_UNSUPPORTED[key])
+            elif key not in SECTION:
+                self.drop(f"{name}.{key}", f"not a DP-GEN machine.json {name} key known to elt import-dpgen")
+        return value
+
     def dispatch(self, fp):
-        """machine.json fp: the first entry of a list (DP-GEN's choice too), as dpdispatcher's machine and
-        resources; its command is the labeller's."""
-        if isinstance(fp, list):
-            for k in range(1, len(fp)):
-                self.drop(f"fp[{k}]", "DP-GEN uses the first fp entry only")
-            fp = fp[0] if fp else {}
-        if not isinstance(fp, dict) or not isinstance(fp.get("machine"), dict) \
-                or not isinstance(fp.get("resources"), dict):
-            self.fail("fp", "must hold command, machine and resources (dpdispatcher's)")
-        for key in fp:
-            if key in FP_SECTION_UNSUPPORTED:
-                self.drop(f"fp.{key}", FP_SECTION_UNSUPPORTED[key])
-            elif key not in FP_SECTION:
-                self.drop(f"fp.{key}", "not a DP-GEN machine.json fp key known to elt import-dpgen")
+        """machine.json fp: the label dispatcher; its command is the labeller's."""
+        fp = self.section("fp", fp)
         self.doc["dispatcher"].update(backend="dpdispatcher", machine=fp["machine"], resources=fp["resources"])
         if "command" in fp:
             command = re.sub(r"\s*\|\|\s*(:|true)\s*$", "", fp["command"])   # elt records the exit status itself
@@ -630,6 +593,21 @@ class Import:
                 self.notes.append(f"labeller.command: {self.machine_path.name} fp.command {fp['command']!r} without "
                                   "DP-GEN's input/output redirection (the labeller adds its own)")
 
+    def stage_dispatch(self, name: str, value):
+        """machine.json train / model_devi: train.dispatcher / every explore[].dispatcher, cluster jobs running
+        dpmd's Python (`python`) instead of DP-GEN's command (dp, lmp)."""
+        value = self.section(name, value)
+        if "command" in value:
+            self.drop(f"{name}.command", f"{value['command']!r}: elt's jobs run dpmd through "
+                      f"{STAGE_TARGETS[name]}.python (see Check)", needed=False)
+        block = {"backend": "dpdispatcher", "machine": value["machine"], "resources": value["resources"],
+                 "python": "python"}
+        if name == "train":
+            self.doc["train"]["dispatcher"] = block
+        for stage in self.doc["explore"] if name == "model_devi" else []:
+            stage["dispatcher"] = copy.deepcopy(block)   # one block each: no YAML anchors in the campaign
+        self.stage_jobs.append(STAGE_TARGETS[name])
+
     # -- output
     def header(self) -> list[str]:
         lines = [f"elt campaign imported from DP-GEN by `elt import-dpgen`: {self.param_path.resolve()}"
@@ -637,9 +615,6 @@ class Import:
         for title, needed in (("Not supported (dropped):", True), ("Nothing to carry over:", False)):
             rows = [f"  {f} {key}: {why}" for f, key, why, n in self.dropped if n == needed]
             lines += [title] + rows if rows else []
-        if self.used:
-            lines += ["Campaign keys this elt does not accept yet (issue 22; the campaign loads once it does):"]
-            lines += [f"  {key}: {PENDING[key]}" for key in self.used]
         notes = self.notes + [
             f"dispatcher.timeout {LABEL_TIMEOUT:g} s per labelling task (DP-GEN has no limit): set yours",
             "select.holdout: elt keeps 10 % of each iteration's new labels out of training as a test set (DP-GEN "
@@ -648,12 +623,17 @@ class Import:
         if self.code == "gaussian":
             notes.append("structures: the gaussian labeller takes molecules (no cell); DP-GEN gave Gaussian its "
                          "periodic frames without their cell")
+        if self.stage_jobs:
+            notes.append(f"{' and '.join(j + '.python' for j in self.stage_jobs)}: `python` must start a Python "
+                         "with dpmd in the cluster job's environment (resources.source_list / module_list, or e.g. "
+                         "`conda run -n dpmd python`); these jobs read and write work_dir in place, so the cluster "
+                         "must see it at the same path")
         if any(s.get("ensemble") == "npt" for s in self.doc.get("explore", [])):
             notes.append("explore[].barostat.compressibility: water's by default; set the material's")
         return lines + ["Check:"] + [f"  {n}" for n in notes]
 
     def write(self) -> Path:
-        from dpmd.model.io import atomic_write
+        from dpmd.files import atomic_write
 
         for path, fmt, target in self.conversions:
             atoms = _read_dpdata(path, fmt, self.type_map, self.param_path)
@@ -696,7 +676,8 @@ def _read_dpdata(path, fmt, type_map, source):
 
 def add_arguments(parser) -> None:
     parser.add_argument("param", help="DP-GEN's param.json (JSON or YAML)")
-    parser.add_argument("machine", nargs="?", help="DP-GEN's machine.json: its fp section becomes the dispatcher")
+    parser.add_argument("machine", nargs="?", help="DP-GEN's machine.json: its train, model_devi and fp sections "
+                        "become the dispatchers of training, exploration and labelling")
     parser.add_argument("-o", "--output", default="campaign.yaml", help="campaign file to write (default: "
                         "campaign.yaml); relative paths in it start at its folder")
     parser.add_argument("--force", action="store_true", help="replace an existing output file")
@@ -712,5 +693,12 @@ def run(args) -> None:
     files = sum(len(s["files"]) for s in doc.get("structures", {}).values())
     unsupported_keys = sum(1 for *_, needed in imp.dropped if needed)
     print(f"wrote {out}: {len(doc.get('structures', {}))} structure groups ({files} files), "
-          f"{len(doc.get('explore', []))} explore stages; {unsupported_keys} DP-GEN keys not supported, "
-          f"{len(imp.used)} campaign keys this elt does not accept yet (listed at the top of {out})")
+          f"{len(doc.get('explore', []))} explore stages; {unsupported_keys} DP-GEN keys not supported (listed at "
+          f"the top of {out})")
+    # what DP-GEN's inputs leave out (an INCAR made from 0.x's fp_params, a CP2K template) stops `elt run`: say it now
+    from explore_label_train.config import load_campaign
+
+    try:
+        load_campaign(out)
+    except ConfigError as err:
+        print(f"{err} (edit it before `elt run`)")

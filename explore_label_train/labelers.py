@@ -6,10 +6,11 @@
     labeller: {calculator: pyscf, kwargs: {xc: pbe, basis: def2-svp}}   # PySCF DFT or HF, molecules
     labeller: {calculator: "package.module:Factory", kwargs: {...}}   # anything returning an ASE calculator
 
-`label(payload)` returns energy (eV), forces (eV/Å) and, for periodic cells when the calculator
-gives a stress, the virial (eV, DeePMD's sign: -stress * volume).  payload["threads"], when given, is the
-labeller's OpenMP thread count (OMP_NUM_THREADS, read when tblite's or PySCF's runtime loads: the first label
-in a spawned worker): the campaign splits its cores among its local workers instead of each taking them all.
+`label(payload)` returns energy (eV; the force-consistent free energy where the calculator gives one),
+forces (eV/Å) and, for periodic cells when the calculator gives a stress, the virial (eV, DeePMD's sign:
+-stress * volume).  payload["threads"], when given, is the labeller's OpenMP thread count (OMP_NUM_THREADS,
+read when tblite's or PySCF's runtime loads: the first label in a spawned worker): the campaign splits its
+cores among its local workers instead of each taking them all.
 Any exception, non-finite result or missing property raises; the dispatcher turns that into a failed task
 with the reason.
 `check_label` is the campaign's check of a result before it becomes a label (shapes, finite values,
@@ -109,6 +110,11 @@ def label(payload: dict) -> dict:
     atoms.calc = calc
     energy = float(atoms.get_potential_energy())
     forces = np.asarray(atoms.get_forces(), dtype=float)
+    # the force-consistent energy where the calculator has one (ASE's free_energy: with smearing, the Mermin free
+    # energy whose derivatives the forces are; get_potential_energy(force_consistent=True) raises without it)
+    free = (getattr(calc, "results", None) or {}).get("free_energy")
+    if free is not None:
+        energy = float(free)
     virial = None
     if cell is not None:
         try:

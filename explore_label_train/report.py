@@ -73,6 +73,12 @@ def status_table(state: State) -> str:
     if failed:
         lines.append("failed tasks:")
         lines += [f"  {r['task_id']}: {r['reason']}" for r in failed]
+    stages: dict = {}
+    for j in state.jobs_in_flight():
+        stages.setdefault((j["iteration"], j["kind"]), []).append(f"{j['job_id'] or j['job_hash'][:10]} {j['state']}")
+    if stages:
+        lines.append("cluster jobs not finished (as last seen; a resumed run re-attaches to them):")
+        lines += [f"  iteration {it} {kind}: {', '.join(jobs)}" for (it, kind), jobs in stages.items()]
     return "\n".join(lines)
 
 
@@ -319,7 +325,11 @@ def _header(page, state, cfg, rows, root, final, members, frames) -> None:
                               + (f"; {running} stage still running, not counted" if running else "") + span + ")"),
              ("labels", f"{n_labels} ({len(frames)} held out for testing, in test_data/)")]
     lab = cfg.get("labeller")
-    if lab:
+    if lab and "code" in lab:   # a DFT code: its command and input template
+        template = next((Path(lab[k]).name for k in ("fp_incar", "external_input_path") if lab.get(k)), None)
+        facts.append(("reference labels", html.escape(f"{lab['code']} (`{lab['command']}`"
+                                                      + (f", {template}" if template else "") + ")")))
+    elif lab:
         kwargs = ", ".join(f"{k}={v}" for k, v in lab["kwargs"].items())
         facts.append(("reference labels", html.escape(lab["calculator"] + (f" ({kwargs})" if kwargs else ""))))
     if cfg.get("trust"):
@@ -537,6 +547,16 @@ def _exploration(page, state, cfg, rows, conditions) -> None:
         page.add("<p class='note'>A batched exploration run stops as a whole: its other trajectories end at the "
                  "same step. Frames recorded before the stop are kept.</p>",
                  _table(["iteration", "stage", "condition", "MD step", "message"], table))
+    failed = state.q("SELECT iteration, task_id, reason FROM tasks WHERE kind='label' AND status='failed' "
+                     "ORDER BY iteration, task_id")
+    page.add("<h3>Incidents: label tasks that gave no label</h3>")
+    if not failed:
+        page.add("<p class='note'>None: every selected frame was labelled.</p>")
+    else:   # an SCF that did not converge, a crashed code, a label over the filters' bounds
+        page.add("<p class='note'>These frames never entered the data.</p>",
+                 _table(["iteration", "task", "reason"], [[str(r["iteration"]), html.escape(r["task_id"]),
+                                                          f"<td class='msg'>{html.escape(r['reason'] or '')}</td>"]
+                                                         for r in failed]))
 
 
 def _incidents(state) -> list[dict]:

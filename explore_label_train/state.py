@@ -6,7 +6,8 @@ choices, the label tasks it creates and the stage's `done`; the labels a labelli
 at once), so a kill -9 at any moment leaves either all of it or none of it.  Files a task writes are
 named by the task id and written atomically before that transaction, so redoing an unfinished task
 overwrites, never duplicates.  A done task records the sha256 of each file it produced (result "files");
-readers check the file against it before use.
+readers check the file against it before use.  Cluster jobs (table jobs) are recorded as dpdispatcher last
+saw them, for `elt status`; re-attaching to them after a kill is dpdispatcher's (dispatch.DPDispatcherPool).
 
 Opening checks the database before anything reads or writes it (SQLite's quick_check, the campaign's
 tables); a corrupt or foreign file is a one-line StateError naming it.
@@ -69,9 +70,14 @@ CREATE TABLE IF NOT EXISTS incidents (      -- exploration runs that stopped ear
     stage TEXT NOT NULL, step INTEGER,      -- the MD step the run stopped at
     traj INTEGER, structure TEXT, temperature REAL, pressure REAL,   -- the system the message names (NULL: none)
     message TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (           -- cluster jobs (dpdispatcher) of a stage, as last seen
+    job_hash TEXT PRIMARY KEY, submission TEXT NOT NULL,   -- dpdispatcher's hashes: a resumed run re-attaches
+    iteration INTEGER NOT NULL, kind TEXT NOT NULL,        -- train | explore | label
+    job_id TEXT, state TEXT NOT NULL,       -- the scheduler's job id, and waiting | running | finished | ...
+    tasks TEXT NOT NULL, updated REAL);     -- JSON list of the task ids the job runs
 """
 TABLES = {"meta", "iterations", "stages", "tasks", "frames", "labels"}   # what makes a file a campaign database
-ADDED = {"workers", "holdout", "incidents"}                               # tables later versions added
+ADDED = {"workers", "holdout", "incidents", "jobs"}                       # tables later versions added
 RESTORE = "restore it from a backup, or move the work_dir aside with `elt run --move-aside`"
 
 
@@ -202,3 +208,19 @@ class State:
     def ensure_task(self, task_id, iteration, kind, payload=None) -> None:
         with self.tx() as db:
             self.add_task(db, task_id, iteration, kind, payload)
+
+    # cluster jobs
+    def record_jobs(self, iteration: int, kind: str, submission: str, jobs: list[dict]) -> None:
+        """The jobs of one dpdispatcher submission as it last saw them (dispatch._job_rows)."""
+        with self.tx() as db:
+            for j in jobs:
+                db.execute("INSERT OR REPLACE INTO jobs (job_hash, submission, iteration, kind, job_id, state, tasks, "
+                           "updated) VALUES (?,?,?,?,?,?,?,?)", (j["job_hash"], submission, iteration, kind,
+                                                                 j["job_id"], j["state"], json.dumps(j["tasks"]),
+                                                                 time.time()))
+
+    def jobs_in_flight(self) -> list[sqlite3.Row]:
+        """Cluster jobs last seen neither finished nor failed (queued, running, or those a killed run left)."""
+        if not self.has_table("jobs"):
+            return []
+        return self.q("SELECT * FROM jobs WHERE state NOT IN ('finished', 'failed') ORDER BY iteration, kind, job_id")

@@ -2,7 +2,7 @@
 databases, refused runs, label workers outliving a kill -9, absurd labels, internal errors.
 
 Each case: exit 1 (or a failed task with its reason), one line naming the culprit, no traceback, and
-nothing written or half-written."""
+nothing written or half-written (a run refused before it starts writes not even campaign.log)."""
 
 from __future__ import annotations
 
@@ -69,6 +69,7 @@ HELPERS = textwrap.dedent('''
                     self.results["forces"][2, 1] = np.nan
                 elif self.kind == "inf energy":
                     self.results["energy"] = np.inf
+                self.results["free_energy"] = self.results["energy"]   # the labeller takes the force-consistent one
 ''')
 
 
@@ -124,10 +125,14 @@ def tree_hashes(root) -> dict:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != "lock"}
 
 
-def one_line_error(capsys, command: str) -> str:
+def one_line_error(capsys, command: str, progress: bool = False) -> str:
+    """The error line on stderr: the only line, or (progress: a run that started) the last, after the log's."""
     err = capsys.readouterr().err
-    assert err.startswith(f"elt {command}: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
+    lines = err.splitlines()
+    assert err.endswith("\n") and "Traceback" not in err, err
+    assert (len(lines) >= 1 if progress else len(lines) == 1), err
+    assert lines[-1].startswith(f"elt {command}: error: ") and err.count(f"elt {command}: ") == 1, err
+    return lines[-1]
 
 
 # ---------------------------------------------------------------- item 3: nothing trusted that was not recorded
@@ -162,6 +167,7 @@ def test_campaign_files_without_their_database_are_refused(interrupted, tmp_path
     err = one_line_error(capsys, "run")
     assert message in err and str(root) in err and "elt run --move-aside" in err
     assert tree_hashes(root) == before                     # no database made, nothing touched
+    assert not (root / "campaign.log").exists()            # a refused run starts no campaign log either
 
 
 def test_move_aside_keeps_the_old_files_and_the_fresh_run_reuses_none(interrupted, tmp_path, capsys):
@@ -217,8 +223,9 @@ def test_a_tampered_recorded_file_is_detected(interrupted, tmp_path, capsys, tam
     path, root = copy_campaign(interrupted, tmp_path)
     tamper(root)
     assert elt_main(["run", str(path)]) == 1
-    err = one_line_error(capsys, "run")
+    err = one_line_error(capsys, "run", progress=True)    # found on resuming the stage that recorded it
     assert f"{root / culprit}: {message}" in err and "elt run --move-aside" in err
+    assert f"{root / culprit}: {message}" in (root / "campaign.log").read_text()   # the campaign's log has it too
 
 
 # ---------------------------------------------------------------- item 9: corrupt databases, refused runs
@@ -278,6 +285,7 @@ def test_a_refused_second_run_changes_nothing(interrupted, tmp_path, capsys):
             err = one_line_error(capsys, "run")
             assert f"{root}: another `elt run` (pid {os.getpid()}) is working on this campaign" in err
             assert tree_hashes(root) == before and not list(root.glob("old-*"))
+            assert not (root / "campaign.log").exists()
 
 
 # ---------------------------------------------------------------- item 7: label workers die with `elt run`
@@ -352,6 +360,46 @@ def test_bad_sanity_bounds_are_config_errors(tmp_path, capsys, key, value, messa
     path = write_campaign(tmp_path, tiny(tmp_path, filters={key: value}))
     assert elt_main(["run", str(path)]) == 1
     assert message in one_line_error(capsys, "run") and not (tmp_path / "camp").exists()
+
+
+# ---------------------------------------------------------------- exploration stages: dpmd md's validator
+@pytest.mark.parametrize("change", [
+    {"timestep": 0}, {"seed": -1}, {"seed": 1.5}, {"min_distance": -0.1}, {"ensemble": "nph"},
+    {"thermostat": "berendsen"}, {"thermostat": {"type": "langevin", "chain": 3}},
+    {"thermostat": {"langevin": {"damp": -1}}}, {"ensemble": "nve", "thermostat": "csvr"},
+    {"barostat": {"damp": 1.0}}, {"ensemble": "npt", "barostat": {"mode": "xyz"}},
+])
+def test_a_bad_stage_md_setting_is_dpmd_mds_error_naming_the_stage(tmp_path, capsys, change):
+    from dpmd.errors import ConfigError
+    from dpmd.md.config import normalize_md_config
+
+    with pytest.raises(ConfigError) as md_err:
+        normalize_md_config({"structure": "x.xyz", "models": ["m.pth"], "steps": 4, "ensemble": "nvt", **change,
+                             **({"pressure": 1.0} if change.get("ensemble") == "npt" else {})})
+    md = str(md_err.value)
+    key = md.removeprefix("unknown key ").lstrip("'")        # md's error names the key first
+    cfg = tiny(tmp_path)
+    cfg["explore"][0].update(change)
+    path = write_campaign(tmp_path, cfg)
+    assert elt_main(["run", str(path)]) == 1
+    err = one_line_error(capsys, "run")
+    assert f"{path}: {md[:len(md) - len(key)]}explore[0].{key}" in err and not (tmp_path / "camp").exists()
+
+
+@pytest.mark.parametrize("ensemble, given, thermostat, barostat", [
+    ("nvt", {}, {"type": "langevin", "damp": 0.1}, None),
+    ("nvt", {"thermostat": "csvr"}, {"type": "csvr", "damp": 0.1}, None),
+    ("nvt", {"thermostat": {"nose_hoover": {"damp": 0.2}}}, {"type": "nose_hoover", "damp": 0.2, "chain": 3}, None),
+    ("nve", {}, None, None),
+    ("npt", {"barostat": {"mode": "tri"}}, {"type": "langevin", "damp": 0.1},
+     {"type": "scr", "damp": 1.0, "mode": "tri", "compressibility": 4.5e-5}),
+])
+def test_stages_take_dpmd_mds_forms_and_defaults(tmp_path, ensemble, given, thermostat, barostat):
+    cfg = tiny(tmp_path)
+    cfg["explore"][0].update(ensemble=ensemble, **given)
+    stage = load_campaign(write_campaign(tmp_path, cfg))["explore"][0]
+    assert (stage["thermostat"], stage["barostat"]) == (thermostat, barostat)
+    assert stage["timestep"] == 2.0 and stage["seed"] == 1   # the stage's own timestep; the campaign's defaults
 
 
 # ---------------------------------------------------------------- dispatch results, unexpected errors

@@ -104,6 +104,9 @@ def test_vasp_label_is_dpdata_first_ionic_step(tmp_path):
     # KSPACING 0.5 Å⁻¹ on the 10 Å cell: ceil(2π / 10 / 0.5) = 2 per direction, Γ-centred (KGAMMA)
     assert (task / "KPOINTS").read_text().splitlines()[2:4] == ["Gamma", "2 2 2"]
     assert dft.transfer_files(task) == (["POSCAR", "INCAR", "POTCAR", "KPOINTS"], ["OUTCAR", "exit_code", "fp.log"])
+    # OUTCAR exists after any run (an empty one: a crash), so a cluster dispatcher can always fetch it back
+    assert dft.task_command(dict(lab, command="vasp_std")) == \
+        "vasp_std > fp.log 2>&1; echo $? > exit_code; touch OUTCAR"
 
 
 def test_dpdata_vasp_energy_is_free_energy_toten():
@@ -352,6 +355,11 @@ def test_rerun_task_folder_is_emptied_and_foreign_folder_refused(tmp_path):
     (tmp_path / "task" / "stale").write_text("from the attempt before")
     dft.make_task(lab, frame, tmp_path / "task")
     assert not (tmp_path / "task" / "stale").exists() and not (tmp_path / "task" / "output").exists()
+    (tmp_path / "task" / "frame.json").write_text("{")   # a folder cut short while it was written: still ours
+    (tmp_path / "task" / "half.UPF").write_text("half a copy")
+    dft.make_task(lab, frame, tmp_path / "task")
+    assert json.loads((tmp_path / "task" / "frame.json").read_text())["code"] == "qe"
+    assert not (tmp_path / "task" / "half.UPF").exists()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("the user's")
     with pytest.raises(Exception, match=r"other: not empty and not a labelling task folder"):

@@ -125,3 +125,13 @@ def test_dpmd_demo_runs_a_campaign_to_convergence(tmp_path):
     assert last["decision"] == "converged" and last["accurate"] >= 0.9
     assert {r[0] for r in st.q("SELECT DISTINCT labeller FROM labels")} == {"tblite"}
     assert st.one("SELECT COUNT(*) FROM labels WHERE frame_id IS NOT NULL") > 0    # exploration added xTB labels
+    # run again: it resumes a finished campaign, and its time is not taken for the campaign's
+    again = subprocess.run([sys.executable, "-m", "dpmd.cli", "demo", "-o", str(tmp_path / "demo")],
+                           capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+
+    def times(text):   # "...; this run N s, the campaign's stages M s in all"
+        line = text.split("finished: ")[1].splitlines()[0]
+        return int(line.split("this run ")[1].split()[0]), int(line.split("stages ")[1].split()[0])
+
+    assert again.returncode == 0 and times(again.stdout)[1] == times(out)[1] >= 1
+    assert times(again.stdout)[0] < times(out)[0]

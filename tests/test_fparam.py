@@ -256,7 +256,8 @@ def test_training_with_params(tmp_path):
     system = water_with_params(tmp_path / "sys")
     cfg = {"model": small_config(), "learning_rate": {"start_lr": 1e-3, "stop_lr": 1e-4, "decay_steps": 2},
            "loss": {}, "training": {"training_data": {"systems": [str(tmp_path / "sys")], "batch_size": 2},
-                                    "numb_steps": 3, "seed": 1, "disp_freq": 100, "save_freq": 100}}
+                                    "numb_steps": 3, "seed": 1, "disp_freq": 100, "save_freq": 100,
+                                    "device": "cpu"}}   # compared with host arrays below
     cfg["model"]["fitting_net"].update(numb_fparam=2, numb_aparam=1)
     trainer = Trainer(normalize_input(cfg), out_dir=tmp_path / "run", progress=False)
     fitting = trainer.model.fitting  # DeePMD-kit's statistics: mean and 1/std over the frames, resp. atoms

@@ -115,3 +115,34 @@ def test_setup_refuses_an_unknown_level():
         dpmd_log.setup("LOUD")
     with pytest.raises(DpmdError):
         dpmd_log.setup("INFO", "/proc/no/such/dir/x.log")
+
+
+def test_elt_run_writes_campaign_log(tmp_path, capsys, monkeypatch):
+    """`elt run` appends its command line, the campaign's progress and its one-line errors to
+    <work_dir>/campaign.log (a campaign runs for days), and still prints the error on stderr."""
+    from explore_label_train.campaign import Campaign, CampaignError
+    from explore_label_train.cli import main as elt_main
+    from tests.test_elt import campaign_dict, write_campaign
+
+    path = write_campaign(tmp_path, campaign_dict(tmp_path))
+    work_dir = tmp_path / "camp"
+
+    def progress(self):
+        self.log("[iteration 0] labelling 16 frames")
+        return "max_iterations"
+
+    monkeypatch.setattr(Campaign, "run", progress)
+    assert elt_main(["run", str(path)]) == 0
+    assert "[iteration 0] labelling 16 frames" in capsys.readouterr().err
+    log = (work_dir / "campaign.log").read_text().splitlines()
+    assert log[0].endswith(f"INFO    explore_label_train: elt run {path}")
+    assert log[1].endswith("INFO    explore_label_train: [iteration 0] labelling 16 frames")
+
+    def fail(self):
+        raise CampaignError("i000-label-0003: labeller crashed")
+
+    monkeypatch.setattr(Campaign, "run", fail)
+    rc, err = elt_main(["run", str(path)]), capsys.readouterr().err
+    assert rc == 1 and err == "elt run: error: i000-label-0003: labeller crashed\n"
+    log = (work_dir / "campaign.log").read_text().splitlines()
+    assert len(log) == 4 and log[-1].endswith("ERROR   explore_label_train: error: i000-label-0003: labeller crashed")

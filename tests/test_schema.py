@@ -83,8 +83,9 @@ def test_every_deepmd_key_has_deepmds_default_and_aliases():
     extra = sorted(p for p in set(ours) - set(deepmd) if not p.startswith(tuple(f"{o}/" for o in (
         "model/type_embedding", "model/modifier", "model/compress", "model/spin", "training/mixed_precision",
         "nvnmd"))))
-    # dpmd's own: DeePMD-kit 1's set_prefix (DeePMD-kit drops it with a warning)
-    assert extra == ["training/training_data/set_prefix", "training/validation_data/set_prefix"]
+    # dpmd's own: training.device (where training runs), DeePMD-kit 1's set_prefix (DeePMD-kit drops it with a
+    # warning)
+    assert extra == ["training/device", "training/training_data/set_prefix", "training/validation_data/set_prefix"]
 
 
 @pytest.mark.parametrize("name", ACCEPTED)
@@ -266,8 +267,27 @@ def test_deepmd_keys_not_implemented_are_refused_unless_default(path, value):
 
 def test_deepmds_other_batch_size_rules_are_refused():
     cfg = small_input()
+    cfg["training"]["training_data"]["batch_size"] = "filter:64"
+    refused(cfg, "'training.training_data.batch_size' = 'filter:64' is not supported yet")
+
+
+def test_batch_size_rules_and_system_probabilities_as_deepmd_kit():
+    """auto:N rounds the frames up to N atoms, max:N down (at least one frame), as DeePMD-kit's DpLoaderSet;
+    prob_sys_size weighs systems by their batches counted as its DataLoader does (a last, short batch counts)."""
+    from types import SimpleNamespace
+
+    from dpmd.train.sampler import BatchSampler, resolve_batch_sizes
+
+    systems = [SimpleNamespace(natoms=192, nframes=5), SimpleNamespace(natoms=12, nframes=100)]
+    assert resolve_batch_sizes("auto", systems) == [1, 3]
+    assert resolve_batch_sizes("auto:400", systems) == [3, 34]
+    assert resolve_batch_sizes("max:400", systems) == [2, 33]
+    assert resolve_batch_sizes("max:100", systems) == [1, 8]      # 100 // 192 = 0 frames: one
+    sampler = BatchSampler(systems, 2, "prob_sys_size", seed=1)
+    np.testing.assert_allclose(sampler.probs.numpy(), [3 / 53, 50 / 53])   # ceil(5 / 2) = 3 batches, not 2
+    cfg = small_input()
     cfg["training"]["training_data"]["batch_size"] = "max:64"
-    refused(cfg, "'training.training_data.batch_size' = 'max:64' is not supported yet")
+    assert normalize_input(cfg)["training"]["training_data"]["batch_size"] == "max:64"
 
 
 def test_unknown_keys_list_the_valid_ones():

@@ -111,6 +111,27 @@ def test_thread_arguments_and_the_campaign_key(tmp_path):
     assert load_campaign(write_campaign(tmp_path, campaign_dict(tmp_path)))["threads"] is None
 
 
+
+def test_every_dpmd_command_takes_threads(tmp_path, capsys, monkeypatch):
+    """--threads N on every command (as -v/-l); a command sets torch's threads to N, train/md/demo by their work."""
+    import torch
+
+    from dpmd.cli import build_parser, main
+    from tests.conftest import EXAMPLE, REPO
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name, parser in sub.choices.items():
+        assert any("--threads" in a.option_strings for a in parser._actions), name
+    asked = []
+    monkeypatch.setattr(torch, "set_num_threads", asked.append)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 0)
+    model = REPO / "examples" / "water" / "model_small.pth"
+    assert main(["test", "-m", model, "-s", EXAMPLE, "-n", "1", "--threads", "3"]) == 0
+    assert asked == [3]
+    with pytest.raises(SystemExit):   # argparse's usage error, exit status 2
+        main(["show", model, "--threads", "0"])
+    assert "expected a positive number of threads" in capsys.readouterr().err
+
 # ---------------------------------------------------------------- the wait policy of the entry points
 CHILD = """
 import os, sys

@@ -28,7 +28,10 @@ def small_input(tmp_path, steps=20, **training):
         "loss": {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1},
         "training": {"training_data": {"systems": [str(EXAMPLE)], "batch_size": 1},
                      "validation_data": {"systems": [str(EXAMPLE)], "batch_size": 1, "numb_btch": 2},
-                     "numb_steps": steps, "seed": 7, "disp_freq": 5, "save_freq": 10},
+                     "numb_steps": steps, "seed": 7, "disp_freq": 5, "save_freq": 10,
+                     # these tests compare with host tensors, and restarts bit for bit (CUDA's atomic additions
+                     # may round differently run to run): the device tests are tests/test_train_device.py
+                     "device": "cpu"},
     }
     cfg["training"].update(training)
     return cfg

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dpmd.data.system import System, _remap_by_name, _replace_dir, _temp_dir_for, write_system
+from dpmd.data.system import System, remap_by_name, replace_dir, temp_dir_for, write_system
 from dpmd.errors import DataError
 
 __all__ = ["convert", "guess_format", "add_convert_arguments", "run_convert"]
@@ -166,7 +166,7 @@ def _convert(src, fmt: str, out_dir, type_map=None, overwrite: bool = False) -> 
         for s in systems:
             type_map += [n for n in s.type_map if n not in type_map]
     for s in systems:
-        _remap_by_name(s, type_map)
+        remap_by_name(s, type_map)
 
     out_dir = Path(out_dir)
     if len(systems) == 1:
@@ -174,7 +174,7 @@ def _convert(src, fmt: str, out_dir, type_map=None, overwrite: bool = False) -> 
         systems[0].path = str(out_dir)
         return [(str(out_dir), systems[0])]
     # several compositions: build all of them in one temp dir, then rename it into place
-    tmp = _temp_dir_for(out_dir, overwrite)
+    tmp = temp_dir_for(out_dir, overwrite)
     written = []
     try:
         names: set[str] = set()
@@ -186,7 +186,7 @@ def _convert(src, fmt: str, out_dir, type_map=None, overwrite: bool = False) -> 
             write_system(s, tmp / name)
             s.path = str(out_dir / name)
             written.append((s.path, s))
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

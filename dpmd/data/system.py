@@ -550,11 +550,11 @@ def load_systems(paths, type_map: Sequence[str] | None = None) -> list[System]:
     for s in systems:
         union += [n for n in s.type_map if n not in union]
     for s in systems:
-        _remap_by_name(s, union)
+        remap_by_name(s, union)
     return systems
 
 
-def _remap_by_name(system: System, type_map: Sequence[str]) -> None:
+def remap_by_name(system: System, type_map: Sequence[str]) -> None:
     """Re-express ``system.atype`` as indices into ``type_map`` (in place), by element name."""
     type_map = list(type_map)
     if system.type_map == type_map:
@@ -636,7 +636,7 @@ def write_system(system: System, path, set_size: int = 2000, overwrite: bool = F
     _check_for_write(system, path)
     if set_size < 1:
         raise DataError(f"{path}: set_size must be >= 1, got {set_size}")
-    tmp = _temp_dir_for(target, overwrite)
+    tmp = temp_dir_for(target, overwrite)
     try:
         np.savetxt(tmp / "type.raw", system.atype.astype(np.int64), fmt="%d")
         (tmp / "type_map.raw").write_text("".join(f"{n}\n" for n in system.type_map))
@@ -659,13 +659,13 @@ def write_system(system: System, path, set_size: int = 2000, overwrite: bool = F
             for key, arr in arrays.items():
                 if arr is not None:
                     np.save(sdir / f"{key}.npy", np.ascontiguousarray(arr, dtype=dtype))
-        _replace_dir(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _temp_dir_for(target: Path, overwrite: bool) -> Path:
+def temp_dir_for(target: Path, overwrite: bool) -> Path:
     """Check that ``target`` may be (re)written and make a temp dir next to it."""
     if target.exists():
         if not target.is_dir():
@@ -676,7 +676,7 @@ def _temp_dir_for(target: Path, overwrite: bool) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
+def replace_dir(tmp: Path, target: Path) -> None:
     """Move the finished directory ``tmp`` to ``target``, replacing what is there."""
     umask = os.umask(0)
     os.umask(umask)
@@ -693,3 +693,28 @@ def _replace_dir(tmp: Path, target: Path) -> None:
         raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_atom_energy(system) -> np.ndarray:
+    """(F, N): the per-atom energy labels (set.*/atom_ener.npy) of a system, read on demand (only `dpmd test -a`
+    needs them, so load_system does not keep them)."""
+    store = _open(system.path)
+    try:
+        parts = []
+        for set_name in store.sets():
+            name = f"{set_name}/atom_ener.npy"
+            if not store.has(name):
+                raise DataError(f"{store.where(name)}: missing (-a/--atomic tests per-atom energies: every set "
+                                f"needs atom_ener.npy)")
+            arr = _numeric(store, name, store.read_array(name))
+            if arr.size % system.natoms:
+                raise DataError(f"{store.where(name)}: expected {system.natoms} values per frame (from type.raw), "
+                                f"got {arr.size} values")
+            parts.append(arr.reshape(-1, system.natoms))
+    finally:
+        if isinstance(store, _H5Store):
+            store.close()
+    atom_ener = np.concatenate(parts)
+    if len(atom_ener) != system.nframes:
+        raise DataError(f"{store.label}: atom_ener.npy holds {len(atom_ener)} frames, coord.npy {system.nframes}")
+    return atom_ener

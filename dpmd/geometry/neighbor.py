@@ -200,12 +200,70 @@ def check_sel(counts: torch.Tensor, atype: torch.Tensor, sel: list[int], type_ma
     over = counts > limit
     if bool(over.any()):
         i, t = (int(x) for x in over.nonzero()[0])
-        n_over = int(over.any(dim=1).sum())
-        raise NeighborOverflowError(
-            f"atom {i} (type {type_map[int(atype[i])]}) has {int(counts[i, t])} neighbours of type "
-            f"{type_map[t]} within rcut but sel allows {sel[t]} ({n_over} atom(s) over the limit); "
-            f"raise descriptor.sel (or use sel: auto)"
-        )
+        raise NeighborOverflowError(sel_overflow_message(i, type_map[int(atype[i])], int(counts[i, t]), type_map[t],
+                                                         sel[t], int(over.any(dim=1).sum())))
+
+
+def sel_overflow_message(atom, atom_type: str, count: int, neighbor_type: str, limit: int, n_over: int) -> str:
+    """The one message for neighbours beyond sel (atom: its index, or whatever names it for the caller)."""
+    return (f"atom {atom} (type {atom_type}) has {count} neighbours of type {neighbor_type} within rcut but sel "
+            f"allows {limit} ({n_over} atom(s) over the limit); raise descriptor.sel (or use sel: auto)")
+
+
+# ---- the padded format: DeePMD's sel[t] slots per neighbour type, with an overflow flag ----
+
+def slot_tables(center: torch.Tensor, neighbor: torch.Tensor, natoms: int, capacity: int):
+    """An edge list (sorted by centre) as tables of `capacity` slots per atom: (slot index of each edge
+    (E,), neighbour (natoms, capacity): an empty slot holds the atom itself, valid (natoms, capacity))."""
+    count = torch.bincount(center, minlength=natoms)
+    first = torch.cumsum(count, 0) - count
+    slot = torch.arange(center.numel(), device=center.device) - first.index_select(0, center)
+    nbr = torch.arange(natoms, device=center.device).unsqueeze(1).repeat(1, capacity)
+    nbr[center, slot] = neighbor
+    valid = torch.zeros([natoms, capacity], dtype=torch.bool, device=center.device)
+    valid[center, slot] = True
+    return slot, nbr, valid
+
+
+def sel_slots(vec: torch.Tensor, neighbor: torch.Tensor, rows: torch.Tensor, inside: torch.Tensor,
+              neighbor_type: torch.Tensor, sel: list[int], rcut: float):
+    """DeePMD's padded layout from K candidate slots per row: vec (R, K, 3), neighbor (R, K), inside (R, K)
+    (a real neighbour within rcut), neighbor_type (R, K) of rows `rows` (R,).  Each row gets sum(sel) slots,
+    sel[t] for neighbour type t in slot order, an empty one holding the row's own atom and a vector beyond rcut.
+    Returns (edge_vec (R * nnei, 3), neighbor (R * nnei,), overflow (R,): a type's count beyond sel, whose
+    extra neighbours were left out).  Fixed shapes: nothing is read back from the device."""
+    R, K = neighbor.shape
+    nnei = sum(sel)
+    dest = torch.full_like(neighbor, nnei)   # column nnei collects what is dropped
+    overflow = torch.zeros(R, dtype=torch.bool, device=vec.device)
+    first = 0
+    for t, s in enumerate(sel):
+        mine = inside & (neighbor_type == t)
+        rank = torch.cumsum(mine, 1) - 1
+        dest = torch.where(mine & (rank < s), first + rank, dest)
+        overflow |= rank[:, -1] >= s
+        first += s
+    slot_k = torch.full([R, nnei + 1], K, dtype=torch.long, device=vec.device)
+    slot_k.scatter_(1, dest, torch.arange(K, device=vec.device).expand(R, K))
+    slot_k = slot_k[:, :nnei]
+    far = torch.zeros_like(vec[:, :1])   # an empty slot: a vector beyond rcut (filled in, not copied)
+    far[..., 0] = rcut + 1.0
+    edge_vec = torch.gather(torch.cat([vec, far], 1), 1, slot_k.unsqueeze(-1).expand(R, nnei, 3))
+    nbr = torch.gather(torch.cat([neighbor, rows.unsqueeze(1)], 1), 1, slot_k)
+    return edge_vec.reshape(-1, 3), nbr.reshape(-1), overflow
+
+
+def padded_edges(center: torch.Tensor, neighbor: torch.Tensor, vec: torch.Tensor, atype: torch.Tensor,
+                 rows: torch.Tensor, sel: list[int], rcut: float):
+    """An edge list (sorted by centre; vectors vec (E, 3)) in the padded format of `sel_slots`, rows `rows`."""
+    natoms = atype.numel()
+    capacity = max(1, int(torch.bincount(center, minlength=natoms).max())) if natoms else 1
+    slot, nbr, valid = slot_tables(center, neighbor, natoms, capacity)
+    table = vec.new_zeros([natoms, capacity, 3])
+    table[center, slot] = vec
+    nbr, valid, table = nbr.index_select(0, rows), valid.index_select(0, rows), table.index_select(0, rows)
+    inside = valid & ((table * table).sum(-1) < rcut * rcut)
+    return sel_slots(table, nbr, rows, inside, atype.index_select(0, nbr.reshape(-1)).view_as(nbr), sel, rcut)
 
 
 def auto_sel(max_counts: list[int], ratio: float = 1.1) -> list[int]:

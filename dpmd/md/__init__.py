@@ -8,12 +8,14 @@
     sim.run(upto=5000)                                     # on to step 5000 in total
 
 Pieces (JAX-MD style): dpmd.md.thermostats (langevin, csvr, nose_hoover), dpmd.md.barostats
-(stochastic cell rescaling), dpmd.md.integrator.velocity_verlet -> (init, step), dpmd.md.neighbors.VerletList.
+(stochastic cell rescaling), dpmd.md.integrator.velocity_verlet -> (init, step), dpmd.md.neighbors.VerletList,
+dpmd.md.provider (the force providers: checked, sync-free, MPI), dpmd.md.safety (the stop messages).
 """
 
+from dpmd.errors import MDStopError
 from dpmd.md.config import normalize_md_config, read_md_input, run_md
 from dpmd.md.devi import model_deviation
-from dpmd.md.engine import MDStopError, Simulation
+from dpmd.md.engine import Simulation
 from dpmd.md.state import MDState
 
 __all__ = ["Simulation", "MDState", "MDStopError", "run_md", "read_md_input", "normalize_md_config",

@@ -307,10 +307,14 @@ def build_simulation(cfg: dict, log=log.info):
     return sim
 
 
-def run_md(config, restart=None, log=log.info) -> dict:
-    """Run MD from an input file path or a config dict; `restart` continues from a checkpoint."""
+def run_md(config, restart=None, log=log.info, threads: int | None = None) -> dict:
+    """Run MD from an input file path or a config dict; `restart` continues from a checkpoint.  threads: torch's
+    threads (default: dpmd.runtime's choice for the atoms of one step, models x frames x atoms)."""
+    from dpmd.runtime import configure_threads
+
     cfg = read_md_input(config) if isinstance(config, (str, Path)) else normalize_md_config(config)
     sim = build_simulation(cfg, log=log)
+    configure_threads(threads, work=len(cfg["models"]) * sim.state.nframes * sim.state.natoms)
     if restart is not None:
         sim.restore(restart)
     try:

@@ -1,4 +1,4 @@
-"""The MD engine: one loop over (init, step) pieces, a Verlet list, outputs, checkpoints and safety checks.
+"""The MD engine: one loop over (init, step) pieces, a force provider (dpmd.md.provider), outputs, checkpoints.
 
     sim = Simulation(models, positions (F, N, 3), symbols, box (F, 3, 3) or None, ensemble="nvt", ...)
     sim.run(1000)          # 1000 more steps; sim.run(upto=5000): on to step 5000 in total
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpmd.errors import DpmdError, NeighborOverflowError
+from dpmd.errors import DpmdError, MDStopError
 from dpmd.geometry.graph import build_graph
 from dpmd.md import devi as devi_mod
 from dpmd.md import host_sync
@@ -24,6 +24,8 @@ from dpmd.md import output as out_mod
 from dpmd.md.barostats import pressure_tensor, stochastic_cell_rescaling
 from dpmd.md.integrator import velocity_verlet
 from dpmd.md.neighbors import VerletList
+from dpmd.md.provider import CheckedForces
+from dpmd.md.safety import Safety
 from dpmd.md.state import MDState, kinetic_energy, maxwell_boltzmann, volume
 from dpmd.md.sync_free import SyncFreeForces
 from dpmd.md.thermostats import make_thermostat
@@ -32,10 +34,6 @@ from dpmd.model.ensemble import evaluate_ensemble
 from dpmd.model.forces import evaluate
 
 CHECKPOINT_FORMAT = "dpmd-md-checkpoint"
-
-
-class MDStopError(DpmdError, RuntimeError):
-    """The run was stopped by a safety check (lost atoms, atoms too close, NaN energy, neighbour overflow)."""
 
 
 def _ramp(value, total_steps: int, device=None):
@@ -54,10 +52,10 @@ def _ramp(value, total_steps: int, device=None):
 
 def element_mass(name: str, masses: dict | None = None) -> float:
     """amu: masses[name] where given (e.g. {"H": 2.014}: deuterium), else ASE's standard atomic mass."""
-    from ase.data import atomic_masses, atomic_numbers
-
     if masses and name in masses:
         return float(masses[name])
+    from ase.data import atomic_masses, atomic_numbers   # (only when a mass must be looked up)
+
     if name not in atomic_numbers:
         raise DpmdError(f"masses: {name!r} is not an element, so it has no standard mass; give one: "
                         f"masses: {{{name}: amu}}")
@@ -145,15 +143,19 @@ class Simulation:
         self.log = log or (lambda *a, **k: None)
         self.bias = bias
         self.verlet = VerletList(model.rcut, skin)
-        self._graph = None
+        self.safety = Safety(self.symbols, self.min_distance)
         if sync_free and bias is not None:
             raise DpmdError("sync_free: a bias potential is not supported in sync-free mode; set sync_free: false")
         padded = hasattr(model, "descriptor")   # a DeepPot (a test's pair potential has no padded layout)
         use = (self.device.type == "cuda" and bias is None and padded) if sync_free is None else bool(sync_free)
         if use and not padded:
             raise DpmdError("sync_free: needs a DeepPot model (its padded layout); set sync_free: false")
-        # chosen by auto: a skin too thin for its look-ahead falls back to the checked path (else: an error)
-        self._sync_free = SyncFreeForces(self, strict=sync_free is not None) if use else None
+        # the force provider (dpmd.md.provider): checked, or sync-free around the checked one; chosen by auto,
+        # a skin too thin for sync-free's look-ahead falls back to the checked path (else: an error)
+        self.provider = CheckedForces(self.models, self.params[0], self.verlet, self.safety, bias)
+        if use:
+            self.provider = SyncFreeForces(self.provider, self.device, self.dt, strict=sync_free is not None,
+                                           log=self.log)
         self.outputs: list[out_mod.SystemOutput] = []
         self.devi_history: list[tuple[int, np.ndarray]] = []   # (step, (F, 7)) for the Python API
 
@@ -172,7 +174,7 @@ class Simulation:
             else:
                 state.velocities = maxwell_boltzmann(masses, 0.0 if t0 is None else t0, rng, state.dof)
         self.state = state
-        self._init, self._step = velocity_verlet(self._compute_forces, self.dt, self.thermostat, self.barostat)
+        self._init, self._step = velocity_verlet(lambda s: self.provider(s), self.dt, self.thermostat, self.barostat)
         self._initialised = False
 
     # ---------------------------------------------------------------- pieces
@@ -184,90 +186,15 @@ class Simulation:
             missing = next(s for row in self.symbols for s in row if s not in index)
             raise DpmdError(f"element {missing} is not in the model's type_map {model.type_map}") from None
 
-    def _stop(self, state: MDState, message: str):
-        raise MDStopError(f"step {state.step}: {message}")
-
     @property
     def sync_free(self) -> bool:
-        return self._sync_free is not None
+        """Are the safety flags read steps late (sync-free stepping)?"""
+        return self.provider.lag > 0
 
-    def _compute_forces(self, state: MDState) -> MDState:
-        return self._sync_free(state) if self.sync_free else self._forces_checked(state)
-
-    def _stop_sync_free(self, state: MDState, why: str) -> MDState:
-        """Continue with the checked path (sync_free: auto, and a skin too thin for its look-ahead)."""
-        self._sync_free.drain(state)
-        self._sync_free = None
-        self.verlet.frames = None
-        self.log(f"step {state.step}: {why}; continuing without sync-free stepping")
-        return self._forces_checked(state)
-
-    def _forces_checked(self, state: MDState) -> MDState:
-        """Forces, energy and virial of the driving model on a Verlet list filtered to rcut; every safety
-        check read at once."""
-        n = state.natoms
-        need = self.verlet.needs_rebuild(state.positions, state.box)
-        finite = torch.isfinite(state.positions).all(dim=-1)
-        flags = torch.cat([need, (~finite).any(dim=1)]).tolist()          # one host sync
-        nf = state.nframes
-        if any(flags[nf:]):
-            self._stop(state, "lost atoms (non-finite positions): " + self._name_atoms((~finite).nonzero().tolist()))
-        if any(flags[:nf]):
-            self.verlet.build(state.positions, state.box, [f for f in range(nf) if flags[f]])
-            if self._sync_free is not None:   # its padded tables no longer match
-                self._sync_free.reset()
-        graph, d2 = self._edge_graph(state)
-        center, neighbor = graph["center"], graph["neighbor"]
-        try:
-            out = evaluate(self.models[0], graph)
-            if self.bias is not None:
-                out = self.bias(self.models, graph, out)
-        except NeighborOverflowError as err:
-            self._stop(state, f"neighbour overflow: {err}")
-        self._graph = graph
-        state.forces = out["force"].reshape(nf, n, 3)
-        state.energy = out["energy"]
-        state.virial = out["virial"]
-        dmin2 = d2.min() if d2.numel() else torch.tensor(float("inf"), dtype=self.dtype, device=self.device)
-        too_close, bad_energy = torch.stack([dmin2 < self.min_distance ** 2,
-                                             ~torch.isfinite(state.energy).all()]).tolist()   # one host sync
-        if too_close:
-            # each pair once (the list holds i->j and j->i)
-            close = ((d2 < self.min_distance ** 2) & (center <= neighbor)).nonzero().reshape(-1)
-            pairs = [(int(center[e]), int(neighbor[e]), float(d2[e]) ** 0.5) for e in close[:10]]
-            self._stop(state, f"atoms closer than min_distance {self.min_distance} Å: " + ", ".join(
-                f"{self._name_atom(i // n, i % n)} and {j % n} at {d:.3f} Å" for i, j, d in pairs))
-        if bad_energy:
-            bad = ~torch.isfinite(state.forces).all(-1)
-            if out.get("atom_energy") is not None:
-                bad |= ~torch.isfinite(out["atom_energy"].reshape(nf, n))
-            atoms = bad.nonzero().tolist()
-            self._stop(state, "non-finite energy or forces at " + (
-                self._name_atoms(atoms) if atoms else "no single atom (the total is not finite)"))
-        return state
-
-    def _edge_graph(self, state: MDState):
-        """The model's graph of the Verlet list filtered to rcut, and the edges' squared lengths."""
-        nf, n = state.nframes, state.natoms
-        center, neighbor, shift, vec, d2 = self.verlet.within_cutoff(state.positions, state.box)
-        graph = {"coord": state.positions.reshape(-1, 3), "atype": state.atype.reshape(-1),
-                 "batch": torch.arange(nf, device=self.device).repeat_interleave(n), "box": self._box(state),
-                 "center": center, "neighbor": neighbor, "shift": shift, "natoms": n, "edge_vec": vec,
-                 **self.params[0]}
-        return graph, d2
-
-    def _box(self, state: MDState) -> torch.Tensor:
-        if state.box is not None:
-            return state.box
-        return torch.zeros(state.nframes, 3, 3, dtype=self.dtype, device=self.device)
-
-    def _name_atoms(self, atoms: list) -> str:
-        """The first ten (frame, index) pairs, named."""
-        return ", ".join(self._name_atom(f, i) for f, i in atoms[:10]) + (" ..." if len(atoms) > 10 else "")
-
-    def _name_atom(self, frame: int, i: int) -> str:
-        label = f"atom {i} ({self.symbols[frame][i]})"
-        return label if self.state.nframes == 1 else f"{label} of system {frame}"
+    @property
+    def _sync_free(self) -> SyncFreeForces | None:
+        """The sync-free provider (None for the checked path)."""
+        return self.provider if isinstance(self.provider, SyncFreeForces) else None
 
     def kT(self, step: int):
         t = self.temperature(step)
@@ -303,7 +230,7 @@ class Simulation:
         # models on the driving model's graph (same rcut and types) go through one ensemble call
         shared = [k for k in range(1, len(self.models)) if self.models[k].rcut == self.models[0].rcut
                   and torch.equal(self.atypes[k], self.atypes[0]) and self._same_params(k)]
-        graph = self._edge_graph(s)[0] if self.sync_free else self._graph   # (sync-free: read back here)
+        graph = self.provider.graph(s)
         outs = dict(zip(shared, evaluate_ensemble([self.models[k] for k in shared], dict(graph))))
         for k in range(1, len(self.models)):
             if k not in outs:
@@ -397,9 +324,7 @@ class Simulation:
                             f"its thermostat/barostat state belongs to the other")
         self.state = MDState.from_tensors(st, self.device)
         self._initialised = False
-        self.verlet.frames = None
-        if self._sync_free is not None:
-            self._sync_free.reset()
+        self.provider.reset()
         if self.output_dir is not None:
             out_mod.truncate(blob.get("files", {}))
             self._open_outputs(restart=True)
@@ -417,16 +342,14 @@ class Simulation:
         try:
             self._ensure_init()
             if fresh:
-                if self.sync_free:
-                    self._sync_free.drain(self.state)
+                self.provider.drain(self.state)
                 self._write(self.state.step)
             while self.state.step < target:
                 self.state = self._step(self.state, self.kT(self.state.step), self.pressure(self.state.step))
                 step = self.state.step
                 if step == target or self._output_step(step):
                     with host_sync.expected("output"):
-                        if self.sync_free:
-                            self._sync_free.drain(self.state)
+                        self.provider.drain(self.state)   # (every pending flag read before a file is written)
                         self._write(step)
                         if self.output_dir is not None and self.checkpoint_freq > 0 and step % self.checkpoint_freq == 0:
                             self.checkpoint()
@@ -502,7 +425,7 @@ class Simulation:
         raise MDStopError(f"{err}{suffix}") from None
 
     def _write_crash_frame(self, path) -> None:
-        from dpmd.model.io import atomic_write
+        from dpmd.files import atomic_write
 
         s = self.state
         text = "".join(out_mod.extxyz_frame(

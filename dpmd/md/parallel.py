@@ -1,16 +1,17 @@
 """MPI runs of `dpmd md`: `mpiexec -n N dpmd md input.yaml` (mpi4py; `pip install dpmd[mpi]`).
 
-ParallelSimulation is the serial Simulation with the per-atom arrays distributed by dpmd.md.domain:
-each rank holds the atoms of its brick (sorted by global id), evaluates the model on them with their
-ghosts, and sends ghost forces back.  Everything else is the serial code:
+ParallelSimulation is the serial Simulation with the per-atom arrays distributed by dpmd.md.domain and
+its own force provider (DomainForces): each rank holds the atoms of its brick (sorted by global id),
+evaluates the model on them with their ghosts, and sends ghost forces back.  Everything else is the
+serial code:
 
 - thermostats and the barostat are the serial ones: their sums over atoms go through
-  `kinetic_energy`/`kinetic_tensor`, which sum over ranks for a DistributedState, and every random
-  number is drawn on every rank from one replicated generator, in the serial order (Langevin draws the
-  noise of all N atoms in global-id order and each rank takes its own rows), so a run follows the
+  `MDState.allsum`, which sums over ranks for a DistributedState, and every random number is drawn on
+  every rank from one replicated generator, in the serial order (Langevin's noise comes from
+  `atom_noise`: all N atoms' in global-id order, each rank keeping its own rows), so a run follows the
   serial trajectory to round-off whatever the number of ranks;
 - thermo, model deviation and trajectory frames are global (sums over ranks, forces gathered);
-  rank 0 writes every file;
+  rank 0 writes every file; a safety stop is found on every rank and has the serial run's message;
 - checkpoints hold global arrays in global-id order: the serial format, so a checkpoint written with
   N ranks restarts with M ranks (or serially), and vice versa.
 
@@ -19,7 +20,6 @@ Only one system per run (a batch of systems runs serially), and the cell must be
 
 from __future__ import annotations
 
-import math
 import os
 import types
 from dataclasses import dataclass
@@ -29,14 +29,14 @@ import torch
 
 from dpmd import ops
 from dpmd.errors import DpmdError, NeighborOverflowError
+from dpmd.geometry.neighbor import NeighborList, count_neighbors, sel_overflow_message
 from dpmd.md import devi as devi_mod
 from dpmd.md.domain import Comm, Domain
 from dpmd.md.engine import Simulation
-from dpmd.md.integrator import velocity_verlet
-from dpmd.md.state import MDState, kinetic_energy, per_frame
-from dpmd.md.thermostats import Thermostat, _zero_energy
-from dpmd.md.units import MVV2E
-from dpmd.model.forces import edge_gradients, energy_and_gradient
+from dpmd.md.provider import ForceProvider
+from dpmd.md.safety import Safety
+from dpmd.md.state import MDState
+from dpmd.model.forces import assemble, edge_gradients, energy_and_gradient
 
 _SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 
@@ -74,28 +74,116 @@ class DistributedState(MDState):
     def allsum(self, x: torch.Tensor) -> torch.Tensor:
         return self.comm.allsum(x)
 
+    def atom_noise(self) -> torch.Tensor:
+        """The serial run's numbers: every atom's drawn in global-id order, this rank's rows kept."""
+        v = self.velocities
+        return torch.randn((self.nframes, self.natoms_global, 3), generator=self.rng, dtype=v.dtype,
+                           device=v.device)[:, self.gid]
 
-def langevin(damp: float) -> Thermostat:
-    """dpmd.md.thermostats.langevin for a DistributedState: the noise of all atoms is drawn (global-id
-    order, as the serial run draws it) and each rank keeps its rows; the momentum projection is global."""
-    gamma = 1.0 / damp
 
-    def half_step(state: DistributedState, dt: float, kT) -> DistributedState:
-        c1 = math.exp(-gamma * dt)
-        c2 = math.sqrt(1.0 - c1 * c1)
-        m = state.masses.unsqueeze(-1)
-        sigma = torch.sqrt(per_frame(kT, state).view(-1, 1, 1) / (m * MVV2E))
-        xi = torch.randn((state.nframes, state.natoms_global, 3), generator=state.rng,
-                         dtype=state.velocities.dtype, device=state.velocities.device)[:, state.gid]
-        kick = c2 * sigma * xi
-        sums = state.allsum(torch.cat([(m * kick).sum(dim=1), m.sum(dim=1)], dim=-1))   # (F, 4)
-        kick = kick - sums[:, None, :3] / sums[:, None, 3:]                           # zero total momentum
-        ke0 = kinetic_energy(state)
-        state.velocities = c1 * state.velocities + kick
-        state.ext_work = state.ext_work + (kinetic_energy(state) - ke0)
+class DomainForces(ForceProvider):
+    """The MPI force provider: model k on this rank's atoms and their ghosts (dpmd.md.domain), forces on ghosts
+    sent back to their owners, energy, virial and the safety findings summed over the ranks (so every rank
+    stops at the same step with the same message).  atypes: per model, the (N,) types in global-id order."""
+
+    def __init__(self, models: list, params: list, atypes: list, masses: torch.Tensor, domain: Domain,
+                 safety: Safety):
+        self.models, self.params, self.atypes, self.masses = models, params, atypes, masses
+        self.domain, self.comm, self.safety = domain, domain.comm, safety
+        self.ghost_x = None   # the ghosts' positions at the last evaluation
+
+    def reset(self) -> None:
+        self.domain.frames = None
+        self.ghost_x = None
+
+    def coords(self, state: DistributedState) -> torch.Tensor:
+        """Local atoms then ghost slots."""
+        if self.ghost_x is None:
+            self.ghost_x = self.domain.forward(state.positions[0])
+        return torch.cat([state.positions[0], self.ghost_x])
+
+    def __call__(self, state: DistributedState) -> DistributedState:
+        dom = self.domain
+        x, box = state.positions[0], state.box[0]
+        finite = torch.isfinite(x).all(dim=-1)
+        nbad = int((~finite).sum())
+        disp = dom.local_displacement(x, box) if nbad == 0 else 0.0
+        flags = self.comm.allmax(np.array([float(nbad > 0), disp]))
+        if flags[0] > 0:
+            bad = sorted(i for part in self.comm.allgather(state.gid[~finite].tolist()) for i in part)
+            self.safety.lost_atoms(state.step, [(0, i) for i in bad])
+        if dom.needs_rebuild(float(flags[1]), box):
+            gid, pos, vel = dom.rebuild(state.gid, x, state.velocities[0], box)
+            state.gid, state.positions, state.velocities = gid, pos.unsqueeze(0), vel.unsqueeze(0)
+            state.masses = self.masses[gid].unsqueeze(0)
+            state.atype = self.atypes[0][gid].unsqueeze(0)
+            self.ghost_x = dom.ghost_positions
+        else:
+            self.ghost_x = dom.forward(x)
+        try:
+            out = self.evaluate(0, self.coords(state), box, state.gid, stops=True)
+        except NeighborOverflowError as err:
+            self.safety.overflow(state.step, err)
+        state.forces = out["force"].unsqueeze(0)
+        state.energy = out["energy"]
+        state.virial = out["virial"]
+        if "close" in out:
+            self.safety.too_close(state.step, [(0, i, j, d) for i, j, _, d in out["close"]])
+        if not bool(torch.isfinite(state.energy).all()):   # (the same on every rank: a sum over them)
+            bad = ~torch.isfinite(out["force"]).all(-1) | ~torch.isfinite(out["atom_energy"])
+            atoms = sorted(i for part in self.comm.allgather(state.gid[bad].tolist()) for i in part)
+            self.safety.bad_energy(state.step, [(0, i) for i in atoms])
         return state
 
-    return Thermostat(lambda s: s, half_step, _zero_energy)
+    def evaluate(self, k: int, coord: torch.Tensor, box: torch.Tensor, gid: torch.Tensor, stops: bool = False):
+        """Model k on local atoms + ghosts: global energy (1,), virial (1, 3, 3), local forces (n, 3) and atomic
+        energies (n,); with stops, the close pairs ("close": (i, j, shift, d) in global ids, i <= j, when there are
+        any).  Neighbour overflow is the model's NeighborOverflowError, on every rank.  Collective."""
+        model, dom = self.models[k], self.domain
+        nlocal = gid.numel()
+        e_count = dom.center.numel()
+        vec = coord[dom.neighbor] - coord[dom.center] + torch.einsum(
+            "ei,eij->ej", dom.shift, box.unsqueeze(0)[torch.zeros(e_count, dtype=torch.long, device=box.device)])
+        d2 = (vec * vec).sum(-1)
+        mask = d2 < float(model.rcut) ** 2
+        center, neighbor, vec = dom.center[mask], dom.neighbor[mask], vec[mask]
+        atype = torch.cat([self.atypes[k][gid], self.atypes[k][dom.ghost_gid]])
+        counts = count_neighbors(NeighborList(center, neighbor, None), atype, model.ntypes, nlocal)
+        beyond = counts > torch.tensor(list(model.sel), device=counts.device)   # (nlocal, ntypes)
+        n_over = int(beyond.any(dim=1).sum())
+        zero = torch.zeros(nlocal, dtype=torch.long, device=coord.device)
+        # one system: fparam for every atom; the local atoms' aparam rows (global ids)
+        params = {key: value.index_select(0, gid) if key == "aparam" else value for key, value in self.params[k].items()}
+        with ops.first_derivative_only():
+            if n_over == 0 and nlocal > 0:  # ghosts are neighbours, never centres; kernels as in the serial engine
+                graph = {"coord": coord, "atype": atype, "center": center, "neighbor": neighbor, "edge_vec": vec,
+                         **params}
+                atom_e, g, _ = edge_gradients(energy_and_gradient(model), graph, ncenters=nlocal)
+            else:
+                atom_e, g = torch.zeros(nlocal, dtype=vec.dtype, device=vec.device), torch.zeros_like(vec)
+            out = assemble(atom_e, g, vec, center, neighbor, zero, 1, coord.shape[0])
+        force_local = dom.reverse(out["force"][nlocal:], out["force"][:nlocal])
+        close = d2[mask] < self.safety.min_distance ** 2 if stops else torch.zeros(0, dtype=torch.bool)
+        flags = torch.tensor([float(n_over), float(int(close.sum()))], dtype=vec.dtype, device=coord.device)
+        tot = self.comm.allsum(torch.cat([out["energy"], out["virial"].reshape(-1), flags]))
+        result = {"energy": tot[:1], "virial": tot[1:10].reshape(1, 3, 3), "force": force_local, "atom_energy": atom_e}
+        if int(tot[10]):   # the first atom over the limit in global ids, named as the serial check names it
+            first = None
+            if n_over:
+                i, t = (int(x) for x in beyond.nonzero()[0])
+                first = (int(gid[i]), t, int(counts[i, t]), int(atype[i]))
+            i, t, c, ti = min(f for f in self.comm.allgather(first) if f is not None)
+            raise NeighborOverflowError(sel_overflow_message(i, model.type_map[ti], c, model.type_map[t], model.sel[t],
+                                                             int(tot[10])))
+        if int(tot[11]):
+            sel = close.nonzero().reshape(-1)
+            ng = dom.neighbor_gid[mask][sel].tolist()
+            sh = dom.shift[mask][sel].tolist()
+            dd = d2[mask][sel].tolist()
+            mine = [(int(gid[int(center[e])]), ng[j], sh[j], dd[j] ** 0.5) for j, e in enumerate(sel.tolist())]
+            mine = [p for p in mine if p[0] <= p[1]]   # each pair once, as the serial list has it
+            result["close"] = sorted(p for part in self.comm.allgather(mine) for p in part)
+        return result
 
 
 class _NullFile:
@@ -144,17 +232,13 @@ class ParallelSimulation(Simulation):
             raise DpmdError(f"MPI runs advance one system; this input has {s.nframes} (run a batch serially)")
         if s.box is None:
             raise DpmdError("MPI domain decomposition needs a periodic cell (structure has open boundaries)")
-        thermostat = dict(kwargs.get("thermostat") or {})
-        if self.ensemble != "nve" and thermostat.get("type", "langevin") == "langevin":
-            self.thermostat = langevin(thermostat.get("damp", 0.1))
         rc = max(float(m.rcut) for m in self.models)
         self.domain = Domain(self.comm, s.box[0], rc, self.verlet.skin, grid)
-        self.verlet = self.domain                       # .builds and .frames, as the engine expects
+        self.verlet = self.domain                       # .builds, as the engine expects
         self._masses = s.masses[0].clone()
         self._atypes = [a[0].clone() for a in self.atypes]
-        self._ghost_x = None
+        self.provider = DomainForces(self.models, self.params, self._atypes, self._masses, self.domain, self.safety)
         self.state = self._distribute(s)
-        self._init, self._step = velocity_verlet(self._compute_forces, self.dt, self.thermostat, self.barostat)
 
     # ---------------------------------------------------------------- distribution
     @property
@@ -165,7 +249,7 @@ class ParallelSimulation(Simulation):
         owner, _, _ = self.domain.owners(s.positions[0].detach().cpu().numpy(), s.box[0].detach().cpu().numpy())
         gid = torch.as_tensor(np.nonzero(owner == self.rank)[0], device=self.device)
         take = (lambda t: None if t is None else t[:, gid].clone())
-        self.domain.frames = None
+        self.provider.reset()   # (the lists and ghosts of the atoms this rank held)
         return DistributedState(positions=take(s.positions), velocities=take(s.velocities), masses=take(s.masses),
                                 atype=take(s.atype), box=s.box, forces=take(s.forces), energy=s.energy,
                                 virial=s.virial, step=s.step, ext_work=s.ext_work, thermostat=s.thermostat,
@@ -200,111 +284,14 @@ class ParallelSimulation(Simulation):
         finally:
             self.state = local
 
-    # ---------------------------------------------------------------- forces
-    def _evaluate(self, k: int, coord: torch.Tensor, box: torch.Tensor, gid: torch.Tensor, stops: bool = False):
-        """Model k on local atoms + ghosts: global energy (1,), virial (1, 3, 3), local forces (n, 3),
-        and the neighbour-overflow / close-pair findings.  Collective."""
-        model, dom = self.models[k], self.domain
-        nlocal = gid.numel()
-        e_count = dom.center.numel()
-        vec = coord[dom.neighbor] - coord[dom.center] + torch.einsum(
-            "ei,eij->ej", dom.shift, box.unsqueeze(0)[torch.zeros(e_count, dtype=torch.long, device=box.device)])
-        d2 = (vec * vec).sum(-1)
-        mask = d2 < float(model.rcut) ** 2
-        center, neighbor, vec = dom.center[mask], dom.neighbor[mask], vec[mask]
-        atype = torch.cat([self._atypes[k][gid], self._atypes[k][dom.ghost_gid]])
-        counts = torch.bincount(center * model.ntypes + atype[neighbor],
-                                minlength=nlocal * model.ntypes).reshape(nlocal, model.ntypes)
-        over = counts > torch.tensor(list(model.sel), device=counts.device)
-        n_over = int(over.any(dim=1).sum())
-        nslots = coord.shape[0]
-        if n_over == 0 and nlocal > 0:  # ghosts are neighbours, never centres; kernels as in the serial engine
-            params = self.params[k]   # one system: fparam for every atom; the local atoms' aparam rows (global ids)
-            graph = {"coord": coord, "atype": atype, "center": center, "neighbor": neighbor, "edge_vec": vec,
-                     **{key: value.index_select(0, gid) if key == "aparam" else value for key, value in params.items()}}
-            with ops.first_derivative_only():
-                atom_e, g, _ = edge_gradients(energy_and_gradient(model), graph, ncenters=nlocal)
-        else:
-            atom_e, g = torch.zeros(nlocal, dtype=self.dtype), torch.zeros_like(vec)
-        force = torch.zeros(nslots, 3, dtype=self.dtype, device=coord.device)
-        force = force.index_add(0, center, g).index_add(0, neighbor, -g)
-        edge_virial = -(g.unsqueeze(2) * vec.unsqueeze(1))
-        virial = torch.zeros(1, 3, 3, dtype=self.dtype, device=coord.device).index_add(
-            0, torch.zeros(center.numel(), dtype=torch.long, device=coord.device), edge_virial)
-        energy = torch.zeros(1, dtype=self.dtype, device=coord.device).index_add(
-            0, torch.zeros(nlocal, dtype=torch.long, device=coord.device), atom_e)
-        force_local = dom.reverse(force[nlocal:], force[:nlocal])
-        close = torch.zeros(0, dtype=torch.bool)
-        if stops:
-            close = d2[mask] < self.min_distance ** 2
-        flags = torch.tensor([float(n_over), float(int(close.sum()))], dtype=self.dtype, device=coord.device)
-        tot = self.comm.allsum(torch.cat([energy, virial.reshape(-1), flags]))
-        out = {"energy": tot[:1], "virial": tot[1:10].reshape(1, 3, 3), "force": force_local,
-               "n_over": int(tot[10]), "n_close": int(tot[11])}
-        if out["n_over"]:
-            first = None
-            if n_over:
-                i, t = (int(x) for x in over.nonzero()[0])
-                first = (int(gid[i]), t, int(counts[i, t]), int(atype[i]))
-            found = sorted(f for f in self.comm.allgather(first) if f is not None)
-            i, t, c, ti = found[0]
-            out["overflow"] = (f"atom {i} (type {model.type_map[ti]}) has {c} neighbours of type {model.type_map[t]} "
-                               f"within rcut but sel allows {model.sel[t]} ({out['n_over']} atom(s) over the limit); "
-                               f"raise descriptor.sel (or use sel: auto)")
-        if out["n_close"]:
-            sel = close.nonzero().reshape(-1)
-            ng = dom.neighbor_gid[mask][sel].tolist()
-            sh = dom.shift[mask][sel].tolist()
-            dd = d2[mask][sel].tolist()
-            mine = [(int(gid[int(center[e])]), ng[j], sh[j], dd[j] ** 0.5) for j, e in enumerate(sel.tolist())]
-            out["close"] = sorted(p for part in self.comm.allgather(mine) for p in part)
-        return out
-
-    def _compute_forces(self, state: DistributedState) -> DistributedState:
-        dom = self.domain
-        x, box = state.positions[0], state.box[0]
-        finite = torch.isfinite(x).all(dim=-1)
-        nbad = int((~finite).sum())
-        disp = dom.local_displacement(x, box) if nbad == 0 else 0.0
-        flags = self.comm.allmax(np.array([float(nbad > 0), disp]))
-        if flags[0] > 0:
-            bad = sorted(i for part in self.comm.allgather(state.gid[~finite].tolist()) for i in part)
-            self._stop(state, "lost atoms (non-finite positions): " + self._name_atoms([(0, i) for i in bad]))
-        if dom.needs_rebuild(float(flags[1]), box):
-            gid, pos, vel = dom.rebuild(state.gid, x, state.velocities[0], box)
-            state.gid, state.positions, state.velocities = gid, pos.unsqueeze(0), vel.unsqueeze(0)
-            state.masses = self._masses[gid].unsqueeze(0)
-            state.atype = self._atypes[0][gid].unsqueeze(0)
-            ghost_x = dom.ghost_positions
-        else:
-            ghost_x = dom.forward(x)
-        self._ghost_x = ghost_x
-        coord = torch.cat([state.positions[0], ghost_x])
-        out = self._evaluate(0, coord, box, state.gid, stops=True)
-        if "overflow" in out:
-            self._stop(state, f"neighbour overflow: {out['overflow']}")
-        state.forces = out["force"].unsqueeze(0)
-        state.energy = out["energy"]
-        state.virial = out["virial"]
-        if "close" in out:
-            self._stop(state, f"atoms closer than min_distance {self.min_distance} Å: " + ", ".join(
-                f"{self._name_atom(0, i)} and {j} at {d:.3f} Å" for i, j, _, d in out["close"][:10]))
-        if not bool(torch.isfinite(state.energy).all()):
-            self._stop(state, "non-finite energy in system(s) [0]")
-        return state
-
     def deviation(self) -> np.ndarray:
         self._ensure_init()
         s = self.state
         forces, virials, energies = [s.forces[0]], [s.virial], [s.energy]
         if len(self.models) > 1:
-            if self._ghost_x is None:
-                self._ghost_x = self.domain.forward(s.positions[0])
-            coord = torch.cat([s.positions[0], self._ghost_x])
+            coord = self.provider.coords(s)
             for k in range(1, len(self.models)):
-                out = self._evaluate(k, coord, s.box[0], s.gid)
-                if "overflow" in out:
-                    raise NeighborOverflowError(out["overflow"])
+                out = self.provider.evaluate(k, coord, s.box[0], s.gid)
                 forces.append(out["force"])
                 virials.append(out["virial"])
                 energies.append(out["energy"])
@@ -347,7 +334,6 @@ class ParallelSimulation(Simulation):
             self.output_dir = out_dir
         if self.rank != 0 and out_dir is not None:
             self._open_outputs(restart=True)
-        self._ghost_x = None
         self.state = self._distribute(self.state)
 
     def _write_crash_frame(self, path) -> None:

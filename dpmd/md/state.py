@@ -6,6 +6,7 @@ a single system is F = 1.  Positions are kept unwrapped (never folded into the b
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -44,42 +45,63 @@ class MDState:
         """Degrees of freedom per frame: 3N - 3 (total momentum is zero and stays zero)."""
         return max(3 * self.natoms - 3, 1)
 
+    def allsum(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed over the ranks holding parts of this state: x itself here (MPI: dpmd.md.parallel)."""
+        return x
+
+    def atom_noise(self) -> torch.Tensor:
+        """(F, N, 3) standard normal numbers, a triple per atom, from the run's generator (MPI draws every atom's
+        in global order and keeps its own rows, so it draws what the serial run draws: dpmd.md.parallel)."""
+        v = self.velocities
+        return torch.randn(v.shape, generator=self.rng, dtype=v.dtype, device=v.device)
+
     def tensors(self) -> dict:
         """Everything needed to continue the run, as plain tensors (for checkpoints)."""
         return {"positions": self.positions, "velocities": self.velocities, "masses": self.masses,
                 "atype": self.atype, "box": self.box, "forces": self.forces, "energy": self.energy,
                 "virial": self.virial, "step": self.step, "ext_work": self.ext_work,
                 "thermostat": dict(self.thermostat), "barostat": dict(self.barostat),
-                "rng_state": self.rng.get_state() if self.rng is not None else None}
+                "rng_state": None if self.rng is None else self.rng.get_state().cpu(),
+                "rng_device": None if self.rng is None else self.rng.device.type}
 
     @classmethod
     def from_tensors(cls, d: dict, device) -> "MDState":
         to = (lambda t: None if t is None else t.to(device))
-        rng = torch.Generator(device=device)
-        if d["rng_state"] is not None:
-            rng.set_state(d["rng_state"])
         return cls(positions=to(d["positions"]), velocities=to(d["velocities"]), masses=to(d["masses"]),
                    atype=to(d["atype"]), box=to(d["box"]), forces=to(d["forces"]), energy=to(d["energy"]),
                    virial=to(d["virial"]), step=int(d["step"]), ext_work=to(d["ext_work"]),
                    thermostat={k: to(v) for k, v in d["thermostat"].items()},
-                   barostat={k: to(v) for k, v in d["barostat"].items()}, rng=rng)
+                   barostat={k: to(v) for k, v in d["barostat"].items()},
+                   rng=restore_generator(d["rng_state"], d.get("rng_device"), device))
 
 
-def _global_sum(state: MDState, x: torch.Tensor) -> torch.Tensor:
-    """x summed over the ranks of a domain-decomposed state (dpmd.md.parallel); x itself for a serial one."""
-    allsum = getattr(state, "allsum", None)
-    return x if allsum is None else allsum(x)
+def restore_generator(saved: torch.Tensor | None, saved_on: str | None, device) -> torch.Generator:
+    """A generator on `device` that continues the saved one (a CPU byte tensor of Generator.get_state()).
+
+    The host and CUDA generators are different algorithms (Mersenne twister, Philox) with states of different
+    sizes, so a checkpoint restarted on the other kind of device cannot continue its random stream: the new
+    generator is seeded from the saved state instead (the same checkpoint always restarts the same way).
+    saved_on: the device type the state came from (None, checkpoints before it was kept: this device's)."""
+    rng = torch.Generator(device=device)
+    if saved is None:
+        return rng
+    saved = saved.detach().to("cpu", torch.uint8)
+    if saved_on in (None, rng.device.type) and saved.numel() == rng.get_state().numel():
+        rng.set_state(saved)
+    else:
+        rng.manual_seed(int.from_bytes(hashlib.sha256(saved.numpy().tobytes()).digest()[:8], "little"))
+    return rng
 
 
 def kinetic_energy(state: MDState) -> torch.Tensor:
     """(F,) eV."""
-    return _global_sum(state, 0.5 * MVV2E * (state.masses.unsqueeze(-1) * state.velocities ** 2).sum(dim=(1, 2)))
+    return state.allsum(0.5 * MVV2E * (state.masses.unsqueeze(-1) * state.velocities ** 2).sum(dim=(1, 2)))
 
 
 def kinetic_tensor(state: MDState) -> torch.Tensor:
     """(F, 3, 3) sum_i m_i v_i (x) v_i in eV."""
     mv = state.masses.unsqueeze(-1) * state.velocities
-    return _global_sum(state, MVV2E * torch.einsum("fni,fnj->fij", mv, state.velocities))
+    return state.allsum(MVV2E * torch.einsum("fni,fnj->fij", mv, state.velocities))
 
 
 def temperature(state: MDState) -> torch.Tensor:
@@ -92,6 +114,13 @@ def per_frame(x, state: MDState) -> torch.Tensor:
     if torch.is_tensor(x):
         return x.to(device=state.positions.device, dtype=state.positions.dtype).expand(state.nframes)
     return torch.full((state.nframes,), float(x), dtype=state.positions.dtype, device=state.positions.device)
+
+
+def frame_boxes(state: MDState) -> torch.Tensor:
+    """(F, 3, 3) the boxes, zeros for open boundaries (the model's graph takes a box per frame)."""
+    if state.box is not None:
+        return state.box
+    return torch.zeros(state.nframes, 3, 3, dtype=state.positions.dtype, device=state.positions.device)
 
 
 def volume(state: MDState) -> torch.Tensor:

@@ -28,36 +28,48 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dpmd.errors import MDStopError
 from dpmd.md import host_sync
 from dpmd.md.flags import LaggedFlags
 from dpmd.md.neighbors import VerletList
-from dpmd.md.state import MDState
+from dpmd.md.provider import CheckedForces, ForceProvider
+from dpmd.md.safety import ALARMS, first_seen
+from dpmd.md.state import MDState, frame_boxes
 from dpmd.md.units import FTM2V
 from dpmd.model import deferred
 from dpmd.model.forces import DEFAULT_CHUNK_ATOMS, evaluate_padded
 
-ALARMS = ("lost atoms (non-finite positions)", "atoms closer than min_distance", "non-finite energy",
-          "neighbour overflow beyond sel", "stale neighbour list", "an edge outside the compressed model's tables")
 
+class SyncFreeForces(ForceProvider):
+    """The lagged force provider.  `checked` (its Verlet list, models, safety) names the atoms of an alarm and
+    takes over when the skin is too thin for the look-ahead: an error when `strict`, else one line to `log`
+    and the checked path from then on (lag 0).  dt: the time step (ps), for the look-ahead."""
 
-class SyncFreeForces:
-    """force_fn(state) of a Simulation (dpmd.md.engine), sync-free; sim provides the Verlet list, the
-    models, min_distance, dt, and the checked path (sim._forces_checked) and stop (sim._stop) for alarms."""
-
-    def __init__(self, sim, strict: bool = True):
-        self.sim, self.strict = sim, strict   # strict: a skin too thin for the look-ahead is an error
-        self.flags = LaggedFlags(sim.device)
-        self.host_list = VerletList(sim.verlet.rcut, sim.verlet.skin)   # built here, adopted by sim.verlet
+    def __init__(self, checked: CheckedForces, device: torch.device, dt: float, strict: bool = True, log=print):
+        self.checked, self.dt, self.strict, self.log = checked, dt, strict, log
+        self.active = True
+        self.flags = LaggedFlags(device)
+        self.host_list = VerletList(checked.verlet.rcut, checked.verlet.skin)   # built here, adopted by verlet
         self.reset()
 
+    @property
+    def lag(self) -> int:
+        return self.flags.lag if self.active else 0
+
     def reset(self) -> None:
-        """Forget the lists (a restore, or the checked path rebuilt them)."""
+        """Forget the lists and pending flags (a restore, or an alarm: the checked path builds its own list)."""
         self.requests: dict[int, tuple] = {}   # frame -> (step, positions, box, reach) of the flag asking for a list
         self.generation: list[int] = []        # per frame: builds of its list (each flag records the ones it saw)
         self.flags.clear()
+        self.checked.reset()
+
+    def graph(self, state: MDState) -> dict:
+        return self.checked.edge_graph(state)[0] if self.active else self.checked.graph(state)
 
     def __call__(self, state: MDState) -> MDState:
-        sim, verlet = self.sim, self.sim.verlet
+        if not self.active:
+            return self.checked(state)
+        checked, verlet = self.checked, self.checked.verlet
         for pushed, arrays, generation in self.flags.due(state.step):
             self._read(state, pushed, arrays, generation)
         if len(self.generation) != state.nframes:
@@ -67,13 +79,14 @@ class SyncFreeForces:
             thin = self._rebuild(state)
             if thin:
                 if self.strict:
-                    sim._stop(state, thin + "; increase the skin or set sync_free: false")
-                return sim._stop_sync_free(state, thin)
-        nf, n, model = state.nframes, state.natoms, sim.models[0]
+                    checked.safety.skin_too_thin(state.step, thin)
+                return self._give_up(state, thin)
+        nf, n, model = state.nframes, state.natoms, checked.models[0]
+        device = state.positions.device
         vec, neighbor, overflow, dmin2 = verlet.padded_within_cutoff(state.positions, state.box, model.sel)
         graph = {"rows": self.rows, "row_chunk": DEFAULT_CHUNK_ATOMS, "row_type_counts": self.row_type_counts,
-                 "edge_vec": vec, "neighbor": neighbor, "atype": state.atype.reshape(-1), "box": sim._box(state),
-                 "natoms": n, "batch": torch.arange(nf, device=sim.device).repeat_interleave(n), **sim.params[0]}
+                 "edge_vec": vec, "neighbor": neighbor, "atype": state.atype.reshape(-1), "box": frame_boxes(state),
+                 "natoms": n, "batch": torch.arange(nf, device=device).repeat_interleave(n), **checked.params}
         with deferred.collect() as model_flags:
             out = evaluate_padded(model, graph)
         state.forces = out["force"].reshape(nf, n, 3)
@@ -86,11 +99,13 @@ class SyncFreeForces:
         ahead = verlet.outgrown(d + self.reach(self.flags.lag, speed, accel),
                                 eps + 2 * self.flags.lag * (eps - self.eps).abs())
         self.eps = eps
-        alarms = torch.stack([~torch.isfinite(state.positions).all(), dmin2 < sim.min_distance ** 2,
+        # in ALARMS order
+        alarms = torch.stack([~torch.isfinite(state.positions).all(), dmin2 < checked.safety.min_distance ** 2,
                               ~torch.isfinite(state.energy).all(), overflow.any(), stale.any(),
                               torch.stack(model_flags).any() if model_flags else overflow.new_zeros(())])
-        values = torch.cat([ahead.to(sim.dtype), alarms.to(sim.dtype), speed, accel])
-        self.flags.push(state.step, [values, state.positions, sim._box(state)], list(self.generation))
+        dtype = state.positions.dtype
+        values = torch.cat([ahead.to(dtype), alarms.to(dtype), speed, accel])
+        self.flags.push(state.step, [values, state.positions, frame_boxes(state)], list(self.generation))
         return state
 
     def drain(self, state: MDState) -> None:
@@ -101,8 +116,16 @@ class SyncFreeForces:
     def reach(self, steps: int, speed, accel):
         """How far an atom may move in `steps` steps: t v + t^2 a / 2 of the fastest atom and the largest
         acceleration, with a factor 1.5 for the change of acceleration and thermostat kicks."""
-        t = steps * self.sim.dt
+        t = steps * self.dt
         return 1.5 * (t * speed + 0.5 * t * t * accel)
+
+    def _give_up(self, state: MDState, why: str) -> MDState:
+        """Continue with the checked path (sync_free: auto, and a skin too thin for its look-ahead)."""
+        self.drain(state)
+        self.active = False
+        self.checked.reset()
+        self.log(f"step {state.step}: {why}; continuing without sync-free stepping")
+        return self.checked(state)
 
     def _read(self, state: MDState, pushed: int, arrays: list, generation: list) -> None:
         nf = state.nframes
@@ -118,29 +141,26 @@ class SyncFreeForces:
     def _alarm(self, state: MDState, pushed: int, alarms: list) -> None:
         """The checked path on the current state names the atoms; if the condition has gone by now, the
         flag itself is the message."""
-        from dpmd.md.engine import MDStopError
-
-        self.sim.verlet.frames = None   # the checked path builds its own list on the device
+        self.reset()   # the checked path builds its own list on the device; these tables are done with
         try:
-            self.sim._forces_checked(state)
+            self.checked(state)
         except MDStopError as err:
-            raise MDStopError(f"{err} (first seen at step {pushed})") from None
-        hint = "; increase the skin or set sync_free: false" if alarms == ["stale neighbour list"] else ""
-        self.sim._stop(state, f"{', '.join(alarms)} at step {pushed}{hint}")
+            raise first_seen(err, pushed) from None
+        self.checked.safety.alarm(state.step, alarms, pushed)
 
     def _setup(self, state: MDState) -> None:
         """Row order (atoms grouped by type, as the fitting nets take them) and the first lists."""
-        nf, n, sim = state.nframes, state.natoms, self.sim
+        nf, n = state.nframes, state.natoms
         atype = state.atype.reshape(-1)
         self.rows = torch.argsort(atype, stable=True)
         self.row_type_counts = [torch.bincount(atype.index_select(0, self.rows[r:r + DEFAULT_CHUNK_ATOMS]),
-                                               minlength=sim.models[0].ntypes).tolist()
+                                               minlength=self.checked.models[0].ntypes).tolist()
                                 for r in range(0, nf * n, DEFAULT_CHUNK_ATOMS)]
         self.host_rows, self.host_atype = self.rows.cpu(), atype.cpu()
-        self.eps = torch.zeros(nf, dtype=sim.dtype, device=sim.device)
+        self.eps = torch.zeros(nf, dtype=state.positions.dtype, device=state.positions.device)
         self.generation = [0] * nf
         self.host_list.frames = None
-        box = sim._box(state).cpu().numpy()
+        box = frame_boxes(state).cpu().numpy()
         self.requests = {f: (state.step, p, box[f], 0.0) for f, p in enumerate(state.positions.detach().cpu().numpy())}
         self._rebuild(state)
 
@@ -148,23 +168,23 @@ class SyncFreeForces:
         """New lists for the frames asked for, built on the host from the positions that came with the flag
         that asked (a few steps old: the look-ahead covers that), then copied to the device without waiting.
         Returns why the skin is too thin for that, or ""."""
-        sim, nf = self.sim, state.nframes
+        nf, verlet, dtype = state.nframes, self.checked.verlet, state.positions.dtype
         frames = sorted(self.requests)
-        positions = torch.zeros(state.positions.shape, dtype=sim.dtype)
-        box = torch.zeros(nf, 3, 3, dtype=sim.dtype)
+        positions = torch.zeros(state.positions.shape, dtype=dtype)
+        box = torch.zeros(nf, 3, 3, dtype=dtype)
         for f in frames:
             step, p, b, moved = self.requests[f]
             if not np.isfinite(p).all():   # (a cell list of NaN positions is undefined)
                 bad = [(f, int(i)) for i in np.nonzero(~np.isfinite(p).all(-1))[0]]
-                sim._stop(state, f"lost atoms (non-finite positions) at step {step}: " + sim._name_atoms(bad))
-            if 2.0 * moved > sim.verlet.skin:
-                return (f"skin {sim.verlet.skin} Å is too thin for sync-free stepping: atoms may move "
+                self.checked.safety.lost_atoms(state.step, bad, seen=step)
+            if 2.0 * moved > verlet.skin:
+                return (f"skin {verlet.skin} Å is too thin for sync-free stepping: atoms may move "
                         f"{moved:.3f} Å in the {2 * self.flags.lag} steps a new list must last")
             positions[f], box[f] = torch.from_numpy(np.array(p)), torch.from_numpy(np.array(b))
         with host_sync.expected("host rebuild"):   # host tensors only (the counter cannot tell them apart)
             self.host_list.build(positions, box if state.box is not None else None, frames)
             self.host_list.pad(self.host_rows, self.host_atype)
-        sim.verlet.adopt(self.host_list, sim.device)
+        verlet.adopt(self.host_list, state.positions.device)
         for f in frames:
             self.generation[f] += 1
             self.eps[f] = 0.0

@@ -6,7 +6,8 @@ thermostat's own variables entering the conserved quantity (zero for the stochas
 work on the system is accumulated in `state.ext_work`).  kT is in eV, a (F,) tensor or a float.
 
 - langevin:     Ornstein-Uhlenbeck velocity update (OBABO, Bussi & Parrinello 2007), damp = 1/gamma (ps);
-                the noise is projected onto zero total momentum (LAMMPS `fix langevin ... zero yes`).
+                the noise (MDState.atom_noise: under MPI, the serial run's numbers) is projected onto zero total
+                momentum (LAMMPS `fix langevin ... zero yes`).
 - csvr:         canonical sampling through velocity rescaling (Bussi, Donadio & Parrinello 2007), damp = tau (ps).
 - nose_hoover:  Nose-Hoover chain (Martyna, Klein & Tuckerman 1992; LAMMPS fix nvt), damp = Tdamp (ps).
 """
@@ -44,10 +45,9 @@ def langevin(damp: float) -> Thermostat:
         c2 = math.sqrt(1.0 - c1 * c1)
         m = state.masses.unsqueeze(-1)
         sigma = torch.sqrt(per_frame(kT, state).view(-1, 1, 1) / (m * MVV2E))
-        xi = torch.randn(state.velocities.shape, generator=state.rng, dtype=state.velocities.dtype,
-                         device=state.velocities.device)
-        kick = c2 * sigma * xi
-        kick = kick - (m * kick).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True)  # zero total momentum
+        kick = c2 * sigma * state.atom_noise()   # (MPI: the serial run's numbers, see MDState.atom_noise)
+        sums = state.allsum(torch.cat([(m * kick).sum(dim=1), m.sum(dim=1)], dim=-1))   # (F, 4)
+        kick = kick - sums[:, None, :3] / sums[:, None, 3:]                           # zero total momentum
         ke0 = kinetic_energy(state)
         state.velocities = c1 * state.velocities + kick
         state.ext_work = state.ext_work + (kinetic_energy(state) - ke0)

@@ -13,13 +13,11 @@ import re
 
 from dpmd.errors import ConfigError
 from dpmd.model.compress import normalize_compress
+from dpmd.model.network import ACTIVATIONS, parse_activation
 from dpmd.schema import REQUIRED, UNSET, choice, key, normalize, section
 
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64 - 1; the training seed + 1 must fit too
 PRECISIONS = ("default", "float64", "float32")  # "default": DeePMD-kit's interface precision, float64
-# activations whose dpmd implementation is DeePMD-kit's (dpmd's gelu is the exact erf form, DeePMD-kit's the
-# tanh approximation: refused until they agree)
-ACTIVATIONS = ("tanh", "relu", "softplus", "sigmoid", "linear", "none")
 
 
 def valid_seed(v) -> bool:
@@ -41,9 +39,17 @@ def _seed(doc: str):
     return key("seed", [int, None], UNSET, doc, check=valid_seed, expect="an integer in [0, 2**63-1]")
 
 
+def _known_activation(name: str) -> bool:
+    try:
+        parse_activation(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _activation(doc: str):
-    return key("activation_function", str, "tanh", doc, check=lambda v: v in ACTIVATIONS,
-               expect=f"one of {', '.join(ACTIVATIONS)} (gelu, gelu_tf, relu6, silu: not supported yet)")
+    return key("activation_function", str, "tanh", doc, check=_known_activation,
+               expect=f"one of {', '.join(ACTIVATIONS)} (or silut:<threshold>)")
 
 
 def _precision(doc: str):

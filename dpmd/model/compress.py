@@ -190,18 +190,16 @@ def compress_model(model, min_nbor_dist: float, step: float = 0.01, extrapolate:
     return out
 
 
-def min_nbor_dist_of_input(path, model) -> float:
-    """Smallest neighbour distance in the training data of a `dpmd train` input (like `dp compress -t`)."""
+def min_nbor_dist_of_systems(paths, model, where: str = "the training data") -> float:
+    """Smallest neighbour distance in some data systems (like `dp compress -t`: the training systems)."""
     from dpmd.data import load_systems
     from dpmd.geometry.neighbor import neighbor_stat
-    from dpmd.train.config import read_input
 
-    config = read_input(path)
-    systems = load_systems(config["training"]["training_data"]["systems"], type_map=model.type_map)
+    systems = load_systems(paths, type_map=model.type_map)
     frames = ((s.coord[f], s.atype, None if s.box is None else s.box[f]) for s in systems for f in range(s.nframes))
     _, dmin = neighbor_stat(frames, model.rcut, model.ntypes)
     if not math.isfinite(dmin):
-        raise DpmdError(f"{path}: the training data have no pair of atoms within rcut = {model.rcut} Å")
+        raise DpmdError(f"{where}: no pair of atoms within rcut = {model.rcut} Å")
     return dmin
 
 
@@ -226,16 +224,20 @@ def check_graph(model, graph: dict) -> None:
 
 
 def compress_file(input_path, output_path, *, step: float = 0.01, extrapolate: float = 5.0,
-                  check_frequency: int = -1, training_input=None, min_nbor_dist: float | None = None) -> dict:
-    """`dpmd compress`: read a model, tabulate it, write the frozen compressed model atomically."""
+                  check_frequency: int = -1, training_systems=None, min_nbor_dist: float | None = None,
+                  systems_source: str = "the training data") -> dict:
+    """`dpmd compress`: read a model, tabulate it, write the frozen compressed model atomically.  The table
+    range comes from min_nbor_dist, or from the data systems `training_systems` (the caller reads them from
+    its training input, `systems_source`, named in errors: the model layer does not read training inputs)."""
     from dpmd.model.io import load_model, save_model
 
     model = load_model(input_path)
     if min_nbor_dist is None:
-        if training_input is None:
+        if training_systems is None:
             raise DpmdError("compress: the table range needs the smallest neighbour distance of the training data: "
                             "give -t input.yaml (its training systems are scanned) or --min-nbor-dist")
-        min_nbor_dist = min_nbor_dist_of_input(training_input, model)
+        min_nbor_dist = min_nbor_dist_of_systems(training_systems, model,
+                                                 f"{systems_source}: its training data")
     compressed = compress_model(model, min_nbor_dist, step, extrapolate, check_frequency)
     save_model(compressed, output_path)
     return compressed.config["compress"]

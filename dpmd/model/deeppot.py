@@ -13,13 +13,14 @@ from dpmd.model.args import normalize_model_config
 from dpmd.model.compress import check_graph
 from dpmd.model.descriptor import DescriptorSeA
 from dpmd.model.fitting import EnergyFitting, group_by_type, in_type_order
-from dpmd.model.forces import evaluate
+from dpmd.model.forces import EdgeEnergyModel, evaluate
+from dpmd.ops import Backend
 
 # dtypes of the `precision` keys ("default": DeePMD-kit's interface precision, float64)
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32, "default": torch.float64}
 
 
-class DeepPot(nn.Module):
+class DeepPot(EdgeEnergyModel, nn.Module):
     """Maps atomic environments to atomic energies; forces and virial come from dpmd.model.forces."""
 
     def __init__(self, config: dict):
@@ -66,16 +67,20 @@ class DeepPot(nn.Module):
     def numb_aparam(self) -> int:
         return self.fitting.numb_aparam
 
-    def atomic_energy(self, edge_vec, center, center_type, neighbor_type,
-                      type_counts: Optional[List[int]] = None, params=None) -> torch.Tensor:
+    def atomic_energy(self, edge_vec, center, center_type, neighbor_type, type_counts: Optional[List[int]] = None,
+                      params: Optional[torch.Tensor] = None, backend: Optional[Backend] = None) -> torch.Tensor:
         """Atomic energies (n_centers,) of an edge list (dpmd.model.forces), or, with type_counts, of edges in
         DeePMD's padded layout with the centres grouped by type (DescriptorSeA.forward_padded).  params: the
-        centres' fparam and aparam (dpmd.geometry.graph.atom_params), for a model that takes them."""
-        if type_counts is not None:
-            desc = self.descriptor.forward_padded(edge_vec, center, center_type, neighbor_type, type_counts)
-            return self.fitting(desc.to(self.fitting.energy_bias.dtype), center_type, type_counts, params)
+        centres' fparam and aparam (dpmd.geometry.graph.atom_params), for a model that takes them; backend: what
+        runs (dpmd.ops.resolve; None: as the caller's context says).  TorchScript-compatible: the frozen model
+        (dpmd.model.export) runs this method as its own."""
+        if not torch.jit.is_scripting():  # (the padded layout is eager only)
+            if type_counts is not None:
+                desc = self.descriptor.forward_padded(edge_vec, center, center_type, neighbor_type, type_counts,
+                                                      backend)
+                return self.fitting(desc.to(self.fitting.energy_bias.dtype), center_type, type_counts, params)
         center, center_type, position = group_by_type(center, center_type)
-        desc = self.descriptor(edge_vec, center, center_type, neighbor_type)
+        desc = self.descriptor(edge_vec, center, center_type, neighbor_type, backend)
         return self.fitting(desc.to(self.fitting.energy_bias.dtype), center_type, None,
                             in_type_order(params, position)).index_select(0, position)
 

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
 
 from dpmd import ops
-from dpmd.ops import contraction
+from dpmd.ops import Backend, contraction
 from dpmd.model import deferred
 from dpmd.model.network import MLP, embedding_with_tangent, linearize_at
 
@@ -112,33 +112,41 @@ class DescriptorSeA(nn.Module):
     def dim_out(self) -> int:
         return self.width * self.axis_neuron
 
-    def env_rows(self, edge_vec: torch.Tensor) -> torch.Tensor:
+    @torch.jit.unused
+    def resolve_backend(self, backend: Optional[Backend], tensor: torch.Tensor) -> Backend:
+        """The caller's backend (dpmd.ops.resolve), or, for a caller that passes none, the one its context gives."""
+        return ops.resolve(tensor) if backend is None else backend
+
+    def env_rows(self, edge_vec: torch.Tensor, backend: Optional[Backend] = None) -> torch.Tensor:
         """Un-normalised environment rows (E, 4) from edge vectors (E, 3)."""
         if self.use_ops:  # frozen with the kernel library
             return torch.ops.dpmd.env_mat(edge_vec, self.rcut_smth, self.rcut)
         if not torch.jit.is_scripting():
-            if ops.active(edge_vec):  # kernel library, first derivatives only (see dpmd.ops)
+            if self.resolve_backend(backend, edge_vec).kernels:  # kernel library, first derivatives only (see dpmd.ops)
                 return ops.env_rows(edge_vec, self.rcut_smth, self.rcut)
         r = torch.linalg.vector_norm(edge_vec, 2.0, dim=-1, keepdim=True)  # = Tensor.norm(dim=-1); scriptable
         s = smooth_switch(r, self.rcut_smth, self.rcut) / r
         return torch.cat([s, s * edge_vec / r], dim=-1)
 
-    def forward(self, edge_vec, center, center_type, neighbor_type):
+    def forward(self, edge_vec, center, center_type, neighbor_type, backend: Optional[Backend] = None):
         """Descriptors (n_centers, M * axis_neuron).
 
         edge_vec (E, 3) vectors from centre to neighbour; center (E,) index in [0, n_centers);
         center_type (n_centers,); neighbor_type (E,).  (forward_padded: the same for DeePMD's padded layout.)
+        backend: which implementation runs (dpmd.ops.resolve; None: as the caller's context says).
         """
+        if not torch.jit.is_scripting():
+            backend = self.resolve_backend(backend, edge_vec)
         dtype = self.mean.dtype
         if self.compressed and edge_vec.device.type == "cpu" and not self.has_exclusion:
             if self.use_ops:  # frozen with the kernel library
                 return self._fused_tabulated(edge_vec.to(dtype), center, center_type, neighbor_type)
             if not torch.jit.is_scripting():
-                if ops.active(edge_vec):
+                if backend.kernels:
                     return self._fused_tabulated(edge_vec.to(dtype), center, center_type, neighbor_type)
         ncent = center_type.shape[0]
         ct_edge = center_type.index_select(0, center)
-        rows = self.env_rows(edge_vec.to(dtype))
+        rows = self.env_rows(edge_vec.to(dtype), backend)
         slot_center, slot_type = center, neighbor_type  # every edge fills a slot, excluded or not
         if self.has_exclusion:  # an excluded edge adds nothing: leave it out
             kept = torch.nonzero(self.kept_edges(rows, ct_edge, neighbor_type)).squeeze(1)
@@ -161,15 +169,15 @@ class DescriptorSeA(nn.Module):
             if n > 0:
                 r = rows[start:start + n]
                 if self.compressed:
-                    T = T + self._tabulated_block(i, r, center_sorted[start:start + n], ncent)
+                    T = T + self._tabulated_block(i, r, center_sorted[start:start + n], ncent, 0, backend)
                 else:
                     c = center_sorted[start:start + n]
                     linearized = None
                     if not torch.jit.is_scripting():
-                        linearized = self._linearized_block(i, r, c, ncent)
-                    T = T + (self._block(r, net(r[:, :1]), c, ncent) if linearized is None else linearized)
+                        linearized = self._linearized_block(i, r, c, ncent, 0, backend)
+                    T = T + (self._block(r, net(r[:, :1]), c, ncent, 0, backend) if linearized is None else linearized)
             start += n
-        T = T + self._padding(slot_center, center_type, slot_type)
+        T = T + self._padding(slot_center, center_type, slot_type, backend)
         return self._descriptor_from_T(T, ncent)
 
     def kept_edges(self, rows: torch.Tensor, center_type_of_edge: torch.Tensor, neighbor_type: torch.Tensor):
@@ -187,19 +195,22 @@ class DescriptorSeA(nn.Module):
         D = torch.bmm(T.transpose(1, 2), T[:, :, : self.axis_neuron])
         return D.reshape(ncent, -1)
 
-    def _block(self, r: torch.Tensor, g: torch.Tensor, c: torch.Tensor, ncent: int, per_center: int = 0) -> torch.Tensor:
+    def _block(self, r: torch.Tensor, g: torch.Tensor, c: torch.Tensor, ncent: int, per_center: int = 0,
+               backend: Optional[Backend] = None) -> torch.Tensor:
         """sum_j R_j^T G_j (n_centers, 4, M) over the edges of one net: rows r (n, 4), embeddings g (n, M),
         centres c (n,) in ascending order; per_center > 0: every centre has exactly that many edges."""
+        if not torch.jit.is_scripting():
+            backend = self.resolve_backend(backend, r)
         if per_center > 0 and not torch.jit.is_scripting():
-            if not ops.active(r) and not ops.any_order(r):
+            if not backend.kernels and not backend.any_order:
                 # padded layout: a dense block already, no counts to read back from the device
                 return torch.bmm(r.view(ncent, per_center, 4).transpose(1, 2), g.view(ncent, per_center, self.width))
         if self.use_ops:  # frozen with the kernel library: a segment sum, no padding
             return torch.ops.dpmd.contract(r, g, c, ncent)
         if not torch.jit.is_scripting():
-            if ops.active(r):
+            if backend.kernels:
                 return ops.contract(r, g, c, ncent)
-            if ops.any_order(r):  # training: kernels that differentiate again
+            if backend.any_order:  # training: kernels that differentiate again
                 return contraction.contract(r, g, c, ncent)
         n = r.shape[0]
         per_center = torch.bincount(c, minlength=ncent)
@@ -214,30 +225,34 @@ class DescriptorSeA(nn.Module):
         return torch.bmm(r_pad.transpose(1, 2), g_pad)
 
     @torch.jit.unused
-    def _linearized_block(self, i: int, r: torch.Tensor, c: torch.Tensor, ncent: int, per_center: int = 0):
+    def _linearized_block(self, i: int, r: torch.Tensor, c: torch.Tensor, ncent: int, per_center: int,
+                          backend: Backend):
         """_block with net i linearised in s = r[:, 0] (exact forces, cheaper derivatives; dpmd.model.network)
-        when the caller allows it (dpmd.ops.linearize_embeddings), else None."""
+        when the backend allows it (Backend.linearize), else None."""
         net = self.embeddings[i]
-        if not (ops.linearize_embeddings() and net.can_linearize()):
+        if not (backend.linearize and net.can_linearize()):
             return None
-        g, gp = embedding_with_tangent(net, r[:, 0], weight_gradients=not ops.forces_only())
-        if ops.any_order(r):
+        g, gp = embedding_with_tangent(net, r[:, 0], weight_gradients=not backend.forces_only, fused=backend.any_order)
+        if backend.any_order:
             return contraction.contract_linearized(r, g, gp, c, ncent)
-        return self._block(r, linearize_at(g, gp, r[:, 0]), c, ncent, per_center)
+        return self._block(r, linearize_at(g, gp, r[:, 0]), c, ncent, per_center, backend)
 
-    def forward_padded(self, edge_vec, center, center_type, neighbor_type, type_counts):
+    @torch.jit.unused
+    def forward_padded(self, edge_vec, center, center_type, neighbor_type, type_counts: List[int],
+                       backend: Optional[Backend] = None):
         """forward() for edges in DeePMD's own padded layout, which the MD engine uses on a GPU: every centre
         has nnei = sum(sel) edges, centre-major, in blocks of sel[t] slots for neighbour type t (center and
         neighbor_type say so edge by edge, for the kernels and messages); an empty slot holds a vector beyond
         rcut (a zero environment row: DeePMD's padding).  The centres are grouped by type with these counts.
         Every shape is then known on the host, so nothing is read back from the device; an edge outside a
         compressed model's tables is recorded with dpmd.model.deferred when a caller collects such flags (else
-        it is an error at once)."""
+        it is an error at once).  (Eager only: the frozen model takes edge lists.)"""
+        backend = self.resolve_backend(backend, edge_vec)
         dtype, device = self.mean.dtype, edge_vec.device
         ncent, nnei, nt = center_type.shape[0], self.nnei, self.ntypes
-        if self.compressed and device.type == "cpu" and ops.active(edge_vec) and not self.has_exclusion:
+        if self.compressed and device.type == "cpu" and backend.kernels and not self.has_exclusion:
             return self._fused_tabulated(edge_vec.to(dtype), center, center_type, neighbor_type, padded=True)
-        raw = self.env_rows(edge_vec.to(dtype))
+        raw = self.env_rows(edge_vec.to(dtype), backend)
         rows = raw.view(ncent, nnei, 4)
         rows = (rows - self.mean.index_select(0, center_type).unsqueeze(1)) / self.std.index_select(0, center_type).unsqueeze(1)
         if self.compressed:
@@ -259,11 +274,11 @@ class DescriptorSeA(nn.Module):
             r = rows[c0:c0 + nc, slot0[tn]:slot0[tn] + k].reshape(-1, 4)
             c = torch.arange(nc, device=r.device).repeat_interleave(k)
             if self.compressed:
-                block = self._tabulated_block(i, r, c, nc, k)
+                block = self._tabulated_block(i, r, c, nc, k, backend)
             else:
-                block = self._linearized_block(i, r, c, nc, k)
+                block = self._linearized_block(i, r, c, nc, k, backend)
                 if block is None:
-                    block = self._block(r, net(r[:, :1]), c, nc, k)
+                    block = self._block(r, net(r[:, :1]), c, nc, k, backend)
             T = T + (block if nc == ncent else nn.functional.pad(block, (0, 0, 0, 0, c0, ncent - c0 - nc)))
         return self._descriptor_from_T(T, ncent)
 
@@ -272,14 +287,14 @@ class DescriptorSeA(nn.Module):
         """(nnei,) the neighbour type of each slot of DeePMD's padded layout: sel[0] zeros, sel[1] ones, ..."""
         return torch.cat([torch.full([s], t, dtype=torch.long, device=device) for t, s in enumerate(self.sel)])
 
-    def _padding(self, center, center_type, neighbor_type):
+    def _padding(self, center, center_type, neighbor_type, backend: Optional[Backend] = None):
         """Contribution of DeePMD's empty neighbour slots, (n_centers, 4, M)."""
         ncent, nt = center_type.shape[0], self.ntypes
         count = torch.bincount(center * nt + neighbor_type, minlength=ncent * nt).reshape(ncent, nt)
         n_pad = (torch.tensor(self.sel, device=count.device) - count).to(self.mean.dtype)  # (ncent, nt)
         per_slot = None
         if not torch.jit.is_scripting():
-            per_slot = self._cached_padding_per_slot()
+            per_slot = self._cached_padding_per_slot(self.resolve_backend(backend, center_type).forces_only)
         if per_slot is None:
             per_slot = self._padding_per_slot()
         return (n_pad.unsqueeze(-1).unsqueeze(-1) * per_slot.index_select(0, center_type)).sum(1)
@@ -303,10 +318,11 @@ class DescriptorSeA(nn.Module):
         return torch.stack(per_pair).reshape(nt, nt, 4, self.width)
 
     @torch.jit.unused
-    def _cached_padding_per_slot(self):
+    def _cached_padding_per_slot(self, forces_only: bool):
         """_padding_per_slot, computed once per set of weights while only forces are asked for (dpmd.ops'
-        first-derivative mode: no gradient to the weights is needed); None otherwise (training, vmap)."""
-        if not ops.forces_only():
+        Backend.forces_only: no gradient to the weights is needed) of a model in eval mode; None otherwise
+        (training, whose optimizer may update the weights without bumping their version counters; vmap)."""
+        if not forces_only or self.training:
             return None
         tensors = [self.mean, self.std] + list(self.embeddings.parameters())
         if self.compressed:
@@ -359,7 +375,8 @@ class DescriptorSeA(nn.Module):
         if not deferred.record(stats[0] >= 0):
             self._report_table(int(stats[0]), stats[1:], edge_vec, center, center_type, neighbor_type)
 
-    def _tabulated_block(self, i: int, r: torch.Tensor, c: torch.Tensor, ncent: int, per_center: int = 0) -> torch.Tensor:
+    def _tabulated_block(self, i: int, r: torch.Tensor, c: torch.Tensor, ncent: int, per_center: int = 0,
+                         backend: Optional[Backend] = None) -> torch.Tensor:
         """sum_j R_j^T G(s_j) (n_centers, 4, M) for the edges of net i with tabulated G: the kernel library's
         fused op, Triton on CUDA, else the PyTorch reference (one call, same numbers)."""
         if self.use_ops:  # frozen with the kernel library
@@ -367,21 +384,21 @@ class DescriptorSeA(nn.Module):
                 self.table[i], r, c, ncent, self.table_lower, self.table_upper, self.table_step,
                 self.table_step_coarse, self.table_fine, self.table_coarse)
         if not torch.jit.is_scripting():
-            fast = self._fast_tabulated_block(i, r, c, ncent)
+            fast = self._fast_tabulated_block(i, r, c, ncent, self.resolve_backend(backend, r))
             if fast is not None:
                 return fast
-        return self._block(r, self._tabulate(i, r[:, 0]), c, ncent, per_center)
+        return self._block(r, self._tabulate(i, r[:, 0]), c, ncent, per_center, backend)
 
     @torch.jit.unused
-    def _fast_tabulated_block(self, i: int, r: torch.Tensor, c: torch.Tensor, ncent: int):
+    def _fast_tabulated_block(self, i: int, r: torch.Tensor, c: torch.Tensor, ncent: int, backend: Backend):
         """The fused kernels (differentiable once: forces, not training), or None for the reference."""
         from dpmd.ops import triton_tabulate
 
         grid = (self.table_lower, self.table_upper, self.table_step, self.table_step_coarse, self.table_fine,
                 self.table_coarse)
-        if ops.active(r):
+        if backend.kernels:
             return torch.ops.dpmd.tabulate_fusion_se_a(self.table[i], r, c, ncent, *grid)
-        if r.is_cuda and triton_tabulate.available() and ops.forces_only() and not ops.reference_forced():
+        if backend.triton:
             return triton_tabulate.tabulate_fusion(self.table[i], r, c, ncent, grid)
         return None
 

@@ -44,8 +44,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from dpmd.model.fitting import group_by_type, in_type_order
-from dpmd.model.forces import DEFAULT_CHUNK_ATOMS, assemble
+from dpmd import ops
+from dpmd.model.deeppot import DeepPot
+from dpmd.model.forces import DEFAULT_CHUNK_ATOMS, EdgeEnergyModel, assemble
 
 FORMAT = "dpmd-model"
 FORMAT_VERSION = 2  # 1: torch.save dict {format, version, config, state_dict}; 2: TorchScript archive
@@ -100,8 +101,12 @@ def model_metadata(model) -> dict:
     }
 
 
-class FrozenDeepPot(nn.Module):
-    """TorchScript-compilable inference module around a DeepPot's descriptor and fitting net."""
+class FrozenDeepPot(EdgeEnergyModel, nn.Module):
+    """TorchScript-compilable inference module around a DeepPot: its descriptor and fitting net (shared), its
+    atomic_energy, and dpmd.model.forces' chunked gradients and assembly; what it adds is the C++ caller's
+    interface (ghost atoms, a neighbour list with a skin, the checks that name atoms)."""
+
+    atomic_energy = DeepPot.atomic_energy  # the trained model's own, compiled for this module
 
     # use_ops: scripted with dpmd's kernel library loaded; the torch.ops.dpmd.* calls are compiled only then
     __constants__ = ["use_ops"]
@@ -150,13 +155,6 @@ class FrozenDeepPot(nn.Module):
     @torch.jit.export
     def has_default_fparam(self) -> bool:
         return self.fitting.default_fparam_tensor is not None
-
-    def atomic_energy(self, edge_vec: torch.Tensor, center: torch.Tensor, center_type: torch.Tensor,
-                      neighbor_type: torch.Tensor, params: Optional[torch.Tensor]) -> torch.Tensor:
-        center, center_type, position = group_by_type(center, center_type)
-        desc = self.descriptor(edge_vec, center, center_type, neighbor_type)
-        return self.fitting(desc.to(self.fitting.energy_bias.dtype), center_type, None,
-                            in_type_order(params, position)).index_select(0, position)
 
     @torch.jit.export
     def neighbor_list(self, coord: torch.Tensor, box: Optional[torch.Tensor] = None
@@ -254,33 +252,13 @@ class FrozenDeepPot(nn.Module):
             raise RuntimeError("dpmd: atom " + str(i) + " has " + str(found) + " neighbours (per type) within rcut; "
                                + "the model's sel " + str(self.sel) + " allows no more")
 
-        chunk = self.chunk_atoms
-        bounds: List[int] = torch.searchsorted(
-            center, torch.arange(0, nloc + chunk, chunk, device=center.device)).tolist()
-        energies: List[torch.Tensor] = []
-        grads: List[torch.Tensor] = []
-        k = 0
-        for a0 in range(0, nloc, chunk):
-            a1 = min(a0 + chunk, nloc)
-            b0, b1 = bounds[k], bounds[k + 1]
-            k += 1
-            v = vec[b0:b1].requires_grad_()
-            e = self.atomic_energy(v, center[b0:b1] - a0, atype[a0:a1], neighbor_type[b0:b1],
-                                   None if params is None else params[a0:a1])
-            g = torch.autograd.grad([e.sum()], [v])[0]
-            assert g is not None
-            energies.append(e.detach())
-            grads.append(g)
-        atom_energy = torch.cat(energies).to(dtype) if len(energies) > 0 else coord.new_zeros([0])
-        g = torch.cat(grads).to(dtype) if len(grads) > 0 else coord.new_zeros([0, 3])
-
+        atom_energy, g = self.edge_gradients(vec, center, neighbor, atype, params, nloc, max(self.chunk_atoms, 1),
+                                             False, None)
+        atom_energy, g = atom_energy.detach().to(dtype), g.to(dtype)
         atom_frame = torch.zeros([nloc], dtype=torch.long, device=coord.device)
         if self.use_ops:
             force, virial, av = torch.ops.dpmd.assemble(g, vec, center, neighbor, atom_frame, 1, natoms, atom_virial)
-            out = {"energy": g.new_zeros([1]).index_add(0, atom_frame, atom_energy), "atom_energy": atom_energy, "force": force,
-                   "virial": virial}
-            if atom_virial:
-                out["atom_virial"] = av
+            out = ops.assembled(atom_energy, atom_frame, 1, force, virial, av, atom_virial)
         else:
             out = assemble(atom_energy, g, vec, center, neighbor, atom_frame, 1, natoms, atom_virial)
         out["energy"] = out["energy"][0]
@@ -293,8 +271,6 @@ class FrozenDeepPot(nn.Module):
 def script_model(model, chunk_atoms: int = DEFAULT_CHUNK_ATOMS) -> torch.jit.ScriptModule:
     """The TorchScript module of a DeepPot (weights copied, so the eager model stays independent)."""
     import copy
-
-    from dpmd import ops
 
     frozen = FrozenDeepPot(copy.deepcopy(model).eval(), chunk_atoms)
     if ops.available():  # the archive then calls torch.ops.dpmd.*: loaders need the library (DPMD_OPS=0: portable)

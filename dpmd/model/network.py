@@ -2,20 +2,42 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import torch
 from torch import nn
 
 from dpmd import ops
 
-ACTIVATIONS = {
-    "tanh": torch.tanh,
-    "gelu": nn.functional.gelu,
-    "relu": torch.relu,
-    "softplus": nn.functional.softplus,
-    "sigmoid": torch.sigmoid,
-    "linear": lambda x: x,
-    "none": lambda x: x,
-}
+# DeePMD-kit's activation functions (deepmd.common.VALID_ACTIVATION; definitions: deepmd/pt/utils/utils.py
+# ActivationFn): "gelu" and "gelu_tf" are both the tanh approximation, "silut" (alias "custom_silu") is silu
+# continued by a tanh above a threshold (3.0, or "silut:<threshold>")
+ACTIVATIONS = ("tanh", "relu", "relu6", "softplus", "sigmoid", "gelu", "gelu_tf", "silu", "silut", "linear", "none")
+
+
+def parse_activation(name: str) -> tuple[str, float]:
+    """(function, silut threshold) of an activation name (any case, as DeePMD-kit lowers it); ValueError for a
+    name DeePMD-kit does not know."""
+    lowered = name.lower()
+    m = re.fullmatch(r"(silut|custom_silu)(?::(.+))?", lowered)
+    if m:
+        try:
+            threshold = 3.0 if m[2] is None else float(m[2])
+        except ValueError:
+            threshold = math.nan
+        if math.isfinite(threshold):
+            return "silut", threshold
+    elif lowered in ACTIVATIONS:
+        return lowered, 3.0
+    raise ValueError(f"unknown activation_function {name!r}; expected one of {', '.join(ACTIVATIONS)} "
+                     f"(or silut:<threshold>)")
+
+
+def silut_constants(threshold: float) -> tuple[float, float]:
+    """(slope, const) continuing silu above `threshold` as tanh(slope (x - threshold)) + const (C1 there)."""
+    sig = 1.0 / (1.0 + math.exp(-threshold))
+    return sig + threshold * sig * (1.0 - sig), threshold * sig
 
 
 def _add_residual(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -39,9 +61,9 @@ class Layer(nn.Module):
         self.matrix = nn.Parameter(torch.randn(n_in, n_out, dtype=dtype, generator=generator) * std)
         self.bias = nn.Parameter(torch.randn(n_out, dtype=dtype, generator=generator))
         self.idt = nn.Parameter(0.1 + 0.001 * torch.randn(n_out, dtype=dtype, generator=generator)) if use_idt else None
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation_function {activation!r}; expected one of {sorted(ACTIVATIONS)}")
-        self.activation = activation
+        self.activation, threshold = parse_activation(activation)
+        self.silut_threshold = threshold
+        self.silut_slope, self.silut_const = silut_constants(threshold)
         self.residual = resnet and n_out in (n_in, 2 * n_in)
 
     def _activate(self, y: torch.Tensor) -> torch.Tensor:
@@ -49,8 +71,15 @@ class Layer(nn.Module):
         act = self.activation
         if act == "tanh":
             return torch.tanh(y)
-        if act == "gelu":
-            return nn.functional.gelu(y)
+        if act == "gelu" or act == "gelu_tf":  # both DeePMD-kit names are the tanh approximation
+            return nn.functional.gelu(y, approximate="tanh")
+        if act == "relu6":
+            return nn.functional.relu6(y)
+        if act == "silu":
+            return nn.functional.silu(y)
+        if act == "silut":
+            tail = torch.tanh(self.silut_slope * (y - self.silut_threshold)) + self.silut_const
+            return torch.where(y >= self.silut_threshold, tail, nn.functional.silu(y))
         if act == "relu":
             return torch.relu(y)
         if act == "softplus":
@@ -219,10 +248,11 @@ def _layer_params(mlp: MLP) -> list[torch.Tensor]:
     return params
 
 
-def embedding_with_tangent(mlp: MLP, s0: torch.Tensor, weight_gradients: bool = True):
+def embedding_with_tangent(mlp: MLP, s0: torch.Tensor, weight_gradients: bool = True, fused: bool | None = None):
     """(G, G') = (mlp(s0[:, None]), its derivative in s0), each (n, M), differentiable in the weights only
-    (weight_gradients=False: constants, computed without keeping anything)."""
-    fused = ops.any_order(s0)
+    (weight_gradients=False: constants, computed without keeping anything).  fused: the kernel library's
+    elementwise ops (None: where dpmd.ops.any_order allows them)."""
+    fused = ops.any_order(s0) if fused is None else fused
     if not weight_gradients:
         with torch.no_grad():
             g, gp, _ = _tangent_sweep(mlp, fused, s0.detach(), keep=False)

@@ -4,14 +4,16 @@
     dpmd.ops.library_path() -> Path | None  the built library for these sources, or None
     dpmd.ops.available() -> bool            loads the library if it is built; never builds it
 
-The model calls the same functions either way (DescriptorSeA.env_rows, dpmd.model.forces); the kernels
+Which implementation runs is decided once per evaluation: `resolve(tensor, first_derivative)` returns a
+`Backend` (kernels / any-order kernels / linearised nets / Triton, for that device and derivative order),
+which dpmd.model.forces.evaluate passes down to the model; the model only reads its fields.  The kernels
 are used when all of these hold, else the pure-PyTorch reference runs:
   - the library is built (`dpmd build-ops`) and DPMD_OPS is not 0;
-  - the caller only needs first derivatives (`first_derivative_only()`, which dpmd.model.forces.evaluate
-    enters unless create_graph=True): most ops' backward is not itself differentiable;
-  - not inside `reference_only()`.
+  - the caller only needs first derivatives (evaluate(create_graph=False); a caller without a backend:
+    `first_derivative_only()`): most ops' backward is not itself differentiable;
+  - not inside `reference_only()` (the one public switch, for tests and benchmarks).
 Training (create_graph=True: its force loss differentiates the forces again) uses the contraction ops
-of dpmd.ops.contraction, which differentiate to any order (CPU), and the PyTorch reference for the rest.
+of dpmd.ops.contraction, which differentiate to any order, and the PyTorch reference for the rest.
 When the library would be used but is not built, one line is printed once per process.
 """
 
@@ -22,10 +24,12 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import Dict
 
 import torch
 
 from dpmd.ops import build as _build
+from dpmd.ops.backend import REFERENCE, Backend
 
 MISSING_WARNING = "dpmd: kernel library not built (run `dpmd build-ops`); using the PyTorch reference path"
 
@@ -123,10 +127,12 @@ def forces_only() -> bool:
     return getattr(_local, "inference", False)
 
 
-def linearize_embeddings() -> bool:
+def linearize_embeddings(first_derivative: bool | None = None) -> bool:
     """May the model use dpmd.model.network.linearized_embedding (exact forces, no second derivatives in
     the positions)?  Yes for forces only and for training's force loss; DPMD_LINEARIZE=0 turns it off."""
-    if reference_forced() or not (forces_only() or getattr(_local, "weights_only", False)):
+    if first_derivative is None:
+        first_derivative = forces_only()
+    if reference_forced() or not (first_derivative or getattr(_local, "weights_only", False)):
         return False
     return os.environ.get("DPMD_LINEARIZE", "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -144,12 +150,43 @@ def active(tensor: torch.Tensor | None = None) -> bool:
     library is missing."""
     if not forces_only() or reference_forced():
         return False
+    return _kernels_for(tensor)
+
+
+def _kernels_for(tensor: torch.Tensor | None) -> bool:
+    """The library is loaded with kernels for `tensor`'s device; warns once when it is not built."""
     if available():
         return tensor is None or tensor.device.type == "cpu" or (tensor.is_cuda and has_cuda())
     if not disabled() and not _state["warned"]:
         _state["warned"] = True
         print(MISSING_WARNING, file=sys.stderr)
     return False
+
+
+# ---- the backend (dpmd.ops.backend): which implementation runs, decided once per evaluation ----
+
+def resolve(tensor: torch.Tensor, first_derivative: bool | None = None) -> Backend:
+    """The backend of an evaluation on `tensor`'s device, from these inputs:
+      first_derivative: only forces are differentiated (True), or forces are differentiated again (False:
+          training's force loss, second derivatives); None: as the caller's first_derivative_only() says;
+      reference_only() (or TorchScript): the PyTorch reference, whatever else holds;
+      weight_gradients_only(): the second derivative is taken in the weights only, so nets may be linearised;
+      the kernel library: built and loaded, not DPMD_OPS=0, with CUDA kernels for a CUDA tensor;
+      DPMD_LINEARIZE=0: never linearise; Triton importable (CUDA, compressed model, no CUDA library)."""
+    if first_derivative is None:
+        first_derivative = forces_only()
+    if reference_forced():
+        return REFERENCE._replace(forces_only=first_derivative)
+    kernels = first_derivative and _kernels_for(tensor)
+    linearize = linearize_embeddings(first_derivative)
+    order_any = any_order(tensor)
+    triton = False
+    if first_derivative and tensor.is_cuda and not kernels:
+        from dpmd.ops import triton_tabulate
+
+        triton = triton_tabulate.available()
+    return Backend(kernels=kernels, any_order=order_any, linearize=linearize, forces_only=first_derivative,
+                   triton=triton)
 
 
 # ---- thin wrappers around the ops (eager callers) ----
@@ -165,11 +202,17 @@ def contract(rows: torch.Tensor, emb: torch.Tensor, center: torch.Tensor, ncent:
 
 
 def assemble(atom_energy, g, vec, center, neighbor, atom_frame, nframes: int, natoms: int,
-             atom_virial: bool = False) -> dict:
+             atom_virial: bool = False) -> Dict[str, torch.Tensor]:
     """What dpmd.model.forces.assemble computes, in one pass over the edges."""
     force, virial, av = torch.ops.dpmd.assemble(g, vec, center, neighbor, atom_frame, nframes, natoms,
                                                 atom_virial)
-    energy = torch.zeros([nframes], dtype=g.dtype, device=g.device).index_add(0, atom_frame, atom_energy)
+    return assembled(atom_energy, atom_frame, nframes, force, virial, av, atom_virial)
+
+
+def assembled(atom_energy, atom_frame, nframes: int, force, virial, av, atom_virial: bool) -> Dict[str, torch.Tensor]:
+    """The outputs of dpmd.model.forces.assemble from torch.ops.dpmd.assemble's (TorchScript-compatible: the
+    frozen model calls the op itself, so that its graph shows it)."""
+    energy = torch.zeros([nframes], dtype=force.dtype, device=force.device).index_add(0, atom_frame, atom_energy)
     out = {"energy": energy, "atom_energy": atom_energy, "force": force, "virial": virial}
     if atom_virial:
         out["atom_virial"] = av

@@ -21,13 +21,14 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from dpmd.files import atomic_copy
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 LIB_NAME = "dpmd_ops"
@@ -167,9 +168,7 @@ def _compile(target: Path, cuda: bool) -> None:
                         with_cuda=cuda, is_python_module=False, verbose=True)
             script = f"from torch.utils.cpp_extension import load; load(**{args!r})"
             _run_logged([sys.executable, "-c", script])
-            tmp = target.with_name(f".{target.name}.{os.getpid()}")
-            shutil.copy2(work / f"{LIB_NAME}.so", tmp)
-            os.replace(tmp, target)
+            atomic_copy(work / f"{LIB_NAME}.so", target)   # a process loading the old library is unaffected
             log.info(f"built {target}")
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)

@@ -22,7 +22,8 @@ import torch
 
 from dpmd.errors import DpmdError
 from dpmd.model.export import first_nonfinite
-from dpmd.model.io import atomic_torch_save, atomic_write, read_torch_file
+from dpmd.files import atomic_symlink, atomic_write_text
+from dpmd.model.io import atomic_torch_save, read_torch_file
 
 MARKER = "checkpoint"
 RESTART_KEYS = ("step", "config", "model_config", "model", "optimizer", "sampler", "torch_rng")
@@ -30,13 +31,6 @@ RESTART_KEYS = ("step", "config", "model_config", "model", "optimizer", "sampler
 
 def new_run_id() -> str:
     return secrets.token_hex(8)
-
-
-def _atomic_symlink(target: str, link: Path) -> None:
-    tmp = link.with_name(f".{link.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
 
 
 def read_marker(directory: str | Path) -> tuple[str, str | None] | None:
@@ -54,7 +48,7 @@ def read_marker(directory: str | Path) -> tuple[str, str | None] | None:
 
 def _write_marker(directory: Path, name: str, run_id: str | None) -> None:
     text = name + "\n" + (f"run_id: {run_id}\n" if run_id else "")
-    atomic_write(directory / MARKER, lambda fh: fh.write(text), mode="w")
+    atomic_write_text(directory / MARKER, text)
 
 
 def save_checkpoint(state: dict, prefix: str | Path, step: int, keep: int) -> Path:
@@ -66,7 +60,7 @@ def save_checkpoint(state: dict, prefix: str | Path, step: int, keep: int) -> Pa
     path = prefix.with_name(f"{prefix.name}-{step}.pt")
     atomic_torch_save(state, path)
     _write_marker(prefix.parent, path.name, run)
-    _atomic_symlink(path.name, prefix.with_name(prefix.name + ".pt"))
+    atomic_symlink(path.name, prefix.with_name(prefix.name + ".pt"))
     ours = sorted((p for p in checkpoints(prefix) if _step_of(p) <= step and run_of(p) == run), key=_step_of)
     for p in ours[:-keep]:
         p.unlink(missing_ok=True)
@@ -183,4 +177,4 @@ def tidy(prefix: Path, disp_file: str) -> None:
         _write_marker(directory, target.name, run)
     link = prefix.with_name(prefix.name + ".pt")
     if target.name.startswith(prefix.name + "-") and not (link.is_symlink() and os.readlink(link) == target.name):
-        _atomic_symlink(target.name, link)
+        atomic_symlink(target.name, link)

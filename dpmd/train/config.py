@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 
 from dpmd.errors import ConfigError
@@ -31,6 +32,10 @@ def _non_negative():
 
 def _one_of(*values):
     return {"check": lambda v: v in values, "expect": "one of " + ", ".join(values)}
+
+
+def _is_device(v: str) -> bool:
+    return v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", v) is not None
 
 
 def learning_rate_args():
@@ -109,8 +114,9 @@ def _data_args(name: str, validation: bool):
                                                    "relative to the working directory."),
         key("rglob_patterns", [list[str], None], None, "Patterns to collect systems below `systems`.", fixed=True),
         key("batch_size", [list[int], int, str], "auto",
-            "Frames per batch: an int, one per system, 'auto' (at least 32 atoms) or 'auto:N' (at least N atoms); "
-            "DeePMD-kit's mixed:, max:, filter: and mix: are not supported yet."),
+            "Frames per batch: an int, one per system, 'auto' (at least 32 atoms), 'auto:N' (at least N atoms) or "
+            "'max:N' (at most N atoms, at least one frame); DeePMD-kit's mixed:, filter: and mix: are not "
+            "supported yet."),
         key("auto_prob", str, "prob_sys_size",
             "How often each system is drawn: prob_uniform, prob_sys_size (by number of batches) or "
             "'prob_sys_size;start:end:weight;...' (blocks of systems with weights).", alias=["auto_prob_style"]),
@@ -136,6 +142,10 @@ def training_args():
                                      ".hdf5 file or a directory of .npy files, in DeePMD-kit's layout."),
         key("stat_file_mode", str, "update", "update: compute and save what the file lacks; read: the file must "
                                              "hold everything.", **_one_of("update", "read")),
+        key("device", str, "auto", "Where training runs (dpmd's own key): auto (cuda when torch sees a GPU for every "
+                                   "worker of this node, else cpu), cpu, cuda or cuda:N; under torchrun each worker "
+                                   "takes cuda:LOCAL_RANK.  `dpmd train --device` overrides it.",
+            check=_is_device, expect="auto, cpu, cuda or cuda:N"),
         key("mixed_precision", dict, UNSET, "Mixed precision training (TensorFlow backend).", fixed=True),
         key("numb_steps", int, UNSET, "Training steps (one batch each); or give numb_epoch.",
             alias=["stop_batch", "num_step", "num_steps", "numb_step"], **_positive()),
@@ -203,7 +213,7 @@ _V1_DATA_KEYS = ("systems", "set_prefix", "batch_size", "sys_prob", "sys_probs",
 _V31_OPTIMIZER_KEYS = ("opt_type", "kf_blocksize", "kf_start_pref_e", "kf_limit_pref_e", "kf_start_pref_f",
                        "kf_limit_pref_f", "weight_decay", "momentum", "muon_momentum", "adam_beta1", "adam_beta2",
                        "lr_adjust", "lr_adjust_coeff", "muon_2d_only", "min_2d_dim")
-_NUMB_STEPS_NAMES = ("numb_steps", "stop_batch", "num_step", "num_steps", "numb_step")
+NUMB_STEPS_NAMES = ("numb_steps", "stop_batch", "num_step", "num_steps", "numb_step")
 
 
 def upgrade(config: dict) -> dict:
@@ -219,7 +229,7 @@ def upgrade(config: dict) -> dict:
             raise ConfigError("'training.systems' (DeePMD-kit 1) and 'training.training_data' are both given")
         tr["training_data"] = {k: tr.pop(k) for k in _V1_DATA_KEYS if k in tr}
         if isinstance(lr, dict) and "decay_rate" in lr:
-            steps = next((tr[k] for k in _NUMB_STEPS_NAMES if k in tr), None)
+            steps = next((tr[k] for k in NUMB_STEPS_NAMES if k in tr), None)
             try:
                 lr["stop_lr"] = math.exp(math.log(lr.pop("decay_rate")) * steps / lr["decay_steps"]) * lr["start_lr"]
             except (KeyError, TypeError, ValueError):
@@ -257,12 +267,15 @@ def _data_section(sec: dict | None, where: str, base: Path) -> dict | None:
         resolved.append(str(p))
     sec["systems"] = resolved
     bs = sec["batch_size"]
-    ok = (isinstance(bs, int) and bs > 0) or (isinstance(bs, list) and all(b > 0 for b in bs)) or (
-        isinstance(bs, str) and (bs == "auto" or (bs.startswith("auto:") and bs[5:].isdigit() and int(bs[5:]) > 0)))
-    if isinstance(bs, str) and bs.split(":")[0] in ("mixed", "max", "filter", "mix"):
-        raise ConfigError(f"'{where}.batch_size' = {bs!r} is not supported yet (an int, a list, 'auto' or 'auto:N')")
+    rule, _, n = bs.partition(":") if isinstance(bs, str) else ("", "", "")
+    ok = (isinstance(bs, int) and bs > 0) or (isinstance(bs, list) and all(b > 0 for b in bs)) or bs == "auto" or (
+        rule in ("auto", "max") and n.isdigit() and int(n) > 0)
+    if rule in ("mixed", "filter", "mix"):
+        raise ConfigError(f"'{where}.batch_size' = {bs!r} is not supported yet (an int, a list, 'auto', 'auto:N' or "
+                          f"'max:N')")
     if not ok:
-        raise ConfigError(f"'{where}.batch_size' must be a positive int, a list of them, 'auto' or 'auto:N', got {bs!r}")
+        raise ConfigError(f"'{where}.batch_size' must be a positive int, a list of them, 'auto', 'auto:N' or 'max:N', "
+                          f"got {bs!r}")
     for name, value in (("batch_size", bs), ("sys_probs", sec["sys_probs"])):
         if isinstance(value, list) and len(value) != len(resolved):
             raise ConfigError(f"'{where}.{name}' lists {len(value)} values for {len(resolved)} systems")

@@ -23,9 +23,10 @@ def resolve_batch_sizes(batch_size, systems) -> list[int]:
         sizes = list(batch_size)
     elif isinstance(batch_size, int):
         sizes = [batch_size] * len(systems)
-    else:
-        rule = 32 if batch_size == "auto" else int(batch_size.split(":")[1])
-        sizes = [math.ceil(rule / s.natoms) for s in systems]
+    else:   # 'auto[:N]': at least N atoms (N = 32), 'max:N': at most N atoms; at least one frame either way
+        kind, _, n = batch_size.partition(":")
+        rule = int(n) if n else 32
+        sizes = [math.ceil(rule / s.natoms) if kind == "auto" else rule // s.natoms for s in systems]
     return [max(1, min(size, s.nframes)) for size, s in zip(sizes, systems)]
 
 
@@ -66,7 +67,8 @@ class BatchSampler:
         self.sizes = resolve_batch_sizes(batch_size, systems)
         self.nframes = [s.nframes for s in systems]
         self.world = world
-        nbatches = [max(1, nf // bs) for nf, bs in zip(self.nframes, self.sizes)]
+        # batches per system as DeePMD-kit counts them (its DataLoader keeps a last, short batch)
+        nbatches = [math.ceil(nf / bs) for nf, bs in zip(self.nframes, self.sizes)]
         self.probs = torch.as_tensor(system_probabilities(auto_prob, nbatches, sys_probs))
         self.gen = torch.Generator().manual_seed(seed if seed is not None else 0)
         self.order = [torch.randperm(nf, generator=self.gen) for nf in self.nframes]

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dpmd.errors import ConfigError
-from dpmd.model.io import atomic_write
+from dpmd.files import atomic_write
 
 NAMES = ("davg", "dstd", "bias_atom_energy")
 

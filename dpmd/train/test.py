@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dpmd.data import check_params, load_systems
+from dpmd.data.system import read_atom_energy
 from dpmd.errors import DataError, DpmdError
 
 
@@ -57,32 +58,6 @@ def read_datafile(path) -> list[str]:
     if not systems:
         raise DpmdError(f"{path}: the datafile lists no systems (expected one system path per line)")
     return systems
-
-
-def read_atom_energy(system) -> np.ndarray:
-    """(F, N): the per-atom energy labels (set.*/atom_ener.npy) of a system."""
-    from dpmd.data.system import _H5Store, _numeric, _open  # dpmd.data reads no atom_ener.npy itself
-
-    store = _open(system.path)
-    try:
-        parts = []
-        for set_name in store.sets():
-            name = f"{set_name}/atom_ener.npy"
-            if not store.has(name):
-                raise DataError(f"{store.where(name)}: missing (-a/--atomic tests per-atom energies: every set "
-                                f"needs atom_ener.npy)")
-            arr = _numeric(store, name, store.read_array(name))
-            if arr.size % system.natoms:
-                raise DataError(f"{store.where(name)}: expected {system.natoms} values per frame (from type.raw), "
-                                f"got {arr.size} values")
-            parts.append(arr.reshape(-1, system.natoms))
-    finally:
-        if isinstance(store, _H5Store):
-            store.close()
-    atom_ener = np.concatenate(parts)
-    if len(atom_ener) != system.nframes:
-        raise DataError(f"{store.label}: atom_ener.npy holds {len(atom_ener)} frames, coord.npy {system.nframes}")
-    return atom_ener
 
 
 def _errors(pred: np.ndarray, ref: np.ndarray) -> tuple[float, float]:

@@ -2,8 +2,9 @@
 
 Run state that a restart needs (weights, optimizer, step, sampler orders and generators) lives
 in each checkpoint, so a run killed after a checkpoint and restarted from it writes the same
-lcurve as an unbroken run.  Data-parallel under torchrun: every worker draws the same global
-batch and trains on its slice; gradients are averaged; only rank 0 writes.
+lcurve as an unbroken run.  Training runs on `training.device` (data, model, optimizer state; statistics are
+taken on the host first).  Data-parallel under torchrun: every worker draws the same global batch and trains
+on its slice; DistributedDataParallel averages the gradients; only rank 0 writes.
 Progress goes to the `dpmd.train.trainer` logger (dpmd.log).
 """
 
@@ -25,7 +26,7 @@ from dpmd.geometry.graph import build_graph
 from dpmd.geometry.neighbor import NeighborList, auto_sel, build_neighbor_list, count_neighbors
 from dpmd.model import DeepPot, evaluate, load_model
 from dpmd.model.args import normalize_model_config, sel_factor
-from dpmd.model.io import atomic_write
+from dpmd.files import atomic_write
 from dpmd.model.stats import descriptor_stats, energy_bias, param_stats, refit_energy_bias
 from dpmd.train import stat_file
 from dpmd.train.checkpoint import (check_finite, folder_runs, latest_checkpoint, load_checkpoint, move_aside,
@@ -44,15 +45,17 @@ def describe_errors(metrics: dict) -> str:
 
 
 class FrameStore:
-    """Training frames as tensors, with each frame's neighbour list built once and kept
-    (up to `max_cached_edges` edges, about 40 bytes each; beyond that lists are rebuilt per use)."""
+    """Training frames as tensors on `device`, with each frame's neighbour list built once (on the host, by
+    the kernel library) and kept on the device (up to `max_cached_edges` edges, about 40 bytes each; beyond that
+    lists are rebuilt per use): a batch copies nothing but its frame indices to the device."""
 
-    def __init__(self, systems, rcut: float, max_cached_edges: int = 50_000_000):
-        self.systems, self.rcut = systems, rcut
+    def __init__(self, systems, rcut: float, max_cached_edges: int = 50_000_000, device="cpu"):
+        self.systems, self.rcut, self.device = systems, rcut, torch.device(device)
         self._nl: dict[tuple[int, int], NeighborList] = {}
         self._cached_edges, self.max_cached_edges = 0, max_cached_edges
-        self.tensors = [{k: (None if getattr(s, k) is None else torch.as_tensor(getattr(s, k)))
-                         for k in ("coord", "box", "energy", "force", "virial", "fparam", "aparam")} for s in systems]
+        self.tensors = [{k: (None if getattr(s, k) is None else torch.as_tensor(getattr(s, k)).to(self.device))
+                         for k in ("coord", "box", "energy", "force", "virial", "fparam", "aparam", "atype")}
+                        for s in systems]
         self.params: tuple = (False, False, None)  # the model takes fparam, aparam; its default_fparam (take_params)
 
     def take_params(self, fitting) -> None:
@@ -60,41 +63,45 @@ class FrameStore:
         system without fparam.npy gets the model's default_fparam."""
         for s in self.systems:
             check_params(s, fitting.numb_fparam, fitting.numb_aparam, fitting.default_fparam_tensor)
-        self.params = (fitting.numb_fparam > 0, fitting.numb_aparam > 0, fitting.default_fparam_tensor)
+        default = fitting.default_fparam_tensor
+        self.params = (fitting.numb_fparam > 0, fitting.numb_aparam > 0,
+                       None if default is None else default.to(self.device))
 
     def neighbors(self, i: int, f: int) -> NeighborList:
         key = (i, f)
         if key in self._nl:
             return self._nl[key]
-        t = self.tensors[i]
-        nlist = build_neighbor_list(t["coord"][f], None if t["box"] is None else t["box"][f], self.rcut)
+        s = self.systems[i]
+        nlist = build_neighbor_list(torch.as_tensor(s.coord[f]), None if s.box is None else torch.as_tensor(s.box[f]),
+                                    self.rcut)
+        if self.device.type != "cpu":
+            nlist = NeighborList(*(t.to(self.device) for t in (nlist.center, nlist.neighbor, nlist.shift)))
         if self._cached_edges + len(nlist) <= self.max_cached_edges:
             self._nl[key] = nlist
             self._cached_edges += len(nlist)
         return nlist
 
     def batch(self, i: int, frames: torch.Tensor) -> tuple[dict, dict]:
-        t, system = self.tensors[i], self.systems[i]
+        t = self.tensors[i]
+        index = torch.as_tensor(frames).to(self.device)  # one small copy to the device
         frames = frames.tolist()
-        box = None if t["box"] is None else t["box"][frames]
-        graph = build_graph(t["coord"][frames], torch.as_tensor(system.atype), box,
-                            neighbors=[self.neighbors(i, f) for f in frames])
+        box = None if t["box"] is None else t["box"][index]
+        graph = build_graph(t["coord"][index], t["atype"], box, neighbors=[self.neighbors(i, f) for f in frames])
         takes_fparam, takes_aparam, default_fparam = self.params
         if takes_fparam:
-            graph["fparam"] = t["fparam"][frames] if t["fparam"] is not None else default_fparam.expand(len(frames), -1)
+            graph["fparam"] = t["fparam"][index] if t["fparam"] is not None else default_fparam.expand(len(frames), -1)
         if takes_aparam:
-            graph["aparam"] = t["aparam"][frames].reshape(-1, t["aparam"].shape[-1])
-        label = {k: (None if t[k] is None else t[k][frames]) for k in ("energy", "force", "virial")}
+            graph["aparam"] = t["aparam"][index].reshape(-1, t["aparam"].shape[-1])
+        label = {k: (None if t[k] is None else t[k][index]) for k in ("energy", "force", "virial")}
         if label["force"] is not None:
             label["force"] = label["force"].reshape(-1, 3)
         return graph, label
 
     def max_neighbors(self, ntypes: int) -> list[int]:
-        best = torch.zeros(ntypes, dtype=torch.long)
+        best = torch.zeros(ntypes, dtype=torch.long, device=self.device)
         for i, s in enumerate(self.systems):
-            atype = torch.as_tensor(s.atype)
             for f in range(s.nframes):
-                counts = count_neighbors(self.neighbors(i, f), atype, ntypes, s.natoms)
+                counts = count_neighbors(self.neighbors(i, f), self.tensors[i]["atype"], ntypes, s.natoms)
                 best = torch.maximum(best, counts.max(dim=0).values)
         return best.tolist()
 
@@ -117,12 +124,63 @@ class Progress:
         log.info(f"step {step}/{self.total}  {rate:.3f} s/step  ETA {eta / 60:.1f} min  {display or ''}".rstrip())
 
 
-def _dist_info() -> tuple[int, int]:
+def training_device(setting: str) -> torch.device:
+    """`training.device` (auto, cpu, cuda, cuda:N) as this worker's device: under torchrun worker LOCAL_RANK of a
+    node takes cuda:LOCAL_RANK.  auto is cuda when every worker of the node has a GPU (else cpu for all: one
+    backend for every worker)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    workers = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if setting == "auto":
+        setting = "cuda" if gpus >= workers else "cpu"
+    if setting == "cpu":
+        return torch.device("cpu")
+    if setting != "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"'training.device' is {setting}, but under torchrun every worker takes cuda:LOCAL_RANK; "
+                          f"give cuda (or auto), and CUDA_VISIBLE_DEVICES to choose the GPUs")
+    index = local_rank if setting == "cuda" else int(setting.split(":")[1])
+    if index >= gpus:
+        seen = (f"no CUDA device is visible to this torch ({torch.__version__})" if gpus == 0 else
+                f"{gpus} CUDA device(s) are visible")
+        who = f" (worker LOCAL_RANK={local_rank} takes cuda:{index})" if workers > 1 else ""
+        raise ConfigError(f"'training.device' is {setting}{who} but {seen}; give cpu, or auto")
+    return torch.device("cuda", index)
+
+
+def _dist_info(device: torch.device) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        torch.cuda.set_device(device)   # NCCL, and any tensor made on plain "cuda", use the current device
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world
+
+
+def _on_host(state):
+    """A copy of nested dicts and lists with their tensors on the host (the same tensors on a CPU)."""
+    if isinstance(state, dict):
+        return {k: _on_host(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_on_host(v) for v in state)
+    return state.cpu() if torch.is_tensor(state) else state
+
+
+class _Forces(torch.nn.Module):
+    """A training batch's energies, forces and virials as a module's forward: DistributedDataParallel starts
+    the all-reduce of the weights' gradients from its wrapper's forward.  The force loss's double backward
+    suits it: the forces' autograd.grad inside forward (create_graph, to the edge vectors only) accumulates no
+    weight gradient; the loss's backward, through that graph, then fills each weight's .grad once, which is
+    where DDP's hooks all-reduce it."""
+
+    def __init__(self, model: DeepPot):
+        super().__init__()
+        self.model = model
+
+    def forward(self, graph: dict, create_graph: bool) -> dict:
+        # the force loss differentiates forces by the weights only: the embedding nets may be linearised
+        with ops.weight_gradients_only():
+            return evaluate(self.model, graph, create_graph=create_graph)
 
 
 def adam(params, lr: float, adam_beta1: float = 0.9, adam_beta2: float = 0.999,
@@ -141,7 +199,7 @@ def adam(params, lr: float, adam_beta1: float = 0.9, adam_beta2: float = 0.999,
 
     def bump_versions(*_):
         # the fused kernel leaves the weights' version counters as they were; caches keyed on them (the
-        # descriptor's padding term) must see every update
+        # descriptor's padding term of a model in eval mode, between training steps) must see every update
         for p in params:
             torch.autograd.graph.increment_version(p)
 
@@ -191,7 +249,8 @@ class Trainer:
         if skip_neighbor_stat and isinstance(sel, str) and not (restart or init_model or finetune):
             raise ConfigError(f"'model.descriptor.sel' is {sel!r}, which counts the neighbours in the training data; "
                               f"--skip-neighbor-stat skips that: give sel as a list, one count per type")
-        self.rank, self.world = _dist_info()
+        self.device = training_device(config["training"]["device"])
+        self.rank, self.world = _dist_info(self.device)
         self.out_dir = Path(out_dir)
         self.start_step = 0
         self.config = config
@@ -213,8 +272,9 @@ class Trainer:
         self.train_systems = load_systems(tr["training_data"]["systems"], type_map=type_map)
         self.valid_systems = (load_systems(tr["validation_data"]["systems"], type_map=type_map)
                               if tr["validation_data"] else None)
-        self.train_store = FrameStore(self.train_systems, mcfg["descriptor"]["rcut"])
-        self.valid_store = FrameStore(self.valid_systems, mcfg["descriptor"]["rcut"]) if self.valid_systems else None
+        rcut = mcfg["descriptor"]["rcut"]
+        self.train_store = FrameStore(self.train_systems, rcut, device=self.device)
+        self.valid_store = FrameStore(self.valid_systems, rcut, device=self.device) if self.valid_systems else None
         data = tr["training_data"]
         self.sampler = BatchSampler(self.train_systems, data["batch_size"], data["auto_prob"], tr["seed"], self.world,
                                     data["sys_probs"])
@@ -247,6 +307,7 @@ class Trainer:
             # Absorbing it into the bias (DeePMD's change-by-statistic) starts training centred.
             refit_energy_bias(self.model, self.train_systems, max_frames=mcfg["data_stat_nbatch"])
         self.stat_seconds = time.perf_counter() - t0
+        self.model.to(self.device)  # (statistics and bias came from the host's arrays)
 
         lr_cfg = config["learning_rate"]
         self.lr = learning_rate(lr_cfg, tr["numb_steps"])
@@ -254,6 +315,13 @@ class Trainer:
             self.world ** 0.5 if self.world > 1 and lr_cfg["scale_by_worker"] == "sqrt" else 1.0)
         self.loss = EnergyLoss(config["loss"], lr_cfg["start_lr"])
         self.trained_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.forces = _Forces(self.model)  # validation's (no gradient all-reduce)
+        # every worker starts from rank 0's weights (DDP broadcasts them).  Every weight gets a gradient at every
+        # step, a zero one where the batch lacks its type (the padding term and the empty type blocks are in the
+        # graph): no find_unused_parameters search of the graph is needed
+        self.train_forces = self.forces if self.world <= 1 else torch.nn.parallel.DistributedDataParallel(
+            self.forces, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            broadcast_buffers=False)
         opt = config["optimizer"]
         self.optimizer = adam(self.trained_params, lr_cfg["start_lr"], opt["adam_beta1"], opt["adam_beta2"],
                               opt["weight_decay"])
@@ -274,9 +342,6 @@ class Trainer:
                 self.valid_sampler.load_state_dict(ckpt["valid_sampler"])
             torch.set_rng_state(ckpt["torch_rng"])
             self.start_step = ckpt["step"]
-        if self.world > 1:  # every worker starts from rank 0's weights
-            for p in self.model.state_dict().values():
-                torch.distributed.broadcast(p, 0)
         self.progress = Progress(tr["numb_steps"], self.start_step, enabled=progress and self.rank == 0)
 
     def _statistics(self, mcfg: dict) -> None:
@@ -350,9 +415,7 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def _step_loss(self, store, i, frames, lr, train=True):
         graph, label = store.batch(i, frames)
-        # the force loss differentiates forces by the weights only: the embedding nets may be linearised
-        with ops.weight_gradients_only():
-            pred = evaluate(self.model, graph, create_graph=train)
+        pred = (self.train_forces if train else self.forces)(graph, create_graph=train)
         pred["virial"] = pred["virial"].reshape(-1, 9)
         if label["virial"] is not None:
             label["virial"] = label["virial"].reshape(-1, 9)
@@ -385,9 +448,11 @@ class Trainer:
         return path.open("w"), False
 
     def _checkpoint_state(self, step: int) -> dict:
+        """The run's state, host tensors only: a checkpoint written on a GPU restarts on a CPU and vice versa (the
+        optimizer's load_state_dict moves its state to the weights' device)."""
+        state = _on_host({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
         return {"format": "dpmd-checkpoint", "version": 1, "run_id": self.run_id, "step": step, "config": self.config,
-                "model_config": self.model.config, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
+                "model_config": self.model.config, **state, "sampler": self.sampler.state_dict(),
                 "valid_sampler": self.valid_sampler.state_dict() if self.valid_systems else None,
                 "torch_rng": torch.get_rng_state()}
 
@@ -412,9 +477,10 @@ class Trainer:
                         f"good checkpoint is {self.last_saved or 'none (none was written yet)'}")
 
     def _save(self, step: int) -> None:
-        check_finite(self.model.state_dict(), f"step {step}")  # never a checkpoint with NaN weights
+        state = self._checkpoint_state(step)
+        check_finite(state["model"], f"step {step}")  # never a checkpoint with NaN weights
         tr = self.config["training"]
-        self.last_saved = str(save_checkpoint(self._checkpoint_state(step), self.prefix, step, tr["max_ckpt_keep"]))
+        self.last_saved = str(save_checkpoint(state, self.prefix, step, tr["max_ckpt_keep"]))
 
     def run(self) -> dict:
         tr = self.config["training"]
@@ -440,12 +506,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 # inputs=: only the weights' gradients (not the edge vectors', which would cost second
                 # derivatives in the positions)
-                loss.backward(inputs=self.trained_params)
-                if self.world > 1:
-                    for p in self.model.parameters():
-                        if p.grad is not None:
-                            torch.distributed.all_reduce(p.grad)
-                            p.grad /= self.world
+                loss.backward(inputs=self.trained_params)  # under DDP: the gradients averaged over the workers
                 shown = step + 1
                 self._finite_step(loss, shown)
                 self.optimizer.step()

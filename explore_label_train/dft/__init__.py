@@ -4,7 +4,9 @@ One task folder per frame.  `make_task` writes the code's inputs from the user's
 DP-GEN's param.json) and `frame.json` (the frame, and how the inputs reorder and rotate it); `task_command` is
 the shell line the dispatcher runs in the folder; `parse` reads the output with dpdata and returns the label
 (energy, forces, virial) in the frame's own atom order and orientation, or raises LabelFailed naming the code,
-the reason (SCF not converged, crashed, unreadable) and the file.  `label(payload)` does all three in a worker.
+the reason (SCF not converged, crashed, unreadable) and the file.  `label(payload)` does all three in a worker
+(the local dispatcher); `prepare_job` writes the folder and names the command and files of a cluster job, whose
+fetched folder the dispatcher then parses.
 
     labeller: {code: vasp, command: "mpirun -n 32 vasp_std", fp_incar: INCAR, fp_pp_path: pp/,
                fp_pp_files: [O/POTCAR, H/POTCAR]}
@@ -36,7 +38,7 @@ from .qe import QuantumEspresso
 from .vasp import Vasp
 
 __all__ = ["CODES", "LabelFailed", "check_settings", "fingerprint", "make_task", "task_command", "transfer_files",
-           "parse", "label"]
+           "prepare_job", "parse", "label"]
 
 CODES = {code.name: code for code in (Vasp(), Cp2k(), QuantumEspresso(), Abacus(), Gaussian())}
 ALIASES = {"pwscf": "qe"}   # DP-GEN's fp_style name
@@ -124,6 +126,7 @@ def make_task(lab: dict, frame, folder) -> Path:
     # function), keep the rotation, undo it on the label
     rotation = system.rot_frame_lower_triangular(0) if cell is not None else np.eye(3)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / FRAME).write_text("{}")   # first: a folder cut short while being written is still known as ours
     inputs = code.write(system, folder, lab)
     meta = {"code": code.name, "command": lab["command"], "output": code.output_path(lab), "inputs": inputs,
             "symbols": symbols, "positions": positions.tolist(), "cell": None if cell is None else cell.tolist(),
@@ -135,9 +138,16 @@ def make_task(lab: dict, frame, folder) -> Path:
 
 def task_command(lab: dict) -> str:
     """The shell line run in a task folder.  It always succeeds, leaving the code's exit status in exit_code
-    for parse: a failed calculation is a failed task, not a failed cluster job to resubmit."""
+    for parse: a failed calculation is a failed task, not a failed cluster job to resubmit.  The output file
+    exists afterwards even when the code never wrote it (an empty one reads as a crash in parse), because a
+    dispatcher that copies files back fails the whole job over a missing one."""
     code = CODES[lab["code"]]
-    return f"{code.shell(lab['command'])} > {code.stdout} 2>&1; echo $? > {EXIT}"
+    line = f"{code.shell(lab['command'])} > {code.stdout} 2>&1; echo $? > {EXIT}"
+    output = code.output_path(lab)
+    if output != code.stdout:
+        folder = os.path.dirname(output)
+        line += f"; {f'mkdir -p {folder}; ' if folder else ''}touch {output}"
+    return line
 
 
 def transfer_files(folder) -> tuple[list, list]:
@@ -145,6 +155,15 @@ def transfer_files(folder) -> tuple[list, list]:
     meta = json.loads((Path(folder) / FRAME).read_text())
     code = CODES[meta["code"]]
     return meta["inputs"], sorted({meta["output"].split("/")[0], code.stdout, EXIT})
+
+
+def prepare_job(payload: dict, folder, write: bool = True) -> tuple[str, list, list]:
+    """One label task as a cluster job (explore_label_train.dispatch.DPDispatcherPool): the task folder written
+    (write=False: kept as an earlier, identical attempt wrote it), then (the shell line, files to send, files
+    to fetch back).  The dispatcher reads the fetched folder with `parse`."""
+    if write:
+        make_task(payload["dft"], payload, folder)
+    return (task_command(payload["dft"]), *transfer_files(folder))
 
 
 def _last_line(path: Path) -> str:

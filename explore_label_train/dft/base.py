@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dpmd.errors import ConfigError
+from dpmd.errors import ConfigError, DpmdError
 
 
-class LabelFailed(RuntimeError):
+class LabelFailed(DpmdError, RuntimeError):
     """A task gave no label (SCF not converged, crashed run, unreadable output): one line naming the code,
-    the reason and the file."""
+    the reason and the file (a DpmdError: the dispatcher records the line as the task's reason, as it is)."""
 
 
 class Code:
