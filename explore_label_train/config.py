@@ -52,7 +52,7 @@ TRUST = {"lo": None, "hi": None, "v_lo": None, "v_hi": None, "structures": {}}
 # (test_data/; at least one label once a stage has 5): see explore_label_train/selection.py, holdout_count
 # per_structure: budget and min_labels count per explored structure, not per iteration (DP-GEN's fp_task_max and
 # fp_task_min); fewer selectable candidates than min_labels: none is labelled
-SELECT = {"budget": 10, "method": "fps", "stratify": False, "holdout": 0.1, "per_structure": False, "min_labels": 0}
+SELECT = {"budget": 10, "method": "devi", "stratify": False, "holdout": 0.1, "per_structure": False, "min_labels": 0}
 # frames before labelling: min_distance (Å), volume_per_atom ([min, max] Å^3), min_cell_angle (degrees),
 # max_cell_length (Å); labels after it, sanity bounds far beyond any physical frame: max_force (eV/Å, any
 # atom) and max_energy_deviation (eV/atom from the median of the labels of the same composition).  A label

@@ -14,9 +14,9 @@ rest, up to `budget` frames are chosen by `method`; every frame gets a reason:
              starting from the frame with the largest deviation
     random   uniformly (DP-GEN's rule)
 
-benchmarks/al_efficiency.py compares them: on its Cu and Cu + vacancy problems devi reached a lower held-out
-force error than fps and than DP-GEN's rule at the same labels, one DP-GEN did not reach with 2.2x and 2.5x the
-labels (mean over seeds; per seed and the noise in benchmarks/README.md).
+benchmarks/al_efficiency.py compares them: on its Cu and Cu + vacancy problems devi needed fewer labels than
+fps for a given held-out force error, and DP-GEN's rule needed 0.9-2.5x devi's labels depending on the seeds;
+the learning curves are nearly flat past ~26 labels, so these ratios are noisy (benchmarks/README.md).
 
 With `stratify`, the budget is first shared among the exploration conditions (structure, temperature,
 pressure): one label for each condition with candidates while the budget lasts, the rest in proportion
