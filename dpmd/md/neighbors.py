@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from dpmd.geometry.neighbor import build_neighbor_list
+from dpmd.geometry.neighbor import build_neighbor_list, sel_slots, slot_tables
 
 
 def _canonical(center, neighbor, shift, natoms):
@@ -117,15 +117,10 @@ class VerletList:
         if k > self.capacity:
             self.capacity = max(8, -(-int(1.2 * k) // 8) * 8)
         K = self.capacity
-        first = torch.cumsum(count, 0) - count
-        slot = torch.arange(self.center.numel(), device=self.center.device) - first.index_select(0, self.center)
         # slot tables indexed by atom, then permuted to the row order
-        nbr = torch.arange(natoms, device=atype.device).unsqueeze(1).repeat(1, K)   # empty: the atom itself
-        nbr[self.center, slot] = self.neighbor
+        slot, nbr, valid = slot_tables(self.center, self.neighbor, natoms, K)
         shift = self.shift.new_zeros([natoms, K, 3])
         shift[self.center, slot] = self.shift
-        valid = torch.zeros([natoms, K], dtype=torch.bool, device=atype.device)
-        valid[self.center, slot] = True
         self.pad_rows = rows
         self.pad_neighbor, self.pad_shift = nbr.index_select(0, rows), shift.index_select(0, rows)
         self.pad_valid = valid.index_select(0, rows)
@@ -144,22 +139,6 @@ class VerletList:
             vec = vec + torch.bmm(self.pad_shift, box.index_select(0, self.pad_frame))
         d2 = (vec * vec).sum(-1)
         inside = self.pad_valid & (d2 < self.rcut * self.rcut)
-        nnei = sum(sel)
-        dest = torch.full_like(nb, nnei)   # column nnei collects what is dropped
-        overflow = torch.zeros(R, dtype=torch.bool, device=x.device)
-        first = 0
-        for t, s in enumerate(sel):
-            mine = inside & (self.pad_type == t)
-            rank = torch.cumsum(mine, 1) - 1
-            dest = torch.where(mine & (rank < s), first + rank, dest)
-            overflow |= rank[:, -1] >= s
-            first += s
-        slot_k = torch.full([R, nnei + 1], K, dtype=torch.long, device=x.device)
-        slot_k.scatter_(1, dest, torch.arange(K, device=x.device).expand(R, K))
-        slot_k = slot_k[:, :nnei]
-        far = torch.zeros_like(vec[:, :1])   # an empty slot: a vector beyond rcut (filled in, not copied)
-        far[..., 0] = self.rcut + 1.0
-        edge_vec = torch.gather(torch.cat([vec, far], 1), 1, slot_k.unsqueeze(-1).expand(R, nnei, 3))
-        neighbor = torch.gather(torch.cat([nb, self.pad_rows.unsqueeze(1)], 1), 1, slot_k)
+        edge_vec, neighbor, overflow = sel_slots(vec, nb, self.pad_rows, inside, self.pad_type, sel, self.rcut)
         dmin2 = torch.where(inside, d2, torch.full_like(d2, float("inf"))).amin() if d2.numel() else d2.new_tensor(float("inf"))
-        return edge_vec.reshape(-1, 3), neighbor.reshape(-1), overflow, dmin2
+        return edge_vec, neighbor, overflow, dmin2
