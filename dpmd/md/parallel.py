@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dpmd import ops
 from dpmd.errors import DpmdError, NeighborOverflowError
 from dpmd.geometry.neighbor import NeighborList, count_neighbors, sel_overflow_message
 from dpmd.md import devi as devi_mod
@@ -36,7 +35,7 @@ from dpmd.md.engine import Simulation
 from dpmd.md.provider import ForceProvider
 from dpmd.md.safety import Safety
 from dpmd.md.state import MDState
-from dpmd.model.forces import assemble, edge_gradients, energy_and_gradient
+from dpmd.model.forces import assemble, evaluate
 
 _SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 
@@ -154,14 +153,14 @@ class DomainForces(ForceProvider):
         zero = torch.zeros(nlocal, dtype=torch.long, device=coord.device)
         # one system: fparam for every atom; the local atoms' aparam rows (global ids)
         params = {key: value.index_select(0, gid) if key == "aparam" else value for key, value in self.params[k].items()}
-        with ops.first_derivative_only():
-            if n_over == 0 and nlocal > 0:  # ghosts are neighbours, never centres; kernels as in the serial engine
-                graph = {"coord": coord, "atype": atype, "center": center, "neighbor": neighbor, "edge_vec": vec,
-                         **params}
-                atom_e, g, _ = edge_gradients(energy_and_gradient(model), graph, ncenters=nlocal)
-            else:
-                atom_e, g = torch.zeros(nlocal, dtype=vec.dtype, device=vec.device), torch.zeros_like(vec)
-            out = assemble(atom_e, g, vec, center, neighbor, zero, 1, coord.shape[0])
+        if n_over == 0 and nlocal > 0:  # ghosts are neighbours, never centres; the counts were checked above
+            graph = {"coord": coord, "atype": atype, "center": center, "neighbor": neighbor, "edge_vec": vec,
+                     **params}
+            out = evaluate(model, graph, ncenters=nlocal, check_sel=False)
+            atom_e = out["atom_energy"]
+        else:   # nothing to evaluate here (or the collective overflow error below): zeros, still summed over ranks
+            atom_e = torch.zeros(nlocal, dtype=vec.dtype, device=vec.device)
+            out = assemble(atom_e, torch.zeros_like(vec), vec, center, neighbor, zero, 1, coord.shape[0])
         force_local = dom.reverse(out["force"][nlocal:], out["force"][:nlocal])
         close = d2[mask] < self.safety.min_distance ** 2 if stops else torch.zeros(0, dtype=torch.bool)
         flags = torch.tensor([float(n_over), float(int(close.sum()))], dtype=vec.dtype, device=coord.device)

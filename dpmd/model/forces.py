@@ -129,7 +129,8 @@ def check_neighbors(model, graph: dict) -> None:
 
 
 def evaluate(model, graph: dict, *, create_graph: bool = False, chunk_atoms: int | None = None,
-             atom_virial: bool = False, ncenters: int | None = None, backend: Backend | None = None) -> dict:
+             atom_virial: bool = False, ncenters: int | None = None, backend: Backend | None = None,
+             check_sel: bool = True) -> dict:
     """energy (F,), atom_energy (N,), force (N, 3), virial (F, 3, 3) [, atom_virial (N, 3, 3)].
 
     create_graph=True keeps the graph for training on forces (no chunking then).
@@ -138,8 +139,11 @@ def evaluate(model, graph: dict, *, create_graph: bool = False, chunk_atoms: int
     centres, energy and virial their edges, force every atom, ghosts included (for the caller's reverse
     communication).
     backend: what runs; None: resolved here from the request (create_graph), the device and the library.
+    check_sel=False: the caller checked the neighbour counts against sel itself (MPI: collectively, since a
+    check that raises on some ranks only would leave the others waiting).
     """
-    check_neighbors(model, graph)
+    if check_sel:
+        check_neighbors(model, graph)
     if backend is None:  # most kernels' backward gives first derivatives only: training's force loss needs others
         backend = ops.resolve(graph["coord"], first_derivative=not create_graph)
     atom_energy, g, vec = edge_gradients(model if isinstance(model, EdgeEnergyModel)
