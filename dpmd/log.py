@@ -65,12 +65,12 @@ def setup(level: str | int = "INFO", path: str | Path | None = None, names=("dpm
     handlers: list[logging.Handler] = []
     if process_rank() == 0:
         handlers.append(_Console())
-        for path in dict.fromkeys(Path(p).resolve() for p in [path, *more_paths] if p is not None):
+        for file in dict.fromkeys(Path(p).resolve() for p in [path, *more_paths] if p is not None):
             try:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+                file.parent.mkdir(parents=True, exist_ok=True)
+                handler = logging.FileHandler(file, mode="a", encoding="utf-8")
             except OSError as err:
-                raise DpmdError(f"{path}: cannot write the log file ({err.strerror or err})") from None
+                raise DpmdError(f"{file}: cannot write the log file ({err.strerror or err})") from None
             handler.setFormatter(logging.Formatter(FILE_FORMAT))
             handlers.append(handler)
     else:

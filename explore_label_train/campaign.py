@@ -457,8 +457,13 @@ class Campaign:
         return self.state.one("SELECT COUNT(*) FROM labels")
 
     # ------------------------------------------------------------------ main loop
-    def run(self) -> str:
+    def run(self, started=None) -> str:
+        """Run (or resume) to the end; returns the decision.  started(): called once this run holds the work_dir
+        and its database is open and checked (elt starts campaign.log there: a refused run writes nothing)."""
         with work_dir_lock(self.root):   # before any write: a refused run changes nothing
+            self.state   # opened and checked: a refused run stops here
+            if started is not None:
+                started()
             self._record_config()
             self._stop_stale_workers()
             configure_threads(choose_threads(None, self._explore_work(), self.cfg["threads"] or usable_cores()))

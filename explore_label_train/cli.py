@@ -43,7 +43,7 @@ def _db_path(target: str, args) -> Path:
 
 
 def _run(args) -> None:
-    from explore_label_train.campaign import Campaign, move_aside, work_dir_lock
+    from explore_label_train.campaign import Campaign, move_aside
     from explore_label_train.config import load_campaign
 
     cfg = load_campaign(args.campaign)
@@ -56,12 +56,12 @@ def _run(args) -> None:
         moved = move_aside(Path(cfg["work_dir"]), inputs)
         print(f"moved the earlier campaign files to {moved}" if moved else "nothing to move aside; starting fresh")
     campaign = Campaign(cfg, log=log.info)
-    with work_dir_lock(campaign.root):   # a run refused (another run holds the lock, files no database vouches for)
-        campaign.state                   # writes no campaign.log; campaign.run takes the lock again
-    # a campaign runs for days: its progress also goes to <work_dir>/campaign.log, appended across resumes
-    dpmd_log.setup(args.log_level, args.log_path, names=LOGGERS, more_paths=[campaign.root / "campaign.log"])
-    dpmd_log.file_only(log, logging.INFO, f"elt {shlex.join(sys.argv[1:] if args.argv is None else args.argv)}")
-    decision = campaign.run()
+
+    def start_log():   # a campaign runs for days: its progress also goes to <work_dir>/campaign.log, appended
+        dpmd_log.setup(args.log_level, args.log_path, names=LOGGERS, more_paths=[campaign.root / "campaign.log"])
+        dpmd_log.file_only(log, logging.INFO, f"elt {shlex.join(sys.argv[1:] if args.argv is None else args.argv)}")
+
+    decision = campaign.run(started=start_log)
     from explore_label_train.report import status_table
 
     print(status_table(campaign.state))

@@ -7,14 +7,10 @@ once, no label lost or duplicated).  Also: the ASE labeller's force-consistent e
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import sqlite3
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +23,9 @@ from explore_label_train.campaign import Campaign
 from explore_label_train.config import load_campaign
 from explore_label_train.labelers import label
 from explore_label_train.report import status_table, write_report
-from tests.conftest import REPO, SHARED
+from tests.conftest import SHARED
 from tests.test_elt import write_campaign
+from tests.test_elt_dispatch_stages import kill_with_jobs_in_flight
 from tests.test_slurm import slurm_dispatcher
 
 DFT = SHARED / "dft-outputs"
@@ -206,26 +203,7 @@ def test_killed_run_reattaches_to_its_label_jobs(tmp_path, request, backend):
                                                                 "max_labels": 100})
     cfg["labeller"]["command"] += f" {runs} 4"
     path = write_campaign(tmp_path, cfg)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "explore_label_train.cli", "run", str(path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    db = tmp_path / "camp" / "campaign.db"
-    in_flight = []
-    try:
-        deadline = time.monotonic() + 120
-        while not in_flight and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-            if db.is_file():
-                try:
-                    with sqlite3.connect(db) as con:
-                        in_flight = con.execute("SELECT job_hash, job_id FROM jobs WHERE kind='label' AND "
-                                                "state IN ('waiting', 'running')").fetchall()
-                except sqlite3.OperationalError:   # no jobs table yet
-                    pass
-        assert in_flight, "no label job was seen in flight"
-    finally:
-        proc.kill()   # SIGKILL, as kill -9
-        proc.wait()
+    in_flight = kill_with_jobs_in_flight(path, "label")
     camp = Campaign(load_campaign(path), log=None)
     assert camp.state.one("SELECT COUNT(*) FROM labels") == 0
     assert camp.run() == "max_iterations"

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,6 +76,32 @@ def assert_jobs(camp: Campaign, numeric_ids: bool) -> None:
 
 
 @pytest.mark.slow   # two campaigns, one with every stage as Shell jobs: ~50 s
+def kill_with_jobs_in_flight(path, kind: str) -> list:
+    """Start `elt run path` in a process and kill -9 it as soon as its database records a `kind` cluster job
+    waiting or running; returns those jobs, [(job_hash, job_id)]."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "explore_label_train.cli", "run", str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = Path(load_campaign(path)["work_dir"]) / "campaign.db"
+    in_flight = []
+    try:
+        deadline = time.monotonic() + 120
+        while not in_flight and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            if db.is_file():
+                try:
+                    with sqlite3.connect(db) as con:
+                        in_flight = con.execute("SELECT job_hash, job_id FROM jobs WHERE kind=? AND "
+                                                "state IN ('waiting', 'running')", (kind,)).fetchall()
+                except sqlite3.OperationalError:   # no jobs table yet
+                    pass
+        assert in_flight, f"no {kind} job was seen in flight"
+    finally:
+        proc.kill()   # SIGKILL, as kill -9
+        proc.wait()
+    return in_flight
+
+
 def test_every_stage_as_shell_jobs_gives_the_local_campaign(tmp_path):
     pytest.importorskip("dpdispatcher")
     local = run_one_iteration(tmp_path / "local")
@@ -106,26 +133,7 @@ def test_killed_run_reattaches_to_its_training_jobs(tmp_path, request, backend):
     cfg = every_stage_through(campaign_dict(tmp_path, convergence={"max_iterations": 1},
                                             train={"numb_steps": 60}), disp)
     path = write_campaign(tmp_path, cfg)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "explore_label_train.cli", "run", str(path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    db = tmp_path / "camp" / "campaign.db"
-    in_flight = []
-    try:
-        deadline = time.monotonic() + 120
-        while not in_flight and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-            if db.is_file():
-                try:
-                    with sqlite3.connect(db) as con:
-                        in_flight = con.execute("SELECT job_hash, job_id FROM jobs WHERE kind='train' AND "
-                                                "state IN ('waiting', 'running')").fetchall()
-                except sqlite3.OperationalError:   # no jobs table yet
-                    pass
-        assert in_flight, "no training job was seen in flight"
-    finally:
-        proc.kill()   # SIGKILL, as kill -9
-        proc.wait()
+    in_flight = kill_with_jobs_in_flight(path, "train")
     camp = Campaign(load_campaign(path), log=None)
     assert camp.state.one("SELECT COUNT(*) FROM tasks WHERE kind='train' AND status='done'") < 2
     assert "cluster jobs not finished" in status_table(camp.state)

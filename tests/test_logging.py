@@ -127,7 +127,8 @@ def test_elt_run_writes_campaign_log(tmp_path, capsys, monkeypatch):
     path = write_campaign(tmp_path, campaign_dict(tmp_path))
     work_dir = tmp_path / "camp"
 
-    def progress(self):
+    def progress(self, started):   # as Campaign.run: the log starts once the work_dir is checked
+        started()
         self.log("[iteration 0] labelling 16 frames")
         return "max_iterations"
 
@@ -138,7 +139,8 @@ def test_elt_run_writes_campaign_log(tmp_path, capsys, monkeypatch):
     assert log[0].endswith(f"INFO    explore_label_train: elt run {path}")
     assert log[1].endswith("INFO    explore_label_train: [iteration 0] labelling 16 frames")
 
-    def fail(self):
+    def fail(self, started):
+        started()
         raise CampaignError("i000-label-0003: labeller crashed")
 
     monkeypatch.setattr(Campaign, "run", fail)
