@@ -6,13 +6,18 @@ Then dpmd trains
   - "replay": from DeePMD-kit's initial weights on DeePMD-kit's frame sequence (same algorithm => same model),
   - "dpinit": from DeePMD-kit's initial weights on its own frame sampling (--modes dpinit:
               separates the initialisation from the sampling), and
-  - "own":    from its own initialisation and its own frame sampling with the same seeds
+  - "own":    a plain `dpmd train` of the same input and seed: its initial weights, statistics and frames are
+              DeePMD-kit's draws (dpmd/model/network.py child_seed, dpmd/train/sampler.py), so it starts from
+              DeePMD-kit's init.pt and trains on its frames (recorded in own/frames.txt and compared with its
+              Sample_rank_0.txt; printed per seed): the same model as "replay"
 and all models are evaluated on the 80 frames of data_2 (not trained on): energy RMSE per atom, force RMSE.
 Every `--eval-every` steps each trainer saves a checkpoint and the time since its training loop began, so the
 script also prints RMSE-vs-step and RMSE-vs-wall-time curves (mean over seeds), and writes all numbers to
 `<work>/results.json`.
 The lr falls to 5e-5 by step 300 of 1000, so each run is decided by its first ~200 updates: the spread over seeds
 is 0.05-0.1 eV/Å in F (11 seeds of dpmd: 0.29-0.42 at step 300), so compare means over many seeds, not 2 or 3.
+DeePMD-kit's frames depend on its DataLoader worker count (NUM_WORKERS, default min(4, cpus)); dpmd follows the
+same rule, so both sides of one run (same machine, same environment) draw the same frames.
 
 DeePMD-kit need not be importable here: pass the interpreter of an environment that has it.  The script
 benchmarks/deepmd_env.sh builds one (DeePMD-kit 3.2.0 compiled from its sdist against the torch on disk,
@@ -118,6 +123,15 @@ def dpmd_train(out: Path, steps: int, seed: int, threads: int, eval_every: int, 
             return system, torch.tensor([frame])
 
         trainer.sampler.next = types.MethodType(replay, trainer.sampler)
+    else:   # record dpmd's own frames in DeePMD-kit's Sample_rank_0.txt format, to compare the sequences
+        draw, drawn = trainer.sampler.next, []
+
+        def record(rank=0):
+            system, frames = draw(rank)
+            drawn.append(f"Step {len(drawn)}: sample system{system}  frame{frames.tolist()}\n")
+            return system, frames
+
+        trainer.sampler.next = record
     save, times = trainer_mod.save_checkpoint, {0: 0.0}
     torch.save({"model": trainer.model.state_dict(), "model_config": trainer.model.config}, out / "init.pt")
 
@@ -131,9 +145,23 @@ def dpmd_train(out: Path, steps: int, seed: int, threads: int, eval_every: int, 
         trainer.run()
     finally:
         trainer_mod.save_checkpoint = save
+    if order is None:
+        (out / "frames.txt").write_text("".join(drawn))
     result = {"startup": startup, "steps": times}
     (out / "times.json").write_text(json.dumps(result))
     return result
+
+
+def frames_of(path: Path) -> list[tuple[int, list[int]]]:
+    """(system, frames) of each step of a Sample_rank_0.txt (DeePMD-kit) or frames.txt (dpmd)."""
+    return [(int(s), [int(x) for x in f.split(",")]) for s, f in
+            re.findall(r"system(\d+)\s+frame\[([\d, ]+)\]", path.read_text())]
+
+
+def same_frames(ours: Path, theirs: Path) -> str:
+    a, b = frames_of(ours), frames_of(theirs)
+    same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return f"{same} of {len(b)} steps" + ("" if same == len(a) == len(b) else f" (first difference at step {same})")
 
 
 def holdout_errors(model) -> tuple[float, float]:
@@ -198,6 +226,10 @@ def report(results: dict, steps: int) -> None:
                 last = results[seed][n]["curve"][-1]
                 print(f"{seed:>4} {n:36s} {1000 * last['rmse_e']:8.2f} {last['rmse_f']:8.4f} "
                       f"{last['seconds'] / steps:7.3f}")
+    for seed in seeds:
+        for n in names:
+            if "frames_as_deepmd" in results[seed].get(n, {}):
+                print(f"seed {seed}, {n}: frames identical to DeePMD-kit's for {results[seed][n]['frames_as_deepmd']}")
     print(f"\nmean ± std over {len(seeds)} seed(s) {seeds}, {steps} steps:")
     for n in names:
         runs = [results[s][n]["curve"][-1] for s in seeds if n in results[s]]
@@ -288,6 +320,9 @@ def main() -> None:
                 order = d / DEEPMD_DIR / "Sample_rank_0.txt" if dp_frames else None
                 dpmd_train(d / sub, args.steps, seed, args.threads, args.eval_every, init, order)
             results[seed][name] = {"curve": curve(d / sub, args.steps, args.eval_every)}
+            if with_deepmd and (d / sub / "frames.txt").is_file():
+                results[seed][name]["frames_as_deepmd"] = same_frames(d / sub / "frames.txt",
+                                                                      d / DEEPMD_DIR / "Sample_rank_0.txt")
         for name, r in results[seed].items():
             last = r["curve"][-1]
             print(f"{seed:>4} {name:36s} {1000 * last['rmse_e']:8.2f} {last['rmse_f']:8.4f}", flush=True)

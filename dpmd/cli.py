@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(p)
         p.set_defaults(func=module.run)
 
-    p = command("convert-model", "import a DeePMD-kit (PyTorch) se_e2_a checkpoint")
+    p = command("convert-model", "import a DeePMD-kit (PyTorch) checkpoint (se_e2_a, se_e2_r, se_e3, se_atten, "
+                "se_atten_v2, hybrid)")
     p.add_argument("--from", dest="source", default="deepmd", choices=["deepmd"],
                    help="what wrote the input: deepmd (DeePMD-kit 3's PyTorch backend, model.ckpt-*.pt)")
     p.add_argument("-i", "--input", required=True, help="the DeePMD-kit checkpoint")

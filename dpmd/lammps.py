@@ -177,14 +177,14 @@ def build_plugin(output_dir=None, force: bool = False) -> Path:
     return targets[1]
 
 
-def write_data(path, coord, atype, box, type_map) -> None:
+def write_data(path, coord, atype, box, type_map, velocities=None) -> None:
     """A LAMMPS data file (atom_style atomic, metal units) of one frame; LAMMPS type i+1 is type_map[i].
 
     box rows are the cell vectors; LAMMPS needs a lower-triangular cell (a along x, b in the xy plane).
+    velocities: (N, 3) Å/ps (metal units), written as the Velocities section when given.
     """
     import numpy as np
     from ase.data import atomic_masses, atomic_numbers
-
 
     coord, box, atype = np.asarray(coord, float).reshape(-1, 3), np.asarray(box, float).reshape(3, 3), np.asarray(atype)
     if abs(box[0, 1]) + abs(box[0, 2]) + abs(box[1, 2]) > 1e-12 * np.abs(box).max():
@@ -202,6 +202,9 @@ def write_data(path, coord, atype, box, type_map) -> None:
                                   for t, name in enumerate(type_map)]
     lines += ["", "Atoms  # atomic", ""] + [f"{i + 1} {int(t) + 1} {x!r} {y!r} {z!r}"
                                            for i, (t, (x, y, z)) in enumerate(zip(atype.tolist(), coord.tolist()))]
+    if velocities is not None:
+        lines += ["", "Velocities", ""] + [f"{i + 1} {vx!r} {vy!r} {vz!r}" for i, (vx, vy, vz)
+                                          in enumerate(np.asarray(velocities, float).reshape(-1, 3).tolist())]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 

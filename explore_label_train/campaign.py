@@ -8,7 +8,8 @@ An iteration runs these stages in order; each is skipped when the database says 
              or as cluster jobs, train.dispatcher)
     explore  one batched dpmd.md.Simulation per (stage, atom count): structures x temperatures x pressures,
              frames and model deviations every traj_interval steps -> one npz per task (explore_group: in
-             this process, or as cluster jobs, explore[].dispatcher)
+             this process, or as cluster jobs, explore[].dispatcher); engine lammps: one LAMMPS run per
+             trajectory instead (explore_label_train/lammps_engine.py), read back into the same npz
     select   classify (accurate / candidate / failed), filter, farthest-point sampling up to the budget,
              create one label task per chosen frame
     label    run the label tasks on the dispatcher (an ASE calculator, or a DFT code in a task folder under
@@ -259,8 +260,10 @@ def train_member(job: dict) -> dict:
     before = torch.get_num_threads()
     torch.set_num_threads(job.get("threads") or before)
     try:
+        # loader_workers 0: the frames a member draws do not depend on where it trains (this process, a worker
+        # process, a cluster node with other cores)
         result = Trainer(job["config"], restart=restart, init_model=init_model, finetune=finetune,
-                         out_dir=job["out"], progress=False).run()
+                         out_dir=job["out"], progress=False, loader_workers=0).run()
     finally:
         torch.set_num_threads(before)
     return {k: result.get("train", {}).get(k) for k in ("rmse_e", "rmse_f")}
@@ -284,21 +287,44 @@ def train_members(jobs: dict, processes: int, threads: int | None, on_done, on_s
 
 
 def explore_group(job: dict, models=None) -> dict:
-    """One batched exploration run (dpmd.md.Simulation) of a group's trajectories (Campaign._explore_job: plain
-    JSON), frames and model deviations every traj_interval steps, written to job["out"] (npz, atomically).
-    Returns {"stop": None, or {"step", "message"} when the run stopped early (dpmd's one-line reason)}.  Runs in
-    the campaign process (models: loaded already) or in a cluster job (loaded from job["models"])."""
+    """One exploration run of a group's trajectories (Campaign._explore_job: plain JSON), frames and model
+    deviations every traj_interval steps, written to job["out"] (npz, atomically): one batched dpmd.md.Simulation
+    (engine dpmd), or one LAMMPS run per trajectory (engine lammps, explore_label_train/lammps_engine.py), both
+    from the same velocities.  Returns {"stop": None, or {"step", "message"} when dpmd's run stopped early (its
+    one-line reason)}.  Runs in the campaign process (models: loaded already) or in a cluster job."""
+    symbols, seed = job["symbols"], job["seed"]
+    masses, pos = np.array(job["masses"]), np.array(job["positions"])
+    vel = _thermal_velocities(masses, job["temperatures"], np.random.default_rng(seed))
+    if job["stage"].get("engine") == "lammps":
+        from explore_label_train.lammps_engine import explore
+
+        (coord, boxes, devi, steps, traj), stop = explore(job, vel), None
+    else:
+        coord, boxes, devi, steps, traj, stop = _explore_dpmd(job, vel, models)
+    n = pos.shape[1]
+    out = {"symbols": np.array(symbols[0]), "coord": np.array(coord).reshape(-1, n, 3),
+           "devi": np.array(devi).reshape(-1, 7), "step": np.array(steps, dtype=np.int64),
+           "traj": np.array(traj, dtype=np.int64), "note": np.array(stop["message"] if stop else "")}
+    if job["cells"] is not None:
+        out["box"] = np.array(boxes).reshape(-1, 3, 3)
+    if any(row != symbols[0] for row in symbols):
+        out["all_symbols"] = np.array(symbols)
+    atomic_savez(Path(job["out"]), **out)
+    return {"stop": stop}
+
+
+def _explore_dpmd(job: dict, vel: np.ndarray, models):
+    """explore_group's batched dpmd.md.Simulation: (coord, boxes, devi, steps, traj, stop)."""
     from dpmd.md import Simulation
 
     if models is None:
         from dpmd.model import load_model
 
-        models = [load_model(p).eval() for p in job["models"]]
+        models = [load_model(p, device=job["stage"].get("device", "cpu")).eval() for p in job["models"]]
     stage, symbols, seed = job["stage"], job["symbols"], job["seed"]
     masses, pos = np.array(job["masses"]), np.array(job["positions"])
     box = None if job["cells"] is None else np.array(job["cells"])
     temps, press = job["temperatures"], job["pressures"]
-    vel = _thermal_velocities(masses, temps, np.random.default_rng(seed))
     bias = None
     if stage["bias"] is not None:
         from explore_label_train.bias import DeviationBias
@@ -328,16 +354,7 @@ def explore_group(job: dict, models=None) -> dict:
         message = str(err).splitlines()[0].split("; wrote")[0]
         at = re.match(r"step (\d+):", message)   # MDStopError names the step it stopped at
         stop = {"step": int(at[1]) if at else int(sim.state.step), "message": message}
-    n = pos.shape[1]
-    out = {"symbols": np.array(symbols[0]), "coord": np.array(coord).reshape(-1, n, 3),
-           "devi": np.array(devi).reshape(-1, 7), "step": np.array(steps, dtype=np.int64),
-           "traj": np.array(traj, dtype=np.int64), "note": np.array(stop["message"] if stop else "")}
-    if box is not None:
-        out["box"] = np.array(boxes).reshape(-1, 3, 3)
-    if any(row != symbols[0] for row in symbols):
-        out["all_symbols"] = np.array(symbols)
-    atomic_savez(Path(job["out"]), **out)
-    return {"stop": stop}
+    return coord, boxes, devi, steps, traj, stop
 
 
 class Campaign:
@@ -822,7 +839,9 @@ class Campaign:
             if stage["dispatcher"] is None:   # in this process (a file left by a crash: overwritten, not trusted)
                 for task_id, job in jobs.items():
                     t1 = time.perf_counter()
-                    value = explore_group(job, self.models(it))
+                    # (the campaign's cached models are on the CPU; a GPU stage loads its own)
+                    here = stage["engine"] == "dpmd" and stage["device"] == "cpu"
+                    value = explore_group(job, self.models(it) if here else None)
                     self._explored(it, stage, task_id, *todo[task_id][1:], value["stop"], time.perf_counter() - t1)
             else:
                 self._explore_on_cluster(it, stage, jobs, todo)
@@ -854,6 +873,7 @@ class Campaign:
         return {"models": models, "symbols": symbols, "positions": np.stack([a.positions for a in atoms]).tolist(),
                 "cells": np.stack([a.cell[:] for a in atoms]).tolist() if atoms[0].pbc.all() else None,
                 "masses": [[self.cfg["masses"][self.type_index[s]] for s in row] for row in symbols],
+                "type_map": self.type_map, "type_masses": self.cfg["masses"],
                 "temperatures": [m[2] for m in members], "pressures": [m[3] for m in members], "stage": stage,
                 "seed": stage["seed"] + 1000 * it + 37 * gi, "out": str(self.root / rel)}
 

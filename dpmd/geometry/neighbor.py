@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import List
 
 import torch
 
@@ -194,19 +195,39 @@ def count_neighbors(nlist: NeighborList, atype: torch.Tensor, ntypes: int, natom
     return torch.bincount(key, minlength=natoms * ntypes).reshape(natoms, ntypes)
 
 
+def sel_groups(counts: torch.Tensor, sel: List[int]) -> torch.Tensor:
+    """Neighbour counts (natoms, ntypes) grouped as `sel` limits them: per neighbour type, or one total when sel
+    has a single entry for several types (a mixed-type descriptor such as se_atten).  TorchScript-compatible."""
+    if len(sel) == 1 and counts.shape[1] > 1:
+        return counts.sum(1, keepdim=True)
+    return counts
+
+
+def sel_group_name(t: int, sel: list[int], type_map: list[str]) -> str | None:
+    """The neighbour type that sel's entry t limits (None: all types together)."""
+    return type_map[t] if len(sel) == len(type_map) else None
+
+
+def over_sel(counts: torch.Tensor, sel: list[int]) -> torch.Tensor:
+    """(natoms, len(sel)) bool: the groups of each atom with more neighbours than sel allows."""
+    return sel_groups(counts, sel) > torch.tensor(sel, device=counts.device)
+
+
 def check_sel(counts: torch.Tensor, atype: torch.Tensor, sel: list[int], type_map: list[str]) -> None:
     """Refuse neighbour counts beyond `sel`: the model would silently drop neighbours."""
-    limit = torch.tensor(sel, device=counts.device)
-    over = counts > limit
+    over = over_sel(counts, sel)
     if bool(over.any()):
         i, t = (int(x) for x in over.nonzero()[0])
-        raise NeighborOverflowError(sel_overflow_message(i, type_map[int(atype[i])], int(counts[i, t]), type_map[t],
-                                                         sel[t], int(over.any(dim=1).sum())))
+        raise NeighborOverflowError(sel_overflow_message(
+            i, type_map[int(atype[i])], int(sel_groups(counts, sel)[i, t]), sel_group_name(t, sel, type_map), sel[t],
+            int(over.any(dim=1).sum())))
 
 
-def sel_overflow_message(atom, atom_type: str, count: int, neighbor_type: str, limit: int, n_over: int) -> str:
-    """The one message for neighbours beyond sel (atom: its index, or whatever names it for the caller)."""
-    return (f"atom {atom} (type {atom_type}) has {count} neighbours of type {neighbor_type} within rcut but sel "
+def sel_overflow_message(atom, atom_type: str, count: int, neighbor_type: str | None, limit: int, n_over: int) -> str:
+    """The one message for neighbours beyond sel (atom: its index, or whatever names it for the caller;
+    neighbor_type None: sel limits all types together)."""
+    of_type = "" if neighbor_type is None else f" of type {neighbor_type}"
+    return (f"atom {atom} (type {atom_type}) has {count} neighbours{of_type} within rcut but sel "
             f"allows {limit} ({n_over} atom(s) over the limit); raise descriptor.sel (or use sel: auto)")
 
 

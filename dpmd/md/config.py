@@ -222,7 +222,9 @@ def read_structure(spec, type_map: list[str]):
         fmt = "lammps-data"
         kwargs = {"Z_of_type": {i + 1: atomic_numbers[s] for i, s in enumerate(type_map)}, "atom_style": "atomic"}
     try:
-        atoms = read(path, format=fmt, **kwargs)
+        # every rank reads for itself: ASE's default parallel mode broadcasts over mpi4py's world, a collective
+        # the ranks do not make together (rank 0 alone writes trajectories)
+        atoms = read(path, format=fmt, parallel=False, **kwargs)
     except Exception as err:
         raise DpmdError(f"structure: {path}: ASE cannot read it ({err.__class__.__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
@@ -257,14 +259,13 @@ def _check_lammps_types(path, atoms, type_map: list[str]) -> None:
                             f"is {type_map[t - 1]}; order the LAMMPS types as the model's type_map {type_map}")
 
 
-def build_simulation(cfg: dict, log=log.info):
-    """A Simulation from a normalised config (models loaded, structure read)."""
+def _read_inputs(cfg: dict, comm):
+    """The models (on this rank's device) and the structures of a normalised config: (models, read, box)."""
     import numpy as np
-
-    from dpmd.md.engine import Simulation
-    from dpmd.model import load_model
-
     import torch
+
+    from dpmd.md.parallel import rank_device
+    from dpmd.model import load_model
 
     try:
         device = torch.device(cfg["device"])
@@ -272,7 +273,8 @@ def build_simulation(cfg: dict, log=log.info):
         raise DpmdError(f"device: expected cpu, cuda or cuda:N, got {cfg['device']!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DpmdError(f"device: {cfg['device']} asked for, but this PyTorch sees no CUDA GPU; use device: cpu")
-    models = [load_model(m, device=cfg["device"]) for m in cfg["models"]]
+    device = rank_device(cfg["device"], comm)   # under MPI, `cuda` is each rank's node-local GPU
+    models = [load_model(m, device=device) for m in cfg["models"]]
     check_masses(cfg["masses"], models[0].type_map)
     structs = cfg["structure"] if isinstance(cfg["structure"], list) else [cfg["structure"]]
     read = [read_structure(s, models[0].type_map) for s in structs]
@@ -281,9 +283,28 @@ def build_simulation(cfg: dict, log=log.info):
     if len({r[2] is None for r in read}) > 1:
         raise DpmdError("structure: a batch must be all periodic or all open")
     box = None if read[0][2] is None else np.stack([r[2] for r in read])
+    return models, read, box
+
+
+def build_simulation(cfg: dict, log=log.info):
+    """A Simulation from a normalised config (models loaded, structure read)."""
+    import numpy as np
+
+    from dpmd.md.engine import Simulation
     from dpmd.md.parallel import mpi_world
 
     comm = mpi_world()   # started by mpiexec with > 1 rank: domain decomposition (dpmd.md.parallel)
+    if comm is None:
+        models, read, box = _read_inputs(cfg, comm)
+    else:   # every rank reads; a rank that cannot (a file it does not see) stops them all with its message,
+        try:  # instead of leaving the others waiting in the first collective
+            models, read, box = _read_inputs(cfg, comm)
+            failed = None
+        except DpmdError as err:
+            failed = str(err)
+        first = next((f"rank {r}: {m}" if r else m for r, m in enumerate(comm.allgather(failed)) if m), None)
+        if first is not None:
+            raise DpmdError(first)
     make = Simulation
     if comm is not None:
         from functools import partial

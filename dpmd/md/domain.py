@@ -21,7 +21,9 @@ to point):
      (all its images share the slot: the edge shifts tell them apart);
   3. a communication plan: each rank tells the owners which of their atoms its ghost slots hold.
 Between rebuilds, every step sends the positions of the ghost slots forward (point to point, only
-between ranks that share ghosts) and the forces on ghost slots back to their owners.
+between ranks that share ghosts) and the forces on ghost slots back to their owners.  On a GPU rank these go
+through host buffers in pinned memory (`HostStage`), allocated once and reused: one copy each way per exchange
+(the MPI library needs no CUDA awareness).
 
 Global sums (energies, virial, kinetic energy, momentum) are `Comm.allsum`: an Allgather then a sum in
 rank order, so every rank gets bit-identical values (the replicated thermostat/barostat variables can
@@ -108,6 +110,40 @@ def choose_grid(box: np.ndarray, nprocs: int) -> tuple[int, int, int]:
     return best_grid
 
 
+class HostStage:
+    """float64 host arrays for MPI, of tensors on any device: on a CUDA device through pinned buffers kept per
+    name (reallocated only when a shape grows), so a step's exchange neither allocates nor bounces through
+    pageable memory; on the CPU the tensors' own memory."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def buffer(self, name: str, shape) -> np.ndarray:
+        """A float64 host array of `shape` to receive into (pinned when a CUDA device is in use)."""
+        n = int(np.prod(shape))
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self.buffers[name] = torch.empty(max(n, 1), dtype=torch.float64,
+                                                   pin_memory=torch.cuda.is_available())
+        return buf[:n].numpy().reshape(shape)
+
+    def to_host(self, name: str, t: torch.Tensor) -> np.ndarray:
+        t = t.detach()
+        if t.device.type != "cuda":
+            return np.ascontiguousarray(t.cpu().numpy(), dtype=np.float64)
+        torch.cuda.current_stream(t.device).synchronize()   # earlier uploads from the buffers have finished
+        host = self.buffer(name, tuple(t.shape))
+        torch.from_numpy(host).copy_(t, non_blocking=True)
+        torch.cuda.current_stream(t.device).synchronize()
+        return host
+
+    def to_device(self, host: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+        """host (a buffer of this stage, or any array) as a tensor on like's device and dtype."""
+        if like.device.type != "cuda":   # a copy: the buffer is reused by the next exchange
+            return torch.tensor(host, dtype=like.dtype, device=like.device)
+        return torch.from_numpy(host).to(like.device, dtype=like.dtype, non_blocking=True)
+
+
 class Domain:
     """One rank's brick of a periodic cell, its ghosts and the communication plan (single system)."""
 
@@ -122,6 +158,7 @@ class Domain:
         self.builds = 0
         self.frames = None          # set at a build (for symmetry with VerletList: None = must rebuild)
         self.ref_positions = self.ref_inv = None
+        self.stage = HostStage()    # the per-step exchange's host buffers
 
     # ------------------------------------------------------------------ ownership
     def owners(self, positions: np.ndarray, box: np.ndarray):
@@ -263,8 +300,8 @@ class Domain:
         from mpi4py import MPI
 
         comm = self.comm.comm
-        local = np.ascontiguousarray(positions.detach().cpu().numpy(), dtype=np.float64)
-        out = np.empty((int(self.ghost_gid.numel()), 3))
+        local = self.stage.to_host("local", positions)   # (waits for the last upload from "ghosts" too)
+        out = self.stage.buffer("ghosts", (int(self.ghost_gid.numel()), 3))
         reqs, keep = [], []
         for r, (a, b) in self.recv.items():
             reqs.append(comm.Irecv(out[a:b], source=r, tag=11))
@@ -273,7 +310,7 @@ class Domain:
             keep.append(buf)
             reqs.append(comm.Isend(buf, dest=r, tag=11))
         MPI.Request.Waitall(reqs)
-        return torch.as_tensor(out, dtype=positions.dtype, device=positions.device)
+        return self.stage.to_device(out, positions)
 
     def reverse(self, ghost_values: torch.Tensor, local_values: torch.Tensor) -> torch.Tensor:
         """local_values + the ghost-slot values other ranks computed for this rank's atoms (k, n, 3)-shaped
@@ -281,7 +318,7 @@ class Domain:
         from mpi4py import MPI
 
         comm = self.comm.comm
-        g = np.ascontiguousarray(np.moveaxis(ghost_values.detach().cpu().numpy(), -2, 0), dtype=np.float64)
+        g = np.ascontiguousarray(np.moveaxis(self.stage.to_host("ghost_values", ghost_values), -2, 0))
         lead = g.shape[1:]
         bufs = {r: np.empty((idx.size,) + lead) for r, idx in self.send.items()}
         reqs, keep = [], []

@@ -146,10 +146,13 @@ class Simulation:
         self.safety = Safety(self.symbols, self.min_distance)
         if sync_free and bias is not None:
             raise DpmdError("sync_free: a bias potential is not supported in sync-free mode; set sync_free: false")
-        padded = hasattr(model, "descriptor")   # a DeepPot (a test's pair potential has no padded layout)
+        # DeePMD's padded layout: se_e2_a's, se_e2_r's, se_e3's (the others and a test's pair potential take edge
+        # lists only)
+        padded = hasattr(getattr(model, "descriptor", None), "forward_padded")
         use = (self.device.type == "cuda" and bias is None and padded) if sync_free is None else bool(sync_free)
         if use and not padded:
-            raise DpmdError("sync_free: needs a DeepPot model (its padded layout); set sync_free: false")
+            raise DpmdError("sync_free: needs a model with DeePMD's padded layout (se_e2_a, se_e2_r, se_e3); "
+                            "set sync_free: false")
         # the force provider (dpmd.md.provider): checked, or sync-free around the checked one; chosen by auto,
         # a skin too thin for sync-free's look-ahead falls back to the checked path (else: an error)
         self.provider = CheckedForces(self.models, self.params[0], self.verlet, self.safety, bias)

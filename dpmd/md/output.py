@@ -68,7 +68,7 @@ def extxyz_frame(step: int, symbols, positions, box, velocities=None, forces=Non
         atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
     atoms.info["step"] = step
     buf = io.StringIO()
-    write(buf, atoms, format="extxyz")
+    write(buf, atoms, format="extxyz", parallel=False)   # (ASE's parallel mode broadcasts over mpi4py's world)
     return buf.getvalue()
 
 

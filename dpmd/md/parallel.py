@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from dpmd.errors import DpmdError, NeighborOverflowError
-from dpmd.geometry.neighbor import NeighborList, count_neighbors, sel_overflow_message
+from dpmd.geometry.neighbor import (NeighborList, count_neighbors, over_sel, sel_group_name, sel_groups,
+                                    sel_overflow_message)
 from dpmd.md import devi as devi_mod
 from dpmd.md.domain import Comm, Domain
 from dpmd.md.engine import Simulation
@@ -55,6 +56,17 @@ def mpi_world():
     except ImportError:
         raise DpmdError(f"started with {size} MPI ranks but mpi4py is not installed: pip install 'dpmd[mpi]'") from None
     return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
+
+
+def rank_device(device: str, comm) -> str:
+    """The device of this rank: `cuda` (no index) under MPI is the node-local rank's GPU (round robin over the
+    GPUs this process sees), so that N ranks per node share N GPUs; anything else is kept as given."""
+    if comm is None or device != "cuda":
+        return device
+    from mpi4py import MPI
+
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    return f"cuda:{local % max(torch.cuda.device_count(), 1)}"
 
 
 @dataclass
@@ -148,8 +160,12 @@ class DomainForces(ForceProvider):
         center, neighbor, vec = dom.center[mask], dom.neighbor[mask], vec[mask]
         atype = torch.cat([self.atypes[k][gid], self.atypes[k][dom.ghost_gid]])
         counts = count_neighbors(NeighborList(center, neighbor, None), atype, model.ntypes, nlocal)
-        beyond = counts > torch.tensor(list(model.sel), device=counts.device)   # (nlocal, ntypes)
+        beyond = over_sel(counts, list(model.sel))   # (nlocal, len(sel))
         n_over = int(beyond.any(dim=1).sum())
+        # a hybrid: each of its descriptors' own sel within its own rcut ([entry, atom], or [])
+        entries = getattr(getattr(model, "descriptor", None), "sel_overflow", None)
+        entry = entries(vec, center, atype.index_select(0, neighbor), nlocal) if entries and n_over == 0 else []
+        n_over += bool(entry)
         zero = torch.zeros(nlocal, dtype=torch.long, device=coord.device)
         # one system: fparam for every atom; the local atoms' aparam rows (global ids)
         params = {key: value.index_select(0, gid) if key == "aparam" else value for key, value in self.params[k].items()}
@@ -168,12 +184,18 @@ class DomainForces(ForceProvider):
         result = {"energy": tot[:1], "virial": tot[1:10].reshape(1, 3, 3), "force": force_local, "atom_energy": atom_e}
         if int(tot[10]):   # the first atom over the limit in global ids, named as the serial check names it
             first = None
-            if n_over:
+            if entry:   # (t < 0: descriptor.list[-1 - t] of a hybrid)
+                first = (int(gid[entry[1]]), -1 - entry[0], 0, int(atype[entry[1]]))
+            elif n_over:
                 i, t = (int(x) for x in beyond.nonzero()[0])
-                first = (int(gid[i]), t, int(counts[i, t]), int(atype[i]))
+                first = (int(gid[i]), t, int(sel_groups(counts, list(model.sel))[i, t]), int(atype[i]))
             i, t, c, ti = min(f for f in self.comm.allgather(first) if f is not None)
-            raise NeighborOverflowError(sel_overflow_message(i, model.type_map[ti], c, model.type_map[t], model.sel[t],
-                                                             int(tot[10])))
+            if t < 0:
+                raise NeighborOverflowError(f"atom {i} (type {model.type_map[ti]}) has more neighbours within the rcut "
+                                            f"of descriptor.list[{-1 - t}] than its sel allows; raise its sel")
+            raise NeighborOverflowError(sel_overflow_message(i, model.type_map[ti], c,
+                                                             sel_group_name(t, list(model.sel), model.type_map),
+                                                             model.sel[t], int(tot[10])))
         if int(tot[11]):
             sel = close.nonzero().reshape(-1)
             ng = dom.neighbor_gid[mask][sel].tolist()

@@ -177,6 +177,9 @@ def check_compressible(model) -> None:
 def compress_model(model, min_nbor_dist: float, step: float = 0.01, extrapolate: float = 5.0,
                    check_frequency: int = -1):
     """A compressed copy of a DeepPot (the input model is left as it is)."""
+    if not hasattr(model.descriptor, "enable_compression"):
+        raise DpmdError(f"compress: a {model.config['descriptor']['type']} descriptor cannot be compressed yet "
+                        f"(se_e2_a can)")
     if model.descriptor.compressed:
         raise DpmdError("compress: the model is already compressed")
     check_compressible(model)

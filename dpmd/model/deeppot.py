@@ -11,13 +11,11 @@ from dpmd.errors import ConfigError
 from dpmd.geometry.graph import build_graph
 from dpmd.model.args import normalize_model_config
 from dpmd.model.compress import check_graph
-from dpmd.model.descriptor import DescriptorSeA
+from dpmd.model.descriptor import build_descriptor
 from dpmd.model.fitting import EnergyFitting, group_by_type, in_type_order
 from dpmd.model.forces import EdgeEnergyModel, evaluate
+from dpmd.model.keys import DTYPES
 from dpmd.ops import Backend
-
-# dtypes of the `precision` keys ("default": DeePMD-kit's interface precision, float64)
-PRECISIONS = {"float64": torch.float64, "float32": torch.float32, "default": torch.float64}
 
 
 class DeepPot(EdgeEnergyModel, nn.Module):
@@ -26,23 +24,15 @@ class DeepPot(EdgeEnergyModel, nn.Module):
     def __init__(self, config: dict):
         super().__init__()
         cfg = normalize_model_config(config)
-        d, f = cfg["descriptor"], cfg["fitting_net"]
-        if isinstance(d["sel"], str):
-            raise ConfigError("model.descriptor.sel is 'auto': resolve it from data first (dpmd.train does)")
+        f = cfg["fitting_net"]
         self.config = cfg
         self.type_map = list(cfg["type_map"])
-        gen = torch.Generator().manual_seed(d["seed"]) if d["seed"] is not None else None
-        self.descriptor = DescriptorSeA(
-            len(self.type_map), d["sel"], d["rcut"], d["rcut_smth"], d["neuron"], d["axis_neuron"], d["resnet_dt"],
-            d["type_one_side"], d["activation_function"], dtype=PRECISIONS[d["precision"]], generator=gen,
-            exclude_types=d["exclude_types"])
-        gen = torch.Generator().manual_seed(f["seed"]) if f["seed"] is not None else None
+        self.descriptor = build_descriptor(cfg["descriptor"], len(self.type_map))
         self.fitting = EnergyFitting(len(self.type_map), self.descriptor.dim_out, f["neuron"], f["resnet_dt"],
-                                     f["activation_function"], dtype=PRECISIONS[f["precision"]], generator=gen,
+                                     f["activation_function"], dtype=DTYPES[f["precision"]], seed=f["seed"],
                                      numb_fparam=f["numb_fparam"], numb_aparam=f["numb_aparam"],
-                                     default_fparam=f["default_fparam"])
+                                     default_fparam=f["default_fparam"], mixed_types=self.descriptor.mixed_types)
         # trainable: false freezes the weights (a list, one entry per layer, freezes unless all are true)
-        self.descriptor.embeddings.requires_grad_(d["trainable"])
         self.fitting.nets.requires_grad_(all(f["trainable"]) if isinstance(f["trainable"], list) else f["trainable"])
         if cfg["compress"] is not None:  # tabulated embeddings (dpmd.model.compress); the table comes with the weights
             self.descriptor.enable_compression(cfg["compress"], cfg["compress"]["check_frequency"])

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from dpmd import ops
+from dpmd.geometry.neighbor import sel_groups
 from dpmd.model.deeppot import DeepPot
 from dpmd.model.forces import DEFAULT_CHUNK_ATOMS, EdgeEnergyModel, assemble
 
@@ -109,7 +110,7 @@ class FrozenDeepPot(EdgeEnergyModel, nn.Module):
     atomic_energy = DeepPot.atomic_energy  # the trained model's own, compiled for this module
 
     # use_ops: scripted with dpmd's kernel library loaded; the torch.ops.dpmd.* calls are compiled only then
-    __constants__ = ["use_ops"]
+    __constants__ = ["use_ops", "entry_sel_check"]
 
     def __init__(self, model, chunk_atoms: int = DEFAULT_CHUNK_ATOMS):
         super().__init__()
@@ -123,6 +124,8 @@ class FrozenDeepPot(EdgeEnergyModel, nn.Module):
         self.chunk_atoms: int = int(chunk_atoms)
         self.metadata: str = json.dumps(meta)
         self.use_ops = False
+        # a hybrid descriptor: each of its descriptors' own sel within its own rcut is checked too
+        self.entry_sel_check = hasattr(model.descriptor, "sel_overflow")
 
     @torch.jit.export
     def get_type_map(self) -> List[str]:
@@ -244,13 +247,19 @@ class FrozenDeepPot(EdgeEnergyModel, nn.Module):
                     + self.type_map[int(atype[j])] + ")", float(torch.linalg.vector_norm(vec[bad], 2.0, dim=-1)),
                     int(atype[i])))
         nt = self.ntypes
-        counts = torch.bincount(center * nt + neighbor_type, minlength=nloc * nt).reshape(nloc, nt)
+        counts = sel_groups(torch.bincount(center * nt + neighbor_type, minlength=nloc * nt).reshape(nloc, nt),
+                            self.sel)
         over = counts > torch.tensor(self.sel, device=counts.device)
         if bool(over.any()):
             i = int(over.any(1).nonzero()[0, 0])
             found: List[int] = counts[i].tolist()
-            raise RuntimeError("dpmd: atom " + str(i) + " has " + str(found) + " neighbours (per type) within rcut; "
+            raise RuntimeError("dpmd: atom " + str(i) + " has " + str(found) + " neighbours (per sel entry) within rcut; "
                                + "the model's sel " + str(self.sel) + " allows no more")
+        if self.entry_sel_check:
+            entry = self.descriptor.sel_overflow(vec, center, neighbor_type, nloc)
+            if len(entry) > 0:
+                raise RuntimeError("dpmd: atom " + str(entry[1]) + " has more neighbours within the rcut of "
+                                   + "descriptor.list[" + str(entry[0]) + "] than its sel allows")
 
         atom_energy, g = self.edge_gradients(vec, center, neighbor, atype, params, nloc, max(self.chunk_atoms, 1),
                                              False, None)
@@ -274,7 +283,10 @@ def script_model(model, chunk_atoms: int = DEFAULT_CHUNK_ATOMS) -> torch.jit.Scr
 
     frozen = FrozenDeepPot(copy.deepcopy(model).eval(), chunk_atoms)
     if ops.available():  # the archive then calls torch.ops.dpmd.*: loaders need the library (DPMD_OPS=0: portable)
-        frozen.use_ops = frozen.descriptor.use_ops = True
+        frozen.use_ops = True
+        for part in frozen.descriptor.modules():  # a hybrid's descriptors too
+            if hasattr(part, "use_ops"):
+                part.use_ops = True
         frozen.metadata = json.dumps({**json.loads(frozen.metadata), "ops_library": True})
     for p in frozen.parameters():
         p.requires_grad_(False)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dpmd.errors import DpmdError
-from dpmd.model.network import MLP
+from dpmd.model.network import MLP, child_seed
 
 
 class EnergyFitting(nn.Module):
@@ -19,14 +19,17 @@ class EnergyFitting(nn.Module):
     buffers exist only for a model with such inputs, under DeePMD-kit's names, so that its checkpoints import."""
 
     def __init__(self, ntypes: int, dim_in: int, neuron=(240, 240, 240), resnet_dt: bool = True,
-                 activation_function: str = "tanh", dtype=torch.float64, generator=None, numb_fparam: int = 0,
-                 numb_aparam: int = 0, default_fparam: Optional[List[float]] = None):
+                 activation_function: str = "tanh", dtype=torch.float64, seed=None, numb_fparam: int = 0,
+                 numb_aparam: int = 0, default_fparam: Optional[List[float]] = None, mixed_types: bool = False):
         super().__init__()
         self.numb_fparam, self.numb_aparam = int(numb_fparam), int(numb_aparam)
+        # after a mixed-types descriptor (se_atten: its output carries the centre's type embedding) DeePMD-kit
+        # fits with one net for all types
+        self.mixed_types = bool(mixed_types)
         self.nets = nn.ModuleList(
             MLP(dim_in + numb_fparam + numb_aparam, list(neuron), activation=activation_function, resnet_dt=resnet_dt,
-                linear_out=1, dtype=dtype, generator=generator)
-            for _ in range(ntypes)
+                linear_out=1, dtype=dtype, seed=child_seed(seed, t))
+            for t in range(1 if mixed_types else ntypes)
         )
         # Per-type energy added to the network output (least squares on the training energies).
         self.register_buffer("energy_bias", torch.zeros(ntypes, dtype=dtype))
@@ -47,6 +50,8 @@ class EnergyFitting(nn.Module):
             if params is None:
                 raise DpmdError("the model takes " + self.inputs_text() + ", but the graph carries none")
             descriptor = torch.cat([descriptor, self.normalised(params.to(descriptor.dtype))], 1)
+        if self.mixed_types:
+            return self.nets[0](descriptor).squeeze(1) + self.energy_bias.index_select(0, atype)
         counts: List[int] = (torch.bincount(atype, minlength=len(self.nets)).tolist() if type_counts is None
                              else type_counts)
         parts = torch.split(descriptor, counts)

@@ -27,7 +27,7 @@ import torch
 
 from dpmd import ops
 from dpmd.geometry.graph import atom_params, edge_vectors
-from dpmd.geometry.neighbor import NeighborList, check_sel, count_neighbors
+from dpmd.geometry.neighbor import NeighborList, check_sel, count_neighbors, over_sel
 from dpmd.ops import Backend
 
 DEFAULT_CHUNK_ATOMS = 512
@@ -122,10 +122,13 @@ def check_neighbors(model, graph: dict) -> None:
     except Exception as err:
         natoms = graph.get("natoms", atype.numel())
         if atype.numel() > natoms:  # name the frame too
-            i = int((counts > torch.tensor(model.sel, device=counts.device)).any(1).nonzero()[0])
+            i = int(over_sel(counts, model.sel).any(1).nonzero()[0])
             msg = str(err).replace(f"atom {i} ", f"atom {i % natoms} of frame {i // natoms} ", 1)
             raise type(err)(msg) from None
         raise
+    entries = getattr(getattr(model, "descriptor", None), "check_sel", None)
+    if entries is not None:  # a hybrid: each descriptor's own sel within its own rcut
+        entries(graph, model.type_map)
 
 
 def evaluate(model, graph: dict, *, create_graph: bool = False, chunk_atoms: int | None = None,

@@ -390,7 +390,8 @@ def load_model(path, device: str | torch.device = "cpu") -> DeepPot:
 
 
 def from_deepmd_state_dict(state: dict, source: str = "checkpoint") -> DeepPot:
-    """Build a DeepPot with the weights of a DeePMD-kit 3 (PyTorch) se_e2_a energy model."""
+    """Build a DeepPot with the weights of a DeePMD-kit 3 (PyTorch) energy model (its descriptor: any of
+    dpmd.model.descriptor.TYPES)."""
     try:
         config = state["_extra_state"]["model_params"]
     except (KeyError, TypeError):
@@ -399,26 +400,22 @@ def from_deepmd_state_dict(state: dict, source: str = "checkpoint") -> DeepPot:
         model = DeepPot(config)
     except ConfigError as err:
         raise DpmdError(f"{source}: its model_params are not supported: {err}") from None
-    ours = {}
+    ours, descriptor = {}, {}
     for key, value in state.items():
         m = re.search(r"atomic_model\.(.*)$", key)
         if not m:
             continue
         name = m.group(1)
-        if (n := re.fullmatch(r"descriptor\.sea\.filter_layers\.networks\.(\d+)\.layers\.(\d+)\.(\w+)", name)):
-            ours[f"descriptor.embeddings.{n[1]}.layers.{n[2]}.{n[3]}"] = value
+        if name.startswith("descriptor."):
+            descriptor[name[len("descriptor."):]] = value
         elif (n := re.fullmatch(r"fitting_net\.filter_layers\.networks\.(\d+)\.layers\.(\d+)\.(\w+)", name)):
             ours[f"fitting.nets.{n[1]}.layers.{n[2]}.{n[3]}"] = value
         elif (n := re.fullmatch(r"fitting_net\.((?:f|a)param_(?:avg|inv_std)|default_fparam_tensor)", name)):
             ours[f"fitting.{n[1]}"] = value  # the frame / atomic parameters' normalisation: DeePMD-kit's names
-        elif name in ("descriptor.sea.mean", "descriptor.sea.stddev"):
-            # DeePMD stores one row per neighbour slot; the rows of a centre type are equal.
-            if not torch.equal(value, value[:, :1].expand_as(value)):
-                raise DpmdError(f"{source}: {key} differs between neighbour slots; not supported")
-            ours["descriptor." + ("mean" if name.endswith("mean") else "std")] = value[:, 0, :]
+    ours.update({f"descriptor.{k}": v for k, v in model.descriptor.deepmd_state(descriptor, source).items()})
     bias_key = next((k for k in state if k.endswith("atomic_model.out_bias")), None)
     if bias_key is None:
-        raise DpmdError(f"{source}: no atomic_model.out_bias: not a DeePMD-kit 3 se_e2_a energy model")
+        raise DpmdError(f"{source}: no atomic_model.out_bias: not a DeePMD-kit 3 energy model")
     bias = state[bias_key][0, :, 0]
     fit_bias = [v for k, v in state.items() if k.endswith("fitting_net.bias_atom_e")]
     if fit_bias:

@@ -57,10 +57,12 @@ class Layer(nn.Module):
     def __init__(self, n_in, n_out, *, activation="tanh", resnet=False, use_idt=False, dtype=torch.float64,
                  generator: torch.Generator | None = None):
         super().__init__()
-        std = 1.0 / (n_in + n_out) ** 0.5
-        self.matrix = nn.Parameter(torch.randn(n_in, n_out, dtype=dtype, generator=generator) * std)
-        self.bias = nn.Parameter(torch.randn(n_out, dtype=dtype, generator=generator))
-        self.idt = nn.Parameter(0.1 + 0.001 * torch.randn(n_out, dtype=dtype, generator=generator)) if use_idt else None
+        std = 1.0 / math.sqrt(n_in + n_out)
+        # DeePMD-kit's draws, in its order (with its generators, see MLP: its initial weights, bit for bit)
+        self.matrix = nn.Parameter(torch.empty(n_in, n_out, dtype=dtype).normal_(0.0, std, generator=generator))
+        self.bias = nn.Parameter(torch.empty(n_out, dtype=dtype).normal_(0.0, 1.0, generator=generator))
+        self.idt = (nn.Parameter(torch.empty(n_out, dtype=dtype).normal_(0.1, 0.001, generator=generator)) if use_idt
+                    else None)
         self.activation, threshold = parse_activation(activation)
         self.silut_threshold = threshold
         self.silut_slope, self.silut_const = silut_constants(threshold)
@@ -89,37 +91,100 @@ class Layer(nn.Module):
         return y  # "linear", "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._activate(torch.addmm(self.bias, x, self.matrix) if x.dim() == 2 else x @ self.matrix + self.bias)
-        if self.idt is not None:
-            y = y * self.idt
+        w, b, idt = self.matrix, self.bias, self.idt
+        if x.dtype != w.dtype:  # mixed precision (MLP.compute): the weights in the input's precision
+            w, b = w.to(x.dtype), b.to(x.dtype)
+            idt = None if idt is None else idt.to(x.dtype)
+        y = self._activate(torch.addmm(b, x, w) if x.dim() == 2 else x @ w + b)
+        if idt is not None:
+            y = y * idt
         if self.residual:
             return _add_residual(y, x)
         return y
 
 
+# ---- DeePMD-kit's seeding: each layer draws from its own generator -----------------------------------------
+#
+# Net i of a descriptor (or fitting) with seed s seeds its layer k with [k, i, s] (deepmd/dpmodel/utils/seed.py
+# child_seed), hashed to one integer by deepmd/pt/utils/utils.py mix_entropy (numpy SeedSequence's constants,
+# but its own hash, reproduced as it is).  Drawing in DeePMD-kit's order (matrix, bias, idt) then gives
+# DeePMD-kit's initial weights for the same seeds.
+
+_M64 = 0xFFFF_FFFF_FFFF_FFFF
+_INIT_A, _MIX_MULT_L, _MIX_MULT_R = 0x43B0D7E5, 0xCA01F9DD, 0x4973F715
+
+
+def child_seed(seed, idx: int):
+    """The seed of part `idx` of something seeded with `seed` (an int, a list of ints, or None: unseeded)."""
+    if seed is None:
+        return None
+    return [idx, *seed] if isinstance(seed, list) else [idx, seed]
+
+
+def seeded_generator(seed) -> torch.Generator | None:
+    """A generator seeded as DeePMD-kit's get_generator seeds it; None (torch's global RNG) for seed None."""
+    if seed is None:
+        return None
+    if isinstance(seed, list):
+        def hashmix(v):
+            v = ((v ^ _INIT_A) * _INIT_A) & _M64
+            return v ^ (v >> 16)
+
+        mixed = hashmix(seed[0])
+        for v in seed[1:]:
+            mixed = (_MIX_MULT_L * mixed - _MIX_MULT_R * hashmix(v)) & _M64
+            mixed ^= mixed >> 16
+        seed = mixed
+    return torch.Generator().manual_seed(seed)
+
+
 class MLP(nn.Module):
-    """A stack of Layers; `linear_out` adds DeePMD's fitting-net output layer (no activation, no residual)."""
+    """A stack of Layers; `linear_out` adds DeePMD's fitting-net output layer (no activation, no residual).
+    seed: DeePMD-kit's seed of this net (see child_seed), or None for torch's global RNG."""
 
     def __init__(self, n_in, widths, *, activation="tanh", resnet_dt=False, linear_out=None,
-                 dtype=torch.float64, generator=None):
+                 dtype=torch.float64, seed=None):
         super().__init__()
         layers = []
-        for w in widths:
+        for k, w in enumerate(widths):
             residual_possible = w in (n_in, 2 * n_in)
             layers.append(Layer(n_in, w, activation=activation, resnet=residual_possible,
-                                use_idt=resnet_dt and residual_possible, dtype=dtype, generator=generator))
+                                use_idt=resnet_dt and residual_possible, dtype=dtype,
+                                generator=seeded_generator(child_seed(seed, k))))
             n_in = w
         if linear_out is not None:
-            layers.append(Layer(n_in, linear_out, activation="linear", dtype=dtype, generator=generator))
+            layers.append(Layer(n_in, linear_out, activation="linear", dtype=dtype,
+                                generator=seeded_generator(child_seed(seed, len(widths)))))
         self.layers = nn.ModuleList(layers)
+        # mixed precision (training.mixed_precision): compute in COMPUTE_DTYPES[compute], outputs in the weights'
+        # precision; 0: in the weights' precision (the default, and every frozen model)
+        self.compute = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compute == 0:
+            for layer in self.layers:
+                x = layer(x)
+            return x
+        dtype = x.dtype
+        x = x.to(torch.float16 if self.compute == 1 else torch.bfloat16 if self.compute == 2 else torch.float32)
         for layer in self.layers:
             x = layer(x)
-        return x
+        return x.to(dtype)
 
     def can_linearize(self) -> bool:
-        return all(layer.activation == "tanh" for layer in self.layers) and self.layers[0].matrix.shape[0] == 1
+        return (self.compute == 0 and all(layer.activation == "tanh" for layer in self.layers)
+                and self.layers[0].matrix.shape[0] == 1)
+
+
+COMPUTE_DTYPES = {"float16": 1, "bfloat16": 2, "float32": 3}  # MLP.compute codes (TorchScript has no dtype dicts)
+
+
+def set_compute_precision(module: nn.Module, precision: str | None) -> None:
+    """Every net of `module` computes in `precision` (None: in its weights' own), as DeePMD-kit's mixed precision
+    training does: matrix products and activations in float16 / bfloat16, weights and outputs in float32."""
+    for m in module.modules():
+        if isinstance(m, MLP):
+            m.compute = 0 if precision is None else COMPUTE_DTYPES[precision]
 
 
 # ---- an embedding net of one scalar, linearised in its input ------------------------------------

@@ -1,11 +1,15 @@
 """Statistics from training data that set a fresh model's normalisation and energy bias.
 
-- Environment-matrix mean/std per centre type (DeePMD-kit's definition: averages over all
-  `sel` slots, empty slots counting as zero rows; the angular mean is zero; a std below
-  `protection` is raised to it).
+- The descriptor's environment-matrix mean/std (DeePMD-kit's EnvMatStatSe: number, sum and squared sum of the
+  radial and angular entries over all `sel` slots per centre type, empty slots counting as zero rows; the angular
+  mean is zero; a std below `protection` is raised to it), for every descriptor type, a hybrid's entries each.
 - Per-type energy bias: least squares of frame energies on per-type atom counts.
 - Mean and inverse standard deviation of each frame / atomic parameter (DeePMD-kit's fitting
   compute_input_stats: over the sampled frames, resp. their atoms; a std below `protection` is raised to it).
+
+The trainer hands these the frames DeePMD-kit's statistics read (dpmd.train.sampler.BatchSampler.statistics_frames)
+as subsets with max_frames=0 (every frame); max_frames > 0 takes frames spread evenly (stat_frames), as
+refit_energy_bias (--finetune, `dpmd change-bias`) does.
 """
 
 from __future__ import annotations
@@ -16,44 +20,94 @@ import torch
 from dpmd.geometry.graph import build_graph, edge_vectors
 
 
-def _frames(systems, max_frames: int):
-    for system in systems:
-        step = max(1, system.nframes // max_frames) if max_frames else 1
-        for f in range(0, system.nframes, step)[: max_frames or None]:
-            box = None if system.box is None else system.box[f]
-            yield system.coord[f], system.atype, box
+def stat_leaves(desc) -> list:
+    """The descriptors that keep environment statistics: itself, or a hybrid's entries (recursively)."""
+    return [leaf for sub in desc.descriptors for leaf in stat_leaves(sub)] if hasattr(desc, "entry_edges") else [desc]
+
+
+def env_width(leaf) -> int:
+    """Columns of a descriptor's environment matrix: 4 (s, s x/r, s y/r, s z/r), or 1 (s: se_e2_r)."""
+    return leaf.mean.shape[-1]
+
+
+def _leaf_edges(desc, edges) -> list:
+    """(leaf, its edges) of one frame's (edge_vec, centre type, neighbour type): a hybrid's entry sees the edges
+    within its own rcut."""
+    if not hasattr(desc, "entry_edges"):
+        return [(desc, edges)]
+    out = []
+    for i, sub in enumerate(desc.descriptors):
+        keep = desc.entry_edges(i, edges[0])
+        out += _leaf_edges(sub, tuple(e[keep] for e in edges))
+    return out
 
 
 @torch.no_grad()
-def descriptor_stats(model, systems, max_frames: int = 10, protection: float = 1e-2):
-    """Set model.descriptor.mean/std from up to `max_frames` frames of each system."""
-    desc = model.descriptor
-    nt = model.ntypes
-    sums = np.zeros((nt, 4))  # sum r, sum r^2, sum a, sum a^2 per centre type
-    count = np.zeros(nt)
-    for coord, atype, box in _frames(systems, max_frames):
-        graph = build_graph(coord, atype, box, desc.rcut)
-        rows = desc.env_rows(edge_vectors(graph)).double()
-        ct = graph["atype"][graph["center"]]
-        # excluded pairs count as empty slots (zero rows), as in DeePMD-kit's statistics
-        rows = rows * desc.kept_edges(rows, ct, graph["atype"][graph["neighbor"]]).unsqueeze(1)
-        for t in range(nt):
-            r = rows[ct == t]
-            sums[t] += [r[:, 0].sum(), (r[:, 0] ** 2).sum(), r[:, 1:].sum(), (r[:, 1:] ** 2).sum()]
-        count += np.bincount(graph["atype"].numpy(), minlength=nt) * desc.nnei
-    if not count.all():
-        missing = [model.type_map[t] for t in range(nt) if count[t] == 0]
+def env_moments(model, systems, max_frames: int = 10) -> list[torch.Tensor]:
+    """DeePMD-kit's raw environment statistics (EnvMatStatSe) of up to `max_frames` frames of each system, per
+    leaf descriptor (stat_leaves): (ntypes, 2, 3), for the radial (r) and angular (a) entries of the centres of
+    each type, the number, the sum and the squared sum over all nnei slots of every atom (empty slots and
+    excluded pairs count as zeros; a one-column descriptor has no angular entries: zeros)."""
+    leaves, nt = stat_leaves(model.descriptor), model.ntypes
+    sums = [torch.zeros(nt, 4, dtype=torch.float64) for _ in leaves]  # sum r, r^2, a, a^2 per centre type
+    atoms = torch.zeros(nt, dtype=torch.float64)
+    for system in systems:
+        for f in stat_frames(system.nframes, max_frames):
+            graph = build_graph(system.coord[f], system.atype, None if system.box is None else system.box[f],
+                                model.descriptor.rcut)
+            at = graph["atype"]
+            atoms += torch.bincount(at, minlength=nt).double()
+            edges = (edge_vectors(graph).to(torch.float64), at.index_select(0, graph["center"]),
+                     at.index_select(0, graph["neighbor"]))
+            for total, (leaf, (vec, ct, nbr_type)) in zip(sums, _leaf_edges(model.descriptor, edges)):
+                rows = leaf.env_rows(vec) if env_width(leaf) == 4 else leaf.env_values(vec).unsqueeze(1)
+                rows = rows * leaf.kept_edges(rows, ct, nbr_type).unsqueeze(1)
+                r, a = rows[:, 0], rows[:, 1:]
+                total.index_add_(0, ct, torch.stack([r, r * r, a.sum(1), (a * a).sum(1)], 1))
+    out = []
+    for leaf, total in zip(leaves, sums):
+        slots = atoms * leaf.nnei   # every slot counts, filled or not
+        angular = 3 * slots if env_width(leaf) == 4 else torch.zeros_like(slots)
+        out.append(torch.stack([torch.stack([slots, total[:, 0], total[:, 1]], 1),
+                                torch.stack([angular, total[:, 2], total[:, 3]], 1)], 1))
+    return out
+
+
+@torch.no_grad()
+def set_env_stats(leaf, moments: torch.Tensor, protection: float) -> None:
+    """A leaf descriptor's mean / std from its moments (env_moments), DeePMD-kit's formula: the angular mean is
+    zero; a type without atoms gets mean 0 and std 0.1; a std below `protection` is raised to it."""
+    def std(number, total, squares):
+        if not number:
+            return 0.1
+        return max(float(np.sqrt(max(squares / number - (total / number) * (total / number), 0.0))), protection)
+
+    m = moments.double().tolist()
+    mean, dev = np.zeros((leaf.ntypes, env_width(leaf))), np.zeros((leaf.ntypes, env_width(leaf)))
+    for t in range(leaf.ntypes):
+        number, total, _ = m[t][0]
+        mean[t, 0] = total / number if number else 0.0
+        dev[t] = std(*m[t][0])
+        if env_width(leaf) == 4:
+            dev[t, 1:] = std(*m[t][1])
+    leaf.mean.copy_(torch.as_tensor(mean))
+    leaf.std.copy_(torch.as_tensor(dev))
+
+
+@torch.no_grad()
+def descriptor_stats(model, systems, max_frames: int = 10, protection: float = 1e-2) -> list[torch.Tensor]:
+    """Set the descriptor's statistics (mean/std) from up to `max_frames` frames of each system; returns the
+    moments they came from (env_moments)."""
+    present = np.zeros(model.ntypes, dtype=bool)
+    for system in systems:
+        present[np.asarray(system.atype)] = True
+    if not present.all():
+        missing = [model.type_map[t] for t in range(model.ntypes) if not present[t]]
         raise ValueError(f"no atoms of type(s) {missing} in the training data: cannot compute their statistics")
-    mean_r = sums[:, 0] / count
-    std_r = np.sqrt(np.maximum(sums[:, 1] / count - mean_r ** 2, 0.0))
-    mean_a = sums[:, 2] / (3 * count)
-    std_a = np.sqrt(np.maximum(sums[:, 3] / (3 * count) - mean_a ** 2, 0.0))
-    mean = np.zeros((nt, 4))
-    mean[:, 0] = mean_r
-    std = np.stack([std_r, std_a, std_a, std_a], axis=1)
-    std[std < protection] = protection
-    desc.mean.copy_(torch.as_tensor(mean))
-    desc.std.copy_(torch.as_tensor(std))
+    moments = env_moments(model, systems, max_frames)
+    for leaf, m in zip(stat_leaves(model.descriptor), moments):
+        set_env_stats(leaf, m, protection)
+    return moments
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from dpmd.errors import ConfigError
 from dpmd.model.args import MODEL_ARGS, normalize_model_config, valid_seed
+from dpmd.model.descriptor import sections
 from dpmd.schema import (REQUIRED, UNSET, apply_overrides, check_number, choice, key, normalize, read_file,
                          section)
 
@@ -139,14 +140,20 @@ def training_args():
         _data_args("training_data", False),
         _data_args("validation_data", True),
         key("stat_file", str, UNSET, "Where the data statistics are saved, and read from when present: an .h5 / "
-                                     ".hdf5 file or a directory of .npy files, in DeePMD-kit's layout."),
+                                     ".hdf5 file or a directory, in DeePMD-kit's layout (docs/training.md)."),
         key("stat_file_mode", str, "update", "update: compute and save what the file lacks; read: the file must "
                                              "hold everything.", **_one_of("update", "read")),
         key("device", str, "auto", "Where training runs (dpmd's own key): auto (cuda when torch sees a GPU for every "
                                    "worker of this node, else cpu), cpu, cuda or cuda:N; under torchrun each worker "
                                    "takes cuda:LOCAL_RANK.  `dpmd train --device` overrides it.",
             check=_is_device, expect="auto, cpu, cuda or cuda:N"),
-        key("mixed_precision", dict, UNSET, "Mixed precision training (TensorFlow backend).", fixed=True),
+        key("mixed_precision", [dict, None], None, "Mixed precision training, as DeePMD-kit's TensorFlow backend does it: the "
+                                            "nets' weights in output_prec, their matrix products and activations in "
+                                            "compute_prec during training (the frozen model computes in output_prec).",
+            sub=[key("output_prec", str, "float32", "Precision of the nets' weights and outputs (float32 only, as in "
+                                                    "DeePMD-kit).", **_one_of("float32")),
+                 key("compute_prec", str, REQUIRED, "Precision of the nets' arithmetic during training.",
+                     **_one_of("float16", "bfloat16"))]),
         key("numb_steps", int, UNSET, "Training steps (one batch each); or give numb_epoch.",
             alias=["stop_batch", "num_step", "num_steps", "numb_step"], **_positive()),
         key("numb_epoch", float, UNSET, "Training length in epochs: numb_steps = ceil(numb_epoch * "
@@ -317,7 +324,8 @@ def normalize_input(config: dict, base_dir: str | Path = ".") -> dict:
     if tr["gradient_max_norm"] == 0:
         tr["gradient_max_norm"] = None  # DeePMD-kit: 0 means no clipping
     d, f = cfg["model"]["descriptor"], cfg["model"]["fitting_net"]
-    if not d["trainable"] and not (all(f["trainable"]) if isinstance(f["trainable"], list) else f["trainable"]):
+    trains_descriptor = any(s.get("trainable", True) for s in sections(d))  # (a hybrid's: any of its entries)
+    if not trains_descriptor and not (all(f["trainable"]) if isinstance(f["trainable"], list) else f["trainable"]):
         raise ConfigError("'model.descriptor.trainable' and 'model.fitting_net.trainable' are both false: there is "
                           "nothing to train")
     base = Path(base_dir)

@@ -22,17 +22,19 @@ import torch
 from dpmd import ops
 from dpmd.data import check_params, load_systems
 from dpmd.errors import ConfigError, DpmdError
-from dpmd.geometry.graph import build_graph
-from dpmd.geometry.neighbor import NeighborList, auto_sel, build_neighbor_list, count_neighbors
+from dpmd.geometry.graph import build_graph, edge_vectors
+from dpmd.geometry.neighbor import NeighborList, build_neighbor_list, count_neighbors
 from dpmd.model import DeepPot, evaluate, load_model
-from dpmd.model.args import normalize_model_config, sel_factor
+from dpmd.model.args import normalize_model_config, set_precision
+from dpmd.model.descriptor import auto_sel_pending, config_rcut, resolve_auto_sel, sections
+from dpmd.model.network import set_compute_precision
 from dpmd.files import atomic_write
 from dpmd.model.stats import descriptor_stats, energy_bias, param_stats, refit_energy_bias
 from dpmd.train import stat_file
 from dpmd.train.checkpoint import (check_finite, folder_runs, latest_checkpoint, load_checkpoint, move_aside,
                                    new_run_id, run_files, save_checkpoint, tidy)
 from dpmd.train.loss import EnergyLoss
-from dpmd.train.sampler import BatchSampler
+from dpmd.train.sampler import BatchSampler, main_generator
 from dpmd.train.schedule import learning_rate
 
 log = logging.getLogger(__name__)
@@ -97,11 +99,22 @@ class FrameStore:
             label["force"] = label["force"].reshape(-1, 3)
         return graph, label
 
-    def max_neighbors(self, ntypes: int) -> list[int]:
-        best = torch.zeros(ntypes, dtype=torch.long, device=self.device)
+    def max_neighbors(self, ntypes: int, rcut: float | None = None, total: bool = False) -> list[int]:
+        """The largest count of neighbours of each type of any atom (total: [the largest count of all types]),
+        within rcut (at most the store's)."""
+        best = torch.zeros(1 if total else ntypes, dtype=torch.long, device=self.device)
         for i, s in enumerate(self.systems):
+            t = self.tensors[i]
             for f in range(s.nframes):
-                counts = count_neighbors(self.neighbors(i, f), self.tensors[i]["atype"], ntypes, s.natoms)
+                nl = self.neighbors(i, f)
+                if rcut is not None and rcut < self.rcut:  # an entry of a hybrid with a shorter cut-off
+                    graph = build_graph(t["coord"][f], t["atype"], None if t["box"] is None else t["box"][f],
+                                        neighbors=[nl])
+                    keep = edge_vectors(graph).norm(dim=-1) < rcut
+                    nl = NeighborList(nl.center[keep], nl.neighbor[keep], nl.shift[keep])
+                counts = count_neighbors(nl, t["atype"], ntypes, s.natoms)
+                if total:
+                    counts = counts.sum(1, keepdim=True)
                 best = torch.maximum(best, counts.max(dim=0).values)
         return best.tolist()
 
@@ -244,11 +257,11 @@ class Trainer:
 
     def __init__(self, config: dict, *, restart: str | None = None, init_model: str | None = None,
                  finetune: str | None = None, out_dir: str | Path = ".", progress: bool = True,
-                 overwrite: bool = False, skip_neighbor_stat: bool = False):
-        sel = config["model"]["descriptor"]["sel"]
-        if skip_neighbor_stat and isinstance(sel, str) and not (restart or init_model or finetune):
-            raise ConfigError(f"'model.descriptor.sel' is {sel!r}, which counts the neighbours in the training data; "
-                              f"--skip-neighbor-stat skips that: give sel as a list, one count per type")
+                 overwrite: bool = False, skip_neighbor_stat: bool = False, loader_workers: int | None = None):
+        pending = auto_sel_pending(config["model"]["descriptor"])
+        if skip_neighbor_stat and pending and not (restart or init_model or finetune):
+            raise ConfigError(f"'model.descriptor.sel' is {pending[0]!r}, which counts the neighbours in the training "
+                              f"data; --skip-neighbor-stat skips that: give sel as a list, one count per type")
         self.device = training_device(config["training"]["device"])
         self.rank, self.world = _dist_info(self.device)
         self.out_dir = Path(out_dir)
@@ -272,12 +285,18 @@ class Trainer:
         self.train_systems = load_systems(tr["training_data"]["systems"], type_map=type_map)
         self.valid_systems = (load_systems(tr["validation_data"]["systems"], type_map=type_map)
                               if tr["validation_data"] else None)
-        rcut = mcfg["descriptor"]["rcut"]
+        rcut = config_rcut(mcfg["descriptor"])
         self.train_store = FrameStore(self.train_systems, rcut, device=self.device)
         self.valid_store = FrameStore(self.valid_systems, rcut, device=self.device) if self.valid_systems else None
         data = tr["training_data"]
+        vdata = tr["validation_data"]
+        # loader_workers: DeePMD-kit's DataLoader workers, whose count its frame sequence depends on (None: its rule,
+        # NUM_WORKERS or min(4, cpus); a campaign fixes it so that where a member trains does not matter)
         self.sampler = BatchSampler(self.train_systems, data["batch_size"], data["auto_prob"], tr["seed"], self.world,
-                                    data["sys_probs"])
+                                    data["sys_probs"], workers=loader_workers)
+        self.valid_sampler = BatchSampler(self.valid_systems, vdata["batch_size"], vdata["auto_prob"], tr["seed"],
+                                          sys_probs=vdata["sys_probs"],
+                                          workers=self.sampler.workers) if self.valid_systems else None
         if tr["numb_epoch"] is not None:  # DeePMD-kit's count: whole epochs of the slowest-drawn system
             tr["numb_steps"] = math.ceil(tr["numb_epoch"] * self.sampler.epoch_steps())
         if ckpt is not None:
@@ -290,22 +309,28 @@ class Trainer:
         elif init_model or finetune:
             self.model = self._from_weights(init_model or finetune, type_map)
             self._take_params()
-            if finetune:
+            if finetune:  # DeePMD-kit's change-by-statistic: the bias follows the new data
                 refit_energy_bias(self.model, self.train_systems, max_frames=mcfg["data_bias_nsample"])
         else:
-            if isinstance(mcfg["descriptor"]["sel"], str):
-                ratio = sel_factor(mcfg["descriptor"]["sel"])
-                log.info(f"counting neighbours in the training data for sel {mcfg['descriptor']['sel']!r} "
-                         f"(a sel list skips this)")
-                mcfg["descriptor"]["sel"] = auto_sel(self.train_store.max_neighbors(len(type_map)), ratio)
-                log.info(f"sel {mcfg['descriptor']['sel']} (type_map {type_map})")
+            if auto_sel_pending(mcfg["descriptor"]):
+                log.info(f"counting neighbours in the training data for sel "
+                         f"{auto_sel_pending(mcfg['descriptor'])[0]!r} (a sel list skips this)")
+                resolve_auto_sel(mcfg["descriptor"], lambda rc, mixed: self.train_store.max_neighbors(
+                    len(type_map), rc, total=mixed))
+                log.info(f"sel {[s['sel'] for s in sections(mcfg['descriptor'])]} (type_map {type_map})")
+            if tr["mixed_precision"]:  # DeePMD-kit's: the nets' weights in output_prec
+                set_precision(mcfg, tr["mixed_precision"]["output_prec"])
             self.model = DeepPot(mcfg)
             self._take_params()
+        # statistics, training and validation frames come from one main generator, drawn as DeePMD-kit's
+        # (dpmd/train/sampler.py; it counts DeePMD-kit systems: a mixed-type folder is one)
+        self.sampler.main = main_generator(tr["seed"], len(self.sampler.group_frames),
+                                           len(self.valid_sampler.group_frames) if self.valid_sampler else 0,
+                                           self.model)
+        if self.valid_sampler:
+            self.valid_sampler.main = self.sampler.main
+        if ckpt is None and not (init_model or finetune):
             self._statistics(mcfg)
-            # The untrained fitting net adds a random offset to every atomic energy (0.3-1.6 eV/atom on
-            # water, from its N(0, 1) output biases), which DeePMD-kit leaves for training to remove.
-            # Absorbing it into the bias (DeePMD's change-by-statistic) starts training centred.
-            refit_energy_bias(self.model, self.train_systems, max_frames=mcfg["data_stat_nbatch"])
         self.stat_seconds = time.perf_counter() - t0
         self.model.to(self.device)  # (statistics and bias came from the host's arrays)
 
@@ -315,6 +340,8 @@ class Trainer:
             self.world ** 0.5 if self.world > 1 and lr_cfg["scale_by_worker"] == "sqrt" else 1.0)
         self.loss = EnergyLoss(config["loss"], lr_cfg["start_lr"])
         self.trained_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.compute_prec = tr["mixed_precision"]["compute_prec"] if tr["mixed_precision"] else None
+        set_compute_precision(self.model, self.compute_prec)  # (saved and frozen models compute in output_prec)
         self.forces = _Forces(self.model)  # validation's (no gradient all-reduce)
         # every worker starts from rank 0's weights (DDP broadcasts them).  Every weight gets a gradient at every
         # step, a zero one where the batch lacks its type (the padding term and the empty type blocks are in the
@@ -325,11 +352,6 @@ class Trainer:
         opt = config["optimizer"]
         self.optimizer = adam(self.trained_params, lr_cfg["start_lr"], opt["adam_beta1"], opt["adam_beta2"],
                               opt["weight_decay"])
-        if self.valid_systems:
-            vdata = tr["validation_data"]
-            vseed = (tr["seed"] or 0) + 1
-            self.valid_sampler = BatchSampler(self.valid_systems, vdata["batch_size"], vdata["auto_prob"], vseed,
-                                              sys_probs=vdata["sys_probs"])
         if ckpt is not None:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             # the batch order continues where it stopped when the data are the same (an exact restart); on new
@@ -345,32 +367,52 @@ class Trainer:
         self.progress = Progress(tr["numb_steps"], self.start_step, enabled=progress and self.rank == 0)
 
     def _statistics(self, mcfg: dict) -> None:
-        """A fresh model's normalisation and energy bias from the training data, or from training.stat_file
-        when it holds them (dpmd.train.stat_file); set_davg_zero keeps the mean at zero, as in DeePMD-kit."""
-        tr, desc, fitting = self.config["training"], self.model.descriptor, self.model.fitting
-        path, entry = tr["stat_file"], stat_file.group(self.model.config)
-        saved = stat_file.load(path, entry) if path else None
-        if saved is None and tr["stat_file_mode"] == "read":
-            raise ConfigError(f"'training.stat_file' {path} holds no statistics of this model ({entry}) and "
+        """A fresh model's normalisation and energy bias from the frames DeePMD-kit's statistics read (the first
+        data_stat_nbatch batches of a shuffle of each system, BatchSampler.statistics_frames), or from
+        training.stat_file where it holds them (DeePMD-kit's layout, dpmd.train.stat_file: the descriptor's
+        entries and the energy bias each read when complete, else computed and saved).  As in DeePMD-kit, the
+        frames are drawn only when something is computed from them, so the training frames after them stay
+        its frames either way; set_davg_zero keeps the mean at zero, as in DeePMD-kit."""
+        tr, model = self.config["training"], self.model
+        path, protection = tr["stat_file"], mcfg["data_stat_protect"]
+        env, energy = stat_file.env_names(model), stat_file.energy_names(model)
+        saved = stat_file.load(path, env + energy + [stat_file.observed_name(model)]) if path else {}
+        stat_file.check_shapes(path, model, saved)
+        missing = [name for name in env + energy if name not in saved]
+        if missing and tr["stat_file_mode"] == "read":
+            raise ConfigError(f"'training.stat_file' {path} holds no statistics of this model ({missing[0]}) and "
                               f"stat_file_mode is read")
-        # fparam / aparam normalisation: from the data always (DeePMD-kit's stat file keeps it elsewhere)
-        param_stats(self.model, self.train_systems, max_frames=mcfg["data_stat_nbatch"],
-                    protection=mcfg["data_stat_protect"])
-        if saved is None:
-            descriptor_stats(self.model, self.train_systems, max_frames=mcfg["data_stat_nbatch"],
-                             protection=mcfg["data_stat_protect"])
-            energy_bias(self.model, self.train_systems, rcond=mcfg["fitting_net"]["rcond"])
-            if path and self.rank == 0:
-                stat_file.save(path, entry, {"davg": desc.mean.numpy(), "dstd": desc.std.numpy(),
-                                             "bias_atom_energy": fitting.energy_bias.numpy()})
+        # DeePMD-kit samples when an entry is computed; the fparam / aparam normalisation always is here (its
+        # fparam / aparam entries are not read), the observed types when a stat_file lacks them
+        observed = not path or stat_file.observed_name(model) in saved
+        if missing or model.fitting.numb_fparam or model.fitting.numb_aparam or not observed:
+            frames = self.sampler.statistics_frames(mcfg["data_stat_nbatch"])
+            systems = [s.subset(f) for s, f in zip(self.train_systems, frames) if f]
         else:
+            systems = []
+        param_stats(model, systems, max_frames=0, protection=protection)
+        new = {}
+        if all(name in saved for name in env):
+            stat_file.set_env_stats(model, saved, protection)
+        else:
+            moments = descriptor_stats(model, systems, max_frames=0, protection=protection)
+            if path:
+                new.update(stat_file.env_items(model, moments))
+        if all(name in saved for name in energy):
             with torch.no_grad():
-                desc.mean.copy_(torch.as_tensor(saved["davg"]))
-                desc.std.copy_(torch.as_tensor(saved["dstd"]))
-                fitting.energy_bias.copy_(torch.as_tensor(saved["bias_atom_energy"]))
-        if mcfg["descriptor"]["set_davg_zero"]:
-            with torch.no_grad():
-                desc.mean.zero_()
+                model.fitting.energy_bias.copy_(torch.as_tensor(saved[energy[0]].reshape(-1)))
+        else:
+            bias = energy_bias(model, systems, rcond=mcfg["fitting_net"]["rcond"])
+            if path:
+                new.update(stat_file.energy_items(model, systems, bias))
+        if not observed:  # DeePMD-kit's read mode needs it
+            new.update(stat_file.observed_item(model, systems))
+        if new and tr["stat_file_mode"] == "update" and self.rank == 0:
+            stat_file.save(path, new)
+        with torch.no_grad():
+            for part in model.descriptor.modules():  # a hybrid's descriptors each have their own set_davg_zero
+                if getattr(part, "set_davg_zero", False):
+                    part.mean.zero_()
 
     def _take_params(self) -> None:
         for store in (self.train_store, self.valid_store):
@@ -422,14 +464,18 @@ class Trainer:
         return self.loss(pred, label, graph["natoms"], lr)
 
     def _validate(self, lr) -> dict:
+        """DeePMD-kit's validation figures: each batch's RMSEs weighted by its atoms (atoms x frames)."""
         numb = self.config["training"]["validation_data"]["numb_btch"]
         sums: dict[str, float] = {}
+        atoms = 0
         for _ in range(numb):
             i, frames = self.valid_sampler.next()
             _, metrics = self._step_loss(self.valid_store, i, frames, lr, train=False)
+            weight = self.valid_systems[i].natoms * len(frames)
+            atoms += weight
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * v
-        return {k: (v / numb) ** 0.5 for k, v in sums.items()}
+                sums[k] = sums.get(k, 0.0) + v * weight
+        return {k: v / atoms for k, v in sums.items()}
 
     def _lcurve_columns(self, metrics) -> list[str]:
         cols = ["rmse"] + [k for k in ("rmse_e", "rmse_f", "rmse_v") if k in metrics]
@@ -541,4 +587,20 @@ class Trainer:
                    ) + (f"; on validation: {describe_errors(last['valid'])}" if last.get("valid") else "")
         log.info(f"trained to step {reached}: {seconds:.1f} s, {last['seconds_per_step']:.3f} s/step, start-up "
                  f"{self.stat_seconds:.1f} s{figures}; checkpoint {self.last_saved}")
+        if self.compute_prec and self.rank == 0:
+            last["mixed_precision_force_error"] = self._mixed_precision_error()
         return last
+
+    @torch.no_grad()
+    def _mixed_precision_error(self) -> float:
+        """RMS force difference (eV/Å) on the first training frame between the nets computing in compute_prec
+        and the same weights in float64: what the mixed precision costs, logged."""
+        graph, _ = self.train_store.batch(0, torch.tensor([0]))
+        mixed = evaluate(self.model, graph)["force"]
+        exact = copy.deepcopy(self.model).double()
+        set_compute_precision(exact, None)
+        graph = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in graph.items()}
+        diff = float((mixed.double() - evaluate(exact, graph)["force"]).pow(2).mean().sqrt())
+        log.info(f"mixed precision: the forces computed in {self.compute_prec} differ from float64 arithmetic by "
+                 f"{diff:.3g} eV/Å (RMS, first training frame)")
+        return diff

@@ -28,6 +28,7 @@ CUDA, or in the pure-PyTorch reference (`_tabulate` + `_block`) otherwise.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from typing import List, Optional
 
@@ -37,7 +38,40 @@ from torch import nn
 from dpmd import ops
 from dpmd.ops import Backend, contraction
 from dpmd.model import deferred
-from dpmd.model.network import MLP, embedding_with_tangent, linearize_at
+from dpmd.errors import ConfigError, DpmdError
+from dpmd.model.keys import (DTYPES, activation_key, axis_neuron_key, check_type_split, cutoff_keys,
+                             env_protection_key, exclude_types_key, neuron_key, precision_key, seed_key,
+                             sel_per_type_key, set_davg_zero_key)
+from dpmd.model.network import MLP, child_seed, embedding_with_tangent, linearize_at
+from dpmd.schema import key
+
+
+def args() -> list:
+    """The keys of a `se_e2_a` section (DeePMD-kit's argcheck: defaults, aliases)."""
+    return [
+        sel_per_type_key(),
+        *cutoff_keys(),
+        neuron_key([10, 20, 40], "Widths of the embedding net's hidden layers (a layer of the same or twice the "
+                              "previous width gets a skip connection)."),
+        axis_neuron_key(),
+        activation_key("Activation function of the embedding net."),
+        key("resnet_dt", bool, False, "Whether skip connections carry a trainable timestep."),
+        key("type_one_side", bool, False,
+            "True: one embedding net per neighbour type; false: one per (centre type, neighbour type) pair."),
+        precision_key("Precision of the embedding net ('default' is float64)."),
+        key("trainable", bool, True, "Whether the embedding nets' weights are trained."),
+        seed_key("Random seed of the embedding nets' initial weights (none: random)."),
+        exclude_types_key(),
+        env_protection_key(),
+        set_davg_zero_key(),
+    ]
+
+def check_config(d: dict, ntypes: int) -> None:
+    """Checks across the keys of a normalised section."""
+    check_type_split(d, ntypes)
+    if d["axis_neuron"] > d["neuron"][-1]:
+        raise ConfigError(f"'model.descriptor.axis_neuron' = {d['axis_neuron']} exceeds the last embedding width "
+                          f"{d['neuron'][-1]}")
 
 
 def smooth_switch(r: torch.Tensor, rmin: float, rmax: float) -> torch.Tensor:
@@ -62,7 +96,7 @@ class DescriptorSeA(nn.Module):
 
     def __init__(self, ntypes: int, sel: list[int], rcut: float, rcut_smth: float, neuron=(25, 50, 100),
                  axis_neuron: int = 16, resnet_dt: bool = False, type_one_side: bool = True,
-                 activation_function: str = "tanh", dtype=torch.float64, generator=None, exclude_types=()):
+                 activation_function: str = "tanh", dtype=torch.float64, seed=None, exclude_types=()):
         super().__init__()
         if len(sel) != ntypes:
             raise ValueError(f"descriptor.sel has {len(sel)} entries but type_map has {ntypes} types")
@@ -73,12 +107,15 @@ class DescriptorSeA(nn.Module):
         self.ntypes, self.sel, self.rcut, self.rcut_smth = ntypes, list(sel), float(rcut), float(rcut_smth)
         self.axis_neuron, self.type_one_side = axis_neuron, type_one_side
         self.nnei = sum(sel)
+        self.mixed_types = False  # one embedding net per neighbour type (or pair): neighbours split by type
         self.width = neuron[-1]
         nnets = ntypes if type_one_side else ntypes * ntypes
-        # net index: neighbour type, or neighbour type * ntypes + centre type (DeePMD's order)
+        # net index: neighbour type, or neighbour type * ntypes + centre type (DeePMD's order); DeePMD-kit seeds the
+        # nets in the transposed order (itertools.product over the key it stores at key[0] + key[1] * ntypes)
         self.embeddings = nn.ModuleList(
-            MLP(1, list(neuron), activation=activation_function, resnet_dt=resnet_dt, dtype=dtype, generator=generator)
-            for _ in range(nnets)
+            MLP(1, list(neuron), activation=activation_function, resnet_dt=resnet_dt, dtype=dtype,
+                seed=child_seed(seed, k if type_one_side else (k % ntypes) * ntypes + k // ntypes))
+            for k in range(nnets)
         )
         self.register_buffer("mean", torch.zeros(ntypes, 4, dtype=dtype))
         self.register_buffer("std", torch.ones(ntypes, 4, dtype=dtype))
@@ -94,6 +131,30 @@ class DescriptorSeA(nn.Module):
         self.table_rmin = [0.0] * ntypes  # per centre type: the shortest distance the tables cover
         self.check_frequency, self.evaluations = -1, 0
         self.use_ops = False  # set on the copy that dpmd.model.export scripts with the kernel library loaded
+
+    @classmethod
+    def from_config(cls, d: dict, ntypes: int) -> "DescriptorSeA":
+        if isinstance(d["sel"], str):
+            raise ConfigError("model.descriptor.sel is 'auto': resolve it from data first (dpmd.train does)")
+        out = cls(ntypes, d["sel"], d["rcut"], d["rcut_smth"], d["neuron"], d["axis_neuron"], d["resnet_dt"],
+                  d["type_one_side"], d["activation_function"], dtype=DTYPES[d["precision"]], seed=d["seed"],
+                  exclude_types=d["exclude_types"])
+        out.embeddings.requires_grad_(d["trainable"])
+        out.set_davg_zero = d["set_davg_zero"]  # the trainer keeps the mean at zero after the statistics
+        return out
+
+    @staticmethod
+    def deepmd_state(state: dict, source: str) -> dict:
+        """DeePMD-kit's `sea.*` entries as ours (its statistics hold one row per neighbour slot, equal per type)."""
+        ours = {}
+        for name, value in state.items():
+            if (n := re.fullmatch(r"sea\.filter_layers\.networks\.(\d+)\.layers\.(\d+)\.(\w+)", name)):
+                ours[f"embeddings.{n[1]}.layers.{n[2]}.{n[3]}"] = value
+            elif name in ("sea.mean", "sea.stddev"):
+                if not torch.equal(value, value[:, :1].expand_as(value)):
+                    raise DpmdError(f"{source}: descriptor.{name} differs between neighbour slots; not supported")
+                ours["mean" if name.endswith("mean") else "std"] = value[:, 0, :]
+        return ours
 
     def enable_compression(self, layout: dict, check_frequency: int = -1) -> None:
         """Use tabulated embeddings with the interval layout of dpmd.model.compress.table_layout; the

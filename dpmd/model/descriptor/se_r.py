@@ -1,0 +1,171 @@
+"""DeepPot-SE descriptor with radial information only (`se_e2_r`, alias `se_r`): DeePMD-kit's DescrptSeR.
+
+DeePMD-kit's definition (deepmd/pt/model/descriptor/se_r.py), evaluated on an edge list:
+
+  environment value of neighbour j of atom i:  s = sw(r)/r  (se_e2_a's switch, dpmd.model.descriptor.se_a);
+  normalised per centre type:                  x = (s - mean[t_i]) / std[t_i];
+  one embedding net per neighbour type:        G_j = net_{t_j}(x_j)  (M = neuron[-1] values);
+  D_i = (1/5) (1/nnei) sum of G over the nnei = sum(sel) slots of atom i   (M values; 1/5 is DeePMD-kit's
+  fixed rescale of this descriptor).
+
+An empty slot (DeePMD's padding, s = 0) adds net_t(-mean[t_i]/std[t_i]) for each of the sel[t] - count slots of
+neighbour type t; it is added in closed form here, one net evaluation per (centre type, neighbour type).  An
+edge at or beyond rcut has s = 0 exactly, so it is such an empty slot without special treatment.
+exclude_types: the normalised value of an excluded (centre type, neighbour type) pair is zeroed, so the neighbour
+adds net(0) and still fills its slot (DeePMD-kit's exclusion mask; an edge beyond rcut stays padding).
+type_one_side: accepted either way; DeePMD-kit's PyTorch backend builds one net per neighbour type whatever its
+value, and so does this module.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from dpmd.errors import ConfigError, DpmdError
+from dpmd.model.descriptor.se_a import DescriptorSeA, smooth_switch
+from dpmd.model.keys import (DTYPES, activation_key, check_type_split, cutoff_keys, env_protection_key,
+                             exclude_types_key, neuron_key, precision_key, seed_key, sel_per_type_key,
+                             set_davg_zero_key)
+from dpmd.model.network import MLP, child_seed
+from dpmd.ops import Backend
+from dpmd.schema import key
+
+
+def args() -> list:
+    """The keys of a `se_e2_r` section (DeePMD-kit 3.2's argcheck descrpt_se_r_args: defaults, aliases)."""
+    return [
+        sel_per_type_key(),
+        *cutoff_keys(),
+        neuron_key([10, 20, 40], "Widths of the embedding net's hidden layers (a layer of the same or twice the "
+                                 "previous width gets a skip connection); the last is the descriptor's size."),
+        activation_key("Activation function of the embedding net."),
+        key("resnet_dt", bool, False, "Whether skip connections carry a trainable timestep."),
+        key("type_one_side", bool, False,
+            "Accepted for DeePMD-kit inputs; its PyTorch backend (and dpmd) use one embedding net per neighbour "
+            "type either way."),
+        precision_key("Precision of the embedding net ('default' is float64)."),
+        key("trainable", bool, True, "Whether the embedding nets' weights are trained."),
+        seed_key("Random seed of the embedding nets' initial weights (none: random)."),
+        exclude_types_key("their normalised environment values are zeroed"),
+        env_protection_key(),
+        set_davg_zero_key(),
+    ]
+
+
+def check_config(d: dict, ntypes: int) -> None:
+    """Checks across the keys of a normalised section."""
+    check_type_split(d, ntypes)
+
+
+class DescriptorSeR(nn.Module):
+    __constants__ = ["compressed"]  # a TorchScript constant: code for compressed models is not compiled
+
+    def __init__(self, ntypes: int, sel: List[int], rcut: float, rcut_smth: float, neuron=(10, 20, 40),
+                 resnet_dt: bool = False, activation_function: str = "tanh", dtype=torch.float64, seed=None,
+                 exclude_types=(), set_davg_zero: bool = False):
+        super().__init__()
+        if len(sel) != ntypes:
+            raise ValueError(f"descriptor.sel has {len(sel)} entries but type_map has {ntypes} types")
+        if not 0 <= rcut_smth < rcut:
+            raise ValueError(f"descriptor: need 0 <= rcut_smth < rcut, got rcut_smth={rcut_smth}, rcut={rcut}")
+        self.ntypes, self.sel, self.rcut, self.rcut_smth = ntypes, list(sel), float(rcut), float(rcut_smth)
+        self.nnei = sum(sel)
+        self.width = neuron[-1]
+        self.mixed_types = False  # one embedding net per neighbour type: neighbours split by type
+        self.compressed = False
+        self.set_davg_zero = set_davg_zero
+        # net t serves neighbour type t; DeePMD-kit seeds it with child_seed(seed, t)
+        self.embeddings = nn.ModuleList(
+            MLP(1, list(neuron), activation=activation_function, resnet_dt=resnet_dt, dtype=dtype,
+                seed=child_seed(seed, t)) for t in range(ntypes))
+        self.register_buffer("mean", torch.zeros(ntypes, 1, dtype=dtype))
+        self.register_buffer("std", torch.ones(ntypes, 1, dtype=dtype))
+        # centre type * ntypes + neighbour type of the excluded pairs, both orders; -1 keeps the list non-empty
+        # (TorchScript)
+        self.excluded_pairs = [-1] + sorted({a * ntypes + b for p in exclude_types for a, b in (p, p[::-1])})
+
+    @classmethod
+    def from_config(cls, d: dict, ntypes: int) -> "DescriptorSeR":
+        if isinstance(d["sel"], str):
+            raise ConfigError("model.descriptor.sel is 'auto': resolve it from data first (dpmd.train does)")
+        out = cls(ntypes, d["sel"], d["rcut"], d["rcut_smth"], d["neuron"], d["resnet_dt"], d["activation_function"],
+                  dtype=DTYPES[d["precision"]], seed=d["seed"], exclude_types=d["exclude_types"],
+                  set_davg_zero=d["set_davg_zero"])
+        out.embeddings.requires_grad_(d["trainable"])
+        return out
+
+    @staticmethod
+    def deepmd_state(state: dict, source: str) -> dict:
+        """DeePMD-kit's DescrptSeR entries (`filter_layers.networks.*`, `mean`, `stddev`) as ours; its statistics
+        hold one row per neighbour slot, equal per type.  (`filter_layers._networks` repeats the nets and the
+        empty `compress_*` entries are a compression's tables: neither is needed.)"""
+        ours = {}
+        for name, value in state.items():
+            if (n := re.fullmatch(r"filter_layers\.networks\.(\d+)\.layers\.(\d+)\.(\w+)", name)):
+                ours[f"embeddings.{n[1]}.layers.{n[2]}.{n[3]}"] = value
+            elif name in ("mean", "stddev"):
+                if not torch.equal(value, value[:, :1].expand_as(value)):
+                    raise DpmdError(f"{source}: descriptor.{name} differs between neighbour slots; not supported")
+                ours["mean" if name == "mean" else "std"] = value[:, 0, :]
+        return ours
+
+    @property
+    def dim_out(self) -> int:
+        return self.width
+
+    def env_values(self, edge_vec: torch.Tensor) -> torch.Tensor:
+        """Un-normalised s = sw(r)/r (E,) of edge vectors (E, 3); exactly 0 at and beyond rcut."""
+        r = torch.linalg.vector_norm(edge_vec, 2.0, dim=-1)
+        return smooth_switch(r, self.rcut_smth, self.rcut) / r
+
+    # se_e2_a's: exclude_types as the (centre type, neighbour type) codes in excluded_pairs, rows (E, 1) here
+    kept_edges = DescriptorSeA.kept_edges
+
+    def forward(self, edge_vec, center, center_type, neighbor_type, backend: Optional[Backend] = None):
+        """Descriptors (n_centers, M) of edges sorted by centre (center in [0, n_centers)); backend unused (the
+        nets are small and run in PyTorch, differentiable any number of times)."""
+        dtype, ncent, nt = self.mean.dtype, center_type.shape[0], self.ntypes
+        ct = center_type.index_select(0, center)
+        s = self.env_values(edge_vec.to(dtype))
+        x = (s - self.mean[:, 0].index_select(0, ct)) / self.std[:, 0].index_select(0, ct)
+        if len(self.excluded_pairs) > 1:
+            x = x * self.kept_edges(s.unsqueeze(1), ct, neighbor_type).to(dtype)
+        # edges grouped by neighbour type: one net evaluation per type, summed per centre
+        order = torch.argsort(neighbor_type, stable=True)
+        counts: List[int] = torch.bincount(neighbor_type, minlength=nt).tolist()
+        x, c = x.index_select(0, order), center.index_select(0, order)
+        total = x.new_zeros([ncent, self.width])
+        start = 0
+        for t, net in enumerate(self.embeddings):
+            n = counts[t]
+            if n > 0:
+                g = net(x[start:start + n].unsqueeze(1))
+                total = total.index_add(0, c[start:start + n], g)
+            start += n
+        total = total + self._padding(center, center_type, neighbor_type)
+        return total * (0.2 / self.nnei)  # 1/5: DeePMD-kit's res_rescale of se_e2_r
+
+    def _padding(self, center, center_type, neighbor_type) -> torch.Tensor:
+        """(n_centers, M): what DeePMD's empty slots add, sel[t] - (edges of type t) slots of each type t."""
+        ncent, nt = center_type.shape[0], self.ntypes
+        count = torch.bincount(center * nt + neighbor_type, minlength=ncent * nt).reshape(ncent, nt)
+        n_pad = (torch.tensor(self.sel, device=count.device) - count).to(self.mean.dtype)  # (ncent, nt)
+        pad_x = -self.mean / self.std  # (nt_centre, 1): an empty slot's normalised value
+        per_type: List[torch.Tensor] = []
+        for net in self.embeddings:
+            per_type.append(net(pad_x))
+        per_slot = torch.stack(per_type, 1)  # (nt_centre, nt_neighbour, M)
+        return (n_pad.unsqueeze(-1) * per_slot.index_select(0, center_type)).sum(1)
+
+    @torch.jit.unused
+    def forward_padded(self, edge_vec, center, center_type, neighbor_type, type_counts: List[int],
+                       backend: Optional[Backend] = None):
+        """forward() for edges in DeePMD's padded layout (dpmd.model.forces.evaluate_padded): its empty slots
+        hold vectors beyond rcut, which forward() counts as empty slots, so the edge-list code serves as it is."""
+        return self.forward(edge_vec, center, center_type, neighbor_type, backend)
+
+    slot_types = DescriptorSeA.slot_types  # (DeePMD's padded layout: sel[t] slots of each type t)
