@@ -177,7 +177,7 @@ def refit_energy_bias(model, systems, max_frames: int = 10) -> np.ndarray:
 
 
 def stat_frames(nframes: int, max_frames: int) -> range:
-    """The frames of a system that the statistics above read: up to max_frames (0: all), evenly spread from
-    the first (the rule of _frames and refit_energy_bias)."""
+    """The frames of a system that the statistics above read when given all of a system: up to max_frames (0:
+    all), evenly spread from the first (training passes DeePMD-kit's sampled frames with max_frames 0)."""
     step = max(1, nframes // max_frames) if max_frames else 1
     return range(0, nframes, step)[: max_frames or None]
