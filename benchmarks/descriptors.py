@@ -6,7 +6,7 @@ ASE's EMT along Langevin MD at 300-1500 K; energies, forces and virials in deepm
 trajectory.  Trajectories are split into training and held-out ones (never a frame of the same trajectory on
 both sides).
 
-For each descriptor configuration of descriptors() the script trains `dpmd train` (a subprocess, --threads) for
+For each descriptor configuration of descriptors() the script trains `dpmd train` (a subprocess with --threads cores) for
 --steps steps with a checkpoint every --eval-every steps, then reports
   - held-out energy RMSE per atom and force RMSE after N steps,
   - the same at equal training time: each run's latest checkpoint written within the time the fastest run (of
@@ -207,9 +207,9 @@ def train(code: str, descriptor: dict, data: dict, run_dir: Path, args) -> dict:
     threads = str(args.threads)
     env = dict(os.environ, OMP_NUM_THREADS=threads, DP_INTRA_OP_PARALLELISM_THREADS=threads,
                DP_INTER_OP_PARALLELISM_THREADS="1", PYTHONPATH=str(REPO))
-    if code == "dpmd":
-        cmd = [sys.executable, "-m", "dpmd.cli", "train", "input.json", "-o", ".", "--overwrite", "--threads",
-               threads]
+    if code == "dpmd":   # both codes get the same cores (OMP_NUM_THREADS); each uses them as it decides (dpmd's
+        # policy runs a small model's step on one thread: tiny matrix products lose more to thread sync than they gain)
+        cmd = [sys.executable, "-m", "dpmd.cli", "train", "input.json", "-o", ".", "--overwrite"]
     else:
         dp = str(Path(args.deepmd_python).parent / "dp")
         cmd = [dp, "--pt", "train", "input.json", "--skip-neighbor-stat"]

@@ -59,6 +59,9 @@ def save_checkpoint(state: dict, prefix: str | Path, step: int, keep: int) -> Pa
     run = state.get("run_id")
     path = prefix.with_name(f"{prefix.name}-{step}.pt")
     atomic_torch_save(state, path)
+    key = _file_key(path)
+    if key is not None:
+        _RUN_IDS[key] = run
     _write_marker(prefix.parent, path.name, run)
     atomic_symlink(path.name, prefix.with_name(prefix.name + ".pt"))
     ours = sorted((p for p in checkpoints(prefix) if _step_of(p) <= step and run_of(p) == run), key=_step_of)
@@ -76,14 +79,31 @@ def checkpoints(prefix: Path) -> list[Path]:
     return [p for p in prefix.parent.glob(prefix.name + "-*.pt") if pattern.fullmatch(p.name)]
 
 
+# run id of each checkpoint file read or written, by (path, size, mtime): a file is parsed once, not at every save
+_RUN_IDS: dict[tuple, str | None] = {}
+
+
+def _file_key(path: Path):
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return str(Path(path).resolve()), st.st_size, st.st_mtime_ns
+
+
 def run_of(path: Path) -> str | None:
     """The run id recorded in a checkpoint (None: none recorded, or unreadable).  mmap: the weights are
-    not read."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
+    not read; a file already seen (same size and time) is not read again."""
+    key = _file_key(path)
+    if key is None:
         return None
-    return state.get("run_id") if isinstance(state, dict) else None
+    if key not in _RUN_IDS:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            state = None
+        _RUN_IDS[key] = state.get("run_id") if isinstance(state, dict) else None
+    return _RUN_IDS[key]
 
 
 def latest_checkpoint(directory: str | Path = ".") -> Path:
