@@ -323,3 +323,21 @@ def test_convert_model_cli_reproduces_deepmd(tmp_path):
     model = load_model(tmp_path / "model.pth")
     assert len(model.fitting.nets) == 1   # DeePMD-kit's one fitting net after a mixed-types descriptor
     check(model(torch.tensor(ref["coord"]), torch.tensor(ref["atype"]), torch.tensor(ref["box"])), ref)
+
+
+@pytest.mark.parametrize("kind", ["se_atten", "se_e3"])
+def test_set_davg_zero_keeps_the_trained_models_mean_at_zero(tmp_path, kind):
+    """set_davg_zero (se_atten's default, se_e3's when given) zeroes the statistics' mean, as in DeePMD-kit."""
+    from dpmd.train.config import normalize_input
+    from dpmd.train.trainer import Trainer
+
+    descriptor = ({"type": "se_atten", "sel": 40, "rcut": 4.0, "neuron": [4, 8], "attn": 8, "attn_layer": 1}
+                  if kind == "se_atten" else
+                  {"type": "se_e3", "sel": [16, 28], "rcut": 4.0, "neuron": [2, 4], "set_davg_zero": True})
+    cfg = {"model": {"type_map": ["O", "H"], "descriptor": descriptor, "fitting_net": {"neuron": [8]}},
+           "learning_rate": {"start_lr": 1e-3, "stop_lr": 1e-5, "decay_steps": 10}, "loss": {},
+           "training": {"training_data": {"systems": [str(EXAMPLE)], "batch_size": 1}, "numb_steps": 1,
+                        "save_freq": 1, "disp_freq": 1, "device": "cpu"}}
+    trainer = Trainer(normalize_input(cfg), out_dir=tmp_path, progress=False)
+    desc = trainer.model.descriptor
+    assert torch.equal(desc.mean, torch.zeros_like(desc.mean)) and bool((desc.std != 1).any())

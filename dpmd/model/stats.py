@@ -147,12 +147,6 @@ def param_stats(model, systems, max_frames: int = 10, protection: float = 1e-2) 
         getattr(fitting, f"{key}_inv_std").copy_(torch.as_tensor(1.0 / std))
 
 
-def init_from_data(model, systems, max_frames: int = 10, protection: float = 1e-2) -> None:
-    descriptor_stats(model, systems, max_frames, protection)
-    param_stats(model, systems, max_frames, protection)
-    energy_bias(model, systems)
-
-
 @torch.no_grad()
 def refit_energy_bias(model, systems, max_frames: int = 10) -> np.ndarray:
     """Fine-tuning: shift the energy bias so the model's energies fit the new data (DeePMD's

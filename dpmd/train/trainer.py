@@ -29,7 +29,7 @@ from dpmd.model.args import normalize_model_config, set_precision
 from dpmd.model.descriptor import auto_sel_pending, config_rcut, resolve_auto_sel, sections
 from dpmd.model.network import set_compute_precision
 from dpmd.files import atomic_write
-from dpmd.model.stats import descriptor_stats, energy_bias, param_stats, refit_energy_bias
+from dpmd.model.stats import descriptor_stats, energy_bias, param_stats, refit_energy_bias, stat_leaves
 from dpmd.train import stat_file
 from dpmd.train.checkpoint import (check_finite, folder_runs, latest_checkpoint, load_checkpoint, move_aside,
                                    new_run_id, run_files, save_checkpoint, tidy)
@@ -312,9 +312,8 @@ class Trainer:
             if finetune:  # DeePMD-kit's change-by-statistic: the bias follows the new data
                 refit_energy_bias(self.model, self.train_systems, max_frames=mcfg["data_bias_nsample"])
         else:
-            if auto_sel_pending(mcfg["descriptor"]):
-                log.info(f"counting neighbours in the training data for sel "
-                         f"{auto_sel_pending(mcfg['descriptor'])[0]!r} (a sel list skips this)")
+            if pending:
+                log.info(f"counting neighbours in the training data for sel {pending[0]!r} (a sel list skips this)")
                 resolve_auto_sel(mcfg["descriptor"], lambda rc, mixed: self.train_store.max_neighbors(
                     len(type_map), rc, total=mixed))
                 log.info(f"sel {[s['sel'] for s in sections(mcfg['descriptor'])]} (type_map {type_map})")
@@ -409,10 +408,10 @@ class Trainer:
             new.update(stat_file.observed_item(model, systems))
         if new and tr["stat_file_mode"] == "update" and self.rank == 0:
             stat_file.save(path, new)
-        with torch.no_grad():
-            for part in model.descriptor.modules():  # a hybrid's descriptors each have their own set_davg_zero
-                if getattr(part, "set_davg_zero", False):
-                    part.mean.zero_()
+        with torch.no_grad():   # each descriptor's set_davg_zero (a hybrid's entries: each its own)
+            for leaf, section in zip(stat_leaves(model.descriptor), sections(model.config["descriptor"])):
+                if section.get("set_davg_zero"):
+                    leaf.mean.zero_()
 
     def _take_params(self) -> None:
         for store in (self.train_store, self.valid_store):

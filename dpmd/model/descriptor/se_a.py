@@ -36,13 +36,14 @@ import torch
 from torch import nn
 
 from dpmd import ops
-from dpmd.ops import Backend, contraction
+from dpmd.errors import ConfigError
 from dpmd.model import deferred
-from dpmd.errors import ConfigError, DpmdError
+from dpmd.model.descriptor.common import check_sizes, excluded_pair_codes, per_type_rows, resolved_sel
 from dpmd.model.keys import (DTYPES, activation_key, axis_neuron_key, check_type_split, cutoff_keys,
                              env_protection_key, exclude_types_key, neuron_key, precision_key, seed_key,
                              sel_per_type_key, set_davg_zero_key)
 from dpmd.model.network import MLP, child_seed, embedding_with_tangent, linearize_at
+from dpmd.ops import Backend, contraction
 from dpmd.schema import key
 
 
@@ -98,10 +99,7 @@ class DescriptorSeA(nn.Module):
                  axis_neuron: int = 16, resnet_dt: bool = False, type_one_side: bool = True,
                  activation_function: str = "tanh", dtype=torch.float64, seed=None, exclude_types=()):
         super().__init__()
-        if len(sel) != ntypes:
-            raise ValueError(f"descriptor.sel has {len(sel)} entries but type_map has {ntypes} types")
-        if not 0 <= rcut_smth < rcut:
-            raise ValueError(f"descriptor: need 0 <= rcut_smth < rcut, got rcut_smth={rcut_smth}, rcut={rcut}")
+        check_sizes(ntypes, sel, rcut, rcut_smth)
         if axis_neuron > neuron[-1]:
             raise ValueError(f"descriptor.axis_neuron={axis_neuron} exceeds the last embedding width {neuron[-1]}")
         self.ntypes, self.sel, self.rcut, self.rcut_smth = ntypes, list(sel), float(rcut), float(rcut_smth)
@@ -119,9 +117,7 @@ class DescriptorSeA(nn.Module):
         )
         self.register_buffer("mean", torch.zeros(ntypes, 4, dtype=dtype))
         self.register_buffer("std", torch.ones(ntypes, 4, dtype=dtype))
-        # centre type * ntypes + neighbour type of the pairs of exclude_types, both orders (from the config: not
-        # part of the weights); the -1 that no pair has keeps the list non-empty, which TorchScript needs
-        self.excluded_pairs = [-1] + sorted({a * ntypes + b for p in exclude_types for a, b in (p, p[::-1])})
+        self.excluded_pairs = excluded_pair_codes(ntypes, exclude_types)
         self.has_exclusion = len(self.excluded_pairs) > 1
         # model compression (see enable_compression; it adds the buffer `table`)
         self.compressed = False
@@ -134,13 +130,10 @@ class DescriptorSeA(nn.Module):
 
     @classmethod
     def from_config(cls, d: dict, ntypes: int) -> "DescriptorSeA":
-        if isinstance(d["sel"], str):
-            raise ConfigError("model.descriptor.sel is 'auto': resolve it from data first (dpmd.train does)")
-        out = cls(ntypes, d["sel"], d["rcut"], d["rcut_smth"], d["neuron"], d["axis_neuron"], d["resnet_dt"],
+        out = cls(ntypes, resolved_sel(d), d["rcut"], d["rcut_smth"], d["neuron"], d["axis_neuron"], d["resnet_dt"],
                   d["type_one_side"], d["activation_function"], dtype=DTYPES[d["precision"]], seed=d["seed"],
                   exclude_types=d["exclude_types"])
         out.embeddings.requires_grad_(d["trainable"])
-        out.set_davg_zero = d["set_davg_zero"]  # the trainer keeps the mean at zero after the statistics
         return out
 
     @staticmethod
@@ -151,9 +144,7 @@ class DescriptorSeA(nn.Module):
             if (n := re.fullmatch(r"sea\.filter_layers\.networks\.(\d+)\.layers\.(\d+)\.(\w+)", name)):
                 ours[f"embeddings.{n[1]}.layers.{n[2]}.{n[3]}"] = value
             elif name in ("sea.mean", "sea.stddev"):
-                if not torch.equal(value, value[:, :1].expand_as(value)):
-                    raise DpmdError(f"{source}: descriptor.{name} differs between neighbour slots; not supported")
-                ours["mean" if name.endswith("mean") else "std"] = value[:, 0, :]
+                ours["mean" if name.endswith("mean") else "std"] = per_type_rows(name, value, source)
         return ours
 
     def enable_compression(self, layout: dict, check_frequency: int = -1) -> None:

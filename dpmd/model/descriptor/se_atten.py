@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from dpmd.errors import ConfigError, DpmdError
+from dpmd.model.descriptor.common import check_sizes, excluded_pair_codes, per_type_rows, resolved_sel
 from dpmd.model.descriptor.se_a import DescriptorSeA, smooth_switch
 from dpmd.model.descriptor.type_embedding import TypeEmbedding
 from dpmd.model.keys import (DTYPES, activation_key, axis_neuron_key, check_cutoffs, check_exclude_types, cutoff_keys,
@@ -124,8 +125,7 @@ def check_config(d: dict, ntypes: int) -> None:
 
 def total_sel(sel) -> int:
     """The one neighbour count of a mixed-types sel (a number, or a list of which only the sum counts)."""
-    if isinstance(sel, str):
-        raise ConfigError("model.descriptor.sel is 'auto': resolve it from data first (dpmd.train does)")
+    sel = resolved_sel({"sel": sel})
     return sum(sel) if isinstance(sel, list) else int(sel)
 
 
@@ -156,8 +156,7 @@ class DescriptorSeAtten(nn.Module):
                  activation_function: str = "tanh", dtype=torch.float64, seed=None, concat_output_tebd: bool = True,
                  use_tebd_bias: bool = False):
         super().__init__()
-        if not 0 <= rcut_smth < rcut:
-            raise ValueError(f"descriptor: need 0 <= rcut_smth < rcut, got rcut_smth={rcut_smth}, rcut={rcut}")
+        check_sizes(ntypes, None, rcut, rcut_smth)
         if axis_neuron > neuron[-1]:
             raise ValueError(f"descriptor.axis_neuron={axis_neuron} exceeds the last embedding width {neuron[-1]}")
         self.ntypes, self.rcut, self.rcut_smth = ntypes, float(rcut), float(rcut_smth)
@@ -189,8 +188,7 @@ class DescriptorSeAtten(nn.Module):
                                        for i in range(attn_layer))
         self.register_buffer("mean", torch.zeros(ntypes, 4, dtype=dtype))
         self.register_buffer("std", torch.ones(ntypes, 4, dtype=dtype))
-        # centre type * ntypes + neighbour type of the excluded pairs, both orders; -1 keeps the list non-empty
-        self.excluded_pairs = [-1] + sorted({a * ntypes + b for p in exclude_types for a, b in (p, p[::-1])})
+        self.excluded_pairs = excluded_pair_codes(ntypes, exclude_types)
 
     @classmethod
     def from_config(cls, d: dict, ntypes: int) -> "DescriptorSeAtten":
@@ -228,9 +226,7 @@ class DescriptorSeAtten(nn.Module):
                 else:
                     ours[f"attention.{m[1]}.{m[2]}.{m[3]}"] = value
             elif name in ("se_atten.mean", "se_atten.stddev"):
-                if not torch.equal(value, value[:, :1].expand_as(value)):
-                    raise DpmdError(f"{source}: descriptor.{name} differs between neighbour slots; not supported")
-                ours["mean" if name.endswith("mean") else "std"] = value[:, 0, :]
+                ours["mean" if name.endswith("mean") else "std"] = per_type_rows(name, value, source)
             elif re.fullmatch(r"se_atten\.(compress_data|compress_info)\.0|se_atten\.type_embd_data", name):
                 if value.numel():
                     raise DpmdError(f"{source}: a compressed se_atten model ({name}); dpmd imports uncompressed ones")

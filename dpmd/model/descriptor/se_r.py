@@ -25,7 +25,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from dpmd.errors import ConfigError, DpmdError
+from dpmd.model.descriptor.common import check_sizes, excluded_pair_codes, per_type_rows, resolved_sel
 from dpmd.model.descriptor.se_a import DescriptorSeA, smooth_switch
 from dpmd.model.keys import (DTYPES, activation_key, check_type_split, cutoff_keys, env_protection_key,
                              exclude_types_key, neuron_key, precision_key, seed_key, sel_per_type_key,
@@ -66,35 +66,26 @@ class DescriptorSeR(nn.Module):
 
     def __init__(self, ntypes: int, sel: List[int], rcut: float, rcut_smth: float, neuron=(10, 20, 40),
                  resnet_dt: bool = False, activation_function: str = "tanh", dtype=torch.float64, seed=None,
-                 exclude_types=(), set_davg_zero: bool = False):
+                 exclude_types=()):
         super().__init__()
-        if len(sel) != ntypes:
-            raise ValueError(f"descriptor.sel has {len(sel)} entries but type_map has {ntypes} types")
-        if not 0 <= rcut_smth < rcut:
-            raise ValueError(f"descriptor: need 0 <= rcut_smth < rcut, got rcut_smth={rcut_smth}, rcut={rcut}")
+        check_sizes(ntypes, sel, rcut, rcut_smth)
         self.ntypes, self.sel, self.rcut, self.rcut_smth = ntypes, list(sel), float(rcut), float(rcut_smth)
         self.nnei = sum(sel)
         self.width = neuron[-1]
         self.mixed_types = False  # one embedding net per neighbour type: neighbours split by type
         self.compressed = False
-        self.set_davg_zero = set_davg_zero
         # net t serves neighbour type t; DeePMD-kit seeds it with child_seed(seed, t)
         self.embeddings = nn.ModuleList(
             MLP(1, list(neuron), activation=activation_function, resnet_dt=resnet_dt, dtype=dtype,
                 seed=child_seed(seed, t)) for t in range(ntypes))
         self.register_buffer("mean", torch.zeros(ntypes, 1, dtype=dtype))
         self.register_buffer("std", torch.ones(ntypes, 1, dtype=dtype))
-        # centre type * ntypes + neighbour type of the excluded pairs, both orders; -1 keeps the list non-empty
-        # (TorchScript)
-        self.excluded_pairs = [-1] + sorted({a * ntypes + b for p in exclude_types for a, b in (p, p[::-1])})
+        self.excluded_pairs = excluded_pair_codes(ntypes, exclude_types)
 
     @classmethod
     def from_config(cls, d: dict, ntypes: int) -> "DescriptorSeR":
-        if isinstance(d["sel"], str):
-            raise ConfigError("model.descriptor.sel is 'auto': resolve it from data first (dpmd.train does)")
-        out = cls(ntypes, d["sel"], d["rcut"], d["rcut_smth"], d["neuron"], d["resnet_dt"], d["activation_function"],
-                  dtype=DTYPES[d["precision"]], seed=d["seed"], exclude_types=d["exclude_types"],
-                  set_davg_zero=d["set_davg_zero"])
+        out = cls(ntypes, resolved_sel(d), d["rcut"], d["rcut_smth"], d["neuron"], d["resnet_dt"], d["activation_function"],
+                  dtype=DTYPES[d["precision"]], seed=d["seed"], exclude_types=d["exclude_types"])
         out.embeddings.requires_grad_(d["trainable"])
         return out
 
@@ -108,9 +99,7 @@ class DescriptorSeR(nn.Module):
             if (n := re.fullmatch(r"filter_layers\.networks\.(\d+)\.layers\.(\d+)\.(\w+)", name)):
                 ours[f"embeddings.{n[1]}.layers.{n[2]}.{n[3]}"] = value
             elif name in ("mean", "stddev"):
-                if not torch.equal(value, value[:, :1].expand_as(value)):
-                    raise DpmdError(f"{source}: descriptor.{name} differs between neighbour slots; not supported")
-                ours["mean" if name == "mean" else "std"] = value[:, 0, :]
+                ours["mean" if name == "mean" else "std"] = per_type_rows(name, value, source)
         return ours
 
     @property

@@ -23,8 +23,9 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from dpmd.errors import ConfigError, DpmdError
+from dpmd.errors import DpmdError
 from dpmd.model.descriptor import se_a
+from dpmd.model.descriptor.common import check_sizes, excluded_pair_codes, per_type_rows, resolved_sel
 from dpmd.model.descriptor.se_a import DescriptorSeA
 from dpmd.model.keys import DTYPES, check_type_split
 from dpmd.model.network import MLP, child_seed, embedding_with_tangent, linearize_at
@@ -56,10 +57,7 @@ class DescriptorSeT(nn.Module):
                  resnet_dt: bool = False, activation_function: str = "tanh", dtype=torch.float64, seed=None,
                  exclude_types=()):
         super().__init__()
-        if len(sel) != ntypes:
-            raise ValueError(f"descriptor.sel has {len(sel)} entries but type_map has {ntypes} types")
-        if not 0 <= rcut_smth < rcut:
-            raise ValueError(f"descriptor: need 0 <= rcut_smth < rcut, got rcut_smth={rcut_smth}, rcut={rcut}")
+        check_sizes(ntypes, sel, rcut, rcut_smth)
         self.ntypes, self.sel, self.rcut, self.rcut_smth = ntypes, list(sel), float(rcut), float(rcut_smth)
         self.nnei = sum(sel)
         self.dim_out = int(neuron[-1])
@@ -77,15 +75,12 @@ class DescriptorSeT(nn.Module):
         )
         self.register_buffer("mean", torch.zeros(ntypes, 4, dtype=dtype))
         self.register_buffer("std", torch.ones(ntypes, 4, dtype=dtype))
-        # as DescriptorSeA's (kept_edges reads it): centre type * ntypes + neighbour type, both orders, and -1
-        self.excluded_pairs = [-1] + sorted({a * ntypes + b for p in exclude_types for a, b in (p, p[::-1])})
+        self.excluded_pairs = excluded_pair_codes(ntypes, exclude_types)
         self.has_exclusion = len(self.excluded_pairs) > 1
 
     @classmethod
     def from_config(cls, d: dict, ntypes: int) -> "DescriptorSeT":
-        if isinstance(d["sel"], str):
-            raise ConfigError("model.descriptor.sel is 'auto': resolve it from data first (dpmd.train does)")
-        out = cls(ntypes, d["sel"], d["rcut"], d["rcut_smth"], d["neuron"], d["resnet_dt"], d["activation_function"],
+        out = cls(ntypes, resolved_sel(d), d["rcut"], d["rcut_smth"], d["neuron"], d["resnet_dt"], d["activation_function"],
                   dtype=DTYPES[d["precision"]], seed=d["seed"], exclude_types=d["exclude_types"])
         out.embeddings.requires_grad_(d["trainable"])
         return out
@@ -104,12 +99,11 @@ class DescriptorSeT(nn.Module):
                 if t <= u:  # DeePMD-kit's net t + u * ntypes; ours are numbered u (u + 1) / 2 + t
                     ours[f"embeddings.{u * (u + 1) // 2 + t}.layers.{n[2]}.{n[3]}"] = value
             elif name in ("seat.mean", "seat.stddev"):
-                if not torch.equal(value, value[:, :1].expand_as(value)):
-                    raise DpmdError(f"{source}: descriptor.{name} differs between neighbour slots; not supported")
-                if name == "seat.mean" and bool(value[:, 0, 1:].ne(0).any()):
+                rows = per_type_rows(name, value, source)
+                if name == "seat.mean" and bool(rows[:, 1:].ne(0).any()):
                     raise DpmdError(f"{source}: descriptor.seat.mean has a non-zero angular part; not supported "
                                     f"(DeePMD-kit's statistics give zero)")
-                ours["mean" if name.endswith("mean") else "std"] = value[:, 0, :]
+                ours["mean" if name.endswith("mean") else "std"] = rows
             elif re.fullmatch(r"seat\.compress_(info|data)\.\d+", name) and value.numel() > 0:
                 raise DpmdError(f"{source}: a compressed se_e3 descriptor; not supported (import the model "
                                 f"before `dp compress`)")
