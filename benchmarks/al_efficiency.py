@@ -3,34 +3,44 @@
 Reference: EMT copper (ASE).  Held-out test frames come from long reference (EMT) Langevin MD at the explored
 temperatures (--temperatures; the campaign's NVT stage explores exactly these, so the test set covers what the
 campaign explores and nothing else).  The campaign (configs/campaign_cu_emt.yaml's structures, model template,
-trust levels and NVT stage, shortened) runs for a few iterations; after each iteration k, models are trained
-from scratch on
+trust levels and NVT stage, shortened) runs for a few iterations; after its last iteration (after each one with
+--curve), models are trained from scratch on
   - campaign: every label the campaign holds after iteration k,
+  - each --rules rule (devi, fps, dfps: explore_label_train/selection.py) replayed on the same explorations: the
+              initial labels plus, from each iteration <= k, the budget chosen by that rule among the iteration's
+              candidates, with the campaign's deviations, its first model's descriptors and the rule's own earlier
+              picks as the labelled set (so several rules are compared on one campaign; devi replayed picks
+              the frames the campaign picked with devi),
   - random:   the same initial labels plus the same number of frames drawn at random from ALL frames the
               campaign explored (any class, every iteration; labelled with EMT here), and
   - dpgen:    DP-GEN's rule on the same explorations: the initial labels plus, from each iteration <= k, frames
               drawn uniformly among that iteration's candidates (between the trust levels, passing the
               filters), at most the budget of them,
-and evaluated on the test frames.  Both baselines select from the frames the campaign explored, so the selection
-rule alone differs (a DP-GEN run would explore with its own models; here it gets the campaign's candidates).
+and evaluated on the test frames.  The baselines and rules select from the frames the campaign explored, so the
+selection rule alone differs (a DP-GEN run would explore with its own models; here it gets the campaign's candidates).
 Every point is trained --seeds times (template seeds 0..N-1, the same for every arm and every point, the same
 steps; the baselines also redraw their frames per seed), and the curve is the mean ± std over seeds: a single
 model per point is dominated by its seed (differences of 2x in held-out RMSE between seeds on the same data),
 not by its data.  The baselines are also run beyond the campaign's final count (--random-multiples: random at
 those multiples of the count, dpgen with its cap at those multiples of the budget), so the labels each needs
-for each campaign RMSE can be interpolated on its mean curve; the ratio at the campaign's final point is the
+for each arm's RMSE can be interpolated on its mean curve; the ratio at an arm's final point is the
 figure of merit (target: >= 2, i.e. the campaign needs <= 0.5x the labels), also printed per seed.  The RMSE
-per test group (structure x temperature) shows where the difference comes from.
+per test group (structure x temperature) shows where the difference comes from.  The evaluation models train
+6000 steps: at the earlier 2000 they were step-limited (on the same labels 8000 steps gave 1.5-1.7x lower
+errors, 14 labels or 72), which flattened every learning curve to the optimiser's floor.
 
 --vacancy adds a harder third structure, fcc_vac: a 2x2x2 cubic fcc cell (a = 3.61 Å) with one atom removed
-(31 atoms), meant to need more labels than the 4- and 8-atom cells, whose learning curve is flat beyond ~20.
+(31 atoms), meant to need more labels than the 4- and 8-atom cells, whose learning curve is flat from ~14.
 It is explored and tested like them but is not in the initial labels, so the campaign has to find it.
 
-    PYTHONPATH=. python benchmarks/al_efficiency.py                    # ~16 min on one core
-    PYTHONPATH=. python benchmarks/al_efficiency.py --temperatures 300 600 900 1200 --random-multiples 2 3
+    PYTHONPATH=. python benchmarks/al_efficiency.py --baselines dpgen --random-multiples 2 3 --rules dfps fps
+        # 27 models, 29 min on one core beside other jobs (load 5-7)
+    PYTHONPATH=. python benchmarks/al_efficiency.py --vacancy --baselines dpgen --random-multiples 2 3 \
+        --rules dfps --dpgen-iterations 1 3            # 18 models, 10 min (load 3-4)
+    PYTHONPATH=. python benchmarks/al_efficiency.py --temperatures 300 900 1500 --baselines dpgen \
+        --random-multiples 2 3 --rules dfps --dpgen-iterations 1 3   # a learning curve that still falls at 32 labels
     PYTHONPATH=. python benchmarks/al_efficiency.py --seeds 1 --train-steps 600 --campaign-steps 200   # quick look
-    PYTHONPATH=. python benchmarks/al_efficiency.py --vacancy --random-multiples 2 3   # ~17 min on one core
-    PYTHONPATH=. python benchmarks/al_efficiency.py --vacancy --method devi --baselines dpgen --random-multiples 2 3
+    PYTHONPATH=. python benchmarks/al_efficiency.py --curve   # the campaign and the rules after every iteration
 """
 
 from __future__ import annotations
@@ -138,7 +148,9 @@ def main(argv=None) -> int:
                     help="campaign ensemble training steps (first iteration; half of it later; default: the "
                          "campaign file's numb_steps and reuse_numb_steps)")
     ap.add_argument("--explore-steps", type=int, default=300, help="MD steps per exploration trajectory")
-    ap.add_argument("--train-steps", type=int, default=2000, help="steps of each from-scratch evaluation model")
+    ap.add_argument("--train-steps", type=int, default=6000,
+                    help="steps of each from-scratch evaluation model (at 2000 the models were step-limited: "
+                         "8000 steps gave 1.5-1.7x lower errors on the same labels, whatever their number)")
     ap.add_argument("--seeds", type=int, default=3,
                     help="evaluation models per point (seeds 0..N-1, the same for campaign and random; random "
                          "also draws its frames with a different order per seed)")
@@ -148,6 +160,15 @@ def main(argv=None) -> int:
     ap.add_argument("--baselines", nargs="+", default=["random", "dpgen"], choices=["random", "dpgen"],
                     help="random: drawn from all explored frames; dpgen: DP-GEN's rule, uniformly among each "
                          "iteration's candidates up to the budget")
+    ap.add_argument("--rules", nargs="+", default=[], choices=["devi", "fps", "dfps"],
+                    help="selection rules replayed on the campaign's explorations, like dpgen: each iteration's "
+                         "budget chosen among its candidates with the campaign's deviations, descriptors of its "
+                         "first model, and the rule's own earlier picks as the labelled set")
+    ap.add_argument("--curve", action="store_true",
+                    help="evaluate the campaign and the rules after every iteration (default: the final one only)")
+    ap.add_argument("--dpgen-iterations", type=int, nargs="+", default=None,
+                    help="the iterations after which dpgen is evaluated at the budget (default: every one; the "
+                         "multiples are always evaluated after the last)")
     ap.add_argument("--stratify", action="store_true", help="select.stratify: true")
     ap.add_argument("--test-steps", type=int, default=3000, help="reference MD steps per temperature (test set)")
     ap.add_argument("--temperatures", type=float, nargs="+", default=[300.0, 900.0])
@@ -170,6 +191,7 @@ def main(argv=None) -> int:
     from explore_label_train.campaign import Campaign, read_structure
     from explore_label_train.config import STRUCTURE, load_campaign
     from explore_label_train.labelers import label
+    from explore_label_train.selection import choose, frame_descriptors
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     t_start = time.perf_counter()
@@ -243,18 +265,25 @@ def main(argv=None) -> int:
         return out
 
     # the explored pool: every frame of every exploration, any class
-    pool = st.q("SELECT frame_id, iteration, file, idx, class, filter FROM frames ORDER BY frame_id")
+    pool = st.q("SELECT frame_id, iteration, file, idx, class, filter, max_devi_f FROM frames ORDER BY frame_id")
     initial = st.q("SELECT file FROM labels WHERE frame_id IS NULL ORDER BY label_id")
     n_init = len(initial)
     pool_labels: dict = {}   # pool index -> EMT label, labelled lazily
+    pool_files: dict = {}
+
+    def pool_frame(i):
+        """(coord, box) of pool frame i."""
+        f = pool[i]["file"]
+        if f not in pool_files:
+            pool_files[f] = dict(np.load(camp.root / f))
+        return pool_files[f]["coord"][pool[i]["idx"]], pool_files[f]["box"][pool[i]["idx"]]
 
     def labelled(picks):
         """The initial labels and the pool frames `picks`, labelled with EMT here."""
         out = frames_of(initial)
         for i in picks:
             if i not in pool_labels:
-                z = np.load(camp.root / pool[i]["file"])
-                coord, box = z["coord"][pool[i]["idx"]], z["box"][pool[i]["idx"]]
+                coord, box = pool_frame(i)
                 v = label({"symbols": ["Cu"] * len(coord), "positions": coord.tolist(), "cell": box.tolist(),
                            "calculator": "emt", "kwargs": {}})
                 pool_labels[i] = (coord, box, v["energy"], v["forces"])
@@ -269,6 +298,7 @@ def main(argv=None) -> int:
     # DP-GEN's rule: in each iteration, uniformly among that iteration's candidates (between the trust levels,
     # passing the filters), at most `cap` of them; the orders are drawn once per seed and iteration, so a
     # larger cap adds frames to a smaller one's
+    its = [r[0] for r in st.q("SELECT iteration FROM iterations WHERE status='done' ORDER BY iteration")]
     cands = {}
     for i, r in enumerate(pool):
         if r["class"] == "candidate" and r["filter"] is None:
@@ -278,8 +308,42 @@ def main(argv=None) -> int:
         return [i for it, idx in sorted(cands.items()) if it <= upto
                 for i in np.array(idx)[np.random.default_rng([args.seed, seed, it]).permutation(len(idx))][:cap]]
 
+    def descriptors(model, frames):
+        """selection.frame_descriptors of (coord, box) frames of any sizes, in their order."""
+        out = [None] * len(frames)
+        by_n: dict = {}
+        for j, (coord, box) in enumerate(frames):
+            by_n.setdefault(len(coord), []).append(j)
+        for n, js in by_n.items():
+            f = frame_descriptors(model, np.stack([frames[j][0] for j in js]), np.zeros(n, dtype=int),
+                                  np.stack([frames[j][1] for j in js]))
+            for j, row in zip(js, f):
+                out[j] = row
+        return np.stack(out)
+
+    def rule_picks(method, upto):
+        """A selection rule replayed on the campaign's explorations: at each iteration <= upto, the budget chosen
+        among that iteration's candidates by their deviation (the campaign's ensemble) and descriptors (its first
+        model), with the initial labels and the rule's own earlier picks as the labelled set."""
+        from dpmd.model import load_model
+
+        init = [(c, b) for fr in frames_of(initial).values() for c, b, _, _ in fr]
+        picks = []
+        for it in its:
+            idx = cands.get(it, [])
+            if it > upto or not idx:
+                continue
+            model = load_model(camp.model_path(it, 0)).eval()
+            feats = descriptors(model, [pool_frame(i) for i in idx])
+            lab = descriptors(model, init + [pool_frame(i) for i in picks])
+            chosen, _ = choose([{"max_devi_f": pool[i]["max_devi_f"]} for i in idx], args.budget, method, feats,
+                               seed=it, labelled=lab)
+            picks += [idx[j] for j in chosen]
+        return picks
+
     seeds = list(range(args.seeds))
-    arms = ["campaign"] + args.baselines
+    selecting = ["campaign"] + args.rules     # the arms whose labels are judged against the baselines
+    arms = selecting + args.baselines
     curve = {k: {} for k in arms}       # labels -> [rmse per seed]
     groups = {k: {} for k in arms}      # labels -> [[rmse per test group] per seed]
 
@@ -293,13 +357,18 @@ def main(argv=None) -> int:
         print(f"  {kind:>8} {n:>4} labels seed {s}: {curve[kind][n][-1]:.4f}", flush=True)
 
     t0 = time.perf_counter()
-    its = [r[0] for r in st.q("SELECT iteration FROM iterations WHERE status='done' ORDER BY iteration")]
     counts = []
     for it in its:
         rows = st.q("SELECT file FROM labels WHERE iteration<=? ORDER BY label_id", it)
-        for s in seeds:
-            evaluate("campaign", len(rows), frames_of(rows), f"campaign{it}_s{s}", s)
         counts.append(len(rows) - n_init)
+        if args.curve or it == its[-1]:
+            for s in seeds:
+                evaluate("campaign", len(rows), frames_of(rows), f"campaign{it}_s{s}", s)
+        for rule in args.rules:
+            if args.curve or it == its[-1]:
+                picks = rule_picks(rule, it)
+                for s in seeds:
+                    evaluate(rule, n_init + len(picks), labelled(picks), f"{rule}{it}_s{s}", s)
     final = counts[-1] if counts else 0
     multiples = sorted(set(args.random_multiples) - {1.0})
     if "random" in arms:
@@ -312,7 +381,8 @@ def main(argv=None) -> int:
                          f"random{n_explored}_s{s}", s)
     if "dpgen" in arms:
         # the campaign's budget at every iteration, then larger caps (the multiples) over all its iterations
-        points = [(args.budget, it) for it in its] + [(int(round(m * args.budget)), its[-1]) for m in multiples]
+        at = its if args.dpgen_iterations is None else [it for it in its if it in args.dpgen_iterations]
+        points = [(args.budget, it) for it in at] + [(int(round(m * args.budget)), its[-1]) for m in multiples]
         for cap, upto in points:
             n = n_init + sum(min(cap, len(idx)) for it, idx in cands.items() if it <= upto)
             if n in curve["dpgen"]:
@@ -338,26 +408,30 @@ def main(argv=None) -> int:
         per_group = [" ".join(f"{x:.3f}" for x in np.mean(groups[k][n], axis=0)) if n in mean[k] else "-"
                      for k in arms]
         print(f"{n:>7}  " + "  ".join(f"{x:>15}" for x in cells) + "   " + " | ".join(per_group))
-    c = mean["campaign"]
-    target_n = max(c)
+    # the figure of merit: the labels a baseline needs for a selecting arm's RMSE, over the arm's labels
     ratios, ratio, per_seed = {}, {}, {}
-    for base in args.baselines:
-        rn = sorted(mean[base])
-        ratios[base] = {}
-        for n in sorted(c):
-            need = labels_needed(rn, [mean[base][k] for k in rn], c[n])
-            ratios[base][n] = None if need is None else need / n
-            print(f"campaign at {n:>3} labels ({c[n]:.4f}): {base} needs "
-                  + (f"~{need:.0f} labels, ratio {need / n:.2f}" if need is not None
-                     else f"more than {rn[-1]} labels, ratio > {rn[-1] / n:.2f}"))
-        ratio[base] = ratios[base][target_n]
-        per_seed[base] = []
-        for i in seeds:
-            need = labels_needed(rn, [curve[base][k][i] for k in rn], curve["campaign"][target_n][i])
-            per_seed[base].append(None if need is None else need / target_n)
-        shown = [f"> {rn[-1] / target_n:.2f}" if x is None else f"{x:.2f}" for x in [ratio[base]] + per_seed[base]]
-        print(f"{base} / campaign labels at the campaign's final point ({target_n} labels): {shown[0]} "
-              f"(target >= 2); per seed: {', '.join(shown[1:])}")
+    for arm in selecting:
+        c = mean[arm]
+        final = max(c)
+        ratios[arm], ratio[arm], per_seed[arm] = {}, {}, {}
+        for base in args.baselines:
+            rn = sorted(mean[base])
+            ratios[arm][base] = {}
+            for n in sorted(c):
+                need = labels_needed(rn, [mean[base][k] for k in rn], c[n])
+                ratios[arm][base][n] = None if need is None else need / n
+                print(f"{arm} at {n:>3} labels ({c[n]:.4f}): {base} needs "
+                      + (f"~{need:.0f} labels, ratio {need / n:.2f}" if need is not None
+                         else f"more than {rn[-1]} labels, ratio > {rn[-1] / n:.2f}"))
+            ratio[arm][base] = ratios[arm][base][final]
+            per_seed[arm][base] = []
+            for i in seeds:
+                need = labels_needed(rn, [curve[base][k][i] for k in rn], curve[arm][final][i])
+                per_seed[arm][base].append(None if need is None else need / final)
+            shown = [f"> {rn[-1] / final:.2f}" if x is None else f"{x:.2f}"
+                     for x in [ratio[arm][base]] + per_seed[arm][base]]
+            print(f"{base} / {arm} labels at {arm}'s final point ({final} labels): {shown[0]} (target >= 2); "
+                  f"per seed: {', '.join(shown[1:])}")
     times["total"] = time.perf_counter() - t_start
     print("\nwall time per stage (s):")
     for k, v in times.items():

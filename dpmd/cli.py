@@ -80,9 +80,12 @@ def _compress(args) -> None:
     spec = compress_file(args.input, args.output, step=args.step, extrapolate=args.extrapolate,
                          check_frequency=args.check_frequency, training_systems=systems,
                          min_nbor_dist=args.min_nbor_dist, systems_source=args.training_input or "the training data")
-    logger.info(f"compressed {args.input} -> {args.output}: min_nbor_dist {spec['min_nbor_dist']:.4f} Å, tables "
-                f"{spec['n_fine']} x {spec['step']} + {spec['n_coarse']} x {spec['step_coarse']} in normalised s, "
-                f"covering r >= {min(spec['rmin']):.4f} Å")
+    layouts = spec.get("list", [spec])  # a hybrid's: one per descriptor
+    tables = "; ".join(f"{lay['n_coarse_low'] + lay['n_coarse']} x {lay['step_coarse']:g} + {lay['n_fine']} x "
+                       f"{lay['step']:g}" for lay in layouts)
+    rmin = min(max(r) for r in zip(*(lay["rmin"] for lay in layouts)))  # per type, what every table covers
+    logger.info(f"compressed {args.input} -> {args.output}: min_nbor_dist {spec['min_nbor_dist']:.4f} Å, table "
+                f"intervals {tables}, covering r >= {rmin:.4f} Å")
 
 
 def _md(args) -> None:
@@ -221,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--training-input", default=None,
                    help="training input (YAML/JSON): its training systems give min_nbor_dist")
     p.add_argument("--min-nbor-dist", type=float, default=None, help="smallest neighbour distance (Å) instead of -t")
-    p.add_argument("-s", "--step", type=float, default=0.01, help="table step in normalised s")
+    p.add_argument("-s", "--step", type=float, default=0.01,
+                   help="table step of the embedding nets' input (normalised s; se_e3: the angular product)")
     p.add_argument("-e", "--extrapolate", type=float, default=5.0,
                    help="tables reach extrapolate x the data's upper bound")
     p.add_argument("-f", "--check-frequency", type=int, default=-1,

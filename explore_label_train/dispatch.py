@@ -23,6 +23,11 @@ retried `retries` times after waiting `retry_wait` seconds, doubled each time; t
 result back are not submitted again.  A Python job enforces the task time limit itself, so a labeller over
 its limit is a failed task, not a failed job (a DFT job has the scheduler's limit).  Python jobs read
 task.json and write result.json (plain JSON: nothing coming back from a cluster is unpickled).
+
+No job needs the campaign's filesystem: what a job reads is sent with it (dpdispatcher's forward_files and
+forward_common_files, a Python task's INPUTS) and what it writes comes back (backward_files: a Python job's
+result.json and its out/ folder).  While jobs run, their states are polled and reported as the scheduler
+gives them (waiting, running, finished), so `elt status` in another process sees them change.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from dpmd.errors import ConfigError, DpmdError
-from dpmd.files import atomic_write_text
+from dpmd.files import atomic_symlink, atomic_write_text
 
 FUNCTIONS = {"label": ("explore_label_train.labelers", "label"),
              "dft": ("explore_label_train.dft", "label"),
@@ -248,6 +253,18 @@ def check_dpdispatcher(cfg: dict, where: str = "dispatcher") -> None:
 #        read(folder) -> the task's value, raising DpmdError with the reason of a failed task)
 SHELL_TASKS = {"dft": ("explore_label_train.dft", "prepare_job", "parse")}
 TASK_FILE, RESULT_FILE = "task.json", "result.json"
+# A Python job writes its files under OUTPUT_DIR (made before it starts, so it always comes back, with the
+# files of a task that failed too).  A Python task's payload may carry INPUTS, {"task": {name: local path},
+# "common": {name: local path}}: the files the job reads, named as its payload names them, relative to its
+# folder ("task": sent into it) or to the dispatch folder ("common": sent once for the whole submission, read as
+# ../<name>); the pool links them there and takes INPUTS out of the payload the job reads.
+OUTPUT_DIR, INPUTS = "out", "inputs"
+DISPATCH_DIR = "dispatch"   # in the work_dir: a folder per task, the submissions' work_base
+
+
+def job_folder(work_dir, task_id: str) -> Path:
+    """A cluster task's folder in the campaign (its inputs, and what its job brought back)."""
+    return Path(work_dir) / DISPATCH_DIR / task_id
 
 
 def _shell_task(fn: str):
@@ -280,7 +297,9 @@ class DPDispatcherPool:
     job's command, so dpdispatcher's submission hash changes with any task's content), whose record in the
     remote root dpdispatcher finds, re-attaching to its jobs, queued, running or finished, instead of
     submitting them twice.  `on_jobs(submission_hash, rows)`, if given, hears of the jobs (_job_rows) once they
-    are submitted or found, and once they ended.
+    are submitted or found, whenever a poll finds a job's state changed, and once they ended.
+    A Python task's INPUTS are linked into its folder (and the dispatch folder) and sent with the job; its
+    out/ folder comes back with its result.json.
     """
 
     def __init__(self, cfg: dict, work_dir: Path, sleep=time.sleep):
@@ -288,15 +307,20 @@ class DPDispatcherPool:
 
         check_dpdispatcher(cfg)
         self.cfg, self.work_dir, self.sleep = {**DISPATCHER, **cfg}, Path(work_dir), sleep
-        self.root = self.work_dir / "dispatch"
-        self._specs: dict = {}   # task_id -> (fn, command, files to send, files to fetch back)
+        self.root = self.work_dir / DISPATCH_DIR
+        self._specs: dict = {}   # task_id -> (fn, command, files to send, files to fetch back, common files)
         self._on_jobs = None
 
     def _prepare(self, task_id: str, fn: str, payload) -> tuple:
-        """The task's folder (rewritten unless it holds this very task) and its job (fn, command, send, fetch)."""
-        folder = self.root / task_id
+        """The task's folder (rewritten unless it holds this very task) and its job (fn, command, send, fetch,
+        common files)."""
+        folder = job_folder(self.work_dir, task_id)
+        inputs = payload.get(INPUTS) if isinstance(payload, dict) else None
+        if inputs is not None:
+            payload = {k: v for k, v in payload.items() if k != INPUTS}
         record = json.loads(json.dumps({"task_id": task_id, "fn": fn, "payload": payload,
-                                        "timeout": self.cfg["timeout"]}, default=_plain))
+                                        "timeout": self.cfg["timeout"],
+                                        **({"inputs": inputs} if inputs else {})}, default=_plain))
         try:
             same = json.loads((folder / TASK_FILE).read_text()) == record
         except (OSError, ValueError):
@@ -305,43 +329,63 @@ class DPDispatcherPool:
             shutil.rmtree(folder)
         if same and fn not in SHELL_TASKS and (folder / RESULT_FILE).exists():
             try:
-                kept = json.loads((folder / RESULT_FILE).read_text())["ok"] is True
+                kept = json.loads((folder / RESULT_FILE).read_text())["ok"] is True and (folder / OUTPUT_DIR).is_dir()
             except (OSError, ValueError, TypeError, KeyError):
                 kept = False
-            if not kept:   # a failed (or unreadable) result is not reused: the task gets a job again
+            if not kept:   # a failed (or unreadable, or incomplete) result is not reused: the task gets a job again
                 (folder / RESULT_FILE).unlink()
+        common = []
         if fn in SHELL_TASKS:
             command, send, fetch = _shell_task(fn)[0](payload, folder, write=not same)
         else:
             folder.mkdir(parents=True, exist_ok=True)
             command = f"{self.cfg['python']} -m explore_label_train.dispatch {TASK_FILE}"
-            send, fetch = [TASK_FILE], [RESULT_FILE]
+            send, fetch = [TASK_FILE], [RESULT_FILE, OUTPUT_DIR]
+            for name, source in ((inputs or {}).get("task") or {}).items():
+                _link(folder / name, source)
+                send.append(name)
+            for name, source in ((inputs or {}).get("common") or {}).items():
+                _link(self.root / name, source)
+                common.append(name)
         if not same:
             _write_json(folder / TASK_FILE, record)
         digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-        return fn, f": elt task {digest}; {command}", list(send), list(fetch)
+        return fn, f": elt task {digest}; {command}", list(send), list(fetch), common
 
     def _submit(self, tasks) -> None:
         """One dpdispatcher submission of `tasks` (task_id, fn, payload), run to its end; raises on scheduler
         errors.  Submitted (or found: re-attached) first, without cleaning the remote record a later run would
-        re-attach with, then waited for, fetched back and cleaned."""
+        re-attach with; then polled every poll_interval seconds, each change of a job's state reported as the
+        scheduler gives it (dpdispatcher's own loop would only tell at the end), a job the scheduler lost
+        resubmitted by dpdispatcher; then the results fetched back and the remote folders cleaned."""
         from dpdispatcher import Machine, Resources, Submission, Task
 
-        jobs = [Task(command=self._specs[task_id][1], task_work_path=task_id, forward_files=self._specs[task_id][2],
-                     backward_files=self._specs[task_id][3], outlog="out.log", errlog="err.log")
-                for task_id, _, _ in tasks]
+        specs = [self._specs[task_id] for task_id, _, _ in tasks]
+        jobs = [Task(command=spec[1], task_work_path=task_id, forward_files=spec[2], backward_files=spec[3],
+                     outlog="out.log", errlog="err.log") for (task_id, _, _), spec in zip(tasks, specs)]
+        common = sorted({name for spec in specs for name in spec[4]})
         submission = Submission(work_base=str(self.root), machine=Machine.load_from_dict(self.cfg["machine"]),
-                                resources=Resources.load_from_dict(self.cfg["resources"]), task_list=jobs)
-        poll = {} if self.cfg["poll_interval"] is None else {"check_interval": self.cfg["poll_interval"]}
-        submission.run_submission(exit_on_submit=True, clean=False, **poll)
+                                resources=Resources.load_from_dict(self.cfg["resources"]), task_list=jobs,
+                                forward_common_files=common)
+        interval = 30 if self.cfg["poll_interval"] is None else self.cfg["poll_interval"]   # dpdispatcher's
+        submission.run_submission(exit_on_submit=True, clean=False, check_interval=interval)
+        rows = _job_rows(submission)
+        self._jobs(submission, rows)
+        while not submission.check_all_finished():
+            time.sleep(interval)
+            submission.update_submission_state()
+            submission.handle_unexpected_submission_state()   # resubmits a terminated job, raises past its retries
+            if _job_rows(submission) != rows:
+                rows = _job_rows(submission)
+                self._jobs(submission, rows)
+        # all finished: this call fetches what the jobs wrote (nothing twice) and cleans their remote folders
+        submission.run_submission(check_interval=interval)
+        if _job_rows(submission) != rows:
+            self._jobs(submission, _job_rows(submission))
+
+    def _jobs(self, submission, rows) -> None:
         if self._on_jobs is not None:
-            self._on_jobs(submission.submission_hash, _job_rows(submission))
-        if submission.check_all_finished():   # finished already: that call fetched the results
-            submission.clean_jobs()
-        else:
-            submission.run_submission(**poll)
-        if self._on_jobs is not None:
-            self._on_jobs(submission.submission_hash, _job_rows(submission))
+            self._on_jobs(submission.submission_hash, rows)
 
     def run(self, tasks, on_done, on_start=None, on_jobs=None) -> None:   # on_start: no pid to record
         tasks = list(tasks)
@@ -407,6 +451,14 @@ class DPDispatcherPool:
             on_done(task_id, ok, value, time.monotonic() - t0)
 
 
+def _link(link: Path, target) -> None:
+    """link -> target (absolute), made or repointed in one step; dpdispatcher sends what it points at."""
+    target = os.path.abspath(target)
+    if not (link.is_symlink() and os.readlink(link) == target):
+        link.parent.mkdir(parents=True, exist_ok=True)
+        atomic_symlink(target, link)
+
+
 def make_pool(cfg: dict, work_dir: Path):
     if cfg["backend"] == "dpdispatcher":
         return DPDispatcherPool(cfg, work_dir)
@@ -436,6 +488,7 @@ def _main(argv) -> int:
     """Run one task (task.json in the current directory) and write result.json (the dpdispatcher job)."""
     task = json.loads(Path(argv[0]).read_text())
     task_id, fn, payload, timeout = task["task_id"], task["fn"], task["payload"], task["timeout"]
+    Path(OUTPUT_DIR).mkdir(exist_ok=True)
     signal.signal(signal.SIGALRM, _on_alarm)
     if timeout is not None:   # None: no limit (training)
         signal.setitimer(signal.ITIMER_REAL, float(timeout))

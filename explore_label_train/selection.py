@@ -12,11 +12,16 @@ rest, up to `budget` frames are chosen by `method`; every frame gets a reason:
     fps      farthest-point sampling on per-frame descriptors (the mean se_e2_a descriptor of each element,
              from the first ensemble model, each feature in units of its spread over the candidates),
              starting from the frame with the largest deviation
+    dfps     deviation-weighted farthest-point sampling: each pick the largest max_devi_f x descriptor distance
+             to the nearest frame already labelled (when the caller gives their descriptors) or chosen, so that
+             uncertain frames come first but not two of one kind nor one like those already labelled
     random   uniformly (DP-GEN's rule)
 
-benchmarks/al_efficiency.py compares them: on its Cu and Cu + vacancy problems devi needed fewer labels than
-fps for a given held-out force error, and DP-GEN's rule needed 0.9-2.5x devi's labels depending on the seeds;
-the learning curves are nearly flat past ~26 labels, so these ratios are noisy (benchmarks/README.md).
+benchmarks/al_efficiency.py compares them with DP-GEN's rule on the same explorations (benchmarks/README.md):
+devi, the default, needed the fewest labels on Cu at 300/900/1500 K (DP-GEN's rule more than 2x devi's for every
+training seed) and on Cu + vacancy, where dfps needed more than DP-GEN's rule (it spent labels on the small cells,
+far in descriptor space but already accurate, instead of the 31-atom cell whose frames needed them); on Cu at
+300/900 K every rule ends within the seed spread of the others.
 
 With `stratify`, the budget is first shared among the exploration conditions (structure, temperature,
 pressure): one label for each condition with candidates while the budget lasts, the rest in proportion
@@ -82,25 +87,12 @@ def check_frame(symbols, positions, cell, filters: dict) -> str | None:
             return f"volume per atom {vol / n:.2f} Å^3 outside [{vpa[0]:g}, {vpa[1]:g}]"
     dmin_allowed = filters.get("min_distance")
     if dmin_allowed:
+        from dpmd.geometry.neighbor import min_pair_distance   # (torch: imported when the filter is used)
+
         d = min_pair_distance(pos, cell, dmin_allowed)
         if d is not None and d < dmin_allowed:
             return f"atoms {d:.3f} Å apart < min_distance {dmin_allowed:g}"
     return None
-
-
-def min_pair_distance(positions, cell, cutoff: float) -> float | None:
-    """The smallest interatomic distance below `cutoff` (periodic images included), or None."""
-    from ase import Atoms
-    from ase.neighborlist import neighbor_list
-
-    atoms = Atoms(positions=positions, cell=cell, pbc=cell is not None)
-    if cell is None:
-        span = np.ptp(positions, axis=0) + 2 * cutoff + 1.0
-        atoms.set_cell(np.diag(span))
-    d = neighbor_list("d", atoms, cutoff)
-    if len(d) == 0:
-        return None
-    return float(d.min())
 
 
 def frame_descriptors(model, coords, types, boxes, chunk: int = 64) -> np.ndarray:
@@ -129,32 +121,50 @@ def frame_descriptors(model, coords, types, boxes, chunk: int = 64) -> np.ndarra
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 
-def farthest_point_sampling(features: np.ndarray, k: int, start: int = 0):
+def farthest_point_sampling(features: np.ndarray, k: int, start: int | None = 0, weights=None, reference=None):
     """Indices of k rows chosen greedily to be far from those already chosen, the distance of each at its choice,
-    and every row's distance to the nearest chosen row.  O(rows x k): one matrix-vector product per choice, with
-    squared distances from the norms, |a - b|^2 = |a|^2 + |b|^2 - 2 a.b (centre the rows first for accuracy)."""
+    and every row's distance to the nearest chosen row.  O(rows x (k + reference rows)): one matrix-vector product
+    per choice (blocked matrix products for the reference rows), with squared distances from the norms,
+    |a - b|^2 = |a|^2 + |b|^2 - 2 a.b (centre the rows first for accuracy).
+
+    reference: rows chosen before (e.g. the labelled frames, in the same feature space): distances count from them
+    too.  weights (positive, one per row): each choice maximises weight x distance instead of the distance.
+    start: the first choice, or None for the same rule (the largest weight when nothing is chosen yet)."""
     x = np.asarray(features, dtype=float)
     m = len(x)
-    if m == 0 or k <= 0:
-        return [], [], np.full(m, np.inf)
     sq = np.einsum("ij,ij->i", x, x)
 
-    def dist2(i):
-        d2 = sq + sq[i] - 2.0 * (x @ x[i])
+    def dist2(y):   # (rows, len(y)): squared distances from every row to the rows of y
+        sy = np.einsum("ij,ij->i", y, y)
+        d2 = sq[:, None] + sy - 2.0 * (x @ y.T)
         # rounding leaves duplicates a few ulps from zero: make them exactly zero, so they are taken in row order
-        d2[d2 <= 1e-12 * (sq + sq[i])] = 0.0
+        d2[d2 <= 1e-12 * (sq[:, None] + sy)] = 0.0
         return d2
 
-    chosen, dist_at = [int(start)], [float("inf")]
-    dmin = dist2(start)
-    dmin[start] = -1.0
+    dmin = np.full(m, np.inf)
+    if reference is not None:
+        ref = np.asarray(reference, dtype=float)
+        for a in range(0, len(ref), 256):   # blocks of reference rows: matrix products, not one per row
+            np.minimum(dmin, dist2(ref[a:a + 256]).min(axis=1, initial=np.inf), out=dmin)
+    if m == 0 or k <= 0:
+        return [], [], np.sqrt(dmin)
+    w2 = np.ones(m) if weights is None else np.asarray(weights, dtype=float) ** 2
+    taken = np.zeros(m, dtype=bool)
+    chosen, dist_at = [], []
     while len(chosen) < min(k, m):
-        i = int(np.argmax(dmin))   # the first of equals: once only duplicates are left, in row order
+        if chosen or start is None:
+            # the first of equals: once only duplicates are left, in row order; nothing chosen or referenced
+            # yet (every distance infinite): the largest weight
+            score = w2 * dmin if np.isfinite(dmin).any() else w2.copy()
+            score[taken] = -np.inf
+            i = int(np.argmax(score))
+        else:
+            i = int(start)
         chosen.append(i)
         dist_at.append(float(np.sqrt(dmin[i])))
-        np.minimum(dmin, dist2(i), out=dmin)
-        dmin[i] = -1.0
-    dmin[chosen] = 0.0
+        np.minimum(dmin, dist2(x[i:i + 1])[:, 0], out=dmin)
+        taken[i] = True
+    dmin[taken] = 0.0
     return chosen, dist_at, np.sqrt(dmin)
 
 
@@ -182,14 +192,14 @@ def stratum_shares(strata: list, budget: int) -> dict:
 
 
 def choose_stratified(candidates: list[dict], strata: list, budget: int, method: str,
-                      features: np.ndarray | None, seed: int = 0):
+                      features: np.ndarray | None, seed: int = 0, labelled: np.ndarray | None = None):
     """choose() within each stratum (e.g. an exploration condition) on its share of the budget."""
     chosen: list[int] = []
     reasons: dict[int, str] = {}
     for key, share in stratum_shares(strata, budget).items():
         idx = [i for i, k in enumerate(strata) if k == key]
         sub, sub_reasons = choose([candidates[i] for i in idx], share, method,
-                                  None if features is None else features[idx], seed)
+                                  None if features is None else features[idx], seed, labelled)
         chosen += [idx[j] for j in sub]
         label = "/".join(str(x) for x in key) if isinstance(key, tuple) else str(key)
         for j, why in sub_reasons.items():
@@ -197,15 +207,18 @@ def choose_stratified(candidates: list[dict], strata: list, budget: int, method:
     return chosen, reasons
 
 
-def choose(candidates: list[dict], budget: int, method: str, features: np.ndarray | None, seed: int = 0):
-    """candidates: dicts with 'max_devi_f'; returns {index: reason} for chosen ones and the reasons of the rest."""
+def choose(candidates: list[dict], budget: int, method: str, features: np.ndarray | None, seed: int = 0,
+           labelled: np.ndarray | None = None):
+    """candidates: dicts with 'max_devi_f'; returns the chosen indices and every candidate's reason.  features: one
+    row per candidate (fps, dfps); labelled: the same features of the frames labelled so far, which fps and dfps
+    keep away from."""
     reasons: dict[int, str] = {}
     chosen: list[int] = []
     m = len(candidates)
     if m == 0:
         return chosen, reasons
     devi = np.array([c["max_devi_f"] for c in candidates])
-    to_chosen = None   # fps: each candidate's descriptor distance to the nearest chosen one
+    to_chosen = None   # fps, dfps: each candidate's descriptor distance to the nearest chosen (or labelled) one
     if method == "random":   # DP-GEN's rule: uniformly among the candidates
         rng = np.random.default_rng(seed)
         chosen = list(rng.permutation(m)[:budget])
@@ -217,12 +230,19 @@ def choose(candidates: list[dict], budget: int, method: str, features: np.ndarra
             reasons[int(i)] = f"selected: rank {rank + 1} by max_devi_f"
     else:
         # distances in units of each feature's spread over these candidates
-        scale = features.std(axis=0)
-        feats = (features - features.mean(axis=0)) / np.where(scale > 0, scale, 1.0)
-        chosen, dist, to_chosen = farthest_point_sampling(feats, budget, start=int(np.argmax(devi)))
-        for rank, (i, d) in enumerate(zip(chosen, dist)):
-            reasons[i] = ("selected: fps start (largest max_devi_f)" if rank == 0
-                          else f"selected: fps #{rank + 1}, descriptor distance {d:.3g} to the chosen")
+        mean, scale = features.mean(axis=0), features.std(axis=0)
+        scale = np.where(scale > 0, scale, 1.0)
+        feats = (features - mean) / scale
+        ref = None if labelled is None or not len(labelled) else (np.asarray(labelled) - mean) / scale
+        if method == "dfps":   # the largest deviation x distance to the labelled and the chosen, each in turn
+            chosen, dist, to_chosen = farthest_point_sampling(feats, budget, start=None, weights=devi, reference=ref)
+            for rank, (i, d) in enumerate(zip(chosen, dist)):
+                reasons[i] = f"selected: dfps #{rank + 1}, max_devi_f {devi[i]:.3g} x descriptor distance {d:.3g}"
+        else:
+            chosen, dist, to_chosen = farthest_point_sampling(feats, budget, start=int(np.argmax(devi)), reference=ref)
+            for rank, (i, d) in enumerate(zip(chosen, dist)):
+                reasons[i] = ("selected: fps start (largest max_devi_f)" if rank == 0
+                              else f"selected: fps #{rank + 1}, descriptor distance {d:.3g} to the chosen")
     chosen = [int(i) for i in chosen]
     taken = set(chosen)
     for i in range(m):

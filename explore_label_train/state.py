@@ -7,7 +7,8 @@ at once), so a kill -9 at any moment leaves either all of it or none of it.  Fil
 named by the task id and written atomically before that transaction, so redoing an unfinished task
 overwrites, never duplicates.  A done task records the sha256 of each file it produced (result "files");
 readers check the file against it before use.  Cluster jobs (table jobs) are recorded as dpdispatcher last
-saw them, for `elt status`; re-attaching to them after a kill is dpdispatcher's (dispatch.DPDispatcherPool).
+saw them (when submitted or found, at each change of state a poll finds, at the end), for `elt status` in
+another process; re-attaching to them after a kill is dpdispatcher's (dispatch.DPDispatcherPool).
 
 Opening checks the database before anything reads or writes it (SQLite's quick_check, the campaign's
 tables); a corrupt or foreign file is a one-line StateError naming it.

@@ -277,6 +277,62 @@ def test_batched_ensemble_equals_one_by_one(cell):
     assert not torch.allclose(outs[0]["force"], outs[1]["force"])
 
 
+FAST_PATHS = {**VARIANTS, "strip_attn0": dict(kind="se_atten_v2", attn_layer=0),
+              "strip_two_sides": dict(kind="se_atten_v2", exclude_types=[[1, 1]])}
+
+
+@pytest.mark.parametrize("name", list(FAST_PATHS))
+def test_fast_paths_equal_the_reference(name, cell):
+    """What runs by default (the kernel library's rows and contraction, the embedding linearised in s and sw,
+    the attention's hand-written backward for forces, weight-only terms cached) gives the PyTorch reference's
+    energy, forces and virial, and, under training's weight_gradients_only, its force-loss weight gradients."""
+    from dpmd import ops
+    from dpmd.model.forces import evaluate
+
+    coord, atype, box = cell
+    model = atten_model(**FAST_PATHS[name])
+    out = model(coord, atype, box)
+    again = model(coord, atype, box)  # the cached weight terms
+    with ops.reference_only():
+        ref = model(coord, atype, box)
+    for key in ("energy", "atom_energy", "force", "virial"):
+        assert torch.allclose(out[key], ref[key], rtol=1e-12, atol=1e-10), key
+        assert torch.equal(again[key], out[key]), key
+    graph = build_graph(coord, atype, box, model.rcut)
+    u = torch.randn(coord.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def weight_gradients():
+        with ops.weight_gradients_only():
+            loss = (evaluate(model, graph, create_graph=True)["force"] * u).sum()
+        return torch.autograd.grad(loss, params, allow_unused=True)
+
+    model.train()
+    fast = weight_gradients()
+    with ops.reference_only():
+        slow = weight_gradients()
+    for p, a, b in zip(params, fast, slow):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_cached_weight_terms_follow_the_weights(cell):
+    """Inference caches what depends on the weights alone (type embedding, strip table, padding); an in-place
+    update of the weights (an optimizer step, a load) is seen at the next call."""
+    coord, atype, box = cell
+    model = atten_model(kind="se_atten_v2")
+    before = model(coord, atype, box)["energy"]
+    with torch.no_grad():
+        model.descriptor.type_embedding.matrix.mul_(1.1)
+        model.descriptor.embedding_strip.layers[0].bias.add_(0.1)
+    fresh = atten_model(kind="se_atten_v2")
+    fresh.load_state_dict(model.state_dict())
+    after = model(coord, atype, box)["energy"]
+    assert float(after) != pytest.approx(float(before), abs=1e-6)
+    assert float(after) == pytest.approx(float(fresh(coord, atype, box)["energy"]), abs=1e-12)
+
+
 def test_too_many_neighbours_is_an_error(cell):
     coord, atype, box = cell
     model = atten_model(sel=8, attn_layer=0)

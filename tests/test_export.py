@@ -60,7 +60,7 @@ def test_scripted_equals_eager(model, scripted, water, case):
     graph, ref = eager_reference(model, coord, atype, box)
     out = scripted(coord, atype, box, graph["center"], graph["neighbor"], graph["shift"], -1, True)
     assert_same(out, ref, 1e-12)
-    # without an edge list the module searches neighbours itself (brute force)
+    # without an edge list the module searches neighbours itself (the reference search, compiled in)
     out = scripted(coord, atype, box, atom_virial=True)
     assert_same(out, ref, 1e-12)
 

@@ -12,7 +12,8 @@
 namespace dpmd {
 
 // DeePMD's quintic switch: sw = 1 below rmin, 0 above rmax, C2 in between (u = (r - rmin) / (rmax - rmin)):
-// sw = u^3 (-6 u^2 + 15 u - 10) + 1.  Returns sw and dsw/dr.
+// sw = u^3 (-6 u^2 + 15 u - 10) + 1, evaluated as (1 - u)^3 (1 + 3 u + 6 u^2) (and dsw/du = -30 u^2 (1 - u)^2):
+// full relative accuracy near rmax, where the expanded form cancels.  Returns sw and dsw/dr.
 template <typename T>
 DPMD_HOST_DEVICE void quintic_switch(T r, T rmin, T rmax, T& sw, T& dsw) {
   T u = (r - rmin) / (rmax - rmin);
@@ -23,8 +24,9 @@ DPMD_HOST_DEVICE void quintic_switch(T r, T rmin, T rmax, T& sw, T& dsw) {
     sw = T(0);
     dsw = T(0);
   } else {
-    sw = u * u * u * (T(-6) * u * u + T(15) * u - T(10)) + T(1);
-    dsw = u * u * (T(-30) * u * u + T(60) * u - T(30)) / (rmax - rmin);
+    T v = T(1) - u;
+    sw = v * v * v * (T(1) + T(3) * u + T(6) * u * u);
+    dsw = T(-30) * u * u * v * v / (rmax - rmin);
   }
 }
 

@@ -12,7 +12,9 @@
 #include "neighbor.h"
 #include "update.h"
 
+#include <c10/core/DeviceGuard.h>
 #include <caffe2/serialize/inline_container.h>
+#include <torch/cuda.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/script.h>
 
@@ -31,12 +33,12 @@ using namespace LAMMPS_NS;
 namespace {
 
 const char *const METADATA_FILE = "dpmd.json";
-const char *const KEYWORDS = "out_freq, out_file, atomic, relative, fparam, aparam";
+const char *const KEYWORDS = "out_freq, out_file, atomic, relative, fparam, aparam, device";
 
 bool is_keyword(const std::string &word)
 {
   return word == "out_freq" || word == "out_file" || word == "atomic" || word == "relative" || word == "fparam" ||
-         word == "aparam" || word == "fparam_from_compute" || word == "fparam_from_fix" ||
+         word == "aparam" || word == "device" || word == "fparam_from_compute" || word == "fparam_from_fix" ||
          word == "aparam_from_compute" || word == "ttm";
 }
 
@@ -137,7 +139,8 @@ void PairDPMD::settings(int narg, char **arg)
 {
   if (narg < 1)
     error->all(FLERR, "{}", "Illegal pair_style dpmd command: expected pair_style dpmd model.pth [model2.pth ...] "
-                            "[out_freq N] [out_file FILE] [atomic] [relative EPS] [fparam V1 ...] [aparam V1 ...]");
+                            "[out_freq N] [out_file FILE] [atomic] [relative EPS] [fparam V1 ...] [aparam V1 ...] "
+                            "[device auto|cpu|cuda]");
   models.clear();
   if (devi_fp) fclose(devi_fp);
   devi_fp = nullptr;
@@ -148,6 +151,7 @@ void PairDPMD::settings(int narg, char **arg)
   relative_eps = 0.0;
   fparam.clear();
   aparam.clear();
+  device_kind = "auto";
 
   int iarg = 0;
   std::vector<std::string> paths;
@@ -161,7 +165,9 @@ void PairDPMD::settings(int narg, char **arg)
     paths.push_back(path);
   }
   if (paths.empty()) error->all(FLERR, "{}", "pair_style dpmd: the first argument must be a model file");
-  for (const auto &path : paths) load_model(path);    // first: fparam / aparam take the models' counts of values
+  // the keywords first, so that the models load onto the device asked for; fparam / aparam take the numbers
+  // that follow them, checked against the models' counts once these are loaded
+  bool fparam_given = false, aparam_given = false;
   while (iarg < narg) {
     std::string key = arg[iarg];
     if (key == "out_freq") {
@@ -182,20 +188,19 @@ void PairDPMD::settings(int narg, char **arg)
       relative_eps = utils::numeric(FLERR, arg[iarg + 1], false, lmp);
       if (relative_eps < 0.0) error->all(FLERR, "pair_style dpmd: relative must be >= 0, got {}", relative_eps);
       iarg += 2;
+    } else if (key == "device") {
+      if (iarg + 1 >= narg || (strcmp(arg[iarg + 1], "auto") && strcmp(arg[iarg + 1], "cpu") &&
+                               strcmp(arg[iarg + 1], "cuda")))
+        error->all(FLERR, "pair_style dpmd: device needs auto, cpu or cuda, got '{}'",
+                   iarg + 1 < narg ? arg[iarg + 1] : "");
+      device_kind = arg[iarg + 1];
+      iarg += 2;
     } else if (key == "fparam" || key == "aparam") {
-      // as DeePMD-kit: exactly the model's numb_fparam (numb_aparam) values
-      const int dim = key == "fparam" ? models[0].dim_fparam : models[0].dim_aparam;
-      if (dim == 0)
-        error->all(FLERR, "pair_style dpmd: {} given, but {} takes none (numb_{} = 0)", key, models[0].path, key);
       auto &values = key == "fparam" ? fparam : aparam;
+      (key == "fparam" ? fparam_given : aparam_given) = true;
       values.clear();
-      for (int k = 1; k <= dim; k++) {
-        if (iarg + k >= narg || is_keyword(arg[iarg + k]))
-          error->all(FLERR, "pair_style dpmd: {} needs {} value(s) ({}'s numb_{}), got {}", key, dim,
-                     models[0].path, key, k - 1);
-        values.push_back(utils::numeric(FLERR, arg[iarg + k], false, lmp));
-      }
-      iarg += 1 + dim;
+      for (iarg++; iarg < narg && utils::is_double(arg[iarg]); iarg++)
+        values.push_back(utils::numeric(FLERR, arg[iarg], false, lmp));
     } else if (key == "fparam_from_compute" || key == "fparam_from_fix" || key == "aparam_from_compute" ||
                key == "ttm") {
       error->all(FLERR, "pair_style dpmd: {} is not supported; give constant values with fparam V1 ... / aparam "
@@ -206,7 +211,25 @@ void PairDPMD::settings(int narg, char **arg)
     }
   }
 
+  select_device();
+  for (const auto &path : paths) load_model(path);
+  // as DeePMD-kit: exactly the model's numb_fparam (numb_aparam) values
+  auto check_count = [this](const char *key, bool given, const std::vector<double> &values, int dim) {
+    if (!given) return;
+    if (dim == 0)
+      error->all(FLERR, "pair_style dpmd: {} given, but {} takes none (numb_{} = 0)", key, models[0].path, key);
+    if (static_cast<int>(values.size()) != dim)
+      error->all(FLERR, "pair_style dpmd: {} needs {} value(s) ({}'s numb_{}), got {}", key, dim, models[0].path,
+                 key, values.size());
+  };
+  check_count("fparam", fparam_given, fparam, models[0].dim_fparam);
+  check_count("aparam", aparam_given, aparam, models[0].dim_aparam);
   check_params();
+  auto on_device = [this](const std::vector<double> &v) {
+    return v.empty() ? torch::Tensor() : torch::tensor(v, torch::kFloat64).to(device);
+  };
+  fparam_t = on_device(fparam);
+  aparam_t = on_device(aparam);
   rcut_max = 0.0;
   for (const auto &m : models) rcut_max = std::max(rcut_max, m.rcut);
   cutforce = rcut_max;
@@ -215,8 +238,35 @@ void PairDPMD::settings(int narg, char **arg)
   if (comm->me == 0) {
     utils::logmesg(lmp, "pair_style dpmd: {} model(s), rcut {} Å, type_map", models.size(), rcut_max);
     for (const auto &t : models[0].type_map) utils::logmesg(lmp, " {}", t);
-    utils::logmesg(lmp, "\n");
+    utils::logmesg(lmp, ", on {}{}\n", device.str(), comm->nprocs > 1 && device.is_cuda() ? " (rank 0)" : "");
   }
+}
+
+// The rank's device: the GPU of its node-local rank (modulo the node's GPU count, as DeePMD-kit picks it)
+// when libtorch sees a GPU and the device keyword is not cpu.
+void PairDPMD::select_device()
+{
+  device = torch::kCPU;
+  if (device_kind == "cpu") return;
+  int node_rank = comm->me;
+#if defined(MPI_COMM_TYPE_SHARED) || MPI_VERSION >= 3    // (old serial MPI stubs lack it: one rank)
+  MPI_Comm node;
+  MPI_Comm_split_type(world, MPI_COMM_TYPE_SHARED, comm->me, MPI_INFO_NULL, &node);
+  MPI_Comm_rank(node, &node_rank);
+  MPI_Comm_free(&node);
+#endif
+  const bool here = torch::cuda::is_available();
+  int mine = here ? 1 : 0, everywhere = 0;    // every rank reaches the same verdict (no rank left waiting)
+  MPI_Allreduce(&mine, &everywhere, 1, MPI_INT, MPI_MIN, world);
+  if (device_kind == "cuda" && !everywhere) {
+    // libtorch_cuda is loaded when this libtorch is a CUDA build (the plugin links it)
+    const bool built = dlopen("libtorch_cuda.so", RTLD_LAZY | RTLD_NOLOAD) != nullptr;
+    error->all(FLERR, "pair_style dpmd: device cuda, but {}; use device auto or cpu",
+               built ? "libtorch sees no GPU on some rank (CUDA_VISIBLE_DEVICES, driver)"
+                     : "this libtorch has no CUDA (a CPU build of PyTorch)");
+  }
+  if (here) device = torch::Device(torch::kCUDA,
+                                     static_cast<c10::DeviceIndex>(node_rank % torch::cuda::device_count()));
 }
 
 void PairDPMD::load_model(const std::string &path)
@@ -253,7 +303,7 @@ void PairDPMD::load_model(const std::string &path)
 
   try {
     torch::jit::ExtraFilesMap extra{{METADATA_FILE, ""}};
-    model.module = torch::jit::load(path, torch::kCPU, extra);
+    model.module = torch::jit::load(path, device, extra);
     model.module.eval();
     auto types = model.module.get_method("get_type_map")(std::vector<c10::IValue>{}).toList();
     for (const auto &t : types) model.type_map.push_back(static_cast<c10::IValue>(t).toStringRef());
@@ -315,6 +365,8 @@ void PairDPMD::coeff(int narg, char **arg)
                    t, model.path, utils::join_words(model.type_map, " "));
       model.lmp_to_model[t] = static_cast<int>(found - model.type_map.begin());
     }
+    model.type_index = torch::tensor(std::vector<int64_t>(model.lmp_to_model.begin(), model.lmp_to_model.end()),
+                                     torch::kInt64).to(device);
   }
   for (int i = 1; i <= ntypes; i++)
     for (int j = i; j <= ntypes; j++) setflag[i][j] = 1;
@@ -355,30 +407,40 @@ void PairDPMD::open_devi_file()
 
 /* ---------------------------------------------------------------------- */
 
-torch::Tensor PairDPMD::types_for(const Model &model, int nall)
+// n values at data as a tensor on the device: on the CPU the data itself (no copy); on a GPU one copy through
+// `stage`, a pinned host buffer reused every step (the previous step's copy has finished: its outputs came back)
+torch::Tensor PairDPMD::upload(torch::Tensor &stage, const void *data, int64_t n, torch::ScalarType dtype)
 {
-  auto atype = torch::empty({nall}, torch::kInt64);
-  auto *out = atype.data_ptr<int64_t>();
-  const int *type = atom->type;
-  for (int i = 0; i < nall; i++) out[i] = model.lmp_to_model[type[i]];
-  return atype;
+  if (!device.is_cuda()) return torch::from_blob(const_cast<void *>(data), {n}, dtype);
+  if (!stage.defined() || stage.numel() < n)
+    stage = torch::empty({n + n / 4 + 64}, torch::TensorOptions().dtype(dtype).pinned_memory(true));
+  auto host = stage.narrow(0, 0, n);
+  if (n > 0) std::memcpy(host.data_ptr(), data, static_cast<size_t>(n) * host.element_size());
+  return host.to(device, /*non_blocking=*/true);
 }
 
-c10::Dict<c10::IValue, c10::IValue> PairDPMD::evaluate(Model &model, const torch::Tensor &coord, int nall,
-                                                       int nlocal, const torch::Tensor &center,
-                                                       const torch::Tensor &neighbor, bool atom_virial)
+// One model on the step's inputs (on the device); its outputs back on the host in one copy:
+// [energy, virial (9, row-major), force (3 nall), atom_energy (nlocal; if asked), atom_virial (9 nall; if asked)]
+torch::Tensor PairDPMD::evaluate(Model &model, const torch::Tensor &coord, const torch::Tensor &type, int nlocal,
+                                 const torch::Tensor &center, const torch::Tensor &neighbor, bool atom_energy,
+                                 bool atom_virial)
 {
   try {
-    std::vector<c10::IValue> inputs{coord,    types_for(model, nall), c10::IValue(), center, neighbor,
-                                    c10::IValue(), static_cast<int64_t>(nlocal), atom_virial};
+    c10::OptionalDeviceGuard guard;    // the model's own allocations on this rank's GPU
+    if (device.is_cuda()) guard.reset_device(device);
+    auto atype = model.type_index.index_select(0, type);
+    std::vector<c10::IValue> inputs{coord, atype, c10::IValue(), center, neighbor, c10::IValue(),
+                                    static_cast<int64_t>(nlocal), atom_virial};
     if (model.dim_fparam > 0 || model.dim_aparam > 0) {    // (models without them: the 8-argument forward)
-      auto values = [](const std::vector<double> &v) {
-        return v.empty() ? c10::IValue() : c10::IValue(torch::tensor(v, torch::kFloat64));
-      };
-      inputs.push_back(values(fparam));
-      inputs.push_back(values(aparam));    // the same values for every local atom
+      inputs.push_back(fparam_t.defined() ? c10::IValue(fparam_t) : c10::IValue());
+      inputs.push_back(aparam_t.defined() ? c10::IValue(aparam_t) : c10::IValue());    // the same for every atom
     }
-    return model.module.forward(inputs).toGenericDict();
+    auto out = model.module.forward(inputs).toGenericDict();
+    auto get = [&out](const char *key) { return out.at(key).toTensor().reshape(-1); };
+    std::vector<torch::Tensor> parts{get("energy"), get("virial"), get("force")};
+    if (atom_energy) parts.push_back(get("atom_energy").narrow(0, 0, nlocal));
+    if (atom_virial) parts.push_back(get("atom_virial"));
+    return torch::cat(parts).to(torch::kCPU, torch::kFloat64);
   } catch (const std::exception &err) {
     std::string message = torch_message(err);
     int i = -1;    // the model names atoms by local index: add LAMMPS's atom ID
@@ -398,8 +460,8 @@ void PairDPMD::compute(int eflag, int vflag)
   const int nmodels = static_cast<int>(models.size());
   const bool devi_step = nmodels > 1 && update->ntimestep % out_freq == 0 && update->ntimestep != last_devi_step;
 
-  // edges from local centres to any atom within rcut (the list carries LAMMPS's skin)
-  std::vector<int64_t> centers, neighbors;
+  // edges (centre, neighbour) from local centres to any atom within rcut (the list carries LAMMPS's skin)
+  std::vector<int64_t> edges;
   const double rc2 = rcut_max * rcut_max;
   for (int ii = 0; ii < list->inum; ii++) {
     const int i = list->ilist[ii];
@@ -408,43 +470,45 @@ void PairDPMD::compute(int eflag, int vflag)
       const int j = jlist[jj] & NEIGHMASK;
       const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
       if (dx * dx + dy * dy + dz * dz < rc2) {
-        centers.push_back(i);
-        neighbors.push_back(j);
+        edges.push_back(i);
+        edges.push_back(j);
       }
     }
   }
-  const int64_t nedges = static_cast<int64_t>(centers.size());
-  auto center = torch::from_blob(centers.data(), {nedges}, torch::kInt64);
-  auto neighbor = torch::from_blob(neighbors.data(), {nedges}, torch::kInt64);
-  auto coord = nall > 0 ? torch::from_blob(x[0], {nall, 3}, torch::kFloat64) : torch::zeros({0, 3}, torch::kFloat64);
+  const int64_t nedges = static_cast<int64_t>(edges.size()) / 2;
 
   std::vector<torch::Tensor> forces;
   std::vector<double> virials, energies;
+  torch::Tensor coord, type, center, neighbor;
+  if (nlocal > 0) {    // one copy each of the positions, the types and the edges, shared by every model
+    coord = upload(stage_coord, x[0], 3 * static_cast<int64_t>(nall), torch::kFloat64).view({nall, 3});
+    type = upload(stage_type, atom->type, nall, torch::kInt32);
+    auto pairs = upload(stage_edge, edges.data(), 2 * nedges, torch::kInt64).view({nedges, 2}).t();
+    center = pairs[0].contiguous();
+    neighbor = pairs[1].contiguous();
+  }
   for (int m = 0; m < (devi_step ? nmodels : 1); m++) {
     if (nlocal == 0) {    // nothing to evaluate on this rank; it still takes part in the communication
-      forces.push_back(torch::zeros({nall, 3}, torch::kFloat64));
+      forces.push_back(torch::zeros({3 * static_cast<int64_t>(nall)}, torch::kFloat64));
       virials.insert(virials.end(), 9, 0.0);
       energies.push_back(0.0);
       continue;
     }
-    auto out = evaluate(models[m], coord, nall, nlocal, center, neighbor, m == 0 && vflag_atom);
-    auto force = out.at("force").toTensor().contiguous();
-    auto model_virial = out.at("virial").toTensor().contiguous();
-    const double *v = model_virial.data_ptr<double>();
-    forces.push_back(force);
+    const bool first = m == 0;
+    auto out = evaluate(models[m], coord, type, nlocal, center, neighbor, first && eflag_atom, first && vflag_atom);
+    const double *o = out.data_ptr<double>();
+    const double *v = o + 1, *fm = o + 10;
+    forces.push_back(out.narrow(0, 10, 3 * static_cast<int64_t>(nall)));
     virials.insert(virials.end(), v, v + 9);
-    energies.push_back(out.at("energy").toTensor().item<double>());
-    if (m > 0) continue;
+    energies.push_back(o[0]);
+    if (!first) continue;
 
-    const double *fm = force.data_ptr<double>();
     for (int i = 0; i < nall; i++)
       for (int k = 0; k < 3; k++) f[i][k] += fm[3 * i + k];
     if (eflag_global) eng_vdwl += energies[0];
-    if (eflag_atom) {
-      auto ae = out.at("atom_energy").toTensor().contiguous();
-      const double *e = ae.data_ptr<double>();
+    const double *e = fm + 3 * static_cast<size_t>(nall);    // atom_energy, when asked
+    if (eflag_atom)
       for (int i = 0; i < nlocal; i++) eatom[i] += e[i];
-    }
     // DeePMD's virial is row-major W[a][b] = sum r_a f_b; LAMMPS stores xx yy zz xy xz yz
     if (vflag_global) {
       virial[0] += v[0];
@@ -455,8 +519,7 @@ void PairDPMD::compute(int eflag, int vflag)
       virial[5] += v[5];
     }
     if (vflag_atom) {
-      auto av = out.at("atom_virial").toTensor().contiguous();
-      const double *w = av.data_ptr<double>();
+      const double *w = e + (eflag_atom ? nlocal : 0);
       for (int i = 0; i < nall; i++) {
         vatom[i][0] += w[9 * i + 0];
         vatom[i][1] += w[9 * i + 4];

@@ -37,7 +37,7 @@ import itertools
 import numpy as np
 import torch
 
-from dpmd.geometry.neighbor import build_neighbor_list
+from dpmd.geometry.neighbor import build_neighbor_list, canonical_order
 
 
 class Comm:
@@ -266,7 +266,7 @@ class Domain:
         # slots: local atoms (by global id), then ghost atoms grouped by owner rank (the order of `rows`)
         remote = np.unique(j[j >= nlocal])
         slot = np.where(j < nlocal, j, nlocal + np.searchsorted(remote, j))
-        order = np.lexsort((shift[:, 2], shift[:, 1], shift[:, 0], ng, c))   # serial canonical order
+        order = canonical_order(*(torch.from_numpy(a) for a in (c, ng, shift))).numpy()   # the serial list's order
         self.center = torch.as_tensor(c[order], device=dev)
         self.neighbor = torch.as_tensor(slot[order], device=dev)
         self.neighbor_gid = torch.as_tensor(ng[order], device=dev)

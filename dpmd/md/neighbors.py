@@ -6,8 +6,8 @@ eps = |h_ref^-1 h - 1| the cell strain since the build, no pair beyond rcut + sk
 can have come within rcut while 2 d + (rcut + skin) eps <= skin.  With a fixed box this is the
 usual "some atom moved more than skin/2".
 
-Edges are put in a canonical order (centre, neighbour, shift) at every build, so the filtered
-edge list, and therefore every force, is bit-for-bit independent of when the list was built
+Edges are put in the canonical order (dpmd.geometry.neighbor.canonical_order) at every build, so the
+filtered edge list, and therefore every force, is bit-for-bit independent of when the list was built
 (this is what makes restarts exact).
 """
 
@@ -15,15 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from dpmd.geometry.neighbor import build_neighbor_list, sel_slots, slot_tables
-
-
-def _canonical(center, neighbor, shift, natoms):
-    order = torch.arange(center.numel(), device=center.device)
-    ishift = torch.round(shift).long()
-    for key in (ishift[:, 2], ishift[:, 1], ishift[:, 0], center * natoms + neighbor):
-        order = order[torch.argsort(key[order], stable=True)]
-    return center[order], neighbor[order], shift[order]
+from dpmd.geometry.neighbor import build_neighbor_list, canonical_order, sel_slots, slot_tables
 
 
 class VerletList:
@@ -68,7 +60,9 @@ class VerletList:
         frames = range(nf) if frames is None else frames
         for f in frames:
             nl = build_neighbor_list(positions[f], None if box is None else box[f], self.rcut + self.skin)
-            self.frames[f] = _canonical(nl.center, nl.neighbor, nl.shift.to(positions.dtype), n)
+            shift = nl.shift.to(positions.dtype)
+            order = canonical_order(nl.center, nl.neighbor, shift)
+            self.frames[f] = (nl.center[order], nl.neighbor[order], shift[order])
             self.ref_positions[f] = positions[f]
             if box is not None:
                 self.ref_box[f] = box[f]
@@ -117,13 +111,9 @@ class VerletList:
         if k > self.capacity:
             self.capacity = max(8, -(-int(1.2 * k) // 8) * 8)
         K = self.capacity
-        # slot tables indexed by atom, then permuted to the row order
-        slot, nbr, valid = slot_tables(self.center, self.neighbor, natoms, K)
-        shift = self.shift.new_zeros([natoms, K, 3])
-        shift[self.center, slot] = self.shift
         self.pad_rows = rows
-        self.pad_neighbor, self.pad_shift = nbr.index_select(0, rows), shift.index_select(0, rows)
-        self.pad_valid = valid.index_select(0, rows)
+        self.pad_neighbor, self.pad_valid, self.pad_shift = slot_tables(self.center, self.neighbor, self.shift,
+                                                                        natoms, K, rows)
         self.pad_type = torch.where(self.pad_valid, atype.index_select(0, self.pad_neighbor.reshape(-1)).view(-1, K), -1)
         self.pad_frame = rows // (natoms // len(self.frames))
 

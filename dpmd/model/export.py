@@ -30,8 +30,8 @@ Two ways of supplying the environment:
 fparam (numb_fparam values) and aparam (numb_aparam values for every atom, or per local atom, or per atom
 ghosts included) are the model's frame and atomic parameters, for a model that takes them (get_dim_fparam,
 get_dim_aparam; without fparam a model with a default_fparam uses it).
-Without center/neighbor the module finds neighbours itself by brute force (O(N^2) per
-lattice image; for small systems and tests: large systems should pass a neighbour list).
+Without center/neighbor the module finds neighbours itself (`neighbor_list`: dpmd.geometry.neighbor's cell
+list, O(N)).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from dpmd import ops
-from dpmd.geometry.neighbor import sel_groups
+from dpmd.geometry.neighbor import reference_edges, sel_group_name, sel_groups, sel_overflow_message
 from dpmd.model.deeppot import DeepPot
 from dpmd.model.forces import DEFAULT_CHUNK_ATOMS, EdgeEnergyModel, assemble
 
@@ -162,41 +162,15 @@ class FrozenDeepPot(EdgeEnergyModel, nn.Module):
     @torch.jit.export
     def neighbor_list(self, coord: torch.Tensor, box: Optional[torch.Tensor] = None
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Brute-force full neighbour list (center, neighbor, shift) within rcut, sorted by centre."""
+        """Full neighbour list (center, neighbor, shift) within rcut, sorted by centre: dpmd.geometry.neighbor's
+        cell list, the kernel library's when scripted with it (the same edges in the same order as
+        build_neighbor_list's, so the eager model's graph)."""
         coord = coord.to(torch.float64)
-        n = coord.shape[0]
-        rc2 = self.rcut * self.rcut
-        wrap = coord.new_zeros([n, 3])  # lattice vectors (integers) subtracted to wrap each atom into the cell
-        if box is None:
-            shifts = coord.new_zeros([1, 3])
-            images = coord.new_zeros([1, 3])
-        else:
-            cell = box.to(torch.float64).reshape(3, 3)
-            inv = torch.linalg.inv(cell)
-            wrap = torch.floor(coord @ inv)
-            coord = coord - wrap @ cell
-            # images needed along lattice vector i: rcut / (spacing of the lattice planes i)
-            reach: List[int] = torch.ceil(self.rcut * torch.linalg.vector_norm(inv, 2.0, dim=0)
-                                          ).to(torch.long).tolist()
-            rng = [torch.arange(-m, m + 1, dtype=torch.float64, device=coord.device) for m in reach]
-            shifts = torch.cartesian_prod(rng[0], rng[1], rng[2])
-            images = shifts @ cell
-        idx = torch.arange(n, device=coord.device)
-        centers, neighbors, shift_rows = [], [], []
-        for k in range(shifts.shape[0]):
-            d = coord.unsqueeze(0) + images[k] - coord.unsqueeze(1)  # (center, neighbour, 3)
-            ok = (d * d).sum(-1) < rc2
-            if bool((shifts[k] == 0).all()):
-                ok = ok & (idx.unsqueeze(1) != idx.unsqueeze(0))
-            pairs = ok.nonzero()
-            c, j = pairs[:, 0], pairs[:, 1]
-            centers.append(c)
-            neighbors.append(j)
-            # r = x_j - x_i + shifts[k] @ cell in wrapped coordinates = unwrapped ones with this shift:
-            shift_rows.append(shifts[k] + wrap.index_select(0, c) - wrap.index_select(0, j))
-        center, neighbor, shift = torch.cat(centers), torch.cat(neighbors), torch.cat(shift_rows)
-        order = torch.argsort(center, stable=True)
-        return center[order], neighbor[order], shift[order]
+        if box is not None:
+            box = box.to(torch.float64).reshape(3, 3)
+        if self.use_ops:
+            return torch.ops.dpmd.neighbor_list(coord, box, self.rcut)
+        return reference_edges(coord, box, self.rcut)
 
     def forward(self, coord: torch.Tensor, atype: torch.Tensor, box: Optional[torch.Tensor] = None,
                 center: Optional[torch.Tensor] = None, neighbor: Optional[torch.Tensor] = None,
@@ -251,10 +225,11 @@ class FrozenDeepPot(EdgeEnergyModel, nn.Module):
                             self.sel)
         over = counts > torch.tensor(self.sel, device=counts.device)
         if bool(over.any()):
-            i = int(over.any(1).nonzero()[0, 0])
-            found: List[int] = counts[i].tolist()
-            raise RuntimeError("dpmd: atom " + str(i) + " has " + str(found) + " neighbours (per sel entry) within rcut; "
-                               + "the model's sel " + str(self.sel) + " allows no more")
+            first = over.nonzero()[0]
+            i, t = int(first[0]), int(first[1])
+            raise RuntimeError("dpmd: " + sel_overflow_message(i, self.type_map[int(atype[i])], int(counts[i, t]),
+                                                               sel_group_name(t, self.sel, self.type_map),
+                                                               self.sel[t], int(over.any(1).sum())))
         if self.entry_sel_check:
             entry = self.descriptor.sel_overflow(vec, center, neighbor_type, nloc)
             if len(entry) > 0:

@@ -11,6 +11,7 @@ Progress goes to the `dpmd.train.trainer` logger (dpmd.log).
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 import os
@@ -168,6 +169,13 @@ def _dist_info(device: torch.device) -> tuple[int, int]:
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world
+
+
+# the buffers (statistics, energy bias) are the same on every worker and never change while training: no copy of
+# them at every forward (torch 2.13 renamed the switch, warning at the old name on every worker)
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
 
 
 def _on_host(state):
@@ -346,8 +354,7 @@ class Trainer:
         # step, a zero one where the batch lacks its type (the padding term and the empty type blocks are in the
         # graph): no find_unused_parameters search of the graph is needed
         self.train_forces = self.forces if self.world <= 1 else torch.nn.parallel.DistributedDataParallel(
-            self.forces, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            broadcast_buffers=False)
+            self.forces, device_ids=[self.device.index] if self.device.type == "cuda" else None, **_NO_BUFFER_SYNC)
         opt = config["optimizer"]
         self.optimizer = adam(self.trained_params, lr_cfg["start_lr"], opt["adam_beta1"], opt["adam_beta2"],
                               opt["weight_decay"])

@@ -16,6 +16,9 @@ entry's own rcut then has a zero environment row, the same as an empty slot, exc
 exclude_types: that one fills the slot as an excluded neighbour (see _excluded_beyond, which reproduces it).  So
 with exclude_types in an entry whose rcut is smaller than the model's, such a pair changes the energy when it
 crosses the model's rcut, as in DeePMD-kit (an excluded pair crossing a descriptor's own rcut does so too).
+
+Compressed (dpmd.model.compress): every entry tabulated with its own layout (the `compress` section's `list`);
+an edge is outside the model's tables when it is outside an entry's within that entry's rcut.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dpmd.errors import ConfigError, DpmdError, NeighborOverflowError
 from dpmd.geometry.graph import edge_vectors
 from dpmd.geometry.neighbor import check_sel, sel_groups
 from dpmd.model.descriptor import build_descriptor, descriptor_module
+from dpmd.model.descriptor.table import max_rmin, outside_table_message
 from dpmd.ops import Backend
 from dpmd.schema import REQUIRED, key, normalize
 
@@ -91,6 +95,7 @@ class DescriptorHybrid(nn.Module):
         self.nnei = sum(self.sel)
         self.dim_out = sum(int(d.dim_out) for d in descriptors)
         self.compressed = False
+        self.table_rmin = [0.0] * self.ntypes  # compressed: per centre type, the shortest distance every entry covers
 
     @classmethod
     def from_config(cls, d: dict, ntypes: int) -> "DescriptorHybrid":
@@ -110,6 +115,36 @@ class DescriptorHybrid(nn.Module):
         for i, (sub, part) in enumerate(zip(self.descriptors, parts)):
             ours.update({f"descriptors.{i}.{k}": v for k, v in sub.deepmd_state(part, source).items()})
         return ours
+
+    def enable_compression(self, spec: dict, check_frequency: int = -1) -> None:
+        """Tabulate every entry with its layout of spec["list"] (dpmd.model.compress)."""
+        if "list" not in spec:
+            raise ConfigError("'model.compress' of a hybrid descriptor needs `list`, one table layout per descriptor")
+        if len(spec["list"]) != len(self.descriptors):
+            raise ConfigError(f"'model.compress.list' has {len(spec['list'])} layouts for {len(self.descriptors)} "
+                              f"descriptors")
+        for i, (sub, layout) in enumerate(zip(self.descriptors, spec["list"])):
+            if not hasattr(sub, "enable_compression"):
+                raise ConfigError(f"'model.compress.list[{i}]': descriptor.list[{i}] has no tabulated form")
+            try:
+                sub.enable_compression(layout, check_frequency)
+            except DpmdError as err:  # an entry that refuses its tables (e.g. se_atten with attention): name it
+                raise type(err)(f"compress: descriptor.list[{i}]: {str(err).removeprefix('compress: ')}") from None
+        self.compressed = True
+        self.table_rmin = max_rmin(list(self.descriptors), self.ntypes)
+
+    def edge_outside_table(self, edge_vec: torch.Tensor, center_type_of_edge: torch.Tensor) -> int:
+        """Index of the first edge outside an entry's tables (within the entry's rcut), -1 if none."""
+        for i, sub in enumerate(self.descriptors):
+            keep = self.entry_edges(i, edge_vec)
+            k = sub.edge_outside_table(edge_vec.index_select(0, keep), center_type_of_edge.index_select(0, keep))
+            if k >= 0:
+                return int(keep[k])
+        return -1
+
+    def table_message(self, where: str, r: float, center_type: int) -> str:
+        """One line for an edge outside the tables (`where` names the atoms)."""
+        return outside_table_message(where, r, self.table_rmin[center_type], center_type)
 
     def entry_edges(self, i: int, edge_vec: torch.Tensor) -> torch.Tensor:
         """Indices (ascending) of the edges within entry i's rcut."""

@@ -20,16 +20,14 @@ For forces and training the embedding nets may be linearised in s (dpmd.model.ne
 same value and first derivative, no double differentiation of the nets); see _linearized_block.
 
 A compressed descriptor (dpmd.model.compress) evaluates G from piecewise quintic tables of the
-nets instead (buffer `table`, layout (net, interval, 6 coefficients, M)); the contraction
+nets instead (dpmd.model.descriptor.table.EmbeddingTable: buffer `table`, the checks); the contraction
 sum_j R_j^T G_j then runs in the kernel library's fused op when it is loaded, in Triton on
 CUDA, or in the pure-PyTorch reference (`_tabulate` + `_block`) otherwise.
 """
 
 from __future__ import annotations
 
-import math
 import re
-import warnings
 from typing import List, Optional
 
 import torch
@@ -39,6 +37,7 @@ from dpmd import ops
 from dpmd.errors import ConfigError
 from dpmd.model import deferred
 from dpmd.model.descriptor.common import check_sizes, excluded_pair_codes, per_type_rows, resolved_sel
+from dpmd.model.descriptor.table import EmbeddingTable
 from dpmd.model.keys import (DTYPES, activation_key, axis_neuron_key, check_type_split, cutoff_keys,
                              env_protection_key, exclude_types_key, neuron_key, precision_key, seed_key,
                              sel_per_type_key, set_davg_zero_key)
@@ -76,21 +75,15 @@ def check_config(d: dict, ntypes: int) -> None:
 
 
 def smooth_switch(r: torch.Tensor, rmin: float, rmax: float) -> torch.Tensor:
-    """1 below rmin, 0 above rmax, C2-continuous quintic in between."""
+    """1 below rmin, 0 above rmax, C2-continuous quintic in between: DeePMD-kit's u^3 (-6 u^2 + 15 u - 10) + 1,
+    factored as (1 - u)^3 (1 + 3 u + 6 u^2) so that it keeps its relative accuracy near rmax (DeePMD-kit's form
+    cancels to ~1e-13 with a rounding of ~1e-16 there, which se_atten's normalised directions amplify)."""
     u = ((r - rmin) / (rmax - rmin)).clamp(0.0, 1.0)
-    return u * u * u * (-6.0 * u * u + 15.0 * u - 10.0) + 1.0
+    v = 1.0 - u
+    return v * v * v * (1.0 + 3.0 * u + 6.0 * u * u)
 
 
-def _short(x: float) -> str:
-    """x to 4 decimals, for messages (TorchScript has no format specs)."""
-    n = int(math.floor(abs(x) * 1e4 + 0.5))
-    frac = str(n % 10000)
-    while len(frac) < 4:
-        frac = "0" + frac
-    return ("-" if x < 0 else "") + str(n // 10000) + "." + frac
-
-
-class DescriptorSeA(nn.Module):
+class DescriptorSeA(EmbeddingTable, nn.Module):
     # TorchScript constants: the compressed code (and its `table` buffer) is compiled only for a compressed
     # model, the torch.ops.dpmd.* calls only when scripted with the kernel library loaded (use_ops)
     __constants__ = ["compressed", "use_ops", "has_exclusion"]
@@ -119,13 +112,7 @@ class DescriptorSeA(nn.Module):
         self.register_buffer("std", torch.ones(ntypes, 4, dtype=dtype))
         self.excluded_pairs = excluded_pair_codes(ntypes, exclude_types)
         self.has_exclusion = len(self.excluded_pairs) > 1
-        # model compression (see enable_compression; it adds the buffer `table`)
-        self.compressed = False
-        self.table_lower, self.table_upper, self.table_end = 0.0, 0.0, 0.0
-        self.table_step, self.table_step_coarse = 1.0, 1.0
-        self.table_fine, self.table_coarse = 0, 0
-        self.table_rmin = [0.0] * ntypes  # per centre type: the shortest distance the tables cover
-        self.check_frequency, self.evaluations = -1, 0
+        self._init_table(ntypes)  # model compression (EmbeddingTable.enable_compression adds the buffer `table`)
         self.use_ops = False  # set on the copy that dpmd.model.export scripts with the kernel library loaded
 
     @classmethod
@@ -146,19 +133,6 @@ class DescriptorSeA(nn.Module):
             elif name in ("sea.mean", "sea.stddev"):
                 ours["mean" if name.endswith("mean") else "std"] = per_type_rows(name, value, source)
         return ours
-
-    def enable_compression(self, layout: dict, check_frequency: int = -1) -> None:
-        """Use tabulated embeddings with the interval layout of dpmd.model.compress.table_layout; the
-        coefficients (buffer `table`) are filled by dpmd.model.compress or loaded from a state_dict."""
-        self.compressed = True
-        self.table_lower, self.table_upper = float(layout["lower"]), float(layout["upper"])
-        self.table_end = float(layout["end"])
-        self.table_step, self.table_step_coarse = float(layout["step"]), float(layout["step_coarse"])
-        self.table_fine, self.table_coarse = int(layout["n_fine"]), int(layout["n_coarse"])
-        self.table_rmin = [float(r) for r in layout["rmin"]]
-        self.check_frequency = int(check_frequency)
-        nint = self.table_fine + self.table_coarse
-        self.register_buffer("table", self.mean.new_zeros([len(self.embeddings), nint, 6, self.width]))
 
     @property
     def dim_out(self) -> int:
@@ -308,9 +282,7 @@ class DescriptorSeA(nn.Module):
         rows = raw.view(ncent, nnei, 4)
         rows = (rows - self.mean.index_select(0, center_type).unsqueeze(1)) / self.std.index_select(0, center_type).unsqueeze(1)
         if self.compressed:
-            x = rows[:, :, 0].reshape(-1)
-            if not deferred.record(self.outside_table(x).any()):
-                self._check_table(x, edge_vec, center, center_type, neighbor_type)
+            self._check_table_deferred(rows[:, :, 0].reshape(-1), edge_vec, center, center_type, neighbor_type)
         if self.has_exclusion:  # zeroed rows add nothing to T (DeePMD-kit's exclusion mask)
             kept = self.kept_edges(raw, center_type.index_select(0, center), neighbor_type)
             rows = rows * kept.view(ncent, nnei, 1).to(dtype)
@@ -389,23 +361,12 @@ class DescriptorSeA(nn.Module):
             self.__dict__["_padding_cache"] = cached
         return cached[1]
 
-    # ---- compressed model ---------------------------------------------------------------------
+    # ---- compressed model (the table itself: EmbeddingTable) ------------------------------------
 
-    def _tabulate(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Embedding (n, M) of net i at normalised s values x (n,) from its quintic table (reference path;
-        autograd differentiates the polynomial)."""
-        fine = x < self.table_upper
-        k_fine = torch.floor((x - self.table_lower) / self.table_step).clamp(0, self.table_fine - 1)
-        k_coarse = torch.floor((x - self.table_upper) / self.table_step_coarse).clamp(0, self.table_coarse - 1)
-        node = torch.where(fine, self.table_lower + k_fine * self.table_step,
-                           self.table_upper + k_coarse * self.table_step_coarse)
-        interval = torch.where(fine, k_fine, k_coarse + self.table_fine).to(torch.long)
-        t = (x - node).unsqueeze(1)
-        coef = self.table[i].reshape(-1, self.width)  # rows interval * 6 + power
-        g = coef.index_select(0, interval * 6 + 5)
-        for p in range(4, -1, -1):  # Horner
-            g = g * t + coef.index_select(0, interval * 6 + p)
-        return g
+    def edge_table_input(self, edge_vec: torch.Tensor, center_type_of_edge: torch.Tensor) -> torch.Tensor:
+        """The table input (normalised s) of each edge, (E,)."""
+        ct = center_type_of_edge
+        return (self.env_rows(edge_vec)[:, 0] - self.mean[ct, 0]) / self.std[ct, 0]
 
     def _fused_tabulated(self, edge_vec, center, center_type, neighbor_type, padded: bool = False) -> torch.Tensor:
         """This whole forward for a compressed model in one kernel-library op (CPU; forces, not training):
@@ -440,69 +401,3 @@ class DescriptorSeA(nn.Module):
             if fast is not None:
                 return fast
         return self._block(r, self._tabulate(i, r[:, 0]), c, ncent, per_center, backend)
-
-    @torch.jit.unused
-    def _fast_tabulated_block(self, i: int, r: torch.Tensor, c: torch.Tensor, ncent: int, backend: Backend):
-        """The fused kernels (differentiable once: forces, not training), or None for the reference."""
-        from dpmd.ops import triton_tabulate
-
-        grid = (self.table_lower, self.table_upper, self.table_step, self.table_step_coarse, self.table_fine,
-                self.table_coarse)
-        if backend.kernels:
-            return torch.ops.dpmd.tabulate_fusion_se_a(self.table[i], r, c, ncent, *grid)
-        if backend.triton:
-            return triton_tabulate.tabulate_fusion(self.table[i], r, c, ncent, grid)
-        return None
-
-    def _table_slack(self) -> float:
-        # s >= 0 exactly, but float32 rounds the switch near rcut to about -1e-6: allow 1 % of a step below
-        return 1e-4 * max(1.0, abs(self.table_lower))
-
-    def outside_table(self, x: torch.Tensor) -> torch.Tensor:
-        """Which normalised s values lie outside the tables (bool, x's shape)."""
-        return (x > self.table_end) | (x < self.table_lower - self._table_slack()) | torch.isnan(x)
-
-    def table_violation(self, x: torch.Tensor) -> int:
-        """Index of the first normalised s value outside the tables, -1 if none."""
-        bad = self.outside_table(x)
-        if not bool(bad.any()):
-            return -1
-        return int(bad.nonzero()[0, 0])
-
-    def edge_outside_table(self, edge_vec: torch.Tensor, center_type_of_edge: torch.Tensor) -> int:
-        """Index of the first edge (vectors (E, 3)) outside the tables, -1 if none."""
-        if edge_vec.shape[0] == 0:
-            return -1
-        ct = center_type_of_edge
-        x = (self.env_rows(edge_vec.to(self.mean.dtype))[:, 0] - self.mean[ct, 0]) / self.std[ct, 0]
-        return self.table_violation(x)
-
-    def table_message(self, where: str, r: float, center_type: int) -> str:
-        """One line for an edge outside the tables (`where` names the atoms)."""
-        return ("dpmd: compressed model: " + where + " at distance " + _short(r) + " Å is outside the "
-                + "embedding tables (they cover r >= " + _short(self.table_rmin[center_type])
-                + " Å around type-" + str(center_type) + " centres, normalised s in [" + _short(self.table_lower)
-                + ", " + _short(self.table_end) + "]); compress again with a larger --extrapolate")
-
-    def _check_table(self, x: torch.Tensor, edge_vec: torch.Tensor, center: torch.Tensor, center_type: torch.Tensor,
-                     neighbor_type: torch.Tensor) -> None:
-        """Never extrapolate silently: an edge beyond the tables is an error; with check_frequency N > 0,
-        every N-th evaluation also warns about edges in the coarse (extrapolated) part of the tables."""
-        self._report_table(self.table_violation(x), x >= self.table_upper, edge_vec, center, center_type,
-                           neighbor_type)
-
-    def _report_table(self, k: int, coarse: torch.Tensor, edge_vec: torch.Tensor, center: torch.Tensor,
-                      center_type: torch.Tensor, neighbor_type: torch.Tensor) -> None:
-        """k: the first edge outside the tables (-1: none); coarse.sum(): edges in the coarse part."""
-        if k >= 0:
-            r = float(torch.linalg.vector_norm(edge_vec[k].detach(), 2.0, dim=-1))
-            tc = int(center_type[center[k]])
-            where = "an edge from a type-" + str(tc) + " centre to a type-" + str(int(neighbor_type[k])) + " neighbour"
-            raise RuntimeError(self.table_message(where, r, tc))
-        if self.check_frequency > 0:
-            self.evaluations += 1
-            if self.evaluations % self.check_frequency == 0:
-                n = int(coarse.sum())
-                if n > 0:
-                    warnings.warn("dpmd: compressed model: " + str(n) + " edges in the coarse (extrapolated) part "
-                                  + "of the embedding tables at evaluation " + str(self.evaluations))

@@ -25,6 +25,19 @@ the padding's neighbour type (below) passed through the attention layers as a qu
 (G <- LayerNorm(G + b_out)).  An excluded pair (exclude_types) fills a slot but is masked like an empty one and
 adds nothing to T; an edge at or beyond rcut is an empty slot.
 
+Compression (dpmd.model.compress, `dpmd compress`; DeePMD-kit's `dp compress` of DPA-1): in strip mode with
+attn_layer 0 the radial net N(R_0) is tabulated (dpmd.model.descriptor.table.EmbeddingTable, the one net of
+its table), an edge beyond the tables an error naming the atoms; the strip net of every pair of types is a
+table already (_strip_table, computed once per set of weights for inference).  Forces then run in the kernel
+library's fused tabulated contraction, per (centre, neighbour type) (_fused_tables).  Concat mode (the type
+embedding inside the radial net) and attention layers (whose input is the whole neighbourhood) are refused.
+
+Cost (the same numbers): what depends on the weights alone (type embedding, strip table, padding) is computed
+once per set of weights for inference; forces use the kernel library's rows and, without attention, its
+contraction, the strip mode's G linearised in s and sw (dpmd.model.network.linearize_at) and hand-written
+backward passes of the smooth attention; training uses the contraction ops that differentiate again and the
+radial net linearised in s (Backend.linearize).
+
 The padding's neighbour type: DeePMD-kit gives an empty slot the type embedding of the frame's first atom
 (its neighbour index -1 becomes 0), so with a non-zero mean (set_davg_zero false: concat mode, or strip mode
 without smooth) its energies depend on which atom comes first.  dpmd uses type 0 (`pad_type`): DeePMD-kit's
@@ -33,21 +46,24 @@ numbers whenever the first atom is of type 0 (as in type-sorted data), and invar
 
 from __future__ import annotations
 
+import math
 import re
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from dpmd import ops
 from dpmd.errors import ConfigError, DpmdError
 from dpmd.model.descriptor.common import check_sizes, excluded_pair_codes, per_type_rows, resolved_sel
 from dpmd.model.descriptor.se_a import DescriptorSeA, smooth_switch
+from dpmd.model.descriptor.table import EmbeddingTable
 from dpmd.model.descriptor.type_embedding import TypeEmbedding
 from dpmd.model.keys import (DTYPES, activation_key, axis_neuron_key, check_cutoffs, check_exclude_types, cutoff_keys,
                              env_protection_key, exclude_types_key, neuron_key, precision_key, sel_factor, seed_key,
                              set_davg_zero_key)
-from dpmd.model.network import MLP, Layer, child_seed, seeded_generator
-from dpmd.ops import Backend
+from dpmd.model.network import MLP, Layer, child_seed, embedding_with_tangent, linearize_at, seeded_generator
+from dpmd.ops import Backend, contraction
 from dpmd.schema import UNSET, key
 
 
@@ -144,8 +160,10 @@ class AttentionLayer(nn.Module):
         self.norm = nn.LayerNorm(width, eps=eps, dtype=dtype)  # DeePMD-kit's: weight 1, bias 0
 
 
-class DescriptorSeAtten(nn.Module):
-    __constants__ = ["compressed"]  # a TorchScript constant: code for compressed models is not compiled
+class DescriptorSeAtten(EmbeddingTable, nn.Module):
+    # TorchScript constants: the compressed code (and its `table` buffer) is compiled only for a compressed model
+    __constants__ = ["compressed", "use_ops"]
+    __jit_unused_properties__ = ["embeddings"]
     MIXED_TYPES = True  # one sel for neighbours of all types (read before a module exists: sel auto)
 
     def __init__(self, ntypes: int, sel: int, rcut: float, rcut_smth: float, neuron=(25, 50, 100),
@@ -163,7 +181,8 @@ class DescriptorSeAtten(nn.Module):
         self.sel: List[int] = [int(sel)]
         self.nnei = int(sel)
         self.mixed_types = True  # one list of neighbours of every type
-        self.compressed = False
+        self._init_table(ntypes)  # model compression (EmbeddingTable.enable_compression adds the buffer `table`)
+        self.use_ops = False  # set by dpmd.model.export (EmbeddingTable's fused calls; not used here)
         self.axis_neuron, self.width, self.tebd_dim = axis_neuron, neuron[-1], tebd_dim
         self.strip = tebd_input_mode == "strip"
         self.type_one_side, self.smooth, self.attn_dotr, self.normalize = type_one_side, smooth, attn_dotr, normalize
@@ -232,6 +251,24 @@ class DescriptorSeAtten(nn.Module):
                     raise DpmdError(f"{source}: a compressed se_atten model ({name}); dpmd imports uncompressed ones")
         return ours
 
+    @property
+    def embeddings(self) -> List[nn.Module]:
+        """The nets EmbeddingTable tabulates (dpmd.model.compress): the radial net, net 0."""
+        return [self.embedding]
+
+    def enable_compression(self, layout: dict, check_frequency: int = -1) -> None:
+        """EmbeddingTable's, for the radial net of strip mode without attention layers (see the module doc)."""
+        if self.embedding_strip is None or len(self.attention) > 0:
+            raise DpmdError("compress: se_atten compresses in strip mode (se_atten_v2, or tebd_input_mode strip) "
+                            f"with attn_layer 0, as DeePMD-kit does; this one has tebd_input_mode "
+                            f"{'strip' if self.strip else 'concat'} and attn_layer {len(self.attention)}")
+        EmbeddingTable.enable_compression(self, layout, check_frequency)
+
+    def edge_table_input(self, edge_vec: torch.Tensor, center_type_of_edge: torch.Tensor) -> torch.Tensor:
+        """The table input (normalised s) of each edge, (E,)."""
+        ct = center_type_of_edge
+        return (self.env_rows(edge_vec)[:, 0] - self.mean[ct, 0]) / self.std[ct, 0]
+
     # the statistics are se_e2_a's (DeePMD-kit's EnvMatStatSe, with nnei slots of mixed types per centre)
     kept_edges = DescriptorSeA.kept_edges
 
@@ -243,51 +280,110 @@ class DescriptorSeAtten(nn.Module):
         """Un-normalised environment rows (E, 4) from edge vectors (E, 3)."""
         return self._switch_and_rows(edge_vec, torch.linalg.vector_norm(edge_vec, 2.0, dim=-1))[1]
 
-    def _switch_and_rows(self, vec: torch.Tensor, r: torch.Tensor):
+    def _switch_and_rows(self, vec: torch.Tensor, r: torch.Tensor, backend: Optional[Backend] = None):
         """The switch sw(r) (E,) and the un-normalised rows (sw/r, sw/r x/r, ...) (E, 4) of vectors (E, 3)."""
+        if not torch.jit.is_scripting():
+            if backend is not None and backend.kernels:  # the kernel library's rows (first derivatives only)
+                rows = ops.env_rows(vec, self.rcut_smth, self.rcut)
+                return rows[:, 0] * r, rows
         sw = smooth_switch(r, self.rcut_smth, self.rcut)
         s = (sw / r).unsqueeze(1)
         return sw, torch.cat([s, s * vec / r.unsqueeze(1)], 1)
 
+    @torch.jit.unused
+    def resolve_backend(self, backend: Optional[Backend], tensor: torch.Tensor) -> Backend:
+        """The caller's backend (dpmd.ops.resolve), or, for a caller that passes none, the one its context gives."""
+        return ops.resolve(tensor) if backend is None else backend
+
     def forward(self, edge_vec, center, center_type, neighbor_type, backend: Optional[Backend] = None):
-        """Descriptors (n_centers, dim_out) of an edge list (center (E,) in [0, n_centers), in any order)."""
+        """Descriptors (n_centers, dim_out) of an edge list (center (E,) in [0, n_centers), in any order).
+        backend: which implementation runs (dpmd.ops.resolve; None: as the caller's context says)."""
+        if not torch.jit.is_scripting():
+            backend = self.resolve_backend(backend, edge_vec)
         dtype = self.mean.dtype
         ncent, nt = center_type.shape[0], self.ntypes
         vec = edge_vec.to(dtype)
         r = torch.linalg.vector_norm(vec, 2.0, dim=-1)
         inside = r < self.rcut
-        ct_edge = center_type.index_select(0, center)
+        all_inside = bool(inside.all())
         # slots each centre fills in DeePMD-kit's list: its neighbours within rcut, excluded ones included
-        filled = torch.bincount(center[inside], minlength=ncent)
+        filled = torch.bincount(center if all_inside else center[inside], minlength=ncent)
         most = int(filled.max()) if ncent > 0 else 0
         if most > self.nnei:  # DeePMD-kit would drop the farthest: refuse instead
             raise RuntimeError("descriptor: an atom has " + str(most) + " neighbours within rcut but sel allows "
                                + str(self.nnei) + "; raise descriptor.sel")
-        pair = ct_edge * nt + neighbor_type
+        ct_edge = center_type.index_select(0, center)
+        c, tc, tn = center, ct_edge, neighbor_type
         kept = inside
         for code in self.excluded_pairs:
-            kept = kept & (pair != code)
-        index = torch.nonzero(kept).squeeze(1)
-        vec, r, c = vec.index_select(0, index), r.index_select(0, index), center.index_select(0, index)
-        tc, tn = ct_edge.index_select(0, index), neighbor_type.index_select(0, index)
-        sw, rows = self._switch_and_rows(vec, r)
+            kept = kept & (ct_edge * nt + neighbor_type != code)
+        if not (all_inside and len(self.excluded_pairs) == 1):  # (one code: the -1 of no pair)
+            index = torch.nonzero(kept).squeeze(1)
+            vec, r, c = vec.index_select(0, index), r.index_select(0, index), c.index_select(0, index)
+            tc, tn = tc.index_select(0, index), tn.index_select(0, index)
+        terms: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        if not torch.jit.is_scripting():
+            terms = self._cached_weight_terms(backend)
+        if terms is None:
+            terms = self._weight_terms()
+        tebd, strip, per_slot = terms
+        sw, rows = self._switch_and_rows(vec, r, backend)
         rows = (rows - self.mean.index_select(0, tc)) / self.std.index_select(0, tc)
-        tebd = self.type_embedding()
-        g = self._embed(rows[:, :1], tn, tc, sw, tebd)
-        T = self._contract(rows, g, sw, c, ncent)
+        T: Optional[torch.Tensor] = None
+        if self.compressed:  # an edge beyond the tables: an error (never an extrapolation)
+            self._check_table(rows[:, 0], vec, c, center_type, tn)
+            if not torch.jit.is_scripting():
+                T = self._fused_tables(rows, sw, tn, c, center_type, strip, backend)
+        if T is None:
+            g = self._embed(rows[:, 0], tn, tc, sw, tebd, strip, backend)
+            T = self._contract(rows, g, sw, c, ncent, backend)
         n_pad = (self.nnei - filled).to(dtype)
-        T = T + n_pad.view(-1, 1, 1) * self._padding_per_slot(tebd).index_select(0, center_type)
+        T = T + n_pad.view(-1, 1, 1) * per_slot.index_select(0, center_type)
         T = T / self.nnei
         D = torch.bmm(T.transpose(1, 2), T[:, :, : self.axis_neuron]).reshape(ncent, -1)
         if self.concat_output_tebd:
             D = torch.cat([D, tebd.index_select(0, center_type)], 1)
         return D
 
-    def _contract(self, rows: torch.Tensor, g: torch.Tensor, sw: torch.Tensor, c: torch.Tensor, ncent: int):
+    def _weight_terms(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What depends on the weights alone: the type embedding (ntypes + 1, tebd_dim), the strip net's table
+        (_strip_table; empty in concat mode) and what one empty slot adds to T per centre type (ntypes, 4, M)."""
+        tebd = self.type_embedding()
+        strip = self._strip_table(tebd) if self.embedding_strip is not None else tebd.new_zeros(0)
+        return tebd, strip, self._padding_per_slot(tebd, strip)
+
+    @torch.jit.unused
+    def _cached_weight_terms(self, backend: Backend):
+        """_weight_terms, computed once per set of weights while only forces are asked for (Backend.forces_only:
+        no gradient to the weights) of a model in eval mode; None otherwise (training, whose optimizer may
+        update the weights without bumping their version counters; vmap)."""
+        if not backend.forces_only or self.training:
+            return None
+        tensors = [self.mean, self.std] + list(self.parameters())
+        if self.compressed:  # the padding's embedding comes from the table
+            tensors.append(self.table)
+        if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):  # an ensemble under vmap
+            return None
+        # an optimizer step or a load bumps _version; pad_type is a plain attribute
+        key = [(t.data_ptr(), t._version) for t in tensors] + [self.pad_type]
+        cached = self.__dict__.get("_weight_terms_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self._weight_terms())
+            self.__dict__["_weight_terms_cache"] = cached
+        return cached[1]
+
+    def _contract(self, rows: torch.Tensor, g: torch.Tensor, sw: torch.Tensor, c: torch.Tensor, ncent: int,
+                  backend: Optional[Backend]):
         """sum_j R_j^T G_j (n_centers, 4, M) over the real neighbours (rows (n, 4), G (n, M), switch (n,), centres
-        c (n,) in any order), G through the attention layers first.  The centres, in order of their neighbour
-        counts, go in groups of `block`, each a dense (centre, slot) block as wide as its largest count (unfilled
-        slots zero): little padding, as the counts in a group are alike."""
+        c (n,) in any order), G through the attention layers first.  Without attention: the kernel library's
+        contraction where the backend has it.  Else the centres, in order of their neighbour counts, go in
+        groups of `block`, each a dense (centre, slot) block as wide as its largest count (unfilled slots zero):
+        little padding, as the counts in a group are alike."""
+        if len(self.attention) == 0 and not torch.jit.is_scripting():
+            T = self._contract_ops(rows, g, c, ncent, backend)
+            if T is not None:
+                return T
         n = c.shape[0]
         count = torch.bincount(c, minlength=ncent)
         sorted_count, by_count = torch.sort(count, stable=True)
@@ -308,26 +404,97 @@ class DescriptorSeAtten(nn.Module):
             R = rows.new_zeros([nb * width, 4]).index_copy(0, flat, rows[e0:e1]).view(nb, width, 4)
             G = g.new_zeros([nb * width, self.width]).index_copy(0, flat, g[e0:e1]).view(nb, width, self.width)
             if len(self.attention) > 0 and width > 0:
-                real = torch.zeros(nb * width, dtype=torch.bool, device=c.device).index_fill(0, flat, True)
+                real = rows.new_zeros(nb * width).index_fill(0, flat, 1.0).view(nb, width, 1)
                 w = sw.new_zeros(nb * width).index_copy(0, flat, sw[e0:e1]).view(nb, width, 1)
-                G = self._attend(G, R, w, real.view(nb, width))
+                G = self._attend(G, R, w, real, backend)
             parts.append(torch.bmm(R.transpose(1, 2), G))
         if len(parts) == 0:
             return rows.new_zeros([0, 4, self.width])
         return torch.cat(parts).index_select(0, position)
 
-    def _embed(self, s: torch.Tensor, tn: torch.Tensor, tc: torch.Tensor, sw: torch.Tensor, tebd: torch.Tensor):
-        """G (n, M) of neighbours with normalised s (n, 1), neighbour types tn, centre types tc, switch sw (n,)."""
+    @torch.jit.unused
+    def _contract_ops(self, rows: torch.Tensor, g: torch.Tensor, c: torch.Tensor, ncent: int, backend: Backend):
+        """sum_j R_j^T G_j by the kernel library's segment sum (forces: its first-derivative op; training: the
+        ops that differentiate again), edges sorted by centre first; None where the backend has neither."""
+        if not (backend.kernels or backend.any_order):
+            return None
+        if c.shape[0] > 1 and bool((c[1:] < c[:-1]).any()):
+            order = torch.argsort(c, stable=True)
+            rows, g, c = rows.index_select(0, order), g.index_select(0, order), c.index_select(0, order)
+        if backend.kernels:
+            return ops.contract(rows, g, c, ncent)
+        return contraction.contract(rows, g, c, ncent)
+
+    @torch.jit.unused
+    def _fused_tables(self, rows: torch.Tensor, sw: torch.Tensor, tn: torch.Tensor, c: torch.Tensor,
+                      center_type: torch.Tensor, strip: torch.Tensor, backend: Backend):
+        """T of a compressed model in the fused tabulated contraction (EmbeddingTable._fast_tabulated_block:
+        sum_e r_e^T G(r_e[0]), forces only); None where it does not apply.  With gs the tabulated radial net and
+        gt the strip table's row of (centre type, neighbour type t), G = gs (1 + gt [sw]), so per centre
+            T = sum_t [ sum_{j of type t} R_j^T gs(s_j) + (sum_{j of type t} [sw_j] R_j^T gs(s_j)) * gt ],
+        the inner sums over edges keyed by (centre, t); rows (s, sw R) carry s, the table's input, first."""
+        ncent, nt, m = center_type.shape[0], self.ntypes, self.width
+        key = c * nt + tn
+        order = torch.argsort(key)
+        rows, key = rows.index_select(0, order), key.index_select(0, order)
+        plain = self._fast_tabulated_block(0, rows, key, ncent * nt, backend)
+        if plain is None:
+            return None
+        scaled = plain
+        if self.smooth:  # sum_j sw_j R_j^T gs(s_j) in two calls: rows (s, sw R_0..2) and (s, sw R_3, 0, 0)
+            s, w = rows[:, :1], sw.index_select(0, order).unsqueeze(1) * rows
+            first = self._fast_tabulated_block(0, torch.cat([s, w[:, :3]], 1), key, ncent * nt, backend)
+            last = self._fast_tabulated_block(0, torch.cat([s, w[:, 3:], torch.zeros_like(w[:, :2])], 1), key,
+                                              ncent * nt, backend)
+            scaled = torch.cat([first[:, 1:], last[:, 1:2]], 1)
+        if self.type_one_side:
+            gt = strip[:nt].unsqueeze(0)  # (1, nt, M)
+        else:  # rows centre type * (ntypes + 1) + neighbour type
+            gt = strip.view(nt + 1, nt + 1, m).index_select(0, center_type)[:, :nt]
+        shape = [ncent, nt, 4, m]
+        return (plain.view(shape) + scaled.view(shape) * gt.unsqueeze(2)).sum(1)
+
+    def _embed(self, s: torch.Tensor, tn: torch.Tensor, tc: torch.Tensor, sw: torch.Tensor, tebd: torch.Tensor,
+               strip: torch.Tensor, backend: Optional[Backend] = None):
+        """G (n, M) of neighbours with normalised s (n,), neighbour types tn, centre types tc, switch sw (n,), the
+        type embedding and the strip net's table (_weight_terms)."""
         if self.embedding_strip is None:  # concat
-            x = [s, tebd.index_select(0, tn)]
+            x = [s.unsqueeze(1), tebd.index_select(0, tn)]
             if not self.type_one_side:
                 x.append(tebd.index_select(0, tc))
             return self.embedding(torch.cat(x, 1))
-        gs = self.embedding(s)
-        gt = self._strip_table(tebd).index_select(0, tn if self.type_one_side else tc * (self.ntypes + 1) + tn)
+        gt = strip.index_select(0, tn if self.type_one_side else tc * (self.ntypes + 1) + tn)
+        if self.compressed:
+            gs = self._tabulate(0, s)
+        else:
+            if not torch.jit.is_scripting():
+                g = self._linearized_strip(s, gt, sw, backend)
+                if g is not None:
+                    return g
+            gs = self.embedding(s.unsqueeze(1))
         if self.smooth:
             gt = gt * sw.unsqueeze(1)
-        return gs * gt + gs
+        return torch.addcmul(gs, gs, gt)  # gs * gt + gs, DeePMD-kit's G
+
+    @torch.jit.unused
+    def _linearized_strip(self, s: torch.Tensor, gt: torch.Tensor, sw: torch.Tensor, backend: Optional[Backend]):
+        """The strip mode's G = gs(s) (1 + gt [sw]) with the radial net linearised in s (dpmd.model.network: exact
+        value and forces, no second derivative in s) where the backend allows it (Backend.linearize), else None.
+        For forces only, G is a constant linearised in s and sw alike: its backward is two dot products."""
+        net = self.embedding
+        if backend is None or not (backend.linearize and net.can_linearize()):
+            return None
+        if backend.forces_only:
+            with torch.no_grad():
+                gs, gp = embedding_with_tangent(net, s, weight_gradients=False, fused=backend.any_order)
+                f = torch.addcmul(torch.ones_like(gt), gt, sw.unsqueeze(1)) if self.smooth else gt + 1.0
+                g, dg_ds, dg_dsw = gs * f, gp * f, gs * gt
+            g = linearize_at(g, dg_ds, s)
+            return linearize_at(g, dg_dsw, sw) if self.smooth else g
+        gs = linearize_at(*embedding_with_tangent(net, s, fused=backend.any_order), s)
+        if self.smooth:
+            gt = gt * sw.unsqueeze(1)
+        return torch.addcmul(gs, gs, gt)
 
     def _strip_table(self, tebd: torch.Tensor) -> torch.Tensor:
         """The strip net of every neighbour type (one side), or of every (centre, neighbour) pair of types
@@ -340,16 +507,35 @@ class DescriptorSeAtten(nn.Module):
         pairs = torch.cat([tebd.unsqueeze(0).expand(n, n, -1), tebd.unsqueeze(1).expand(n, n, -1)], 2)
         return net(pairs.reshape(n * n, -1))
 
-    def _attend(self, x: torch.Tensor, R: torch.Tensor, sw: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    def _attend(self, x: torch.Tensor, R: torch.Tensor, sw: torch.Tensor, real: torch.Tensor,
+                backend: Optional[Backend] = None) -> torch.Tensor:
         """The attention layers on the dense block of G (centres, slots, M), with its environment rows R
-        (centres, slots, 4) and switch sw (centres, slots, 1), both zero in unfilled slots, and which slots are
-        filled (centres, slots)."""
+        (centres, slots, 4), switch sw and filled-slot indicator real (centres, slots, 1), both zero in unfilled
+        slots.  The (slots x slots) arithmetic, most of the cost, is kept to a few passes: q and k normalised
+        (scale folded into q) and v normalised before their products; the weights every layer shares (the gate
+        sw_j sw_k or the mask, times rhat_j . rhat_k) formed once; the softmax's denominator divides the
+        (slots x hidden) result instead of the weights; its shift is the bound `scale` of a normalised q . k,
+        folded into the exponent's affine part, where that bound holds and is small.  For forces only
+        (Backend.forces_only, and linearize: not the reference) the smooth softmax and the normalisations run
+        with hand-written backward passes (_SmoothAttention, _Normalize): fewer slots x slots passes than
+        autograd's."""
         width = x.shape[1]
-        gate = sw * sw.transpose(1, 2)  # sw_j sw_k
-        dotr = gate  # (unused unless attn_dotr)
+        gate = sw * sw.transpose(1, 2) if self.smooth else real * real.transpose(1, 2)
+        weight = gate
         if self.attn_dotr:
             rhat = nn.functional.normalize(R[:, :, 1:4], dim=-1)
-            dotr = torch.bmm(rhat, rhat.transpose(1, 2))
+            weight = gate * torch.bmm(rhat, rhat.transpose(1, 2))
+        bounded = self.normalize and self.scale <= self.attn_shift  # |q.k| <= scale: exp(q.k - scale) <= 1
+        # smooth: (a + 20) gate - 20 - scale, the block's unfilled slots at -20 - scale like DeePMD-kit's empty
+        # ones, and the nnei - width slots beyond the block add exp(-20 - scale) each to the denominator
+        beyond = (self.nnei - width) * math.exp(-self.attn_shift - self.scale)
+        by_hand = False
+        if not torch.jit.is_scripting():
+            # (forces only, where the backend allows first-derivative shortcuts: not reference_only())
+            by_hand = backend is not None and backend.forces_only and backend.linearize and bounded and self.smooth
+        offset = gate
+        if self.smooth and bounded and not by_hand:
+            offset = gate * self.attn_shift - (self.attn_shift + self.scale)
         h = self.hidden
         for layer in self.attention:
             # q, k, v from slices of in_proj (no chunk: its backward would concatenate edge-sized gradients)
@@ -357,40 +543,105 @@ class DescriptorSeAtten(nn.Module):
             q = torch.matmul(x, w[:, :h]) + b[:h]
             k = torch.matmul(x, w[:, h:2 * h]) + b[h:2 * h]
             v = torch.matmul(x, w[:, 2 * h:]) + b[2 * h:]
-            a = torch.bmm(q, k.transpose(1, 2))
-            if self.normalize:  # q.k / (|q| |k|) = normalised q . normalised k, without normalising q and k
-                qn = torch.linalg.vector_norm(q, 2.0, dim=-1).clamp(min=1e-12)
-                kn = torch.linalg.vector_norm(k, 2.0, dim=-1).clamp(min=1e-12)
-                a = a * ((self.scale / qn).unsqueeze(2) * (1.0 / kn).unsqueeze(1))
+            if by_hand and not torch.jit.is_scripting():
+                o = self._smooth_attention(q, k, v, gate, weight, beyond)
             else:
-                a = a * self.scale
-            if self.smooth:
-                # the block's unfilled slots give -20 like DeePMD-kit's empty ones; the nnei - width slots
-                # beyond the block add exp(-20) each to the softmax's denominator
-                a = (a + self.attn_shift) * gate - self.attn_shift
-                top = a.amax(-1, keepdim=True).clamp(min=-self.attn_shift).detach()
-                e = torch.exp(a - top)
-                a = e * (gate / (e.sum(-1, keepdim=True) + (self.nnei - width) * torch.exp(-self.attn_shift - top)))
-            else:
-                # a large finite value instead of -inf: a centre without neighbours gets no NaN (its rows are 0)
-                a = torch.softmax(a.masked_fill(~real.unsqueeze(1), -1e30), dim=-1)
-                a = a * real.unsqueeze(2).to(a.dtype)
-            if self.attn_dotr:
-                a = a * dotr
-            if self.normalize:  # a . normalised v = (a / |v|) . v
-                a = a * (1.0 / torch.linalg.vector_norm(v, 2.0, dim=-1).clamp(min=1e-12)).unsqueeze(1)
-            y = x + layer.out_proj(torch.bmm(a, v))
+                if self.normalize:  # F.normalize's x / max(|x|, 1e-12)
+                    q = q * (self.scale / torch.linalg.vector_norm(q, 2.0, dim=-1, keepdim=True).clamp(min=1e-12))
+                    k = k / torch.linalg.vector_norm(k, 2.0, dim=-1, keepdim=True).clamp(min=1e-12)
+                    v = v / torch.linalg.vector_norm(v, 2.0, dim=-1, keepdim=True).clamp(min=1e-12)
+                else:
+                    q = q * self.scale
+                a = torch.bmm(q, k.transpose(1, 2))
+                if self.smooth:
+                    if bounded:
+                        e = torch.exp(torch.addcmul(offset, a, gate))
+                        den = e.sum(-1, keepdim=True) + beyond
+                    else:
+                        a = (a + self.attn_shift) * gate - self.attn_shift
+                        top = a.amax(-1, keepdim=True).clamp(min=-self.attn_shift).detach()
+                        e = torch.exp(a - top)
+                        den = e.sum(-1, keepdim=True) + (self.nnei - width) * torch.exp(-self.attn_shift - top)
+                else:  # softmax over the real neighbours: den sums the real slots (a product with the mask)
+                    if bounded:
+                        e = torch.exp(a - self.scale)
+                    else:
+                        top = a.masked_fill(real.transpose(1, 2) == 0, -math.inf).amax(-1, keepdim=True).detach()
+                        e = torch.exp(a - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
+                    # an unfilled row (or a centre without neighbours) gets 1: no 0 / 0 (its weights are 0)
+                    den = torch.bmm(e, real) + (1.0 - real)
+                o = torch.bmm(e * weight, v) / den
+            y = x + layer.out_proj(o)
             x = nn.functional.layer_norm(y, [self.width], layer.norm.weight, layer.norm.bias, self.ln_eps)
         return x
 
-    def _padding_per_slot(self, tebd: torch.Tensor) -> torch.Tensor:
+    @torch.jit.unused
+    def _smooth_attention(self, q, k, v, gate, weight, beyond: float):
+        """One smooth layer's (a v) / den of un-normalised q, k, v (forces only: hand-written backward passes)."""
+        q, k, v = _Normalize.apply(q, self.scale), _Normalize.apply(k, 1.0), _Normalize.apply(v, 1.0)
+        return _SmoothAttention.apply(q, k, v, gate, weight, self.attn_shift, self.attn_shift + self.scale, beyond)
+
+    def _padding_per_slot(self, tebd: torch.Tensor, strip: torch.Tensor) -> torch.Tensor:
         """(ntypes, 4, M): what one empty slot adds to T around a centre of each type (R_pad^T G_pad)."""
         nt = self.ntypes
         pad_row = -self.mean / self.std  # (nt, 4): a zero row, normalised
         centre = torch.arange(nt, device=pad_row.device)
         pad = torch.full([nt], self.pad_type, dtype=torch.long, device=pad_row.device)
-        g = self._embed(pad_row[:, :1], pad, centre, pad_row.new_zeros(nt), tebd)
+        g = self._embed(pad_row[:, 0], pad, centre, pad_row.new_zeros(nt), tebd, strip, None)
         for layer in self.attention:  # a query that attends nothing: a v of zero
             x = g + layer.out_proj.bias
             g = nn.functional.layer_norm(x, [self.width], layer.norm.weight, layer.norm.bias, self.ln_eps)
         return pad_row.unsqueeze(2) * g.unsqueeze(1)
+
+
+# ---- forces only: the attention's first derivatives by hand (not differentiable again) ----
+
+class _Normalize(torch.autograd.Function):
+    """y = x scale / max(|x|, 1e-12) over the last axis (F.normalize, times scale)."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        n = torch.linalg.vector_norm(x, 2.0, dim=-1, keepdim=True).clamp_(min=1e-12)
+        y = x * (scale / n)
+        ctx.save_for_backward(y, n)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        y, n = ctx.saved_tensors
+        # dy/dx = (I - u u^T) scale / |x| with u = y / scale (where |x| was clamped: scale / 1e-12 I)
+        dot = (y * gy).sum(-1, keepdim=True) * ((n > 1e-12).to(y.dtype) / (ctx.scale * ctx.scale))
+        return torch.addcmul(gy, y, dot, value=-1.0).mul_(ctx.scale / n), None
+
+
+class _SmoothAttention(torch.autograd.Function):
+    """o = (e * weight) v / den with e = exp((q k^T + shift) gate - top), den = sum_k e + beyond (q, k, v
+    normalised; DeePMD-kit's smooth softmax, shifted by its bound top)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, gate, weight, shift: float, top: float, beyond: float):
+        t = torch.bmm(q, k.transpose(1, 2)).add_(shift)
+        e = (t * gate).sub_(top).exp_()
+        den = e.sum(-1, keepdim=True).add_(beyond)
+        p = e * weight
+        o = torch.bmm(p, v).div_(den)
+        ctx.save_for_backward(q, k, v, gate, weight, t, e, p, den, o)
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, go):
+        q, k, v, gate, weight, t, e, p, den, o = ctx.saved_tensors
+        god = go / den
+        dv = torch.bmm(p.transpose(1, 2), god)
+        dp = torch.bmm(god, v.transpose(1, 2))
+        dweight = dp * e
+        dden = (god * o).sum(-1, keepdim=True)
+        dz = dp.mul_(weight).sub_(dden).mul_(e)  # d/d(exponent)
+        dgate = dz * t
+        da = dz.mul_(gate)
+        dq = torch.bmm(da, k)
+        dk = torch.bmm(da.transpose(1, 2), q)
+        return dq, dk, dv, dgate, dweight, None, None, None

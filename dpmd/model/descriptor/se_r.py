@@ -15,6 +15,9 @@ exclude_types: the normalised value of an excluded (centre type, neighbour type)
 adds net(0) and still fills its slot (DeePMD-kit's exclusion mask; an edge beyond rcut stays padding).
 type_one_side: accepted either way; DeePMD-kit's PyTorch backend builds one net per neighbour type whatever its
 value, and so does this module.
+
+Compressed (dpmd.model.compress, as DeePMD-kit's `dp compress`): net_t(x) is read from net t's table over x
+(dpmd.model.descriptor.table.EmbeddingTable, se_e2_a's layout).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import nn
 
 from dpmd.model.descriptor.common import check_sizes, excluded_pair_codes, per_type_rows, resolved_sel
 from dpmd.model.descriptor.se_a import DescriptorSeA, smooth_switch
+from dpmd.model.descriptor.table import EmbeddingTable
 from dpmd.model.keys import (DTYPES, activation_key, check_type_split, cutoff_keys, env_protection_key,
                              exclude_types_key, neuron_key, precision_key, seed_key, sel_per_type_key,
                              set_davg_zero_key)
@@ -61,8 +65,10 @@ def check_config(d: dict, ntypes: int) -> None:
     check_type_split(d, ntypes)
 
 
-class DescriptorSeR(nn.Module):
-    __constants__ = ["compressed"]  # a TorchScript constant: code for compressed models is not compiled
+class DescriptorSeR(EmbeddingTable, nn.Module):
+    # TorchScript constants: the compressed-model code is compiled only for a compressed model, the kernel
+    # library's calls only when scripted with it loaded (use_ops, set by dpmd.model.export)
+    __constants__ = ["compressed", "use_ops"]
 
     def __init__(self, ntypes: int, sel: List[int], rcut: float, rcut_smth: float, neuron=(10, 20, 40),
                  resnet_dt: bool = False, activation_function: str = "tanh", dtype=torch.float64, seed=None,
@@ -73,7 +79,8 @@ class DescriptorSeR(nn.Module):
         self.nnei = sum(sel)
         self.width = neuron[-1]
         self.mixed_types = False  # one embedding net per neighbour type: neighbours split by type
-        self.compressed = False
+        self._init_table(ntypes)  # model compression (EmbeddingTable)
+        self.use_ops = False
         # net t serves neighbour type t; DeePMD-kit seeds it with child_seed(seed, t)
         self.embeddings = nn.ModuleList(
             MLP(1, list(neuron), activation=activation_function, resnet_dt=resnet_dt, dtype=dtype,
@@ -111,20 +118,43 @@ class DescriptorSeR(nn.Module):
         r = torch.linalg.vector_norm(edge_vec, 2.0, dim=-1)
         return smooth_switch(r, self.rcut_smth, self.rcut) / r
 
+    resolve_backend = DescriptorSeA.resolve_backend  # se_e2_a's
     # se_e2_a's: exclude_types as the (centre type, neighbour type) codes in excluded_pairs, rows (E, 1) here
     kept_edges = DescriptorSeA.kept_edges
 
+    def edge_table_input(self, edge_vec: torch.Tensor, center_type_of_edge: torch.Tensor) -> torch.Tensor:
+        """The normalised value x (E,) of each edge: the embedding nets' input (and the tables')."""
+        return self._normalized(self.env_values(edge_vec), center_type_of_edge)
+
+    def _normalized(self, s: torch.Tensor, ct: torch.Tensor) -> torch.Tensor:
+        return (s - self.mean[:, 0].index_select(0, ct)) / self.std[:, 0].index_select(0, ct)
+
     def forward(self, edge_vec, center, center_type, neighbor_type, backend: Optional[Backend] = None):
-        """Descriptors (n_centers, M) of edges sorted by centre (center in [0, n_centers)); backend unused (the
-        nets are small and run in PyTorch, differentiable any number of times)."""
+        """Descriptors (n_centers, M) of edges sorted by centre (center in [0, n_centers)).  The nets are small and
+        run in PyTorch, differentiable any number of times; backend matters only to a compressed model's tables
+        (the fused kernels where it allows them: EmbeddingTable.tabulated_sum)."""
+        return self._sum_embeddings(edge_vec, center, center_type, neighbor_type, False, backend)
+
+    def _sum_embeddings(self, edge_vec, center, center_type, neighbor_type, deferred_check: bool,
+                        backend: Optional[Backend]):
+        """forward(); deferred_check: an edge outside a compressed model's tables is a deferred flag when the
+        caller collects them (the padded layout's sync-free MD steps)."""
+        if not torch.jit.is_scripting():
+            backend = self.resolve_backend(backend, edge_vec)
         dtype, ncent, nt = self.mean.dtype, center_type.shape[0], self.ntypes
         ct = center_type.index_select(0, center)
         s = self.env_values(edge_vec.to(dtype))
-        x = (s - self.mean[:, 0].index_select(0, ct)) / self.std[:, 0].index_select(0, ct)
+        x = self._normalized(s, ct)
         if len(self.excluded_pairs) > 1:
             x = x * self.kept_edges(s.unsqueeze(1), ct, neighbor_type).to(dtype)
-        # edges grouped by neighbour type: one net evaluation per type, summed per centre
-        order = torch.argsort(neighbor_type, stable=True)
+        if self.compressed:
+            if deferred_check and not torch.jit.is_scripting():
+                self._check_table_deferred(x, edge_vec, center, center_type, neighbor_type)
+            else:
+                self._check_table(x, edge_vec, center, center_type, neighbor_type)
+        # edges grouped by neighbour type, then centre (ascending, as the fused tables need): one net evaluation
+        # per type, summed per centre
+        order = torch.argsort(neighbor_type * ncent + center)
         counts: List[int] = torch.bincount(neighbor_type, minlength=nt).tolist()
         x, c = x.index_select(0, order), center.index_select(0, order)
         total = x.new_zeros([ncent, self.width])
@@ -132,8 +162,11 @@ class DescriptorSeR(nn.Module):
         for t, net in enumerate(self.embeddings):
             n = counts[t]
             if n > 0:
-                g = net(x[start:start + n].unsqueeze(1))
-                total = total.index_add(0, c[start:start + n], g)
+                xt, ct_ = x[start:start + n], c[start:start + n]
+                if self.compressed:  # (the fused kernels where they apply: EmbeddingTable.tabulated_sum)
+                    total = total + self.tabulated_sum(t, xt, torch.ones_like(xt), ct_, ncent, backend)
+                else:
+                    total = total.index_add(0, ct_, net(xt.unsqueeze(1)))
             start += n
         total = total + self._padding(center, center_type, neighbor_type)
         return total * (0.2 / self.nnei)  # 1/5: DeePMD-kit's res_rescale of se_e2_r
@@ -145,8 +178,11 @@ class DescriptorSeR(nn.Module):
         n_pad = (torch.tensor(self.sel, device=count.device) - count).to(self.mean.dtype)  # (ncent, nt)
         pad_x = -self.mean / self.std  # (nt_centre, 1): an empty slot's normalised value
         per_type: List[torch.Tensor] = []
-        for net in self.embeddings:
-            per_type.append(net(pad_x))
+        for t, net in enumerate(self.embeddings):
+            if self.compressed:
+                per_type.append(self._tabulate(t, pad_x[:, 0]))
+            else:
+                per_type.append(net(pad_x))
         per_slot = torch.stack(per_type, 1)  # (nt_centre, nt_neighbour, M)
         return (n_pad.unsqueeze(-1) * per_slot.index_select(0, center_type)).sum(1)
 
@@ -155,6 +191,6 @@ class DescriptorSeR(nn.Module):
                        backend: Optional[Backend] = None):
         """forward() for edges in DeePMD's padded layout (dpmd.model.forces.evaluate_padded): its empty slots
         hold vectors beyond rcut, which forward() counts as empty slots, so the edge-list code serves as it is."""
-        return self.forward(edge_vec, center, center_type, neighbor_type, backend)
+        return self._sum_embeddings(edge_vec, center, center_type, neighbor_type, True, backend)
 
     slot_types = DescriptorSeA.slot_types  # (DeePMD's padded layout: sel[t] slots of each type t)

@@ -13,6 +13,10 @@ An empty neighbour slot (DeePMD's padding), an edge at or beyond rcut and an exc
 rows zeroed) all have a_j = 0, since the angular mean is zero (DeePMD-kit's statistics, dpmd.model.stats,
 set it so; deepmd_state refuses a checkpoint otherwise): x = 0 adds x G(x) = 0.  So only real pairs are
 evaluated, with no padding term.  Within a same-type block x is symmetric: the pairs j < k count twice.
+
+Compressed (dpmd.model.compress, as DeePMD-kit's `dp compress`): G_tu(x) is read from a table over x in
+[-end, end] (dpmd.model.descriptor.table.EmbeddingTable).  |x_jk| <= |a_j| |a_k|, so checking each edge's
+|a_j|^2 against the tables guarantees every pair of the edge is inside them.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dpmd.errors import DpmdError
 from dpmd.model.descriptor import se_a
 from dpmd.model.descriptor.common import check_sizes, excluded_pair_codes, per_type_rows, resolved_sel
 from dpmd.model.descriptor.se_a import DescriptorSeA
+from dpmd.model.descriptor.table import EmbeddingTable
 from dpmd.model.keys import DTYPES, check_type_split
 from dpmd.model.network import MLP, child_seed, embedding_with_tangent, linearize_at
 from dpmd.ops import Backend
@@ -43,7 +48,7 @@ def check_config(d: dict, ntypes: int) -> None:
     check_type_split(d, ntypes)
 
 
-class DescriptorSeT(nn.Module):
+class DescriptorSeT(EmbeddingTable, nn.Module):
     # TorchScript constants: dpmd.model.export compiles its compressed-model branches only where compressed is True
     __constants__ = ["compressed", "use_ops", "has_exclusion"]
 
@@ -60,9 +65,9 @@ class DescriptorSeT(nn.Module):
         check_sizes(ntypes, sel, rcut, rcut_smth)
         self.ntypes, self.sel, self.rcut, self.rcut_smth = ntypes, list(sel), float(rcut), float(rcut_smth)
         self.nnei = sum(sel)
-        self.dim_out = int(neuron[-1])
+        self.dim_out = self.width = int(neuron[-1])
         self.mixed_types = False
-        self.compressed = False  # no tabulated form
+        self._init_table(ntypes)  # model compression (EmbeddingTable)
         self.use_ops = False  # set on the copy that dpmd.model.export scripts with the kernel library loaded
         # net i serves the neighbour-type pair (pair_t[i], pair_u[i]), t <= u, in DeePMD-kit's order (its net
         # index t + u * ntypes ascending); DeePMD-kit seeds the net of (t, u) with index t * ntypes + u
@@ -119,6 +124,12 @@ class DescriptorSeT(nn.Module):
         g, gp = embedding_with_tangent(net, x, weight_gradients=not backend.forces_only, fused=backend.any_order)
         return linearize_at(g, gp, x)
 
+    def edge_table_input(self, edge_vec: torch.Tensor, center_type_of_edge: torch.Tensor) -> torch.Tensor:
+        """|a_j|^2 (E,) of each edge: it bounds |x| of every pair the edge is in."""
+        ct = center_type_of_edge
+        a = ((self.env_rows(edge_vec) - self.mean.index_select(0, ct)) / self.std.index_select(0, ct))[:, 1:]
+        return (a * a).sum(1)
+
     def forward(self, edge_vec, center, center_type, neighbor_type, backend: Optional[Backend] = None):
         """Descriptors (n_centers, M).  edge_vec (E, 3) vectors from centre to neighbour, sorted by centre;
         center (E,) index in [0, n_centers); center_type (n_centers,); neighbor_type (E,).  backend: which
@@ -134,7 +145,10 @@ class DescriptorSeT(nn.Module):
             kept = torch.nonzero(self.kept_edges(rows, ct_edge, neighbor_type)).squeeze(1)
             rows, ct_edge = rows.index_select(0, kept), ct_edge.index_select(0, kept)
             center, neighbor_type = center.index_select(0, kept), neighbor_type.index_select(0, kept)
+            edge_vec = edge_vec.index_select(0, kept)
         a = ((rows - self.mean.index_select(0, ct_edge)) / self.std.index_select(0, ct_edge))[:, 1:]
+        if self.compressed:
+            self._check_table((a * a).sum(1), edge_vec, center, center_type, neighbor_type)
         # edges grouped by (centre, neighbour type): group centre * nt + t holds count[c, t] edges from start[c, t]
         group = center * nt + neighbor_type
         a = a.index_select(0, torch.sort(group, stable=True)[1])
@@ -169,13 +183,16 @@ class DescriptorSeT(nn.Module):
                 e1 = start[:, t].index_select(0, c) + j
                 e2 = start[:, u].index_select(0, c) + k
                 x = (a.index_select(0, e1) * a.index_select(0, e2)).sum(1)
-                g: Optional[torch.Tensor] = None
-                if not torch.jit.is_scripting():
-                    g = self._linearized_embedding(i, x, backend)
-                if g is None:
-                    g = net(x.unsqueeze(1))
                 scaled = x * weight * (1.0 / (self.sel[t] * self.sel[u]))
-                out = out.index_add(0, c, scaled.unsqueeze(1) * g)
+                if self.compressed:  # (the fused kernels where they apply: EmbeddingTable.tabulated_sum)
+                    out = out + self.tabulated_sum(i, x, scaled, c, ncent, backend)
+                else:
+                    g: Optional[torch.Tensor] = None
+                    if not torch.jit.is_scripting():
+                        g = self._linearized_embedding(i, x, backend)
+                    if g is None:
+                        g = net(x.unsqueeze(1))
+                    out = out.index_add(0, c, scaled.unsqueeze(1) * g)
         return out
 
     @torch.jit.unused
@@ -194,6 +211,8 @@ class DescriptorSeT(nn.Module):
         if self.has_exclusion:
             kept = self.kept_edges(raw, center_type.index_select(0, center), neighbor_type)
             a = a * kept.view(ncent, nnei, 1).to(a.dtype)
+        if self.compressed:
+            self._check_table_deferred((a * a).sum(-1).reshape(-1), edge_vec, center, center_type, neighbor_type)
         sec = [sum(self.sel[:t]) for t in range(self.ntypes + 1)]
         out = a.new_zeros([ncent, self.dim_out])
         for i in range(len(self.embeddings)):
@@ -201,9 +220,12 @@ class DescriptorSeT(nn.Module):
             if self.sel[t] * self.sel[u] == 0:
                 continue
             x = torch.bmm(a[:, sec[t]:sec[t + 1]], a[:, sec[u]:sec[u + 1]].transpose(1, 2)).reshape(ncent, -1)
-            g = self._linearized_embedding(i, x.reshape(-1), backend)
-            if g is None:
-                g = self.embeddings[i](x.reshape(-1, 1))
+            if self.compressed:
+                g = self._tabulate(i, x.reshape(-1))
+            else:
+                g = self._linearized_embedding(i, x.reshape(-1), backend)
+                if g is None:
+                    g = self.embeddings[i](x.reshape(-1, 1))
             g = g.view(ncent, x.shape[1], self.dim_out)
             out = out + torch.bmm(x.unsqueeze(1), g)[:, 0] / (self.sel[t] * self.sel[u])
         return out
