@@ -15,6 +15,7 @@ For each descriptor configuration of descriptors() the script trains `dpmd train
   - s/step (between the first and the last checkpoint), start-up s (launch to step 0: imports, data,
     statistics),
   - inference µs/atom: the frozen model on a 108-atom held-out frame, neighbour list included, median of repeats,
+    in a worker process of each code under the same settings (--threads torch threads, freed memory kept),
   - peak memory: the ru_maxrss of the training process (os.wait4).
 --rounds N trains each row N times and times its inference N times, the codes alternating (dpmd, DeePMD-kit,
 dpmd, ...), and reports the medians of s/step and µs/atom (accuracy and start-up: the first round's), and the
@@ -260,8 +261,13 @@ def worker(job: dict) -> None:
     import torch
 
     from dpmd.data import load_systems
+    from dpmd.runtime import keep_freed_memory
 
     torch.set_num_threads(job["threads"])
+    # both codes alike, as benchmarks/infer_speed.py times them: glibc keeps freed blocks, so the same large tensors
+    # do not take fresh pages every call (without it a round's timing depended on whether the worker had evaluated
+    # RMSEs first: dpmd 33 vs 44-53 µs/atom on the 108-atom se_atten_v2 frame, DeePMD-kit within 5%)
+    keep_freed_memory()
     test = load_systems(job["test"], type_map=ELEMENTS)
     if job["code"] == "dpmd":
         from dpmd.model import load_model

@@ -19,11 +19,11 @@ An iteration runs these stages in order; each is skipped when the database says 
 
 Directory layout (work_dir): campaign.db, data/<system>/ (deepmd/npy, rebuilt from the label files),
 test_data/<system>/ (the held-out labels, select.holdout: never trained on), iter.NNN/train/mK/
-(checkpoints, lcurve.out, model.pth), iter.NNN/explore/<task>.npz, labels/<task>.npz (one labelled
-frame each, named by its task id), dispatch/<task>/ (a cluster task's folder: what its job is sent, linked, and
-what it brought back, out/, from which the member's folder or the npz is installed; dispatch/iNNN-*-inputs/:
-the data systems or models a stage's jobs share).  A cluster job reads and writes only its own folder: no
-shared filesystem is needed.
+(checkpoints, lcurve.out, model.pth), iter.NNN/explore/<task>.npz (engine lammps: and <task>/t<k>/, the runs'
+folders), labels/<task>.npz (one labelled frame each, named by its task id), dispatch/<task>/ (a cluster task's
+folder: what its job is sent, linked, and what it brought back, out/, from which the member's folder or the npz
+and run folders are installed; dispatch/iNNN-*-inputs/: the data systems, stat file or models a stage's jobs
+share).  A cluster job reads and writes only its own folder: no shared filesystem is needed.
 
 The campaign trusts only what its database recorded.  Work is skipped only when the database says it
 is done, never because a file exists; each done task records the sha256 of the files it produced, and
@@ -321,22 +321,37 @@ def train_members(jobs: dict, processes: int, threads: int | None, on_done, on_s
 
 
 def cluster_train_job(it: int, job: dict) -> dict:
-    """train_member's job for a cluster that does not share this filesystem: the data systems sent once for
-    the stage's submission (dispatch/iNNN-train-inputs/), the starting checkpoint with the job, the member
-    trained and frozen in the job's out/ folder (brought back)."""
+    """train_member's job for a cluster that does not share this filesystem: the data systems and
+    training.stat_file sent once for the stage's submission (dispatch/iNNN-train-inputs/), the starting
+    checkpoint with the job, the member trained and frozen in the job's out/ folder (brought back).  These are
+    every path the training input makes a job read (DeePMD-kit's other path keys, use_srtab and a modifier's
+    model, are refused by the training input's schema)."""
     common, names = {}, {}   # name under dispatch/ -> local path; local path -> that name
 
-    def sent(system: str) -> str:
-        path, sep, group = system.partition("#")   # an HDF5 file's group stays as it is
+    def sent(path: str) -> str:
         if path not in names:
             names[path] = f"i{it:03d}-train-inputs/s{len(names)}-{Path(path).name}"
             common[names[path]] = path
-        return f"../{names[path]}{sep}{group}"
+        return f"../{names[path]}"
+
+    def sent_system(system: str) -> str:
+        path, sep, group = system.partition("#")   # an HDF5 file's group stays as it is
+        return f"{sent(path)}{sep}{group}"
 
     config = copy.deepcopy(job["config"])
+    training = config["training"]
     for key in ("training_data", "validation_data"):
-        if config["training"].get(key):
-            config["training"][key]["systems"] = [sent(p) for p in config["training"][key]["systems"]]
+        if training.get(key):
+            training[key]["systems"] = [sent_system(s) for s in training[key]["systems"]]
+    if training.get("stat_file"):
+        # the file a member training here reads (the Trainer opens it relative to the working directory); the
+        # job reads its copy, and what it adds to it (stat_file_mode update) stays with the job
+        stat = os.path.abspath(training["stat_file"])
+        if not os.path.exists(stat):
+            raise CampaignError(f"train.template's training.stat_file {stat}: no such file or folder; a cluster "
+                                f"training job reads the statistics but does not bring them back, so make the "
+                                f"file first (one local `dpmd train` with this stat_file) or leave the key out")
+        training["stat_file"] = sent(stat)
     start = job["init_model"] or job["finetune"]   # (at most one is given)
     return {**job, "config": config, "init_model": job["init_model"] and "start.pt",
             "finetune": job["finetune"] and "start.pt", "out": OUTPUT_DIR,
@@ -931,8 +946,11 @@ class Campaign:
         def on_done(task_id, ok, value, seconds):
             rel = todo[task_id][2]
             if ok:
-                try:   # the npz as the job brought it back
-                    install(job_folder(self.root, task_id) / OUTPUT_DIR / rel.name, self.root / rel)
+                back = job_folder(self.root, task_id) / OUTPUT_DIR
+                try:   # the npz as the job brought it back, and LAMMPS's run folders where a local run leaves them
+                    if stage["engine"] == "lammps":
+                        install(back / rel.stem, self.root / rel.with_suffix(""))
+                    install(back / rel.name, self.root / rel)
                 except (DpmdError, OSError) as err:
                     ok, value = False, str(err).splitlines()[0]
             if not ok:

@@ -134,7 +134,7 @@ def test_frozen_compressed_equals_eager(pairs, water, name, tmp_path):
 
 @pytest.mark.parametrize("name", ["se_e2_r_exclude", "se_e3"])
 def test_compressed_padded_layout_equals_edge_list(pairs, water, name):
-    """forward_padded (the MD engine's sync-free path) of a compressed model."""
+    """The padded layout (forward with type_counts: the MD engine's sync-free path) of a compressed model."""
     from dpmd.md.neighbors import VerletList
 
     _, comp = pairs[name]

@@ -86,10 +86,14 @@ def test_no_padded_layout_so_no_sync_free_stepping(water):
     takes edge lists only, and sync-free stepping (which needs the padded layout) is refused in one line."""
     from dpmd.errors import DpmdError
     from dpmd.md import Simulation
+    from dpmd.model.forces import evaluate_padded, layouts
+    from tests.test_backend_matrix import padded_graph
 
     model = load_model(FIXTURE / "model.ckpt.pt")
-    assert not hasattr(model.descriptor, "forward_padded")
+    assert layouts(model) == ("edges",)
     coord, atype, box = water
+    with pytest.raises(DpmdError, match=r"^evaluate_padded: DescriptorHybrid has no padded layout \(it takes edges\);"):
+        evaluate_padded(model, padded_graph(model, coord, atype, box))
     with pytest.raises(DpmdError, match="sync_free: needs a model with DeePMD's padded layout"):
         Simulation([model], coord[None], [["O", "H"][t] for t in atype], box[None], sync_free=True)
 

@@ -278,7 +278,10 @@ def test_batched_ensemble_equals_one_by_one(cell):
 
 
 FAST_PATHS = {**VARIANTS, "strip_attn0": dict(kind="se_atten_v2", attn_layer=0),
-              "strip_two_sides": dict(kind="se_atten_v2", exclude_types=[[1, 1]])}
+              "strip_two_sides": dict(kind="se_atten_v2", exclude_types=[[1, 1]]),
+              "strip_attn0_one_side": dict(kind="se_atten_v2", attn_layer=0, type_one_side=True),
+              "strip_rough_attn0": dict(tebd_input_mode="strip", smooth_type_embedding=False, attn_layer=0,
+                                        exclude_types=[[0, 1]])}
 
 
 @pytest.mark.parametrize("name", list(FAST_PATHS))

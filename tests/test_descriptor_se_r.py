@@ -209,7 +209,8 @@ def test_forces_virial_invariances(name, water):
 
 
 def check_padded_layout(model, coord, atype, box) -> None:
-    """The MD engine's padded layout (forward_padded, the sync-free path on a GPU) gives the edge list's numbers."""
+    """The MD engine's padded layout (forward with type_counts, the sync-free path on a GPU) gives the edge list's
+    numbers."""
     from tests.test_backend_matrix import padded_graph
 
     out = evaluate_padded(model, padded_graph(model, coord, atype, box))

@@ -193,7 +193,8 @@ def test_training_derivatives_equal_the_reference(models, cell, suffix):
 
 
 def test_padded_layout_equals_edge_list(models, cell):
-    """forward_padded (the MD engine's sync-free path on a GPU) gives the edge list's numbers."""
+    """The padded layout (forward with type_counts: the MD engine's sync-free path on a GPU) gives the edge
+    list's numbers."""
     from dpmd.md.neighbors import VerletList
 
     model = models["_exclude"]

@@ -99,9 +99,10 @@ def test_md_on_two_ranks_follows_the_serial_run(models, water, tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_sync_free_stepping_follows_the_checked_run(models, water, kind):
     from dpmd.md import Simulation
+    from dpmd.model.forces import layouts
 
     model = models[kind][0]
-    if not hasattr(model.descriptor, "forward_padded"):
+    if "padded" not in layouts(model):
         pytest.skip(f"{kind} has no padded layout: sync-free stepping is refused for it")
     coord, symbols, box, _ = water
     runs = []

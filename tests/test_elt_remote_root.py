@@ -1,26 +1,33 @@
 """Cluster jobs without a shared filesystem: every stage through dpdispatcher's LocalContext copying into a
 separate remote_root (no symlinks), each job run by a `python` command that refuses to open anything in the
-campaign's work_dir, gives the local campaign; job states are recorded while the jobs run, as the scheduler
-reports them, and another reader of the database sees them."""
+campaign's work_dir, gives the local campaign (a template's stat file sent with the training jobs, a LAMMPS
+stage's run folders installed where a local run leaves them); job states are recorded while the jobs run, as the
+scheduler reports them, and another reader of the database sees them."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
 
-from explore_label_train.campaign import cluster_explore_job, explore_group, train_member
-from explore_label_train.config import training_input
+from explore_label_train.campaign import (Campaign, CampaignError, cluster_explore_job, cluster_train_job,
+                                          explore_group, train_member)
+from explore_label_train.config import load_campaign, training_input
 from explore_label_train.report import status_table
 from explore_label_train.state import State
 from tests.conftest import REPO
+from tests.test_elt import campaign_dict, write_campaign
 from tests.test_elt_dispatch_stages import assert_jobs, run_one_iteration, same_campaign
 # (cu_data, models and plugin are fixtures)
 from tests.test_elt_lammps import NO_PLUMED, group_job, lammps_stage, models, plugin, rattled_fcc  # noqa: F401
+from tests.test_elt_lammps import campaign_dict as lammps_campaign_dict
 from tests.test_threads import cu_data, training_campaign  # noqa: F401
 
 # A job's Python, as a site's wrapper would start it (`<python> -m explore_label_train.dispatch task.json`),
@@ -226,3 +233,83 @@ def test_a_lammps_stage_runs_as_a_job_without_the_campaign_files(tmp_path, plugi
     assert sorted(here.files) == sorted(there.files) and len(here["step"]) == 8
     for key in here.files:
         np.testing.assert_array_equal(here[key], there[key])
+
+
+def stat_file_campaign(tmp_path, data, name, stat, mode, dispatcher=None) -> Campaign:
+    """Training only (the data given, no structures), the template reading `stat` in `mode`."""
+    cfg = campaign_dict(tmp_path, work_dir=str(tmp_path / name), initial={"data": [str(data)], "structures": []})
+    cfg["train"].update(numb_steps=10, dispatcher=dispatcher)
+    cfg["train"]["template"]["training"].update(stat_file=str(stat), stat_file_mode=mode)
+    return Campaign(load_campaign(write_campaign(tmp_path, cfg, f"{name}.yaml")), log=None)
+
+
+def test_a_training_job_reads_the_templates_stat_file_sent_with_it(tmp_path, cu_data):  # noqa: F811
+    """training.stat_file is sent once for the stage's jobs, and the jobs read it (stat_file_mode read: a job
+    without it fails): the members are the local campaign's, which read the same file."""
+    import torch
+
+    from dpmd.train.checkpoint import load_checkpoint
+
+    pytest.importorskip("dpdispatcher")
+    stat = tmp_path / "stat"
+    stat_file_campaign(tmp_path, cu_data, "make", stat, "update")._stage_train(0, time.perf_counter())   # saves them
+    assert any(stat.rglob("bias_atom_energy"))
+    local = stat_file_campaign(tmp_path, cu_data, "local", stat, "read")
+    local._stage_train(0, time.perf_counter())
+    far = tmp_path / "remote_fs" / "camp"
+    far.parent.mkdir()
+    remote = stat_file_campaign(tmp_path / "remote_fs", cu_data, "camp", stat, "read",
+                                copying_dispatcher(tmp_path / "remote_fs", guard(tmp_path / "remote_fs", far)))
+    remote._stage_train(0, time.perf_counter())
+    for k in range(2):
+        task = json.loads((far / "dispatch" / f"i000-train-m{k}" / "task.json").read_text())
+        assert task["payload"]["config"]["training"]["stat_file"] == "../i000-train-inputs/s1-stat"
+        assert task["inputs"]["common"]["i000-train-inputs/s1-stat"] == str(stat)
+        here, there = (load_checkpoint(c.root / c.result(f"i000-train-m{k}")["checkpoint"])["model"]
+                       for c in (local, remote))
+        assert here.keys() == there.keys() and all(torch.equal(here[p], there[p]) for p in here), f"member {k}"
+
+
+def test_a_cluster_training_job_needs_the_stat_file_to_exist(tmp_path, monkeypatch):
+    """A relative stat_file is the one a local member reads (from the working directory); one that does not
+    exist is refused in one line naming the key (the job could read nothing, and what it wrote would not come
+    back)."""
+    (tmp_path / "stats.h5").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    job = {"config": {"training": {"training_data": {"systems": ["/data/a#/g"]}, "stat_file": "stats.h5"}},
+           "init_model": None, "finetune": None}
+    sent = cluster_train_job(3, job)
+    assert sent["config"]["training"]["stat_file"] == "../i003-train-inputs/s1-stats.h5"
+    assert sent["config"]["training"]["training_data"]["systems"] == ["../i003-train-inputs/s0-a#/g"]
+    assert sent["inputs"]["common"] == {"i003-train-inputs/s0-a": "/data/a",
+                                        "i003-train-inputs/s1-stats.h5": str(tmp_path / "stats.h5")}
+    job["config"]["training"]["stat_file"] = "missing.h5"
+    with pytest.raises(CampaignError, match=r"^train.template's training.stat_file .*/missing.h5: no such") as err:
+        cluster_train_job(3, job)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow   # a campaign iteration whose exploration runs LAMMPS in a Shell job: ~30 s
+def test_a_lammps_stage_run_as_jobs_leaves_its_run_folders_where_a_local_run_does(tmp_path, plugin):  # noqa: F811
+    """engine lammps with explore[].dispatcher: each trajectory's LAMMPS folder is installed at
+    iter.NNN/explore/<task>/t<k>/ (hard links to what the job brought back), as a local run leaves it."""
+    pytest.importorskip("dpdispatcher")
+    (tmp_path / "in.lammps").write_text(NO_PLUMED.replace("npt temp V_TEMP V_TEMP 0.1 iso V_PRES V_PRES 0.5",
+                                                          "nvt temp V_TEMP V_TEMP 0.1"))
+    cfg = lammps_campaign_dict(tmp_path, {"engine": "lammps", "lammps": {
+        "template": "in.lammps", "rev_mat": {"V_HEIGHT": 2, "V_TEMP2": 1}},
+        "dispatcher": dict(copying_dispatcher(tmp_path, guard(tmp_path, tmp_path / "camp")), timeout=None)})
+    camp = Campaign(load_campaign(write_campaign(tmp_path, cfg)), log=None)
+    assert camp.run() == "max_iterations"
+    frames = camp.state.q("SELECT * FROM frames ORDER BY frame_id")
+    task = "i000-explore-md-g0"
+    for k, temp in enumerate((300.0, 600.0)):
+        run, fetched = (base / task / f"t{k}" for base in (camp.root / "iter.000" / "explore",
+                                                          camp.root / "dispatch" / task / "out"))
+        assert sorted(p.name for p in run.iterdir()) == ["conf.lmp", "input.lammps", "lammps.out", "log.lammps",
+                                                          "model_devi.out", "traj"]
+        assert f"velocity        all create {temp} " in (run / "input.lammps").read_text()
+        assert len(list((run / "traj").glob("*.lammpstrj"))) == 3   # steps 0, 10, 20
+        assert os.path.samefile(run / "log.lammps", fetched / "log.lammps")   # installed, not copied
+        row = np.loadtxt(run / "model_devi.out")[-1]   # the frames recorded come from these runs
+        assert row[0] == 20 and row[4] == pytest.approx(frames[2 + k]["max_devi_f"], rel=1e-6)

@@ -372,8 +372,8 @@ def test_exclude_types_zero_the_rows_of_excluded_pairs(water, type_one_side):
             padded_center += [new] * desc.sel[t]
             padded_type += [t] * desc.sel[t]
     with torch.no_grad():
-        padded = desc.forward_padded(torch.stack(padded_vec), torch.tensor(padded_center), atype[order],
-                                     torch.tensor(padded_type), counts)
+        padded = desc(torch.stack(padded_vec), torch.tensor(padded_center), atype[order], torch.tensor(padded_type),
+                      type_counts=counts)
     torch.testing.assert_close(padded, got[order], rtol=1e-10, atol=1e-12)
 
 

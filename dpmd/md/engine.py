@@ -31,7 +31,7 @@ from dpmd.md.sync_free import SyncFreeForces
 from dpmd.md.thermostats import make_thermostat
 from dpmd.md.units import BOLTZ, FS
 from dpmd.model.ensemble import evaluate_ensemble
-from dpmd.model.forces import evaluate
+from dpmd.model.forces import evaluate, layouts
 
 CHECKPOINT_FORMAT = "dpmd-md-checkpoint"
 
@@ -146,9 +146,9 @@ class Simulation:
         self.safety = Safety(self.symbols, self.min_distance)
         if sync_free and bias is not None:
             raise DpmdError("sync_free: a bias potential is not supported in sync-free mode; set sync_free: false")
-        # DeePMD's padded layout: se_e2_a's, se_e2_r's, se_e3's (the others and a test's pair potential take edge
-        # lists only)
-        padded = hasattr(getattr(model, "descriptor", None), "forward_padded")
+        # sync-free stepping takes DeePMD's padded layout: where the model's descriptor has it (se_e2_a, se_e2_r,
+        # se_e3; the others and a test's pair potential take edge lists only)
+        padded = "padded" in layouts(model)
         use = (self.device.type == "cuda" and bias is None and padded) if sync_free is None else bool(sync_free)
         if use and not padded:
             raise DpmdError("sync_free: needs a model with DeePMD's padded layout (se_e2_a, se_e2_r, se_e3); "

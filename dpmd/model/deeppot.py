@@ -60,15 +60,14 @@ class DeepPot(EdgeEnergyModel, nn.Module):
     def atomic_energy(self, edge_vec, center, center_type, neighbor_type, type_counts: Optional[List[int]] = None,
                       params: Optional[torch.Tensor] = None, backend: Optional[Backend] = None) -> torch.Tensor:
         """Atomic energies (n_centers,) of an edge list (dpmd.model.forces), or, with type_counts, of edges in
-        DeePMD's padded layout with the centres grouped by type (DescriptorSeA.forward_padded).  params: the
-        centres' fparam and aparam (dpmd.geometry.graph.atom_params), for a model that takes them; backend: what
-        runs (dpmd.ops.resolve; None: as the caller's context says).  TorchScript-compatible: the frozen model
-        (dpmd.model.export) runs this method as its own."""
-        if not torch.jit.is_scripting():  # (the padded layout is eager only)
-            if type_counts is not None:
-                desc = self.descriptor.forward_padded(edge_vec, center, center_type, neighbor_type, type_counts,
-                                                      backend)
-                return self.fitting(desc.to(self.fitting.energy_bias.dtype), center_type, type_counts, params)
+        DeePMD's padded layout with the centres grouped by type (the descriptor's forward with type_counts, where
+        its `layouts` has "padded").  params: the centres' fparam and aparam (dpmd.geometry.graph.atom_params),
+        for a model that takes them; backend: what runs (dpmd.ops.resolve; None: as the caller's context says).
+        TorchScript-compatible: the frozen model (dpmd.model.export) runs this method as its own, on edge lists
+        (the padded layout is eager only, and only some descriptors' forward takes type_counts)."""
+        if type_counts is not None and not torch.jit.is_scripting():
+            desc = self.descriptor(edge_vec, center, center_type, neighbor_type, backend, type_counts)
+            return self.fitting(desc.to(self.fitting.energy_bias.dtype), center_type, type_counts, params)
         center, center_type, position = group_by_type(center, center_type)
         desc = self.descriptor(edge_vec, center, center_type, neighbor_type, backend)
         return self.fitting(desc.to(self.fitting.energy_bias.dtype), center_type, None,

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from dpmd import ops
+from dpmd.errors import DpmdError
 from dpmd.geometry.graph import atom_params, edge_vectors
 from dpmd.geometry.neighbor import NeighborList, check_sel, count_neighbors, over_sel
 from dpmd.ops import Backend
@@ -226,6 +227,13 @@ def assemble(atom_energy: torch.Tensor, g: torch.Tensor, vec: torch.Tensor, cent
     return out
 
 
+def layouts(model) -> Tuple[str, ...]:
+    """The edge layouts model.atomic_energy takes: its descriptor's `layouts` ("edges": an edge list; "padded":
+    DeePMD's padded rows, evaluate_padded); edge lists for a model without a descriptor (a test's pair
+    potential) or a descriptor that declares none."""
+    return getattr(getattr(model, "descriptor", None), "layouts", ("edges",))
+
+
 def evaluate_padded(model, graph: dict, backend: Backend | None = None) -> dict:
     """evaluate() for edges in DeePMD's padded layout (what the MD engine hands over on a GPU): every shape is
     known on the host, so nothing is read back from the device.  graph holds
@@ -237,6 +245,9 @@ def evaluate_padded(model, graph: dict, backend: Backend | None = None) -> dict:
       atype, batch, box, natoms[, fparam, aparam] as in evaluate().
     No `sel` check here: the caller that built the slots knows whether a neighbour did not fit.
     backend: what runs (None: resolved here, for forces)."""
+    if "padded" not in layouts(model):
+        raise DpmdError(f"evaluate_padded: {type(model.descriptor).__name__} has no padded layout (it takes "
+                        f"{', '.join(layouts(model))}); evaluate an edge list with evaluate()")
     rows, vec_all, neighbor = graph["rows"], graph["edge_vec"], graph["neighbor"]
     nnei, nrows = model.descriptor.nnei, rows.shape[0]
     if backend is None:

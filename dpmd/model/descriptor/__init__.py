@@ -5,9 +5,13 @@ Every descriptor is an nn.Module, TorchScript-compilable, in its own module here
   attributes  ntypes, rcut, rcut_smth, sel (List[int]: neighbours kept per neighbour type, or one total for a
               descriptor with mixed_types), nnei = sum(sel), dim_out, mixed_types (bool: neighbours are not split
               by type, DeePMD-kit's se_atten), compressed (bool), mean / std (statistics buffers)
-  forward(edge_vec (E, 3), center (E,), center_type (n_centers,), neighbor_type (E,), backend=None)
+  forward(edge_vec (E, 3), center (E,), center_type (n_centers,), neighbor_type (E,), backend=None
+          [, type_counts=None])
               -> (n_centers, dim_out); edges sorted by centre, center indexes the centres, an edge at or beyond
-              rcut counts as an empty neighbour slot (DeePMD-kit's padding); backend: dpmd.ops.resolve's choice
+              rcut counts as an empty neighbour slot (DeePMD-kit's padding); backend: dpmd.ops.resolve's choice;
+              type_counts (where layouts has "padded"): the edges are DeePMD's padded rows, centres grouped by
+              type in these counts (eager only)
+  layouts     class attribute: the edge layouts forward takes, ("edges",) or ("edges", "padded")
   env_rows(edge_vec) -> (E, 4)   the un-normalised environment rows (s, s x/r, s y/r, s z/r), or, for a
               one-column descriptor, env_values(edge_vec) -> (E,) s; with kept_edges(rows, center_type_of_edge,
               neighbor_type) (exclude_types): what dpmd.model.stats takes DeePMD-kit's statistics of, for mean /

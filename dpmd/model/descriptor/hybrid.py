@@ -73,6 +73,9 @@ def check_config(d: dict, ntypes: int) -> None:
 
 class DescriptorHybrid(nn.Module):
     __constants__ = ["compressed"]  # a TorchScript constant: code for compressed models is not compiled
+    # edge lists only: the padded layout's slots follow the hybrid's sel, which cannot hold each entry's own sel
+    # check (sync-free MD is refused for it: dpmd.model.forces.layouts)
+    layouts = ("edges",)
 
     def __init__(self, descriptors: List[nn.Module]):
         super().__init__()

@@ -87,6 +87,8 @@ class DescriptorSeA(EmbeddingTable, nn.Module):
     # TorchScript constants: the compressed code (and its `table` buffer) is compiled only for a compressed
     # model, the torch.ops.dpmd.* calls only when scripted with the kernel library loaded (use_ops)
     __constants__ = ["compressed", "use_ops", "has_exclusion"]
+    # what forward takes: an edge list, or (type_counts given) DeePMD's padded layout (dpmd.model.forces.layouts)
+    layouts = ("edges", "padded")
 
     def __init__(self, ntypes: int, sel: list[int], rcut: float, rcut_smth: float, neuron=(25, 50, 100),
                  axis_neuron: int = 16, resnet_dt: bool = False, type_one_side: bool = True,
@@ -154,13 +156,17 @@ class DescriptorSeA(EmbeddingTable, nn.Module):
         s = smooth_switch(r, self.rcut_smth, self.rcut) / r
         return torch.cat([s, s * edge_vec / r], dim=-1)
 
-    def forward(self, edge_vec, center, center_type, neighbor_type, backend: Optional[Backend] = None):
+    def forward(self, edge_vec, center, center_type, neighbor_type, backend: Optional[Backend] = None,
+                type_counts: Optional[List[int]] = None):
         """Descriptors (n_centers, M * axis_neuron).
 
         edge_vec (E, 3) vectors from centre to neighbour; center (E,) index in [0, n_centers);
-        center_type (n_centers,); neighbor_type (E,).  (forward_padded: the same for DeePMD's padded layout.)
-        backend: which implementation runs (dpmd.ops.resolve; None: as the caller's context says).
+        center_type (n_centers,); neighbor_type (E,).  backend: which implementation runs (dpmd.ops.resolve;
+        None: as the caller's context says).  type_counts: None for an edge list sorted by centre; given, the
+        edges are in DeePMD's padded layout with the centres grouped by type in these counts (_forward_padded).
         """
+        if type_counts is not None and not torch.jit.is_scripting():  # (scripted: read as the edge list it also is)
+            return self._forward_padded(edge_vec, center, center_type, neighbor_type, type_counts, backend)
         if not torch.jit.is_scripting():
             backend = self.resolve_backend(backend, edge_vec)
         dtype = self.mean.dtype
@@ -264,8 +270,8 @@ class DescriptorSeA(EmbeddingTable, nn.Module):
         return self._block(r, linearize_at(g, gp, r[:, 0]), c, ncent, per_center, backend)
 
     @torch.jit.unused
-    def forward_padded(self, edge_vec, center, center_type, neighbor_type, type_counts: List[int],
-                       backend: Optional[Backend] = None):
+    def _forward_padded(self, edge_vec, center, center_type, neighbor_type, type_counts: List[int],
+                        backend: Optional[Backend] = None):
         """forward() for edges in DeePMD's own padded layout, which the MD engine uses on a GPU: every centre
         has nnei = sum(sel) edges, centre-major, in blocks of sel[t] slots for neighbour type t (center and
         neighbor_type say so edge by edge, for the kernels and messages); an empty slot holds a vector beyond

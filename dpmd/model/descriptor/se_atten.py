@@ -35,8 +35,10 @@ embedding inside the radial net) and attention layers (whose input is the whole 
 Cost (the same numbers): what depends on the weights alone (type embedding, strip table, padding) is computed
 once per set of weights for inference; forces use the kernel library's rows and, without attention, its
 contraction, the strip mode's G linearised in s and sw (dpmd.model.network.linearize_at) and hand-written
-backward passes of the smooth attention; training uses the contraction ops that differentiate again and the
-radial net linearised in s (Backend.linearize).
+backward passes of the smooth attention; strip mode without attention never forms G per edge: the contraction
+sums R^T gs and sw R^T gs per (centre, neighbour type), then applies the strip table's rows per type
+(_strip_by_type, as the compressed model's _fused_tables); training uses the contraction ops that differentiate
+again and the radial net linearised in s (Backend.linearize).
 
 The padding's neighbour type: DeePMD-kit gives an empty slot the type embedding of the frame's first atom
 (its neighbour index -1 becomes 0), so with a non-zero mean (set_davg_zero false: concat mode, or strip mode
@@ -165,6 +167,7 @@ class DescriptorSeAtten(EmbeddingTable, nn.Module):
     __constants__ = ["compressed", "use_ops"]
     __jit_unused_properties__ = ["embeddings"]
     MIXED_TYPES = True  # one sel for neighbours of all types (read before a module exists: sel auto)
+    layouts = ("edges",)  # edge lists only: no padded layout, so no sync-free MD (dpmd.model.forces.layouts)
 
     def __init__(self, ntypes: int, sel: int, rcut: float, rcut_smth: float, neuron=(25, 50, 100),
                  axis_neuron: int = 16, tebd_dim: int = 8, tebd_input_mode: str = "concat", resnet_dt: bool = False,
@@ -334,6 +337,8 @@ class DescriptorSeAtten(EmbeddingTable, nn.Module):
             self._check_table(rows[:, 0], vec, c, center_type, tn)
             if not torch.jit.is_scripting():
                 T = self._fused_tables(rows, sw, tn, c, center_type, strip, backend)
+        if T is None and not torch.jit.is_scripting():
+            T = self._strip_by_type(rows, sw, tn, c, center_type, strip, backend)
         if T is None:
             g = self._embed(rows[:, 0], tn, tc, sw, tebd, strip, backend)
             T = self._contract(rows, g, sw, c, ncent, backend)
@@ -433,26 +438,55 @@ class DescriptorSeAtten(EmbeddingTable, nn.Module):
         gt the strip table's row of (centre type, neighbour type t), G = gs (1 + gt [sw]), so per centre
             T = sum_t [ sum_{j of type t} R_j^T gs(s_j) + (sum_{j of type t} [sw_j] R_j^T gs(s_j)) * gt ],
         the inner sums over edges keyed by (centre, t); rows (s, sw R) carry s, the table's input, first."""
-        ncent, nt, m = center_type.shape[0], self.ntypes, self.width
+        ncent, nt = center_type.shape[0], self.ntypes
         key = c * nt + tn
         order = torch.argsort(key)
         rows, key = rows.index_select(0, order), key.index_select(0, order)
-        plain = self._fast_tabulated_block(0, rows, key, ncent * nt, backend)
-        if plain is None:
+        sums = self._fast_tabulated_block(0, rows, key, ncent * nt, backend)
+        if sums is None:
             return None
-        scaled = plain
         if self.smooth:  # sum_j sw_j R_j^T gs(s_j) in two calls: rows (s, sw R_0..2) and (s, sw R_3, 0, 0)
             s, w = rows[:, :1], sw.index_select(0, order).unsqueeze(1) * rows
             first = self._fast_tabulated_block(0, torch.cat([s, w[:, :3]], 1), key, ncent * nt, backend)
             last = self._fast_tabulated_block(0, torch.cat([s, w[:, 3:], torch.zeros_like(w[:, :2])], 1), key,
                                               ncent * nt, backend)
-            scaled = torch.cat([first[:, 1:], last[:, 1:2]], 1)
+            sums = torch.cat([sums, first[:, 1:], last[:, 1:2]], 1)  # (plain, scaled)
+        return self._sum_over_types(sums, center_type, strip)
+
+    @torch.jit.unused
+    def _strip_by_type(self, rows: torch.Tensor, sw: torch.Tensor, tn: torch.Tensor, c: torch.Tensor,
+                       center_type: torch.Tensor, strip: torch.Tensor, backend: Backend):
+        """T of an uncompressed model in strip mode without attention, forces only, summed per (centre, neighbour
+        type) as _fused_tables sums a compressed one: one contraction of the rows (R, [sw R]) with the radial net
+        gs linearised in s, then the strip table's rows.  No edge-sized products with the strip table (forming G
+        and its two tangents, and their backward, were most of an inference).  None where it does not apply, or
+        where the keys exceed a quarter of the edges (many types: the per-key sums would cost more than the
+        edge-sized products they replace)."""
+        net, ncent, nt = self.embedding, center_type.shape[0], self.ntypes
+        if (self.compressed or self.embedding_strip is None or len(self.attention) > 0 or not (backend.forces_only
+                and backend.kernels and backend.linearize and net.can_linearize()) or 4 * ncent * nt > rows.shape[0]):
+            return None
+        key = c * nt + tn
+        order = torch.argsort(key, stable=True)
+        rows, sw, key = rows.index_select(0, order), sw.index_select(0, order), key.index_select(0, order)
+        s = rows[:, 0]
+        gs, gp = embedding_with_tangent(net, s, weight_gradients=False, fused=backend.any_order)
+        if self.smooth:
+            rows = torch.cat([rows, sw.unsqueeze(1) * rows], 1)
+        sums = _LinearizedContract.apply(rows, s, gs, gp, key, ncent * nt)  # (ncent * nt, 4 or 8, M)
+        return self._sum_over_types(sums, center_type, strip)
+
+    def _sum_over_types(self, sums: torch.Tensor, center_type: torch.Tensor, strip: torch.Tensor) -> torch.Tensor:
+        """T (ncent, 4, M) from the sums per (centre, neighbour type t), (ncent * ntypes, 4 h, M), of R^T gs and
+        (h = 2, smooth) sw R^T gs: sum_t plain (1 + gt) or plain + scaled gt, gt the strip table's row of the pair
+        of types (one product and one sum: a single pass backward)."""
+        ncent, nt, m = center_type.shape[0], self.ntypes, self.width
         if self.type_one_side:
             gt = strip[:nt].unsqueeze(0)  # (1, nt, M)
         else:  # rows centre type * (ntypes + 1) + neighbour type
             gt = strip.view(nt + 1, nt + 1, m).index_select(0, center_type)[:, :nt]
-        shape = [ncent, nt, 4, m]
-        return (plain.view(shape) + scaled.view(shape) * gt.unsqueeze(2)).sum(1)
+        factor = (gt + 1.0).unsqueeze(2) if sums.shape[1] == 4 else torch.stack([torch.ones_like(gt), gt], 2)
+        return (sums.view(ncent, nt, factor.shape[2], 4, m) * factor.unsqueeze(3)).sum([1, 2])
 
     def _embed(self, s: torch.Tensor, tn: torch.Tensor, tc: torch.Tensor, sw: torch.Tensor, tebd: torch.Tensor,
                strip: torch.Tensor, backend: Optional[Backend] = None):
@@ -614,6 +648,27 @@ class _Normalize(torch.autograd.Function):
         # dy/dx = (I - u u^T) scale / |x| with u = y / scale (where |x| was clamped: scale / 1e-12 I)
         dot = (y * gy).sum(-1, keepdim=True) * ((n > 1e-12).to(y.dtype) / (ctx.scale * ctx.scale))
         return torch.addcmul(gy, y, dot, value=-1.0).mul_(ctx.scale / n), None
+
+
+class _LinearizedContract(torch.autograd.Function):
+    """sum_e rows_e^T G(s_e) per key (ascending), (nkeys, K, M), with G = gs linearised in s (gp its derivative,
+    both constants; forces only).  Backward by the kernel library's edge_project against dT: d_rows =
+    project(gs), d_s = rows . project(gp), instead of the generic contraction's edge-sized gradient of G then
+    dotted with gp."""
+
+    @staticmethod
+    def forward(ctx, rows, s, gs, gp, key, nkeys: int):
+        ctx.save_for_backward(rows, gs, gp, key)
+        return ops.contract(rows, gs, key, nkeys)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        rows, gs, gp, key = ctx.saved_tensors
+        grad = grad.contiguous()
+        d_rows = torch.ops.dpmd.edge_project(gs, grad, key)
+        d_s = (torch.ops.dpmd.edge_project(gp, grad, key) * rows).sum(1)
+        return d_rows, d_s, None, None, None, None
 
 
 class _SmoothAttention(torch.autograd.Function):

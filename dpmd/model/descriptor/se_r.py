@@ -69,6 +69,7 @@ class DescriptorSeR(EmbeddingTable, nn.Module):
     # TorchScript constants: the compressed-model code is compiled only for a compressed model, the kernel
     # library's calls only when scripted with it loaded (use_ops, set by dpmd.model.export)
     __constants__ = ["compressed", "use_ops"]
+    layouts = ("edges", "padded")  # what forward takes (type_counts given: DeePMD's padded layout)
 
     def __init__(self, ntypes: int, sel: List[int], rcut: float, rcut_smth: float, neuron=(10, 20, 40),
                  resnet_dt: bool = False, activation_function: str = "tanh", dtype=torch.float64, seed=None,
@@ -129,16 +130,20 @@ class DescriptorSeR(EmbeddingTable, nn.Module):
     def _normalized(self, s: torch.Tensor, ct: torch.Tensor) -> torch.Tensor:
         return (s - self.mean[:, 0].index_select(0, ct)) / self.std[:, 0].index_select(0, ct)
 
-    def forward(self, edge_vec, center, center_type, neighbor_type, backend: Optional[Backend] = None):
+    def forward(self, edge_vec, center, center_type, neighbor_type, backend: Optional[Backend] = None,
+                type_counts: Optional[List[int]] = None):
         """Descriptors (n_centers, M) of edges sorted by centre (center in [0, n_centers)).  The nets are small and
         run in PyTorch, differentiable any number of times; backend matters only to a compressed model's tables
-        (the fused kernels where it allows them: EmbeddingTable.tabulated_sum)."""
-        return self._sum_embeddings(edge_vec, center, center_type, neighbor_type, False, backend)
+        (the fused kernels where it allows them: EmbeddingTable.tabulated_sum).  type_counts given: the edges are
+        in DeePMD's padded layout (dpmd.model.forces.evaluate_padded), whose empty slots hold vectors beyond rcut,
+        which the edge-list code counts as empty slots, so it serves as it is; only an edge outside a compressed
+        model's tables is then a deferred flag when the caller collects them (the sync-free MD steps)."""
+        return self._sum_embeddings(edge_vec, center, center_type, neighbor_type, type_counts is not None, backend)
 
     def _sum_embeddings(self, edge_vec, center, center_type, neighbor_type, deferred_check: bool,
                         backend: Optional[Backend]):
         """forward(); deferred_check: an edge outside a compressed model's tables is a deferred flag when the
-        caller collects them (the padded layout's sync-free MD steps)."""
+        caller collects them."""
         if not torch.jit.is_scripting():
             backend = self.resolve_backend(backend, edge_vec)
         dtype, ncent, nt = self.mean.dtype, center_type.shape[0], self.ntypes
@@ -185,12 +190,5 @@ class DescriptorSeR(EmbeddingTable, nn.Module):
                 per_type.append(net(pad_x))
         per_slot = torch.stack(per_type, 1)  # (nt_centre, nt_neighbour, M)
         return (n_pad.unsqueeze(-1) * per_slot.index_select(0, center_type)).sum(1)
-
-    @torch.jit.unused
-    def forward_padded(self, edge_vec, center, center_type, neighbor_type, type_counts: List[int],
-                       backend: Optional[Backend] = None):
-        """forward() for edges in DeePMD's padded layout (dpmd.model.forces.evaluate_padded): its empty slots
-        hold vectors beyond rcut, which forward() counts as empty slots, so the edge-list code serves as it is."""
-        return self._sum_embeddings(edge_vec, center, center_type, neighbor_type, True, backend)
 
     slot_types = DescriptorSeA.slot_types  # (DeePMD's padded layout: sel[t] slots of each type t)

@@ -52,6 +52,7 @@ class DescriptorSeT(EmbeddingTable, nn.Module):
     # TorchScript constants: dpmd.model.export compiles its compressed-model branches only where compressed is True
     __constants__ = ["compressed", "use_ops", "has_exclusion"]
 
+    layouts = ("edges", "padded")  # what forward takes (type_counts given: DeePMD's padded layout)
     # se_e2_a's environment rows, exclusion rule, statistics and padded slot layout are this descriptor's too
     resolve_backend = DescriptorSeA.resolve_backend
     env_rows = DescriptorSeA.env_rows
@@ -130,10 +131,15 @@ class DescriptorSeT(EmbeddingTable, nn.Module):
         a = ((self.env_rows(edge_vec) - self.mean.index_select(0, ct)) / self.std.index_select(0, ct))[:, 1:]
         return (a * a).sum(1)
 
-    def forward(self, edge_vec, center, center_type, neighbor_type, backend: Optional[Backend] = None):
+    def forward(self, edge_vec, center, center_type, neighbor_type, backend: Optional[Backend] = None,
+                type_counts: Optional[List[int]] = None):
         """Descriptors (n_centers, M).  edge_vec (E, 3) vectors from centre to neighbour, sorted by centre;
         center (E,) index in [0, n_centers); center_type (n_centers,); neighbor_type (E,).  backend: which
-        implementation runs (dpmd.ops.resolve; None: as the caller's context says)."""
+        implementation runs (dpmd.ops.resolve; None: as the caller's context says).  type_counts: None for an
+        edge list; given, the edges are in DeePMD's padded layout with the centres grouped by type in these
+        counts (_forward_padded)."""
+        if type_counts is not None and not torch.jit.is_scripting():  # (scripted: read as the edge list it also is)
+            return self._forward_padded(edge_vec, center, center_type, neighbor_type, type_counts, backend)
         if not torch.jit.is_scripting():
             backend = self.resolve_backend(backend, edge_vec)
         ncent, nt = center_type.shape[0], self.ntypes
@@ -196,8 +202,8 @@ class DescriptorSeT(EmbeddingTable, nn.Module):
         return out
 
     @torch.jit.unused
-    def forward_padded(self, edge_vec, center, center_type, neighbor_type, type_counts: List[int],
-                       backend: Optional[Backend] = None):
+    def _forward_padded(self, edge_vec, center, center_type, neighbor_type, type_counts: List[int],
+                        backend: Optional[Backend] = None):
         """forward() for edges in DeePMD's own padded layout (the MD engine's on a GPU): every centre has nnei
         = sum(sel) edges, centre-major, in blocks of sel[t] slots for neighbour type t; an empty slot holds a
         vector beyond rcut.  DeePMD-kit's dense blocks (every slot pair), so nothing is read back from the
