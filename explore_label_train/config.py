@@ -410,6 +410,12 @@ def normalize_campaign(raw, base_dir: Path, source: str = "campaign") -> dict:
     tmpl_model = tr["template"].get("model") if isinstance(tr["template"].get("model"), dict) else {}
     if tmpl_model.get("type_map") not in (None, tm):
         raise ConfigError(f"'train.template' model.type_map {tmpl_model.get('type_map')} differs from type_map {tm}")
+    training = tr["template"].get("training") if isinstance(tr["template"].get("training"), dict) else {}
+    for key in ("disp_file", "save_ckpt"):   # each member writes these in its own folder, which is what comes back
+        value = training.get(key)
+        if isinstance(value, str) and (os.path.isabs(value) or os.sep in value):
+            raise ConfigError(f"'train.template' training.{key} = {value!r}: every member writes it in its own "
+                              f"folder; give a file name, not a path")
     # validate the whole training input now (data paths: the campaign directory stands in)
     try:
         training_input(c, [str(base)], tr["numb_steps"], 0, 0)

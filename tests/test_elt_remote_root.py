@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 
 from explore_label_train.campaign import (Campaign, CampaignError, cluster_explore_job, cluster_train_job,
                                           explore_group, train_member)
+from dpmd.errors import ConfigError
 from explore_label_train.config import load_campaign, training_input
 from explore_label_train.report import status_table
 from explore_label_train.state import State
@@ -313,3 +315,16 @@ def test_a_lammps_stage_run_as_jobs_leaves_its_run_folders_where_a_local_run_doe
         assert os.path.samefile(run / "log.lammps", fetched / "log.lammps")   # installed, not copied
         row = np.loadtxt(run / "model_devi.out")[-1]   # the frames recorded come from these runs
         assert row[0] == 20 and row[4] == pytest.approx(frames[2 + k]["max_devi_f"], rel=1e-6)
+
+
+@pytest.mark.parametrize("key, value", [("disp_file", "/tmp/lcurve.out"), ("save_ckpt", "../ckpt/model.ckpt")])
+def test_a_template_writing_outside_the_members_folder_is_refused(tmp_path, key, value):
+    """lcurve.out and the checkpoints are what a member's folder (and a job's out/) brings back: a path that
+    leads elsewhere would be shared by the members and missing from what is installed."""
+    cfg = campaign_dict(tmp_path)
+    cfg["train"]["template"].setdefault("training", {})[key] = value
+    with pytest.raises(ConfigError, match=rf"'train.template' training.{key} = '{re.escape(value)}': every member "
+                                          r"writes it in its own folder; give a file name, not a path"):
+        load_campaign(write_campaign(tmp_path, cfg))
+    cfg["train"]["template"]["training"][key] = "mine.out"   # a plain name is each member's own file
+    load_campaign(write_campaign(tmp_path, cfg, "second.yaml"))
