@@ -80,6 +80,19 @@ def atomic_copy(source, path) -> None:
     shutil.copymode(source, path)
 
 
+def atomic_link(source, path) -> None:
+    """Make `path` the file `source` in one step: a hard link where the file system allows (no second copy),
+    else a copy."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copy2(source, tmp)
+    os.replace(tmp, path)
+
+
 def atomic_symlink(target: str, link) -> None:
     """Point the symlink `link` at `target`, replacing what is there in one step."""
     link = Path(link)

@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from dpmd.errors import DpmdError
-from dpmd.files import atomic_write
+from dpmd.files import atomic_link, atomic_write
 from dpmd.runtime import choose_threads, configure_threads, usable_cores
 from explore_label_train.config import settings_hash, training_input, trust_levels
 from explore_label_train.dispatch import (INPUTS, OUTPUT_DIR, LocalPool, job_folder, make_pool, process_start,
@@ -140,19 +140,9 @@ def install(source: Path, target: Path) -> None:
     if source.is_dir():
         if target.exists():
             shutil.rmtree(target)
-        shutil.copytree(source, target, symlinks=True, copy_function=_link_or_copy)
-        return
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    _link_or_copy(source, tmp)
-    os.replace(tmp, target)
-
-
-def _link_or_copy(source, target) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+        shutil.copytree(source, target, symlinks=True, copy_function=atomic_link)
+    else:
+        atomic_link(source, target)
 
 
 def atomic_savez(path: Path, **arrays) -> None:

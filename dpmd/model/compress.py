@@ -33,6 +33,7 @@ import torch
 
 from dpmd.errors import ConfigError, DpmdError
 from dpmd.model.descriptor.hybrid import DescriptorHybrid
+from dpmd.model.descriptor.se_a import smooth_switch
 from dpmd.model.descriptor.se_t import DescriptorSeT
 from dpmd.model.descriptor.table import EmbeddingTable
 
@@ -76,9 +77,8 @@ def normalize_compress(section, ntypes: int, where: str = "model.compress") -> d
 
 
 def switched_s(r: float, rcut_smth: float, rcut: float) -> float:
-    """s = sw(r)/r of the environment matrix (dpmd.model.descriptor.smooth_switch)."""
-    u = min(max((r - rcut_smth) / (rcut - rcut_smth), 0.0), 1.0)
-    return (1.0 - u) ** 3 * (1.0 + 3.0 * u + 6.0 * u * u) / r
+    """s = sw(r)/r of the environment matrix, with the descriptors' own switch."""
+    return float(smooth_switch(torch.tensor(float(r), dtype=torch.float64), rcut_smth, rcut)) / r
 
 
 def distance_at(s_target: float, rcut_smth: float, rcut: float) -> float:

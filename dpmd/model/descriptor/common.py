@@ -1,9 +1,10 @@
-"""Pieces every descriptor of the family builds the same way: size checks, the codes of excluded type pairs, and
-DeePMD-kit's per-slot statistics read back as per-type rows."""
+"""Pieces every descriptor of the family builds the same way: size checks, the codes of excluded type pairs,
+DeePMD-kit's per-slot statistics read back as per-type rows, and the cache of terms that depend on the weights
+alone."""
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -22,6 +23,22 @@ def excluded_pair_codes(ntypes: int, exclude_types) -> List[int]:
     """centre type * ntypes + neighbour type of the pairs of exclude_types, both orders (from the config, not part
     of the weights); the -1 that no pair has keeps the list non-empty, which TorchScript needs."""
     return [-1] + sorted({a * ntypes + b for p in exclude_types for a, b in (p, p[::-1])})
+
+
+def cached_on_weights(module, name: str, tensors: List[torch.Tensor], compute: Callable, extra: list = ()):
+    """compute() (no gradient), kept in module.__dict__[name] while `tensors` are the same storage at the same
+    version (an optimizer step or a load bumps it) and `extra` (plain attributes) is equal; None for tensors under
+    vmap (an ensemble), which are wrappers.  For eager inference only: the caller decides when no gradient to the
+    weights is needed (training's optimizer may update weights without bumping their versions)."""
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        return None
+    key = [(t.data_ptr(), t._version) for t in tensors] + list(extra)
+    cached = module.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, compute())
+        module.__dict__[name] = cached
+    return cached[1]
 
 
 def per_type_rows(name: str, value: torch.Tensor, source: str) -> torch.Tensor:

@@ -36,7 +36,8 @@ from torch import nn
 from dpmd import ops
 from dpmd.errors import ConfigError
 from dpmd.model import deferred
-from dpmd.model.descriptor.common import check_sizes, excluded_pair_codes, per_type_rows, resolved_sel
+from dpmd.model.descriptor.common import (cached_on_weights, check_sizes, excluded_pair_codes, per_type_rows,
+                                          resolved_sel)
 from dpmd.model.descriptor.table import EmbeddingTable
 from dpmd.model.keys import (DTYPES, activation_key, axis_neuron_key, check_type_split, cutoff_keys,
                              env_protection_key, exclude_types_key, neuron_key, precision_key, seed_key,
@@ -357,15 +358,7 @@ class DescriptorSeA(EmbeddingTable, nn.Module):
         tensors = [self.mean, self.std] + list(self.embeddings.parameters())
         if self.compressed:
             tensors.append(self.table)
-        if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):  # an ensemble under vmap
-            return None
-        key = [(t.data_ptr(), t._version) for t in tensors]  # an optimizer step or a load bumps _version
-        cached = self.__dict__.get("_padding_cache")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, self._padding_per_slot())
-            self.__dict__["_padding_cache"] = cached
-        return cached[1]
+        return cached_on_weights(self, "_padding_cache", tensors, self._padding_per_slot)
 
     # ---- compressed model (the table itself: EmbeddingTable) ------------------------------------
 

@@ -57,7 +57,8 @@ from torch import nn
 
 from dpmd import ops
 from dpmd.errors import ConfigError, DpmdError
-from dpmd.model.descriptor.common import check_sizes, excluded_pair_codes, per_type_rows, resolved_sel
+from dpmd.model.descriptor.common import (cached_on_weights, check_sizes, excluded_pair_codes, per_type_rows,
+                                          resolved_sel)
 from dpmd.model.descriptor.se_a import DescriptorSeA, smooth_switch
 from dpmd.model.descriptor.table import EmbeddingTable
 from dpmd.model.descriptor.type_embedding import TypeEmbedding
@@ -367,16 +368,7 @@ class DescriptorSeAtten(EmbeddingTable, nn.Module):
         tensors = [self.mean, self.std] + list(self.parameters())
         if self.compressed:  # the padding's embedding comes from the table
             tensors.append(self.table)
-        if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):  # an ensemble under vmap
-            return None
-        # an optimizer step or a load bumps _version; pad_type is a plain attribute
-        key = [(t.data_ptr(), t._version) for t in tensors] + [self.pad_type]
-        cached = self.__dict__.get("_weight_terms_cache")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, self._weight_terms())
-            self.__dict__["_weight_terms_cache"] = cached
-        return cached[1]
+        return cached_on_weights(self, "_weight_terms_cache", tensors, self._weight_terms, [self.pad_type])
 
     def _contract(self, rows: torch.Tensor, g: torch.Tensor, sw: torch.Tensor, c: torch.Tensor, ncent: int,
                   backend: Optional[Backend]):
