@@ -81,23 +81,6 @@ def test_forces_virial_invariances(name, water):
     check_invariances(model, coord, atype, box)
 
 
-def test_no_padded_layout_so_no_sync_free_stepping(water):
-    """The padded layout's slots follow the model's sel, which cannot hold each entry's own sel check: a hybrid
-    takes edge lists only, and sync-free stepping (which needs the padded layout) is refused in one line."""
-    from dpmd.errors import DpmdError
-    from dpmd.md import Simulation
-    from dpmd.model.forces import evaluate_padded, layouts
-    from tests.test_backend_matrix import padded_graph
-
-    model = load_model(FIXTURE / "model.ckpt.pt")
-    assert layouts(model) == ("edges",)
-    coord, atype, box = water
-    with pytest.raises(DpmdError, match=r"^evaluate_padded: DescriptorHybrid has no padded layout \(it takes edges\);"):
-        evaluate_padded(model, padded_graph(model, coord, atype, box))
-    with pytest.raises(DpmdError, match="sync_free: needs a model with DeePMD's padded layout"):
-        Simulation([model], coord[None], [["O", "H"][t] for t in atype], box[None], sync_free=True)
-
-
 def test_continuous_at_each_cutoff():
     model = unbiased(load_model(FIXTURE / "model.ckpt.pt"))
     for sub in model.descriptor.descriptors:  # se_e2_a at 3.5 Å (within se_e2_r's 5 Å), se_e2_r at 5 Å

@@ -204,9 +204,9 @@ def test_padded_layout_equals_edge_list(models, cell):
     verlet.build(coord[None], box[None])
     rows = torch.argsort(atype, stable=True)
     verlet.pad(rows, atype)
-    vec, neighbor, overflow, _ = verlet.padded_within_cutoff(coord[None], box[None], model.sel)
-    assert not overflow.any()
-    graph = {"rows": rows, "row_chunk": chunk, "edge_vec": vec, "neighbor": neighbor, "atype": atype,
+    nl = verlet.padded_within_cutoff(coord[None], box[None], model.sel)
+    assert nl.format == "padded" and not nl.overflow.any()
+    graph = {"rows": rows, "row_chunk": chunk, "edge_vec": nl.vec, "neighbor": nl.neighbor, "atype": atype,
              "box": box[None], "natoms": n, "batch": torch.zeros(n, dtype=torch.long),
              "row_type_counts": [torch.bincount(atype[rows[r:r + chunk]], minlength=2).tolist()
                                  for r in range(0, n, chunk)]}

@@ -164,10 +164,10 @@ def test_padded_layout_takes_the_params(model, cell):
     verlet.build(coord[None], box[None])
     rows = torch.argsort(atype, stable=True)
     verlet.pad(rows, atype)
-    vec, neighbor, overflow, _ = verlet.padded_within_cutoff(coord[None], box[None], model.sel)
-    assert not overflow.any()
+    nl = verlet.padded_within_cutoff(coord[None], box[None], model.sel)
+    assert nl.format == "padded" and not nl.overflow.any()
     params = model.graph_params(1, n, FPARAM, aparam)
-    graph = {"rows": rows, "row_chunk": chunk, "edge_vec": vec, "neighbor": neighbor, "atype": atype,
+    graph = {"rows": rows, "row_chunk": chunk, "edge_vec": nl.vec, "neighbor": nl.neighbor, "atype": atype,
              "box": box[None], "natoms": n, "batch": torch.zeros(n, dtype=torch.long), **params,
              "row_type_counts": [torch.bincount(atype[rows[r:r + chunk]], minlength=2).tolist()
                                  for r in range(0, n, chunk)]}

@@ -39,11 +39,15 @@ class NeighborList:
     """One neighbour list in one of two formats (JAX-MD's dense / sparse partition):
 
     edges   center, neighbor (E,), shift (E, 3): the edge list of the module doc, sorted by centre;
-    padded  DeePMD's layout (`sel_slots`): rows (R,) atoms, sum(sel) slots each, sel[t] for neighbour type t;
-            center, neighbor (R * nnei,) with an empty slot holding the row's own atom, vec (R * nnei, 3) the
-            slot vectors (an empty slot beyond rcut), shift None.
+    padded  DeePMD's layout (`sel_slots`): rows (R,) atoms, sum(sel) slots each, sel[t] for neighbour type t
+            (mixed: one block of sel[0] for neighbours of every type, a mixed-type descriptor's); center, neighbor
+            (R * nnei,) with an empty slot holding the row's own atom, vec (R * nnei, 3) the slot vectors (an
+            empty slot beyond rcut), shift None.
     overflow: per centre (edges: every atom; padded: every row) whether a count exceeds sel (padded: the
-    neighbours beyond sel were left out); None when no sel was given."""
+    neighbours beyond sel were left out); None when no sel was given.
+    vec, d2: each edge's (slot's) vector r_e and |r_e|^2 where the list's maker computed them (the MD engine's
+    Verlet list, dpmd.md.neighbors: the model then need not recompute them); None otherwise (vec is always there
+    in the padded format)."""
 
     center: torch.Tensor  # (E,) int64
     neighbor: torch.Tensor  # (E,) int64
@@ -52,6 +56,7 @@ class NeighborList:
     overflow: Optional[torch.Tensor] = None
     vec: Optional[torch.Tensor] = None
     rows: Optional[torch.Tensor] = None
+    d2: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return int(self.center.numel())
@@ -127,14 +132,15 @@ def cell_list(bin_coord: torch.Tensor, extent: torch.Tensor, rcut: float) -> Cel
 
 def build_neighbor_list(coord: torch.Tensor, box: torch.Tensor | None, rcut: float, atype: torch.Tensor | None = None,
                         sel: list[int] | None = None, format: str = "edges",
-                        rows: torch.Tensor | None = None) -> NeighborList:
+                        rows: torch.Tensor | None = None, mixed: bool = False) -> NeighborList:
     """All pairs (i, j, image) with |r_ij| < rcut (i != j or a nonzero image), for one frame.
 
     coord: (N, 3); box: (3, 3) with lattice vectors as rows, or None for open boundaries.
     Edges come sorted by centre.  The kernel library's cell list (same edges, same order) runs
     when it is built (outside dpmd.ops.reference_only()); `reference_neighbor_list` otherwise.
     With atype (N,) and sel, the list carries its overflow flag; format "padded" (which needs them) lays it
-    out as `sel_slots` does, rows `rows` (default: every atom in order).
+    out as `sel_slots` does, rows `rows` (default: every atom in order), mixed: one block of sel[0] slots for
+    neighbours of every type (a mixed-type descriptor's list).
     """
     from dpmd import ops  # imported here: dpmd.ops sits above the geometry layer
 
@@ -158,15 +164,17 @@ def build_neighbor_list(coord: torch.Tensor, box: torch.Tensor | None, rcut: flo
         ntypes = max(len(sel), int(atype.max()) + 1 if natoms else 0)
         nl.overflow = over_sel(count_neighbors(nl, atype, ntypes, natoms), sel).any(1)
         return nl
-    if natoms and int(atype.max()) >= len(sel):
+    if mixed and len(sel) != 1:
+        raise ValueError(f"a mixed-type padded list takes one sel entry for all types, got sel {sel}")
+    if natoms and not mixed and int(atype.max()) >= len(sel):
         raise ValueError(f"the padded format takes one sel entry per neighbour type, got sel {sel} for "
-                         f"{int(atype.max()) + 1} types")
+                         f"{int(atype.max()) + 1} types (or set mixed)")
     x = coord.detach().to(torch.float64)
     vec = x.index_select(0, nl.neighbor) - x.index_select(0, nl.center)
     if box is not None:
         vec = vec + nl.shift @ box.detach().to(torch.float64)
     rows = torch.arange(natoms, device=coord.device) if rows is None else rows
-    vec, neighbor, overflow = padded_edges(nl.center, nl.neighbor, vec, atype, rows, sel, rcut)
+    vec, neighbor, overflow = padded_edges(nl.center, nl.neighbor, vec, atype, rows, sel, rcut, mixed)
     return NeighborList(rows.repeat_interleave(sum(sel)), neighbor, None, "padded", overflow, vec, rows)
 
 
@@ -318,20 +326,40 @@ def slot_tables(center: torch.Tensor, neighbor: torch.Tensor, values: torch.Tens
     return nbr.index_select(0, rows), valid.index_select(0, rows), table.index_select(0, rows)
 
 
+def slot_groups(inside: torch.Tensor, neighbor_type: torch.Tensor, sel: List[int], mixed: bool = False
+                ) -> List[torch.Tensor]:
+    """The candidates (R, K) bool that each entry of sel limits: those of neighbour type t, or, mixed (a mixed-type
+    descriptor's list: sel has one entry), all of them.  inside (R, K): the real neighbours within rcut;
+    neighbor_type (R, K)."""
+    if mixed:
+        return [inside]
+    return [inside & (neighbor_type == t) for t in range(len(sel))]
+
+
+def over_slots(inside: torch.Tensor, neighbor_type: torch.Tensor, sel: List[int], mixed: bool = False
+               ) -> torch.Tensor:
+    """(R,) bool: the rows whose candidates `inside` exceed sel in a group of `slot_groups` (no read back)."""
+    over = torch.zeros(inside.shape[0], dtype=torch.bool, device=inside.device)
+    for mine, s in zip(slot_groups(inside, neighbor_type, sel, mixed), sel):
+        over |= mine.sum(1) > s
+    return over
+
+
 def sel_slots(vec: torch.Tensor, neighbor: torch.Tensor, rows: torch.Tensor, inside: torch.Tensor,
-              neighbor_type: torch.Tensor, sel: list[int], rcut: float):
+              neighbor_type: torch.Tensor, sel: list[int], rcut: float, mixed: bool = False):
     """DeePMD's padded layout from K candidate slots per row: vec (R, K, 3), neighbor (R, K), inside (R, K)
     (a real neighbour within rcut), neighbor_type (R, K) of rows `rows` (R,).  Each row gets sum(sel) slots,
-    sel[t] for neighbour type t in slot order, an empty one holding the row's own atom and a vector beyond rcut.
-    Returns (edge_vec (R * nnei, 3), neighbor (R * nnei,), overflow (R,): a type's count beyond sel, whose
-    extra neighbours were left out).  Fixed shapes: nothing is read back from the device."""
+    sel[t] for neighbour type t in slot order (mixed: one block of sel[0] for every type, a mixed-type list), an empty
+    one holding `rows`' entry and a vector beyond rcut.  (neighbor and rows are only carried along: any per-slot
+    and per-row values will do, e.g. types.)  Returns (edge_vec (R * nnei, 3), neighbor (R * nnei,), overflow
+    (R,): a group's count beyond sel, whose extra neighbours were left out).  Fixed shapes: nothing is read back
+    from the device; differentiable in vec."""
     R, K = neighbor.shape
     nnei = sum(sel)
     dest = torch.full_like(neighbor, nnei)   # column nnei collects what is dropped
     overflow = torch.zeros(R, dtype=torch.bool, device=vec.device)
     first = 0
-    for t, s in enumerate(sel):
-        mine = inside & (neighbor_type == t)
+    for mine, s in zip(slot_groups(inside, neighbor_type, sel, mixed), sel):
         rank = torch.cumsum(mine, 1) - 1
         dest = torch.where(mine & (rank < s), first + rank, dest)
         overflow |= rank[:, -1] >= s
@@ -347,13 +375,14 @@ def sel_slots(vec: torch.Tensor, neighbor: torch.Tensor, rows: torch.Tensor, ins
 
 
 def padded_edges(center: torch.Tensor, neighbor: torch.Tensor, vec: torch.Tensor, atype: torch.Tensor,
-                 rows: torch.Tensor, sel: list[int], rcut: float):
+                 rows: torch.Tensor, sel: list[int], rcut: float, mixed: bool = False):
     """An edge list (sorted by centre; vectors vec (E, 3)) in the padded format of `sel_slots`, rows `rows`."""
     natoms = atype.numel()
     capacity = max(1, int(torch.bincount(center, minlength=natoms).max())) if natoms else 1
     nbr, valid, table = slot_tables(center, neighbor, vec, natoms, capacity, rows)
     inside = valid & ((table * table).sum(-1) < rcut * rcut)
-    return sel_slots(table, nbr, rows, inside, atype.index_select(0, nbr.reshape(-1)).view_as(nbr), sel, rcut)
+    return sel_slots(table, nbr, rows, inside, atype.index_select(0, nbr.reshape(-1)).view_as(nbr), sel, rcut,
+                     mixed)
 
 
 def auto_sel(max_counts: list[int], ratio: float = 1.1) -> list[int]:

@@ -146,12 +146,12 @@ class Simulation:
         self.safety = Safety(self.symbols, self.min_distance)
         if sync_free and bias is not None:
             raise DpmdError("sync_free: a bias potential is not supported in sync-free mode; set sync_free: false")
-        # sync-free stepping takes DeePMD's padded layout: where the model's descriptor has it (se_e2_a, se_e2_r,
-        # se_e3; the others and a test's pair potential take edge lists only)
+        # sync-free stepping takes DeePMD's padded layout: every descriptor type has it (a test's pair potential
+        # takes edge lists only)
         padded = "padded" in layouts(model)
         use = (self.device.type == "cuda" and bias is None and padded) if sync_free is None else bool(sync_free)
         if use and not padded:
-            raise DpmdError("sync_free: needs a model with DeePMD's padded layout (se_e2_a, se_e2_r, se_e3); "
+            raise DpmdError("sync_free: needs a model with DeePMD's padded layout (a model with a descriptor); "
                             "set sync_free: false")
         # the force provider (dpmd.md.provider): checked, or sync-free around the checked one; chosen by auto,
         # a skin too thin for sync-free's look-ahead falls back to the checked path (else: an error)

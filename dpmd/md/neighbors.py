@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from dpmd.geometry.neighbor import build_neighbor_list, canonical_order, sel_slots, slot_tables
+from dpmd.geometry.neighbor import (NeighborList, build_neighbor_list, canonical_order, over_slots, sel_slots,
+                                    slot_tables)
 
 
 class VerletList:
@@ -75,17 +76,18 @@ class VerletList:
         self.edge_frame = self.center // n
         self.builds += 1
 
-    def within_cutoff(self, positions: torch.Tensor, box: torch.Tensor | None):
-        """Edges (center, neighbor, shift) with |r_e| < rcut in global atom indices, their vectors r_e
-        and squared lengths (the vectors are handed to the model, which then need not recompute them)."""
+    def within_cutoff(self, positions: torch.Tensor, box: torch.Tensor | None) -> NeighborList:
+        """The edges with |r_e| < rcut in global atom indices: a NeighborList (format "edges") carrying their
+        vectors r_e and squared lengths (vec, d2: the model then need not recompute the vectors)."""
         x = positions.reshape(-1, 3)
         vec = x.index_select(0, self.neighbor) - x.index_select(0, self.center)
         if box is not None:
             vec = vec + torch.bmm(self.shift.unsqueeze(1), box.index_select(0, self.edge_frame)).squeeze(1)
         d2 = (vec * vec).sum(-1)
         keep = (d2 < self.rcut * self.rcut).nonzero().squeeze(1)   # one nonzero for all five selections
-        return (self.center.index_select(0, keep), self.neighbor.index_select(0, keep),
-                self.shift.index_select(0, keep), vec.index_select(0, keep), d2.index_select(0, keep))
+        return NeighborList(self.center.index_select(0, keep), self.neighbor.index_select(0, keep),
+                            self.shift.index_select(0, keep), vec=vec.index_select(0, keep),
+                            d2=d2.index_select(0, keep))
 
     def adopt(self, other: "VerletList", device) -> None:
         """Take the lists (and padded tables) that `other` built on the host, copied to `device` without
@@ -117,11 +119,15 @@ class VerletList:
         self.pad_type = torch.where(self.pad_valid, atype.index_select(0, self.pad_neighbor.reshape(-1)).view(-1, K), -1)
         self.pad_frame = rows // (natoms // len(self.frames))
 
-    def padded_within_cutoff(self, positions: torch.Tensor, box: torch.Tensor | None, sel: list[int]):
-        """This step's edges within rcut in DeePMD's padded layout: for each row sum(sel) slots, sel[t] for
-        neighbour type t in the canonical order, an empty slot holding the row's own atom and a vector beyond
-        rcut (so it is DeePMD's padding).  Returns (edge_vec (R * nnei, 3), neighbor (R * nnei,), overflow (R,)
-        a type's count beyond sel, dmin2 the smallest squared distance).  Fixed shapes: no host synchronisation."""
+    def padded_within_cutoff(self, positions: torch.Tensor, box: torch.Tensor | None, sel: list[int],
+                             mixed: bool = False, limits=()) -> NeighborList:
+        """This step's edges within rcut in DeePMD's padded layout (`sel_slots`): a NeighborList of format "padded"
+        whose rows (the `pad` rows) get sum(sel) slots each, sel[t] for neighbour type t in the canonical order
+        (mixed: one block of sel[0] for every type, a mixed-type descriptor's), an empty slot holding the row's own
+        atom and a vector beyond rcut (so it is DeePMD's padding); center, neighbor, vec (R * nnei, ...), d2 the
+        slots' squared lengths, overflow (R,) a count beyond sel, or beyond the sel of a limit (rcut_i, sel_i,
+        mixed_i) within rcut_i (a hybrid descriptor's entries: dpmd.model.forces.sel_limits).  Fixed shapes: no
+        host synchronisation."""
         x = positions.reshape(-1, 3)
         nb, R, K = self.pad_neighbor, self.pad_neighbor.shape[0], self.capacity
         vec = x.index_select(0, nb.reshape(-1)).view(R, K, 3) - x.index_select(0, self.pad_rows).unsqueeze(1)
@@ -129,6 +135,9 @@ class VerletList:
             vec = vec + torch.bmm(self.pad_shift, box.index_select(0, self.pad_frame))
         d2 = (vec * vec).sum(-1)
         inside = self.pad_valid & (d2 < self.rcut * self.rcut)
-        edge_vec, neighbor, overflow = sel_slots(vec, nb, self.pad_rows, inside, self.pad_type, sel, self.rcut)
-        dmin2 = torch.where(inside, d2, torch.full_like(d2, float("inf"))).amin() if d2.numel() else d2.new_tensor(float("inf"))
-        return edge_vec, neighbor, overflow, dmin2
+        edge_vec, neighbor, overflow = sel_slots(vec, nb, self.pad_rows, inside, self.pad_type, sel, self.rcut,
+                                                 mixed)
+        for rcut, limit, limit_mixed in limits:
+            overflow = overflow | over_slots(self.pad_valid & (d2 < rcut * rcut), self.pad_type, limit, limit_mixed)
+        return NeighborList(self.pad_rows.repeat_interleave(sum(sel)), neighbor, None, "padded", overflow, edge_vec,
+                            self.pad_rows, (edge_vec * edge_vec).sum(-1))

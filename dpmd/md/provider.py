@@ -89,12 +89,12 @@ class CheckedForces(ForceProvider):
     def edge_graph(self, state: MDState):
         """The driving model's graph of the Verlet list filtered to rcut, and the edges' squared lengths."""
         nf, n = state.nframes, state.natoms
-        center, neighbor, shift, vec, d2 = self.verlet.within_cutoff(state.positions, state.box)
+        nl = self.verlet.within_cutoff(state.positions, state.box)
         graph = {"coord": state.positions.reshape(-1, 3), "atype": state.atype.reshape(-1),
                  "batch": torch.arange(nf, device=state.positions.device).repeat_interleave(n),
-                 "box": frame_boxes(state), "center": center, "neighbor": neighbor, "shift": shift, "natoms": n,
-                 "edge_vec": vec, **self.params}
-        return graph, d2
+                 "box": frame_boxes(state), "center": nl.center, "neighbor": nl.neighbor, "shift": nl.shift,
+                 "natoms": n, "edge_vec": nl.vec, **self.params}
+        return graph, nl.d2
 
     def reset(self) -> None:
         self.verlet.frames = None

@@ -3,11 +3,12 @@ device's queue.
 
 No step makes the host wait for the device, except output steps:
 - the Verlet list is kept as fixed-size tables and filtered on the device into DeePMD's padded layout
-  (dpmd.md.neighbors.VerletList.padded_within_cutoff), which the model takes without reading a count
-  (dpmd.model.forces.evaluate_padded);
+  (dpmd.md.neighbors.VerletList.padded_within_cutoff; every descriptor type takes it), which the model takes
+  without reading a count (dpmd.model.forces.evaluate_padded);
 - each step queues one small tensor of flags (the rebuild test; lost atoms, close atoms, NaN, overflow
-  beyond sel, the list gone stale, the compressed model's tables) with the positions, and the host reads
-  what was queued LAG steps earlier (dpmd.md.flags), by which time the device has long produced it;
+  beyond sel (a hybrid's entries' too, each within its own rcut), the list gone stale, the compressed model's
+  tables) with the positions, and the host reads what was queued LAG steps earlier (dpmd.md.flags), by which
+  time the device has long produced it;
 - a list is rebuilt on the host from those LAG-step-old positions, then copied to the device without
   waiting.  So the rebuild test looks ahead: a list is asked for when an atom may come within LAG steps
   of moving skin/2, and a new list must last 2 LAG steps (a bound on how far an atom moves, from the
@@ -37,7 +38,7 @@ from dpmd.md.safety import ALARMS, first_seen
 from dpmd.md.state import MDState, frame_boxes
 from dpmd.md.units import FTM2V
 from dpmd.model import deferred
-from dpmd.model.forces import DEFAULT_CHUNK_ATOMS, evaluate_padded
+from dpmd.model.forces import DEFAULT_CHUNK_ATOMS, evaluate_padded, sel_limits
 
 
 class SyncFreeForces(ForceProvider):
@@ -83,10 +84,16 @@ class SyncFreeForces(ForceProvider):
                 return self._give_up(state, thin)
         nf, n, model = state.nframes, state.natoms, checked.models[0]
         device = state.positions.device
-        vec, neighbor, overflow, dmin2 = verlet.padded_within_cutoff(state.positions, state.box, model.sel)
+        # the model's slots (one block for every type where its descriptor mixes types); overflow also beyond a
+        # hybrid's entries' sel, each within its own rcut
+        nl = verlet.padded_within_cutoff(state.positions, state.box, model.sel, model.descriptor.mixed_types,
+                                         sel_limits(model))
+        overflow = nl.overflow
+        dmin2 = nl.d2.amin() if nl.d2.numel() else nl.d2.new_tensor(float("inf"))   # (an empty slot is beyond rcut)
         graph = {"rows": self.rows, "row_chunk": DEFAULT_CHUNK_ATOMS, "row_type_counts": self.row_type_counts,
-                 "edge_vec": vec, "neighbor": neighbor, "atype": state.atype.reshape(-1), "box": frame_boxes(state),
-                 "natoms": n, "batch": torch.arange(nf, device=device).repeat_interleave(n), **checked.params}
+                 "edge_vec": nl.vec, "neighbor": nl.neighbor, "atype": state.atype.reshape(-1),
+                 "box": frame_boxes(state), "natoms": n,
+                 "batch": torch.arange(nf, device=device).repeat_interleave(n), **checked.params}
         with deferred.collect() as model_flags:
             out = evaluate_padded(model, graph)
         state.forces = out["force"].reshape(nf, n, 3)

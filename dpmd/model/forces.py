@@ -70,10 +70,12 @@ class EdgeEnergyModel:
         params: the centres' fparam and aparam.  Two layouts:
           edge list (slot_types None): edges (vec, center, neighbor) sorted by centre, so each chunk owns a
               contiguous range of them, found by a search;
-          DeePMD's padded rows (slot_types: the neighbour type of each of a row's nnei slots): every centre has
-              nnei edges, centres grouped by type with chunk_type_counts[k] in chunk k; every bound is then
-              known on the host and nothing is read back from the device (center, neighbor are not used)."""
-        per_center = 0 if slot_types is None else slot_types.shape[0]
+          DeePMD's padded rows (slot_types: the neighbour type of each of a row's nnei slots, (nnei,) the same
+              for every row, or (ncenters, nnei) row by row: a mixed-type list, whose slots hold neighbours of
+              any type): every centre has nnei edges, centres grouped by type with chunk_type_counts[k] in chunk
+              k; every bound is then known on the host and nothing is read back from the device (center, neighbor
+              are not used)."""
+        per_center = 0 if slot_types is None else slot_types.shape[-1]
         bounds = chunk_bounds(center, ncenters, chunk, per_center)
         energies: List[torch.Tensor] = []
         grads: List[torch.Tensor] = []
@@ -89,7 +91,7 @@ class EdgeEnergyModel:
                 c, nt = center[b0:b1] - a0, atype.index_select(0, neighbor[b0:b1])
             else:
                 c = torch.arange(a1 - a0, device=vec.device).repeat_interleave(per_center)
-                nt = slot_types.repeat(a1 - a0)
+                nt = slot_types.repeat(a1 - a0) if slot_types.dim() == 1 else slot_types[a0:a1].reshape(-1)
             e, g = self.energy_and_gradient(v, c, atype[a0:a1], nt,
                                             None if params is None else params[a0:a1], create_graph, backend,
                                             None if chunk_type_counts is None else chunk_type_counts[k - 1])
@@ -234,6 +236,14 @@ def layouts(model) -> Tuple[str, ...]:
     return getattr(getattr(model, "descriptor", None), "layouts", ("edges",))
 
 
+def sel_limits(model) -> List[Tuple[float, List[int], bool]]:
+    """The (rcut, sel, mixed_types) that neighbour counts must fit besides the model's own sel within its rcut: a
+    hybrid descriptor's entries, each within its own rcut (dpmd.model.descriptor.hybrid); none for other models.
+    The builder of a padded layout checks them (dpmd.md.neighbors.VerletList.padded_within_cutoff)."""
+    desc = getattr(model, "descriptor", None)
+    return list(zip(desc.entry_rcut, desc.entry_sel, desc.entry_mixed)) if hasattr(desc, "entry_sel") else []
+
+
 def evaluate_padded(model, graph: dict, backend: Backend | None = None) -> dict:
     """evaluate() for edges in DeePMD's padded layout (what the MD engine hands over on a GPU): every shape is
     known on the host, so nothing is read back from the device.  graph holds
@@ -241,9 +251,10 @@ def evaluate_padded(model, graph: dict, backend: Backend | None = None) -> dict:
       row_chunk, row_type_counts: rows are evaluated in chunks of row_chunk, and these are the counts of each
           type in each chunk (host integers);
       edge_vec (R * nnei, 3) and neighbor (R * nnei,): nnei = sum(sel) slots per row in blocks of sel[t]
-          slots for neighbour type t; an empty slot has the row's own atom and a vector beyond rcut;
+          slots for neighbour type t (a mixed-type descriptor's: one block of neighbours of any type); an empty
+          slot has the row's own atom and a vector beyond rcut;
       atype, batch, box, natoms[, fparam, aparam] as in evaluate().
-    No `sel` check here: the caller that built the slots knows whether a neighbour did not fit.
+    No `sel` check here: the caller that built the slots knows whether a neighbour did not fit (sel_limits).
     backend: what runs (None: resolved here, for forces)."""
     if "padded" not in layouts(model):
         raise DpmdError(f"evaluate_padded: {type(model.descriptor).__name__} has no padded layout (it takes "
@@ -253,11 +264,14 @@ def evaluate_padded(model, graph: dict, backend: Backend | None = None) -> dict:
     if backend is None:
         backend = ops.resolve(vec_all, first_derivative=True)
     params = atom_params(graph, slice(None))
+    if model.descriptor.mixed_types:  # each slot's type is its atom's (an empty slot's: the row's)
+        slot_types = graph["atype"].index_select(0, neighbor).view(nrows, nnei)
+    else:
+        slot_types = model.descriptor.slot_types(rows.device)
     with torch.enable_grad():  # the rows are the centres of the loop, in row order
         e, g = model.edge_gradients(vec_all, rows, neighbor, graph["atype"].index_select(0, rows),
                                     None if params is None else params.index_select(0, rows), nrows,
-                                    graph["row_chunk"], False, backend, model.descriptor.slot_types(rows.device),
-                                    graph["row_type_counts"])
+                                    graph["row_chunk"], False, backend, slot_types, graph["row_type_counts"])
     g = g.to(vec_all.dtype)
     natoms = graph["atype"].numel()
     atom_energy = torch.zeros(natoms, dtype=g.dtype, device=g.device).index_copy(0, rows, e.to(g.dtype))

@@ -9,7 +9,12 @@ order), computes its own statistics and keeps its own sel.
 
 sel: DeePMD-kit's, the largest count of each neighbour type over the entries (one total when an entry mixes
 types).  Counts within the model's rcut at most that sel are necessary, not sufficient: each entry's own sel
-must hold within its own rcut, which check_sel checks.
+must hold within its own rcut, which check_sel checks (and, for the padded layout, its builder:
+dpmd.model.forces.sel_limits).
+
+Padded layout (the MD engine's sync-free path, where every entry takes it): the rows carry the hybrid's sel
+within the model's rcut; each entry gets its own padded layout of them, re-slotted to its sel within its rcut
+(dpmd.geometry.neighbor.sel_slots: fixed shapes, nothing read back from the device).
 
 DeePMD-kit hands each entry the sel[t] nearest type-t neighbours within the largest rcut; a neighbour beyond the
 entry's own rcut then has a zero environment row, the same as an empty slot, except for an excluded pair of
@@ -31,7 +36,7 @@ from torch import nn
 
 from dpmd.errors import ConfigError, DpmdError, NeighborOverflowError
 from dpmd.geometry.graph import edge_vectors
-from dpmd.geometry.neighbor import check_sel, sel_groups
+from dpmd.geometry.neighbor import check_sel, sel_groups, sel_slots
 from dpmd.model.descriptor import build_descriptor, descriptor_module
 from dpmd.model.descriptor.table import max_rmin, outside_table_message
 from dpmd.ops import Backend
@@ -73,9 +78,7 @@ def check_config(d: dict, ntypes: int) -> None:
 
 class DescriptorHybrid(nn.Module):
     __constants__ = ["compressed"]  # a TorchScript constant: code for compressed models is not compiled
-    # edge lists only: the padded layout's slots follow the hybrid's sel, which cannot hold each entry's own sel
-    # check (sync-free MD is refused for it: dpmd.model.forces.layouts)
-    layouts = ("edges",)
+    __jit_unused_properties__ = ["layouts"]
 
     def __init__(self, descriptors: List[nn.Module]):
         super().__init__()
@@ -99,6 +102,12 @@ class DescriptorHybrid(nn.Module):
         self.dim_out = sum(int(d.dim_out) for d in descriptors)
         self.compressed = False
         self.table_rmin = [0.0] * self.ntypes  # compressed: per centre type, the shortest distance every entry covers
+
+    @property
+    def layouts(self) -> tuple:
+        """What forward takes (dpmd.model.forces.layouts): edge lists, and DeePMD's padded layout where every
+        entry takes it."""
+        return ("edges", "padded") if all("padded" in d.layouts for d in self.descriptors) else ("edges",)
 
     @classmethod
     def from_config(cls, d: dict, ntypes: int) -> "DescriptorHybrid":
@@ -154,8 +163,12 @@ class DescriptorHybrid(nn.Module):
         rc = self.entry_rcut[i]
         return torch.nonzero((edge_vec * edge_vec).sum(-1) < rc * rc).squeeze(1)
 
-    def forward(self, edge_vec, center, center_type, neighbor_type, backend: Optional[Backend] = None):
-        """The descriptors' outputs side by side (n_centers, dim_out); each gets the edges within its rcut."""
+    def forward(self, edge_vec, center, center_type, neighbor_type, backend: Optional[Backend] = None,
+                type_counts: Optional[List[int]] = None):
+        """The descriptors' outputs side by side (n_centers, dim_out); each gets the edges within its rcut.
+        type_counts: None for an edge list; given, the edges are in DeePMD's padded layout (_forward_padded)."""
+        if type_counts is not None and not torch.jit.is_scripting():  # (scripted: read as the edge list it also is)
+            return self._forward_padded(edge_vec, center_type, neighbor_type, type_counts, backend)
         outs: List[torch.Tensor] = []
         for i, sub in enumerate(self.descriptors):
             keep = self.entry_edges(i, edge_vec)
@@ -164,6 +177,63 @@ class DescriptorHybrid(nn.Module):
                 vec, c, nt = self._excluded_beyond(i, edge_vec, center, center_type, neighbor_type, vec, c, nt)
             outs.append(sub(vec, c, center_type, nt, backend))
         return torch.cat(outs, 1)
+
+    @torch.jit.unused
+    def _forward_padded(self, edge_vec, center_type, neighbor_type, type_counts: List[int],
+                        backend: Optional[Backend]):
+        """forward() for DeePMD's padded layout of the hybrid's own sel (dpmd.model.forces.evaluate_padded: the MD
+        engine's sync-free path): each entry gets its own padded layout of these rows, re-slotted by sel_slots to
+        its sel within its rcut (fixed shapes: nothing read back from the device; a non-mixed entry's slots take
+        their block's type, as its own layout has them).  A count beyond an entry's sel is the layout builder's to
+        flag (dpmd.model.forces.sel_limits), as any count beyond sel."""
+        ncent, device = center_type.shape[0], edge_vec.device
+        vec = edge_vec.view(ncent, self.nnei, 3)
+        d2 = (vec * vec).sum(-1).detach()
+        types = neighbor_type.view(ncent, self.nnei)
+        outs: List[torch.Tensor] = []
+        for i, sub in enumerate(self.descriptors):
+            rc, sel = self.entry_rcut[i], self.entry_sel[i]
+            if sel == self.sel and rc >= self.rcut:  # the hybrid's own layout
+                vec_i, types_i = edge_vec, neighbor_type
+            elif len(self.entry_excluded[i]) > 1 and rc < self.rcut and not self.entry_mixed[i]:
+                vec_i, types_i = self._excluded_beyond_padded(i, vec, d2, types, center_type)
+            else:
+                vec_i, types_i, _ = sel_slots(vec, types, center_type, d2 < rc * rc, types, sel, rc,
+                                              self.entry_mixed[i])
+            if not self.entry_mixed[i]:
+                types_i = sub.slot_types(device).repeat(ncent)
+            center_i = torch.arange(ncent, device=device).repeat_interleave(sum(sel))
+            outs.append(sub(vec_i, center_i, center_type, types_i, backend, type_counts))
+        return torch.cat(outs, 1)
+
+    @torch.jit.unused
+    def _excluded_beyond_padded(self, i: int, vec, d2, types, center_type):
+        """Entry i's padded layout (edge_vec, neighbour types) from the hybrid's rows vec (R, K, 3), d2, types
+        (R, K), with _excluded_beyond's excluded pairs between the entry's rcut and the model's in the free slots:
+        the candidates put in order (stable: the real neighbours first in slot order, then those pairs nearest
+        first), which sel_slots then fills; such a pair holds the stand-in vector (it adds nothing but its slot)."""
+        rc, ntypes = self.entry_rcut[i], self.ntypes
+        inside = d2 < rc * rc
+        pair = center_type.unsqueeze(1) * ntypes + types
+        excluded = torch.zeros_like(inside)
+        for code in self.entry_excluded[i]:
+            excluded = excluded | (pair == code)
+        far = excluded & ~inside & (d2 < self.rcut * self.rcut)
+        key = torch.where(inside, torch.zeros_like(d2),
+                          torch.where(far, 1.0 + d2 / (self.rcut * self.rcut), torch.full_like(d2, 3.0)))
+        order = torch.argsort(key, dim=1, stable=True)
+        vec = torch.gather(vec, 1, order.unsqueeze(-1).expand_as(vec))
+        types, inside, far = (torch.gather(x, 1, order) for x in (types, inside, far))
+        stand_in = torch.zeros_like(vec)
+        stand_in[..., 0] = 0.5 * rc
+        vec = torch.where(far.unsqueeze(-1), stand_in, vec)
+        vec_i, types_i, _ = sel_slots(vec, types, center_type, inside | far, types, self.entry_sel[i], rc)
+        return vec_i, types_i
+
+    @torch.jit.unused
+    def slot_types(self, device) -> torch.Tensor:
+        """(nnei,) the neighbour type of each slot of the padded layout of a hybrid without mixed-type entries."""
+        return torch.cat([torch.full([s], t, dtype=torch.long, device=device) for t, s in enumerate(self.sel)])
 
     def _excluded_beyond(self, i: int, edge_vec, center, center_type, neighbor_type, vec, c, nt):
         """Entry i's edges (vec, c, nt) plus DeePMD-kit's excluded neighbours beyond its rcut: DeePMD-kit hands the

@@ -25,6 +25,10 @@ the padding's neighbour type (below) passed through the attention layers as a qu
 (G <- LayerNorm(G + b_out)).  An excluded pair (exclude_types) fills a slot but is masked like an empty one and
 adds nothing to T; an edge at or beyond rcut is an empty slot.
 
+DeePMD's padded layout (forward with type_counts: the MD engine's sync-free path, _forward_padded): one block of
+nnei slots per centre for neighbours of every type; G on every slot, the slots without a real neighbour zeroed as
+the dense blocks' unfilled ones (one block of nnei slots: none beyond it), the empty ones then in closed form.
+
 Compression (dpmd.model.compress, `dpmd compress`; DeePMD-kit's `dp compress` of DPA-1): in strip mode with
 attn_layer 0 the radial net N(R_0) is tabulated (dpmd.model.descriptor.table.EmbeddingTable, the one net of
 its table), an edge beyond the tables an error naming the atoms; the strip net of every pair of types is a
@@ -153,7 +157,8 @@ class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
     __constants__ = ["compressed", "use_ops"]
     __jit_unused_properties__ = ["embeddings"]
     MIXED_TYPES = True  # one sel for neighbours of all types (read before a module exists: sel auto)
-    layouts = ("edges",)  # edge lists only: no padded layout, so no sync-free MD (dpmd.model.forces.layouts)
+    # what forward takes: an edge list, or (type_counts given) DeePMD's padded layout (dpmd.model.forces.layouts)
+    layouts = ("edges", "padded")
 
     def __init__(self, ntypes: int, sel: int, rcut: float, rcut_smth: float, neuron=(25, 50, 100),
                  axis_neuron: int = 16, tebd_dim: int = 8, tebd_input_mode: str = "concat", resnet_dt: bool = False,
@@ -284,9 +289,14 @@ class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
         """The caller's backend (dpmd.ops.resolve), or, for a caller that passes none, the one its context gives."""
         return ops.resolve(tensor) if backend is None else backend
 
-    def forward(self, edge_vec, center, center_type, neighbor_type, backend: Optional[Backend] = None):
+    def forward(self, edge_vec, center, center_type, neighbor_type, backend: Optional[Backend] = None,
+                type_counts: Optional[List[int]] = None):
         """Descriptors (n_centers, dim_out) of an edge list (center (E,) in [0, n_centers), in any order).
-        backend: which implementation runs (dpmd.ops.resolve; None: as the caller's context says)."""
+        backend: which implementation runs (dpmd.ops.resolve; None: as the caller's context says).  type_counts:
+        None for an edge list; given, the edges are in DeePMD's padded layout (_forward_padded)."""
+        if type_counts is not None and not torch.jit.is_scripting():  # (scripted: read as the edge list it also is)
+            return self._forward_padded(edge_vec, center, center_type, neighbor_type,
+                                        self.resolve_backend(backend, edge_vec))
         if not torch.jit.is_scripting():
             backend = self.resolve_backend(backend, edge_vec)
         dtype = self.mean.dtype
@@ -328,13 +338,54 @@ class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
         if T is None:
             g = self._embed(rows[:, 0], tn, tc, sw, tebd, strip, backend)
             T = self._contract(rows, g, sw, c, ncent, backend)
-        n_pad = (self.nnei - filled).to(dtype)
+        return self._descriptor(T, filled, center_type, tebd, per_slot)
+
+    def _descriptor(self, T: torch.Tensor, filled: torch.Tensor, center_type: torch.Tensor, tebd: torch.Tensor,
+                    per_slot: torch.Tensor) -> torch.Tensor:
+        """D (n_centers, dim_out) from T summed over the real neighbours (n_centers, 4, M), the slots each centre
+        fills (n_centers,; the rest are empty, added here in closed form) and the weight terms (_weight_terms)."""
+        n_pad = (self.nnei - filled).to(T.dtype)
         T = T + n_pad.view(-1, 1, 1) * per_slot.index_select(0, center_type)
         T = T / self.nnei
-        D = torch.bmm(T.transpose(1, 2), T[:, :, : self.axis_neuron]).reshape(ncent, -1)
+        D = torch.bmm(T.transpose(1, 2), T[:, :, : self.axis_neuron]).reshape(center_type.shape[0], -1)
         if self.concat_output_tebd:
             D = torch.cat([D, tebd.index_select(0, center_type)], 1)
         return D
+
+    @torch.jit.unused
+    def _forward_padded(self, edge_vec, center, center_type, neighbor_type, backend: Backend):
+        """forward() for DeePMD's own padded layout (dpmd.model.forces.evaluate_padded: the MD engine's sync-free
+        path on a GPU): nnei slots per centre, centre-major, one block for neighbours of any type (neighbor_type
+        the slot's atom's), an empty slot holding a vector beyond rcut.  Every shape is known on the host, so
+        nothing is read back from the device: G on every slot, the slots that hold no real neighbour (empty, or an
+        excluded pair) zeroed in R, G and the switch (the attention's unfilled slots, as in the edge list's dense
+        blocks, here one (centre, nnei) block: nothing beyond it), the empty ones then added in closed form as
+        there (_descriptor).  An edge outside a compressed model's tables is recorded with dpmd.model.deferred
+        when a caller collects such flags (else it is an error at once)."""
+        dtype, nt = self.mean.dtype, self.ntypes
+        ncent, nnei = center_type.shape[0], self.nnei
+        vec = edge_vec.to(dtype)
+        r = torch.linalg.vector_norm(vec, 2.0, dim=-1)
+        inside = r < self.rcut
+        tc = center_type.index_select(0, center)
+        real = inside
+        for code in self.excluded_pairs:
+            real = real & (tc * nt + neighbor_type != code)
+        mask = real.to(dtype).unsqueeze(1)
+        terms = self._cached_weight_terms(backend)
+        tebd, strip, per_slot = self._weight_terms() if terms is None else terms
+        sw, rows = self._switch_and_rows(vec, r, backend)
+        rows = (rows - self.mean.index_select(0, tc)) / self.std.index_select(0, tc)
+        if self.compressed:  # the real slots' inputs (the others at a node inside the tables)
+            x = torch.where(real, rows[:, 0], torch.full_like(r, self.table_lower))
+            self._check_table_deferred(x, edge_vec, center, center_type, neighbor_type)
+        g = self._embed(rows[:, 0], neighbor_type, tc, sw, tebd, strip, backend) * mask
+        R, sw = (rows * mask).view(ncent, nnei, 4), (sw.unsqueeze(1) * mask).view(ncent, nnei, 1)
+        G = g.view(ncent, nnei, self.width)
+        if len(self.attention) > 0:
+            G = self._attend(G, R, sw, mask.view(ncent, nnei, 1), backend)
+        filled = inside.view(ncent, nnei).sum(1)
+        return self._descriptor(torch.bmm(R.transpose(1, 2), G), filled, center_type, tebd, per_slot)
 
     def _weight_terms(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What depends on the weights alone: the type embedding (ntypes + 1, tebd_dim), the strip net's table
