@@ -200,7 +200,7 @@ def kernel_table(model, graph, repeats: int) -> list:
         r = rows.detach().requires_grad_()
         with (ops.first_derivative_only() if fast else ops.reference_only()):
             if fast:
-                t = desc._linearized_block(0, r, center, natoms)
+                t = desc.embedding_block(0, r, center, natoms)
             else:
                 t = desc._block(r, desc.embeddings[0](r[:, :1]), center, natoms)
             torch.autograd.grad((t * wt).sum(), r)

@@ -256,3 +256,19 @@ def test_compress_section_that_does_not_fit_the_descriptor_is_a_config_error(pai
                                                                  "check_frequency")}, "list": [config["compress"]]}
     with pytest.raises(DpmdError, match="not a hybrid"):
         DeepPot(config)
+
+
+@pytest.mark.parametrize("name", ["se_e2_r", "se_e3", "hybrid"])
+def test_frozen_uncompressed_model_compiles_no_table_code(pairs, name):
+    """The descriptors ask EmbeddingTable for their embeddings whether compressed or not; TorchScript drops the
+    table code of an uncompressed model (the constant `compressed`), which has no `table` buffer to compile."""
+    def compiled(model):
+        frozen = script_model(model)
+        return "\n".join(m._c._get_method(k).code for m in frozen.descriptor.modules()
+                         if type(m).__name__ == "RecursiveScriptModule" and "Descriptor" in m.original_name
+                         for k in m._c._method_names())
+
+    model, comp = pairs[name]
+    for call in ("._tabulate(", "tabulate_fusion", "tabulated_descriptor"):
+        assert call not in compiled(model)
+    assert "._tabulate(" in compiled(comp)

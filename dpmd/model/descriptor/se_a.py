@@ -16,13 +16,11 @@ embedding evaluation per (centre type, net), which reproduces DeePMD-kit's numbe
 exclude_types (DeePMD-kit's): the rows of an excluded (centre type, neighbour type) pair are zeroed after
 normalisation, so such a neighbour adds nothing to T yet still fills its slot (not a padding term).
 
-For forces and training the embedding nets may be linearised in s (dpmd.model.network.linearized_embedding:
-same value and first derivative, no double differentiation of the nets); see _linearized_block.
-
-A compressed descriptor (dpmd.model.compress) evaluates G from piecewise quintic tables of the
-nets instead (dpmd.model.descriptor.table.EmbeddingTable: buffer `table`, the checks); the contraction
-sum_j R_j^T G_j then runs in the kernel library's fused op when it is loaded, in Triton on
-CUDA, or in the pure-PyTorch reference (`_tabulate` + `_block`) otherwise.
+The sums sum_j R_j^T G_j of each net are dpmd.model.descriptor.table.EmbeddingTable's embedding_block: for
+forces and training the nets linearised in s (dpmd.model.network: same value and first derivative, no double
+differentiation of the nets); in a compressed descriptor (dpmd.model.compress) G from piecewise quintic tables of
+the nets (buffer `table`), the sum in the kernel library's fused op when it is loaded, in Triton on CUDA, or in
+the pure-PyTorch reference.  On CPU with the kernel library a compressed forward is one op (_fused_tabulated).
 """
 
 from __future__ import annotations
@@ -42,8 +40,8 @@ from dpmd.model.descriptor.table import EmbeddingTable
 from dpmd.model.keys import (DTYPES, activation_key, axis_neuron_key, check_type_split, cutoff_keys,
                              env_protection_key, exclude_types_key, neuron_key, precision_key, seed_key,
                              sel_per_type_key, set_davg_zero_key)
-from dpmd.model.network import MLP, child_seed, embedding_with_tangent, linearize_at
-from dpmd.ops import Backend, contraction
+from dpmd.model.network import MLP, child_seed
+from dpmd.ops import Backend
 from dpmd.schema import key
 
 
@@ -141,11 +139,6 @@ class DescriptorSeA(EmbeddingTable, nn.Module):
     def dim_out(self) -> int:
         return self.width * self.axis_neuron
 
-    @torch.jit.unused
-    def resolve_backend(self, backend: Optional[Backend], tensor: torch.Tensor) -> Backend:
-        """The caller's backend (dpmd.ops.resolve), or, for a caller that passes none, the one its context gives."""
-        return ops.resolve(tensor) if backend is None else backend
-
     def env_rows(self, edge_vec: torch.Tensor, backend: Optional[Backend] = None) -> torch.Tensor:
         """Un-normalised environment rows (E, 4) from edge vectors (E, 3)."""
         if self.use_ops:  # frozen with the kernel library
@@ -171,12 +164,9 @@ class DescriptorSeA(EmbeddingTable, nn.Module):
         if not torch.jit.is_scripting():
             backend = self.resolve_backend(backend, edge_vec)
         dtype = self.mean.dtype
-        if self.compressed and edge_vec.device.type == "cpu" and not self.has_exclusion:
-            if self.use_ops:  # frozen with the kernel library
-                return self._fused_tabulated(edge_vec.to(dtype), center, center_type, neighbor_type)
-            if not torch.jit.is_scripting():
-                if backend.kernels:
-                    return self._fused_tabulated(edge_vec.to(dtype), center, center_type, neighbor_type)
+        fused = self._fused_tabulated(edge_vec, center, center_type, neighbor_type, backend)
+        if fused is not None:
+            return fused
         ncent = center_type.shape[0]
         ct_edge = center_type.index_select(0, center)
         rows = self.env_rows(edge_vec.to(dtype), backend)
@@ -187,29 +177,20 @@ class DescriptorSeA(EmbeddingTable, nn.Module):
             center, neighbor_type = center.index_select(0, kept), neighbor_type.index_select(0, kept)
         rows = (rows - self.mean.index_select(0, ct_edge)) / self.std.index_select(0, ct_edge)
         key = neighbor_type if self.type_one_side else neighbor_type * self.ntypes + ct_edge
+        self._check_table(rows[:, 0], edge_vec, center, center_type, neighbor_type)
         # Edges grouped by net, then by centre: each group becomes a dense (centre, slot)
         # block padded only to the largest real count, so T is one batched matmul per net.
-        if self.compressed:
-            self._check_table(rows[:, 0], edge_vec, center, center_type, neighbor_type)
         order = torch.argsort(key * ncent + center)
         counts: List[int] = torch.bincount(key, minlength=len(self.embeddings)).tolist()
         rows, center_sorted = rows.index_select(0, order), center.index_select(0, order)
 
         T = rows.new_zeros([ncent, 4, self.width])
         start = 0
-        for i, net in enumerate(self.embeddings):  # (enumerate, no continue: TorchScript-compilable)
-            n = counts[i]
+        for i in range(len(self.embeddings)):  # (no continue: TorchScript-compilable)
+            n, end = counts[i], start + counts[i]
             if n > 0:
-                r = rows[start:start + n]
-                if self.compressed:
-                    T = T + self._tabulated_block(i, r, center_sorted[start:start + n], ncent, 0, backend)
-                else:
-                    c = center_sorted[start:start + n]
-                    linearized = None
-                    if not torch.jit.is_scripting():
-                        linearized = self._linearized_block(i, r, c, ncent, 0, backend)
-                    T = T + (self._block(r, net(r[:, :1]), c, ncent, 0, backend) if linearized is None else linearized)
-            start += n
+                T = T + self.embedding_block(i, rows[start:end], center_sorted[start:end], ncent, 0, backend)
+            start = end
         T = T + self._padding(slot_center, center_type, slot_type, backend)
         return self._descriptor_from_T(T, ncent)
 
@@ -228,48 +209,6 @@ class DescriptorSeA(EmbeddingTable, nn.Module):
         D = torch.bmm(T.transpose(1, 2), T[:, :, : self.axis_neuron])
         return D.reshape(ncent, -1)
 
-    def _block(self, r: torch.Tensor, g: torch.Tensor, c: torch.Tensor, ncent: int, per_center: int = 0,
-               backend: Optional[Backend] = None) -> torch.Tensor:
-        """sum_j R_j^T G_j (n_centers, 4, M) over the edges of one net: rows r (n, 4), embeddings g (n, M),
-        centres c (n,) in ascending order; per_center > 0: every centre has exactly that many edges."""
-        if not torch.jit.is_scripting():
-            backend = self.resolve_backend(backend, r)
-        if per_center > 0 and not torch.jit.is_scripting():
-            if not backend.kernels and not backend.any_order:
-                # padded layout: a dense block already, no counts to read back from the device
-                return torch.bmm(r.view(ncent, per_center, 4).transpose(1, 2), g.view(ncent, per_center, self.width))
-        if self.use_ops:  # frozen with the kernel library: a segment sum, no padding
-            return torch.ops.dpmd.contract(r, g, c, ncent)
-        if not torch.jit.is_scripting():
-            if backend.kernels:
-                return ops.contract(r, g, c, ncent)
-            if backend.any_order:  # training: kernels that differentiate again
-                return contraction.contract(r, g, c, ncent)
-        n = r.shape[0]
-        per_center = torch.bincount(c, minlength=ncent)
-        nmax = int(per_center.max())
-        slot = torch.arange(n, device=c.device) - (torch.cumsum(per_center, 0) - per_center)[c]
-        flat = c * nmax + slot
-        r_pad = r.new_zeros([ncent * nmax, 4])
-        r_pad[flat] = r
-        g_pad = g.new_zeros([ncent * nmax, self.width])
-        g_pad[flat] = g
-        r_pad, g_pad = r_pad.view(ncent, nmax, 4), g_pad.view(ncent, nmax, self.width)
-        return torch.bmm(r_pad.transpose(1, 2), g_pad)
-
-    @torch.jit.unused
-    def _linearized_block(self, i: int, r: torch.Tensor, c: torch.Tensor, ncent: int, per_center: int,
-                          backend: Backend):
-        """_block with net i linearised in s = r[:, 0] (exact forces, cheaper derivatives; dpmd.model.network)
-        when the backend allows it (Backend.linearize), else None."""
-        net = self.embeddings[i]
-        if not (backend.linearize and net.can_linearize()):
-            return None
-        g, gp = embedding_with_tangent(net, r[:, 0], weight_gradients=not backend.forces_only, fused=backend.any_order)
-        if backend.any_order:
-            return contraction.contract_linearized(r, g, gp, c, ncent)
-        return self._block(r, linearize_at(g, gp, r[:, 0]), c, ncent, per_center, backend)
-
     @torch.jit.unused
     def _forward_padded(self, edge_vec, center, center_type, neighbor_type, type_counts: List[int],
                         backend: Optional[Backend] = None):
@@ -281,22 +220,22 @@ class DescriptorSeA(EmbeddingTable, nn.Module):
         compressed model's tables is recorded with dpmd.model.deferred when a caller collects such flags (else
         it is an error at once).  (Eager only: the frozen model takes edge lists.)"""
         backend = self.resolve_backend(backend, edge_vec)
-        dtype, device = self.mean.dtype, edge_vec.device
+        dtype = self.mean.dtype
         ncent, nnei, nt = center_type.shape[0], self.nnei, self.ntypes
-        if self.compressed and device.type == "cpu" and backend.kernels and not self.has_exclusion:
-            return self._fused_tabulated(edge_vec.to(dtype), center, center_type, neighbor_type, padded=True)
+        fused = self._fused_tabulated(edge_vec, center, center_type, neighbor_type, backend, padded=True)
+        if fused is not None:
+            return fused
         raw = self.env_rows(edge_vec.to(dtype), backend)
         rows = raw.view(ncent, nnei, 4)
         rows = (rows - self.mean.index_select(0, center_type).unsqueeze(1)) / self.std.index_select(0, center_type).unsqueeze(1)
-        if self.compressed:
-            self._check_table_deferred(rows[:, :, 0].reshape(-1), edge_vec, center, center_type, neighbor_type)
+        self._check_table(rows[:, :, 0].reshape(-1), edge_vec, center, center_type, neighbor_type, True)
         if self.has_exclusion:  # zeroed rows add nothing to T (DeePMD-kit's exclusion mask)
             kept = self.kept_edges(raw, center_type.index_select(0, center), neighbor_type)
             rows = rows * kept.view(ncent, nnei, 1).to(dtype)
         slot0 = [sum(self.sel[:t]) for t in range(nt)]
         type0 = [sum(type_counts[:t]) for t in range(nt)]
         T = rows.new_zeros([ncent, 4, self.width])
-        for i, net in enumerate(self.embeddings):
+        for i in range(len(self.embeddings)):
             tn = i if self.type_one_side else i // nt
             c0, nc = (0, ncent) if self.type_one_side else (type0[i % nt], type_counts[i % nt])
             k = self.sel[tn]
@@ -304,12 +243,7 @@ class DescriptorSeA(EmbeddingTable, nn.Module):
                 continue
             r = rows[c0:c0 + nc, slot0[tn]:slot0[tn] + k].reshape(-1, 4)
             c = torch.arange(nc, device=r.device).repeat_interleave(k)
-            if self.compressed:
-                block = self._tabulated_block(i, r, c, nc, k, backend)
-            else:
-                block = self._linearized_block(i, r, c, nc, k, backend)
-                if block is None:
-                    block = self._block(r, net(r[:, :1]), c, nc, k, backend)
+            block = self.embedding_block(i, r, c, nc, k, backend)
             T = T + (block if nc == ncent else nn.functional.pad(block, (0, 0, 0, 0, c0, ncent - c0 - nc)))
         return self._descriptor_from_T(T, ncent)
 
@@ -336,15 +270,11 @@ class DescriptorSeA(EmbeddingTable, nn.Module):
         pad_row = -self.mean / self.std  # (nt_center, 4): a zero row, normalised
         # per_pair[tc * nt + tn]: one padded slot of centre type tc in the block of neighbour type tn
         per_pair: List[torch.Tensor] = [pad_row.new_empty(0)] * (nt * nt)
-        for i, net in enumerate(self.embeddings):  # net i serves neighbour type i, or pair (i // nt, i % nt)
+        for i in range(len(self.embeddings)):  # net i serves neighbour type i, or pair (i // nt, i % nt)
             for tc in range(nt):
                 if self.type_one_side or tc == i % nt:
                     tn = i if self.type_one_side else i // nt
-                    x = pad_row[tc, :1]
-                    if self.compressed:
-                        g = self._tabulate(i, x)[0]
-                    else:
-                        g = net(x.unsqueeze(0))[0]
+                    g = self.embed(i, pad_row[tc, :1])[0]
                     per_pair[tc * nt + tn] = pad_row[tc].unsqueeze(1) * g.unsqueeze(0)
         return torch.stack(per_pair).reshape(nt, nt, 4, self.width)
 
@@ -355,9 +285,7 @@ class DescriptorSeA(EmbeddingTable, nn.Module):
         (training, whose optimizer may update the weights without bumping their version counters; vmap)."""
         if not forces_only or self.training:
             return None
-        tensors = [self.mean, self.std] + list(self.embeddings.parameters())
-        if self.compressed:
-            tensors.append(self.table)
+        tensors = [self.mean, self.std] + list(self.embeddings.parameters()) + self._tables()
         return cached_on_weights(self, "_padding_cache", tensors, self._padding_per_slot)
 
     # ---- compressed model (the table itself: EmbeddingTable) ------------------------------------
@@ -367,36 +295,30 @@ class DescriptorSeA(EmbeddingTable, nn.Module):
         ct = center_type_of_edge
         return (self.env_rows(edge_vec)[:, 0] - self.mean[ct, 0]) / self.std[ct, 0]
 
-    def _fused_tabulated(self, edge_vec, center, center_type, neighbor_type, padded: bool = False) -> torch.Tensor:
-        """This whole forward for a compressed model in one kernel-library op (CPU; forces, not training):
-        the same numbers, without the edge-sized intermediate tensors."""
-        grid = [self.rcut_smth, self.rcut, self.table_lower, self.table_upper, self.table_step,
-                self.table_step_coarse, self.table_end, self._table_slack()]
-        D, stats = torch.ops.dpmd.se_a_tabulated_descriptor(
-            edge_vec, center, center_type, neighbor_type, self.mean, self.std, self.table, self.sel, grid,
-            self.table_fine, self.table_coarse, self.type_one_side, self.axis_neuron)
-        if padded:
-            self._report_or_defer(stats, edge_vec, center, center_type, neighbor_type)
-        else:
-            self._report_table(int(stats[0]), stats[1:], edge_vec, center, center_type, neighbor_type)
-        return D
+    def _fused_tabulated(self, edge_vec, center, center_type, neighbor_type, backend: Optional[Backend],
+                         padded: bool = False) -> Optional[torch.Tensor]:
+        """This whole forward of a compressed model in one kernel-library op (CPU; forces, not training): the same
+        numbers, without the edge-sized intermediate tensors.  None where it does not apply."""
+        if self.compressed and edge_vec.device.type == "cpu" and not self.has_exclusion:
+            applies = self.use_ops  # frozen with the kernel library
+            if not torch.jit.is_scripting():
+                applies = applies or (backend is not None and backend.kernels)
+            if applies:
+                edge_vec = edge_vec.to(self.mean.dtype)
+                grid = [self.rcut_smth, self.rcut, self.table_lower, self.table_upper, self.table_step,
+                        self.table_step_coarse, self.table_end, self._table_slack()]
+                D, stats = torch.ops.dpmd.se_a_tabulated_descriptor(
+                    edge_vec, center, center_type, neighbor_type, self.mean, self.std, self.table, self.sel, grid,
+                    self.table_fine, self.table_coarse, self.type_one_side, self.axis_neuron)
+                if padded:
+                    self._report_or_defer(stats, edge_vec, center, center_type, neighbor_type)
+                else:
+                    self._report_table(int(stats[0]), stats[1:], edge_vec, center, center_type, neighbor_type)
+                return D
+        return None
 
     @torch.jit.unused
     def _report_or_defer(self, stats, edge_vec, center, center_type, neighbor_type):
         """stats[0] >= 0 (an edge outside the tables) as a deferred flag when a caller collects them."""
         if not deferred.record(stats[0] >= 0):
             self._report_table(int(stats[0]), stats[1:], edge_vec, center, center_type, neighbor_type)
-
-    def _tabulated_block(self, i: int, r: torch.Tensor, c: torch.Tensor, ncent: int, per_center: int = 0,
-                         backend: Optional[Backend] = None) -> torch.Tensor:
-        """sum_j R_j^T G(s_j) (n_centers, 4, M) for the edges of net i with tabulated G: the kernel library's
-        fused op, Triton on CUDA, else the PyTorch reference (one call, same numbers)."""
-        if self.use_ops:  # frozen with the kernel library
-            return torch.ops.dpmd.tabulate_fusion_se_a(
-                self.table[i], r, c, ncent, self.table_lower, self.table_upper, self.table_step,
-                self.table_step_coarse, self.table_fine, self.table_coarse)
-        if not torch.jit.is_scripting():
-            fast = self._fast_tabulated_block(i, r, c, ncent, self.resolve_backend(backend, r))
-            if fast is not None:
-                return fast
-        return self._block(r, self._tabulate(i, r[:, 0]), c, ncent, per_center, backend)

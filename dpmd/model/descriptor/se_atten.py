@@ -284,11 +284,6 @@ class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
         s = (sw / r).unsqueeze(1)
         return sw, torch.cat([s, s * vec / r.unsqueeze(1)], 1)
 
-    @torch.jit.unused
-    def resolve_backend(self, backend: Optional[Backend], tensor: torch.Tensor) -> Backend:
-        """The caller's backend (dpmd.ops.resolve), or, for a caller that passes none, the one its context gives."""
-        return ops.resolve(tensor) if backend is None else backend
-
     def forward(self, edge_vec, center, center_type, neighbor_type, backend: Optional[Backend] = None,
                 type_counts: Optional[List[int]] = None):
         """Descriptors (n_centers, dim_out) of an edge list (center (E,) in [0, n_centers), in any order).
@@ -328,9 +323,9 @@ class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
         tebd, strip, per_slot = terms
         sw, rows = self._switch_and_rows(vec, r, backend)
         rows = (rows - self.mean.index_select(0, tc)) / self.std.index_select(0, tc)
+        self._check_table(rows[:, 0], vec, c, center_type, tn)  # beyond the tables: an error, never an extrapolation
         T: Optional[torch.Tensor] = None
-        if self.compressed:  # an edge beyond the tables: an error (never an extrapolation)
-            self._check_table(rows[:, 0], vec, c, center_type, tn)
+        if self.compressed:
             if not torch.jit.is_scripting():
                 T = self._fused_tables(rows, sw, tn, c, center_type, strip, backend)
         if T is None and not torch.jit.is_scripting():
@@ -401,9 +396,7 @@ class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
         update the weights without bumping their version counters; vmap)."""
         if not backend.forces_only or self.training:
             return None
-        tensors = [self.mean, self.std] + list(self.parameters())
-        if self.compressed:  # the padding's embedding comes from the table
-            tensors.append(self.table)
+        tensors = [self.mean, self.std] + list(self.parameters()) + self._tables()  # (the padding's: from the table)
         return cached_on_weights(self, "_weight_terms_cache", tensors, self._weight_terms, [self.pad_type])
 
     def _contract(self, rows: torch.Tensor, g: torch.Tensor, sw: torch.Tensor, c: torch.Tensor, ncent: int,
@@ -461,7 +454,7 @@ class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
     @torch.jit.unused
     def _fused_tables(self, rows: torch.Tensor, sw: torch.Tensor, tn: torch.Tensor, c: torch.Tensor,
                       center_type: torch.Tensor, strip: torch.Tensor, backend: Backend):
-        """T of a compressed model in the fused tabulated contraction (EmbeddingTable._fast_tabulated_block:
+        """T of a compressed model in the fused tabulated contraction (EmbeddingTable._fused_block:
         sum_e r_e^T G(r_e[0]), forces only); None where it does not apply.  With gs the tabulated radial net and
         gt the strip table's row of (centre type, neighbour type t), G = gs (1 + gt [sw]), so per centre
             T = sum_t [ sum_{j of type t} R_j^T gs(s_j) + (sum_{j of type t} [sw_j] R_j^T gs(s_j)) * gt ],
@@ -470,13 +463,13 @@ class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
         key = c * nt + tn
         order = torch.argsort(key)
         rows, key = rows.index_select(0, order), key.index_select(0, order)
-        sums = self._fast_tabulated_block(0, rows, key, ncent * nt, backend)
+        sums = self._fused_block(0, rows, key, ncent * nt, backend)
         if sums is None:
             return None
         if self.smooth:  # sum_j sw_j R_j^T gs(s_j) in two calls: rows (s, sw R_0..2) and (s, sw R_3, 0, 0)
             s, w = rows[:, :1], sw.index_select(0, order).unsqueeze(1) * rows
-            first = self._fast_tabulated_block(0, torch.cat([s, w[:, :3]], 1), key, ncent * nt, backend)
-            last = self._fast_tabulated_block(0, torch.cat([s, w[:, 3:], torch.zeros_like(w[:, :2])], 1), key,
+            first = self._fused_block(0, torch.cat([s, w[:, :3]], 1), key, ncent * nt, backend)
+            last = self._fused_block(0, torch.cat([s, w[:, 3:], torch.zeros_like(w[:, :2])], 1), key,
                                               ncent * nt, backend)
             sums = torch.cat([sums, first[:, 1:], last[:, 1:2]], 1)  # (plain, scaled)
         return self._sum_over_types(sums, center_type, strip)

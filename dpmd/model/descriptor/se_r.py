@@ -70,6 +70,7 @@ class DescriptorSeR(EmbeddingTable, nn.Module):
     # library's calls only when scripted with it loaded (use_ops, set by dpmd.model.export)
     __constants__ = ["compressed", "use_ops"]
     layouts = ("edges", "padded")  # what forward takes (type_counts given: DeePMD's padded layout)
+    linearize_nets = False  # small nets: differentiated as they are, any number of times (EmbeddingTable)
 
     def __init__(self, ntypes: int, sel: List[int], rcut: float, rcut_smth: float, neuron=(10, 20, 40),
                  resnet_dt: bool = False, activation_function: str = "tanh", dtype=torch.float64, seed=None,
@@ -119,7 +120,6 @@ class DescriptorSeR(EmbeddingTable, nn.Module):
         r = torch.linalg.vector_norm(edge_vec, 2.0, dim=-1)
         return smooth_switch(r, self.rcut_smth, self.rcut) / r
 
-    resolve_backend = DescriptorSeA.resolve_backend  # se_e2_a's
     # se_e2_a's: exclude_types as the (centre type, neighbour type) codes in excluded_pairs, rows (E, 1) here
     kept_edges = DescriptorSeA.kept_edges
 
@@ -134,7 +134,7 @@ class DescriptorSeR(EmbeddingTable, nn.Module):
                 type_counts: Optional[List[int]] = None):
         """Descriptors (n_centers, M) of edges sorted by centre (center in [0, n_centers)).  The nets are small and
         run in PyTorch, differentiable any number of times; backend matters only to a compressed model's tables
-        (the fused kernels where it allows them: EmbeddingTable.tabulated_sum).  type_counts given: the edges are
+        (the fused kernels where it allows them: EmbeddingTable.embedding_sum).  type_counts given: the edges are
         in DeePMD's padded layout (dpmd.model.forces.evaluate_padded), whose empty slots hold vectors beyond rcut,
         which the edge-list code counts as empty slots, so it serves as it is; only an edge outside a compressed
         model's tables is then a deferred flag when the caller collects them (the sync-free MD steps)."""
@@ -152,11 +152,7 @@ class DescriptorSeR(EmbeddingTable, nn.Module):
         x = self._normalized(s, ct)
         if len(self.excluded_pairs) > 1:
             x = x * self.kept_edges(s.unsqueeze(1), ct, neighbor_type).to(dtype)
-        if self.compressed:
-            if deferred_check and not torch.jit.is_scripting():
-                self._check_table_deferred(x, edge_vec, center, center_type, neighbor_type)
-            else:
-                self._check_table(x, edge_vec, center, center_type, neighbor_type)
+        self._check_table(x, edge_vec, center, center_type, neighbor_type, deferred_check)
         # edges grouped by neighbour type, then centre (ascending, as the fused tables need): one net evaluation
         # per type, summed per centre
         order = torch.argsort(neighbor_type * ncent + center)
@@ -164,14 +160,10 @@ class DescriptorSeR(EmbeddingTable, nn.Module):
         x, c = x.index_select(0, order), center.index_select(0, order)
         total = x.new_zeros([ncent, self.width])
         start = 0
-        for t, net in enumerate(self.embeddings):
+        for t in range(nt):
             n = counts[t]
             if n > 0:
-                xt, ct_ = x[start:start + n], c[start:start + n]
-                if self.compressed:  # (the fused kernels where they apply: EmbeddingTable.tabulated_sum)
-                    total = total + self.tabulated_sum(t, xt, torch.ones_like(xt), ct_, ncent, backend)
-                else:
-                    total = total.index_add(0, ct_, net(xt.unsqueeze(1)))
+                total = self.embedding_sum(total, t, x[start:start + n], None, c[start:start + n], backend)
             start += n
         total = total + self._padding(center, center_type, neighbor_type)
         return total * (0.2 / self.nnei)  # 1/5: DeePMD-kit's res_rescale of se_e2_r
@@ -182,12 +174,7 @@ class DescriptorSeR(EmbeddingTable, nn.Module):
         count = torch.bincount(center * nt + neighbor_type, minlength=ncent * nt).reshape(ncent, nt)
         n_pad = (torch.tensor(self.sel, device=count.device) - count).to(self.mean.dtype)  # (ncent, nt)
         pad_x = -self.mean / self.std  # (nt_centre, 1): an empty slot's normalised value
-        per_type: List[torch.Tensor] = []
-        for t, net in enumerate(self.embeddings):
-            if self.compressed:
-                per_type.append(self._tabulate(t, pad_x[:, 0]))
-            else:
-                per_type.append(net(pad_x))
+        per_type: List[torch.Tensor] = [self.embed(t, pad_x[:, 0]) for t in range(nt)]
         per_slot = torch.stack(per_type, 1)  # (nt_centre, nt_neighbour, M)
         return (n_pad.unsqueeze(-1) * per_slot.index_select(0, center_type)).sum(1)
 

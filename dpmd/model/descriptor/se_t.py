@@ -33,7 +33,7 @@ from dpmd.model.descriptor.common import check_sizes, excluded_pair_codes, per_t
 from dpmd.model.descriptor.se_a import DescriptorSeA
 from dpmd.model.descriptor.table import EmbeddingTable
 from dpmd.model.keys import DTYPES, check_type_split
-from dpmd.model.network import MLP, child_seed, embedding_with_tangent, linearize_at
+from dpmd.model.network import MLP, child_seed
 from dpmd.ops import Backend
 
 
@@ -54,7 +54,6 @@ class DescriptorSeT(EmbeddingTable, nn.Module):
 
     layouts = ("edges", "padded")  # what forward takes (type_counts given: DeePMD's padded layout)
     # se_e2_a's environment rows, exclusion rule, statistics and padded slot layout are this descriptor's too
-    resolve_backend = DescriptorSeA.resolve_backend
     env_rows = DescriptorSeA.env_rows
     kept_edges = DescriptorSeA.kept_edges
     slot_types = DescriptorSeA.slot_types
@@ -115,16 +114,6 @@ class DescriptorSeT(EmbeddingTable, nn.Module):
                                 f"before `dp compress`)")
         return ours
 
-    @torch.jit.unused
-    def _linearized_embedding(self, i: int, x: torch.Tensor, backend: Backend) -> Optional[torch.Tensor]:
-        """G (n, M) of net i at the pair values x (n,) linearised in x (exact value and first derivative, no
-        double differentiation of the net; dpmd.model.network) when the backend allows it, else None."""
-        net = self.embeddings[i]
-        if not (backend.linearize and net.can_linearize()):
-            return None
-        g, gp = embedding_with_tangent(net, x, weight_gradients=not backend.forces_only, fused=backend.any_order)
-        return linearize_at(g, gp, x)
-
     def edge_table_input(self, edge_vec: torch.Tensor, center_type_of_edge: torch.Tensor) -> torch.Tensor:
         """|a_j|^2 (E,) of each edge: it bounds |x| of every pair the edge is in."""
         ct = center_type_of_edge
@@ -153,8 +142,7 @@ class DescriptorSeT(EmbeddingTable, nn.Module):
             center, neighbor_type = center.index_select(0, kept), neighbor_type.index_select(0, kept)
             edge_vec = edge_vec.index_select(0, kept)
         a = ((rows - self.mean.index_select(0, ct_edge)) / self.std.index_select(0, ct_edge))[:, 1:]
-        if self.compressed:
-            self._check_table((a * a).sum(1), edge_vec, center, center_type, neighbor_type)
+        self._check_table((a * a).sum(1), edge_vec, center, center_type, neighbor_type)
         # edges grouped by (centre, neighbour type): group centre * nt + t holds count[c, t] edges from start[c, t]
         group = center * nt + neighbor_type
         a = a.index_select(0, torch.sort(group, stable=True)[1])
@@ -170,7 +158,7 @@ class DescriptorSeT(EmbeddingTable, nn.Module):
         sizes: List[int] = torch.cat([per.sum(1), count.max(0)[0]]).tolist()
         centers = torch.arange(ncent, device=a.device)
         out = a.new_zeros([ncent, self.dim_out])
-        for i, net in enumerate(self.embeddings):  # (enumerate over the ModuleList: TorchScript-compilable)
+        for i in range(len(self.embeddings)):
             t, u, total = self.pair_t[i], self.pair_u[i], sizes[i]
             if total > 0:
                 c = torch.repeat_interleave(centers, per[i], output_size=total)
@@ -190,15 +178,7 @@ class DescriptorSeT(EmbeddingTable, nn.Module):
                 e2 = start[:, u].index_select(0, c) + k
                 x = (a.index_select(0, e1) * a.index_select(0, e2)).sum(1)
                 scaled = x * weight * (1.0 / (self.sel[t] * self.sel[u]))
-                if self.compressed:  # (the fused kernels where they apply: EmbeddingTable.tabulated_sum)
-                    out = out + self.tabulated_sum(i, x, scaled, c, ncent, backend)
-                else:
-                    g: Optional[torch.Tensor] = None
-                    if not torch.jit.is_scripting():
-                        g = self._linearized_embedding(i, x, backend)
-                    if g is None:
-                        g = net(x.unsqueeze(1))
-                    out = out.index_add(0, c, scaled.unsqueeze(1) * g)
+                out = self.embedding_sum(out, i, x, scaled, c, backend)
         return out
 
     @torch.jit.unused
@@ -217,8 +197,7 @@ class DescriptorSeT(EmbeddingTable, nn.Module):
         if self.has_exclusion:
             kept = self.kept_edges(raw, center_type.index_select(0, center), neighbor_type)
             a = a * kept.view(ncent, nnei, 1).to(a.dtype)
-        if self.compressed:
-            self._check_table_deferred((a * a).sum(-1).reshape(-1), edge_vec, center, center_type, neighbor_type)
+        self._check_table((a * a).sum(-1).reshape(-1), edge_vec, center, center_type, neighbor_type, True)
         sec = [sum(self.sel[:t]) for t in range(self.ntypes + 1)]
         out = a.new_zeros([ncent, self.dim_out])
         for i in range(len(self.embeddings)):
@@ -226,12 +205,6 @@ class DescriptorSeT(EmbeddingTable, nn.Module):
             if self.sel[t] * self.sel[u] == 0:
                 continue
             x = torch.bmm(a[:, sec[t]:sec[t + 1]], a[:, sec[u]:sec[u + 1]].transpose(1, 2)).reshape(ncent, -1)
-            if self.compressed:
-                g = self._tabulate(i, x.reshape(-1))
-            else:
-                g = self._linearized_embedding(i, x.reshape(-1), backend)
-                if g is None:
-                    g = self.embeddings[i](x.reshape(-1, 1))
-            g = g.view(ncent, x.shape[1], self.dim_out)
+            g = self.embed(i, x.reshape(-1), backend).view(ncent, x.shape[1], self.dim_out)
             out = out + torch.bmm(x.unsqueeze(1), g)[:, 0] / (self.sel[t] * self.sel[u])
         return out

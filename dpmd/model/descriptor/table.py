@@ -1,9 +1,17 @@
-"""The tabulated form of a descriptor's embedding nets (a compressed model, dpmd.model.compress).
+"""A descriptor's embedding nets, evaluated as nets or as tables (a compressed model, dpmd.model.compress).
 
-A compressible descriptor (se_e2_a, se_e2_r, se_e3) inherits EmbeddingTable: after enable_compression the
-embedding of net i at its scalar input x is `self._tabulate(i, x)` instead of `self.embeddings[i](x)`, and a
-weighted sum of embeddings per centre, sum_e w_e G_i(x_e), is `self.tabulated_sum(...)`: the kernel library's
-(or Triton's) fused tabulate-and-contract op where it applies (first derivatives: forces), else _tabulate.
+A descriptor with one scalar-input embedding net per type (or pair of types) inherits EmbeddingTable and asks
+it for what its forward needs, the same calls compressed or not (the choice of net, linearised net, fused
+table kernel or table made here, once):
+
+    embed(i, x)                       G_i(x) (n, M) of net i at inputs x (n,)
+    embedding_sum(out, i, x, w, c)    out + sum_e w_e G_i(x_e) per centre c_e
+    embedding_block(i, r, c, ncent)   sum_e r_e^T G_i(r_e[0]) per centre (ncent, 4, M)
+    _check_table(x, ...)              inputs beyond the tables: an error naming the atoms (no-op uncompressed)
+
+After enable_compression G_i is read from net i's piecewise quintic table, and the sums run in the kernel
+library's (or Triton's) fused tabulate-and-contract op where it applies (first derivatives: forces); else a net
+is linearised in its input where the backend allows it (dpmd.model.network: exact forces, cheaper derivatives).
 
 Layout (one grid for every net of the descriptor; dpmd.model.compress.table_layout):
 
@@ -30,9 +38,11 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from dpmd import ops
 from dpmd.errors import ConfigError
 from dpmd.model import deferred
-from dpmd.ops import Backend
+from dpmd.model.network import embedding_with_tangent, linearize_at
+from dpmd.ops import Backend, contraction
 
 
 def short(x: float) -> str:
@@ -51,11 +61,25 @@ def outside_table_message(where: str, r: float, rmin: float, center_type: int) -
             + " centres); compress again with a larger --extrapolate")
 
 
+with warnings.catch_warnings():  # torch >= 2.10 flags TorchScript as deprecated; libtorch still loads it
+    warnings.filterwarnings("ignore", message=".*torch.jit.interface.*deprecated", category=DeprecationWarning)
+
+    @torch.jit.interface
+    class EmbeddingNet(torch.nn.Module):
+        """An embedding net as TorchScript sees it: what lets it call net i of a ModuleList at a runtime index."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            pass
+
+
 class EmbeddingTable:
     """Mixin of a descriptor (an nn.Module with `embeddings`, `width`, `mean`, `ntypes`, and
-    `edge_table_input(edge_vec, center_type_of_edge)`): its tabulated embeddings and their checks.  A mixin,
-    not a submodule, so that the coefficients stay the descriptor's own buffer `table`.  The subclass lists
-    "compressed" in __constants__ (TorchScript then compiles the table code only for a compressed model)."""
+    `edge_table_input(edge_vec, center_type_of_edge)`): its embedding nets as nets or tables, and the tables'
+    checks.  A mixin, not a submodule, so that the coefficients stay the descriptor's own buffer `table`.  The
+    subclass lists "compressed" and "use_ops" in __constants__ (TorchScript then compiles the table code only for
+    a compressed model, the kernel library's calls only for a copy that dpmd.model.export scripts with it)."""
+
+    linearize_nets = True  # nets linearised in their input where the backend allows it (Backend.linearize)
 
     def _init_table(self, ntypes: int) -> None:
         self.compressed = False
@@ -102,6 +126,101 @@ class EmbeddingTable:
             interval = torch.where(below, k_low.to(torch.long), interval)
         return interval, (x - node).unsqueeze(1)
 
+    @torch.jit.unused
+    def resolve_backend(self, backend: Optional[Backend], tensor: torch.Tensor) -> Backend:
+        """The caller's backend (dpmd.ops.resolve), or, for a caller that passes none, the one its context gives."""
+        return ops.resolve(tensor) if backend is None else backend
+
+    def embed(self, i: int, x: torch.Tensor, backend: Optional[Backend] = None) -> torch.Tensor:
+        """G_i(x) (n, M) of net i at inputs x (n,): its table (compressed), else the net, linearised in x where a
+        backend is given that allows it (_tangent)."""
+        if self.compressed:
+            return self._tabulate(i, x)
+        if not torch.jit.is_scripting():
+            tangent = self._tangent(i, x, backend)
+            if tangent is not None:
+                return linearize_at(*tangent, x)
+        net: EmbeddingNet = self.embeddings[i]
+        return net.forward(x.unsqueeze(1))
+
+    def embedding_sum(self, out: torch.Tensor, i: int, x: torch.Tensor, weight: Optional[torch.Tensor],
+                      c: torch.Tensor, backend: Optional[Backend] = None) -> torch.Tensor:
+        """out (ncent, M) + sum_e weight_e G_i(x_e) per centre; x, weight (None: 1), c (n,), c ascending."""
+        if self.compressed:  # the fused kernels with rows (x, weight, 0, 0) where they apply
+            zero = torch.zeros_like(x)
+            w = torch.ones_like(x) if weight is None else weight
+            fused = self._fused_block(i, torch.stack([x, w, zero, zero], 1), c, out.shape[0], backend)
+            if fused is not None:
+                return out + fused[:, 1]
+        g = self.embed(i, x, backend)
+        if weight is not None:
+            g = weight.unsqueeze(1) * g
+        if self.compressed:  # (summed apart, as the fused kernels sum)
+            return out + g.new_zeros(out.shape).index_add(0, c, g)
+        return out.index_add(0, c, g)
+
+    def embedding_block(self, i: int, r: torch.Tensor, c: torch.Tensor, ncent: int, per_center: int = 0,
+                        backend: Optional[Backend] = None) -> torch.Tensor:
+        """sum_e r_e^T G_i(r_e[0]) per centre (ncent, 4, M); rows r (n, 4), centres c (n,) ascending (per_center
+        > 0: every centre has exactly that many edges): the fused table kernels where they apply, training's
+        contraction of a linearised net (it differentiates again), else G (embed) and _block."""
+        if not torch.jit.is_scripting():
+            backend = self.resolve_backend(backend, r)
+        if self.compressed:
+            fused = self._fused_block(i, r, c, ncent, backend)
+            if fused is not None:
+                return fused
+        elif not torch.jit.is_scripting():
+            if backend is not None and backend.any_order:
+                tangent = self._tangent(i, r[:, 0], backend)
+                if tangent is not None:
+                    return contraction.contract_linearized(r, tangent[0], tangent[1], c, ncent)
+        return self._block(r, self.embed(i, r[:, 0], backend), c, ncent, per_center, backend)
+
+    def _block(self, r: torch.Tensor, g: torch.Tensor, c: torch.Tensor, ncent: int, per_center: int = 0,
+               backend: Optional[Backend] = None) -> torch.Tensor:
+        """sum_j R_j^T G_j (n_centers, 4, M) over the edges of one net: rows r (n, 4), embeddings g (n, M),
+        centres c (n,) in ascending order; per_center > 0: every centre has exactly that many edges."""
+        if not torch.jit.is_scripting():
+            backend = self.resolve_backend(backend, r)
+        if per_center > 0 and not torch.jit.is_scripting():
+            if not backend.kernels and not backend.any_order:
+                # padded layout: a dense block already, no counts to read back from the device
+                return torch.bmm(r.view(ncent, per_center, 4).transpose(1, 2), g.view(ncent, per_center, self.width))
+        if self.use_ops:  # frozen with the kernel library: a segment sum, no padding
+            return torch.ops.dpmd.contract(r, g, c, ncent)
+        if not torch.jit.is_scripting():
+            if backend.kernels:
+                return ops.contract(r, g, c, ncent)
+            if backend.any_order:  # training: kernels that differentiate again
+                return contraction.contract(r, g, c, ncent)
+        n = r.shape[0]
+        per_center = torch.bincount(c, minlength=ncent)
+        nmax = int(per_center.max())
+        slot = torch.arange(n, device=c.device) - (torch.cumsum(per_center, 0) - per_center)[c]
+        flat = c * nmax + slot
+        r_pad = r.new_zeros([ncent * nmax, 4])
+        r_pad[flat] = r
+        g_pad = g.new_zeros([ncent * nmax, self.width])
+        g_pad[flat] = g
+        r_pad, g_pad = r_pad.view(ncent, nmax, 4), g_pad.view(ncent, nmax, self.width)
+        return torch.bmm(r_pad.transpose(1, 2), g_pad)
+
+    @torch.jit.unused
+    def _tangent(self, i: int, x: torch.Tensor, backend: Optional[Backend]):
+        """(G, dG/dx) (n, M) of net i at x (n,) in one forward sweep, for the net linearised in x (exact value and
+        first derivative, no double differentiation; dpmd.model.network) where the backend and the descriptor
+        allow it (Backend.linearize, linearize_nets), else None."""
+        net = self.embeddings[i]
+        if backend is None or not (self.linearize_nets and backend.linearize and net.can_linearize()):
+            return None
+        return embedding_with_tangent(net, x, weight_gradients=not backend.forces_only, fused=backend.any_order)
+
+    @torch.jit.unused
+    def _tables(self) -> List[torch.Tensor]:
+        """The tables (for caches keyed on the weights): [table] when compressed, else none."""
+        return [self.table] if self.compressed else []
+
     def _tabulate(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Embedding (n, M) of net i at inputs x (n,) from its quintic table (the reference evaluation; autograd
         differentiates the polynomial any number of times)."""
@@ -112,14 +231,26 @@ class EmbeddingTable:
             g = g * t + coef.index_select(0, interval * 6 + p)
         return g
 
+    def _fused_block(self, i: int, r: torch.Tensor, c: torch.Tensor, ncent: int,
+                     backend: Optional[Backend]) -> Optional[torch.Tensor]:
+        """sum_e r_e^T G_i(r_e[0]) per centre (ncent, 4, M) of tabulated G in the fused kernels (the kernel library,
+        Triton on CUDA; differentiable once: forces, not training); r (n, 4), c (n,) ascending.  None where they do
+        not apply: no kernels, or an input below `lower` (the kernels know no coarse intervals there)."""
+        if self.use_ops:  # frozen with the kernel library
+            if self._fusable(r[:, 0]):
+                return torch.ops.dpmd.tabulate_fusion_se_a(
+                    self.table[i][self.table_coarse_low:], r, c, ncent, self.table_lower, self.table_upper,
+                    self.table_step, self.table_step_coarse, self.table_fine, self.table_coarse)
+        if not torch.jit.is_scripting():
+            return self._fast_tabulated_block(i, r, c, ncent, backend)
+        return None
+
     @torch.jit.unused
-    def _fast_tabulated_block(self, i: int, r: torch.Tensor, c: torch.Tensor, ncent: int, backend: Backend):
-        """sum_e r_e^T G_i(r_e[0]) per centre, (ncent, 4, M), in the fused kernels (the kernel library, Triton on
-        CUDA; differentiable once: forces, not training); r (n, 4), c (n,) ascending.  None where they do not
-        apply: no kernels, or an input below `lower` (the kernels know no coarse intervals there)."""
+    def _fast_tabulated_block(self, i: int, r: torch.Tensor, c: torch.Tensor, ncent: int, backend: Optional[Backend]):
+        """_fused_block in eager code (the backend says which kernels)."""
         from dpmd.ops import triton_tabulate
 
-        if not (backend.kernels or backend.triton) or not self._fusable(r[:, 0]):
+        if backend is None or not (backend.kernels or backend.triton) or not self._fusable(r[:, 0]):
             return None
         table = self.table[i][self.table_coarse_low:]
         grid = (self.table_lower, self.table_upper, self.table_step, self.table_step_coarse, self.table_fine,
@@ -130,26 +261,6 @@ class EmbeddingTable:
 
     def _fusable(self, x: torch.Tensor) -> bool:
         return self.table_coarse_low == 0 or not bool((x < self.table_lower).any())
-
-    def tabulated_sum(self, i: int, x: torch.Tensor, weight: torch.Tensor, c: torch.Tensor, ncent: int,
-                      backend: Optional[Backend] = None) -> torch.Tensor:
-        """sum_e weight_e G_i(x_e) per centre (ncent, M); x, weight, c (n,), c ascending: the fused kernels with
-        rows (x, weight, 0, 0) where they apply, else _tabulate and a sum.  (The subclass lists "use_ops" in
-        __constants__: set on the copy that dpmd.model.export scripts with the kernel library loaded.)"""
-        zero = torch.zeros_like(x)
-        if self.use_ops:  # frozen with the kernel library
-            if self._fusable(x):
-                return torch.ops.dpmd.tabulate_fusion_se_a(
-                    self.table[i][self.table_coarse_low:], torch.stack([x, weight, zero, zero], 1), c, ncent,
-                    self.table_lower, self.table_upper, self.table_step, self.table_step_coarse, self.table_fine,
-                    self.table_coarse)[:, 1]
-        if not torch.jit.is_scripting():
-            if backend is not None:
-                fast = self._fast_tabulated_block(i, torch.stack([x, weight, zero, zero], 1), c, ncent, backend)
-                if fast is not None:
-                    return fast[:, 1]
-        g = self._tabulate(i, x)
-        return g.new_zeros([ncent, self.width]).index_add(0, c, weight.unsqueeze(1) * g)
 
     def _table_slack(self) -> float:
         # s >= 0 exactly, but float32 rounds the switch near rcut to about -1e-6: allow 1 % of a step below
@@ -183,11 +294,17 @@ class EmbeddingTable:
         return outside_table_message(where, r, self.table_rmin[center_type], center_type)
 
     def _check_table(self, x: torch.Tensor, edge_vec: torch.Tensor, center: torch.Tensor, center_type: torch.Tensor,
-                     neighbor_type: torch.Tensor) -> None:
+                     neighbor_type: torch.Tensor, deferred_check: bool = False) -> None:
         """Never extrapolate silently: an edge whose table input x (one per edge) is beyond the tables is an
-        error; with check_frequency N > 0, every N-th evaluation also warns about inputs in the coarse range."""
-        self._report_table(self.table_violation(x), self.in_coarse_range(x), edge_vec, center, center_type,
-                           neighbor_type)
+        error; with check_frequency N > 0, every N-th evaluation also warns about inputs in the coarse range.
+        deferred_check: without a read back from the device when a caller collects flags (_check_table_deferred).
+        Nothing to check in an uncompressed model."""
+        if self.compressed:
+            if deferred_check and not torch.jit.is_scripting():
+                self._check_table_deferred(x, edge_vec, center, center_type, neighbor_type)
+            else:
+                self._report_table(self.table_violation(x), self.in_coarse_range(x), edge_vec, center, center_type,
+                                   neighbor_type)
 
     @torch.jit.unused
     def _check_table_deferred(self, x: torch.Tensor, edge_vec, center, center_type, neighbor_type) -> None:
