@@ -23,7 +23,7 @@ Compressed (dpmd.model.compress, as DeePMD-kit's `dp compress`): net_t(x) is rea
 from __future__ import annotations
 
 import re
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -154,9 +154,14 @@ class DescriptorSeR(EmbeddingTable, nn.Module):
             x = x * self.kept_edges(s.unsqueeze(1), ct, neighbor_type).to(dtype)
         self._check_table(x, edge_vec, center, center_type, neighbor_type, deferred_check)
         # edges grouped by neighbour type, then centre (ascending, as the fused tables need): one net evaluation
-        # per type, summed per centre
-        order = torch.argsort(neighbor_type * ncent + center)
-        counts: List[int] = torch.bincount(neighbor_type, minlength=nt).tolist()
+        # per type, summed per centre; in the padded layout the groups are the rows' sel[t] slots of each type,
+        # known on the host (nothing read back from the device: the sync-free MD steps)
+        if deferred_check and not torch.jit.is_scripting():
+            order, counts = self._padded_order(ncent, edge_vec.device)
+        else:
+            order = torch.argsort(neighbor_type * ncent + center)
+            read: List[int] = torch.bincount(neighbor_type, minlength=nt).tolist()
+            counts = read
         x, c = x.index_select(0, order), center.index_select(0, order)
         total = x.new_zeros([ncent, self.width])
         start = 0
@@ -165,8 +170,18 @@ class DescriptorSeR(EmbeddingTable, nn.Module):
             if n > 0:
                 total = self.embedding_sum(total, t, x[start:start + n], None, c[start:start + n], backend)
             start += n
-        total = total + self._padding(center, center_type, neighbor_type)
+        if not deferred_check:  # (padded: every slot is an edge, an empty one beyond rcut already counted)
+            total = total + self._padding(center, center_type, neighbor_type)
         return total * (0.2 / self.nnei)  # 1/5: DeePMD-kit's res_rescale of se_e2_r
+
+    @torch.jit.unused
+    def _padded_order(self, ncent: int, device) -> Tuple[torch.Tensor, List[int]]:
+        """The padded layout's edges (centre-major, sel[t] slots of type t per row) grouped by type, then centre,
+        and each group's size."""
+        rows = torch.arange(ncent, device=device).unsqueeze(1) * self.nnei
+        first = [sum(self.sel[:t]) for t in range(self.ntypes)]
+        order = [(rows + torch.arange(f, f + k, device=device)).reshape(-1) for f, k in zip(first, self.sel)]
+        return torch.cat(order), [ncent * k for k in self.sel]
 
     def _padding(self, center, center_type, neighbor_type) -> torch.Tensor:
         """(n_centers, M): what DeePMD's empty slots add, sel[t] - (edges of type t) slots of each type t."""
