@@ -325,11 +325,10 @@ class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
         rows = (rows - self.mean.index_select(0, tc)) / self.std.index_select(0, tc)
         self._check_table(rows[:, 0], vec, c, center_type, tn)  # beyond the tables: an error, never an extrapolation
         T: Optional[torch.Tensor] = None
-        if self.compressed:
-            if not torch.jit.is_scripting():
-                T = self._fused_tables(rows, sw, tn, c, center_type, strip, backend)
-        if T is None and not torch.jit.is_scripting():
-            T = self._strip_by_type(rows, sw, tn, c, center_type, strip, backend)
+        if not torch.jit.is_scripting():  # forces only: sums per (centre, neighbour type), tables or nets
+            T = self._fused_tables(rows, sw, tn, c, center_type, strip, backend)
+            if T is None:
+                T = self._strip_by_type(rows, sw, tn, c, center_type, strip, backend)
         if T is None:
             g = self._embed(rows[:, 0], tn, tc, sw, tebd, strip, backend)
             T = self._contract(rows, g, sw, c, ncent, backend)
@@ -459,6 +458,8 @@ class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
         gt the strip table's row of (centre type, neighbour type t), G = gs (1 + gt [sw]), so per centre
             T = sum_t [ sum_{j of type t} R_j^T gs(s_j) + (sum_{j of type t} [sw_j] R_j^T gs(s_j)) * gt ],
         the inner sums over edges keyed by (centre, t); rows (s, sw R) carry s, the table's input, first."""
+        if not self.compressed:
+            return None
         ncent, nt = center_type.shape[0], self.ntypes
         key = c * nt + tn
         order = torch.argsort(key)
@@ -519,14 +520,13 @@ class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
                 x.append(tebd.index_select(0, tc))
             return self.embedding(torch.cat(x, 1))
         gt = strip.index_select(0, tn if self.type_one_side else tc * (self.ntypes + 1) + tn)
-        if self.compressed:
-            gs = self._tabulate(0, s)
-        else:
-            if not torch.jit.is_scripting():
-                g = self._linearized_strip(s, gt, sw, backend)
-                if g is not None:
-                    return g
-            gs = self.embedding(s.unsqueeze(1))
+        if not torch.jit.is_scripting():
+            g = self._linearized_strip(s, gt, sw, backend)
+            if g is not None:
+                return g
+        # the radial net, or its table (not EmbeddingTable.embed: `embeddings` is a property TorchScript skips, as
+        # the net's state-dict name is `embedding`)
+        gs = self._tabulate(0, s) if self.compressed else self.embedding(s.unsqueeze(1))
         if self.smooth:
             gt = gt * sw.unsqueeze(1)
         return torch.addcmul(gs, gs, gt)  # gs * gt + gs, DeePMD-kit's G
@@ -537,7 +537,7 @@ class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
         value and forces, no second derivative in s) where the backend allows it (Backend.linearize), else None.
         For forces only, G is a constant linearised in s and sw alike: its backward is two dot products."""
         net = self.embedding
-        if backend is None or not (backend.linearize and net.can_linearize()):
+        if self.compressed or backend is None or not (backend.linearize and net.can_linearize()):
             return None
         if backend.forces_only:
             with torch.no_grad():
