@@ -42,10 +42,10 @@ class NeighborAttention:
         (scale folded into q) and v normalised before their products; the weights every layer shares (the gate
         sw_j sw_k or the mask, times rhat_j . rhat_k) formed once; the softmax's denominator divides the
         (slots x hidden) result instead of the weights; its shift is the bound `scale` of a normalised q . k,
-        folded into the exponent's affine part, where that bound holds and is small.  For forces only
-        (Backend.forces_only, and linearize: not the reference) the smooth softmax and the normalisations run
-        with hand-written backward passes (_SmoothAttention, _Normalize): fewer slots x slots passes than
-        autograd's."""
+        folded into the exponent's affine part, where that bound holds and is small.  Outside reference_only()
+        the smooth softmax and the normalisations of a bounded layer run as one function with hand-written
+        first (forces) and second (training's force loss) derivatives, _SmoothAttention: a few passes where
+        autograd would take one per elementwise step and again for each step of its derivative."""
         width = x.shape[1]
         gate = sw * sw.transpose(1, 2) if self.smooth else real * real.transpose(1, 2)
         weight = gate
@@ -57,22 +57,23 @@ class NeighborAttention:
         # ones, and the nnei - width slots beyond the block add exp(-20 - scale) each to the denominator
         beyond = (self.nnei - width) * math.exp(-self.attn_shift - self.scale)
         by_hand = False
-        if not torch.jit.is_scripting():
-            # (forces only, where the backend allows first-derivative shortcuts: not reference_only())
-            by_hand = backend is not None and backend.forces_only and backend.linearize and bounded and self.smooth
+        if not torch.jit.is_scripting():  # (not reference_only(), whose backend allows no shortcut)
+            by_hand = (backend is not None and (backend.kernels or backend.any_order or backend.linearize) and bounded
+                       and self.smooth)
         offset = gate
         if self.smooth and bounded and not by_hand:
             offset = gate * self.attn_shift - (self.attn_shift + self.scale)
         h = self.hidden
         for layer in self.attention:
-            # q, k, v from slices of in_proj (no chunk: its backward would concatenate edge-sized gradients)
             w, b = layer.in_proj.matrix, layer.in_proj.bias
-            q = torch.matmul(x, w[:, :h]) + b[:h]
-            k = torch.matmul(x, w[:, h:2 * h]) + b[h:2 * h]
-            v = torch.matmul(x, w[:, 2 * h:]) + b[2 * h:]
-            if by_hand and not torch.jit.is_scripting():
-                o = self._smooth_attention(q, k, v, gate, weight, beyond)
-            else:
+            if by_hand and not torch.jit.is_scripting():  # one product, q, k and v split inside
+                qkv = torch.addmm(b, x.reshape(-1, x.shape[-1]), w).view(x.shape[0], x.shape[1], 3 * h)
+                # (linearize: no second derivative in the positions is asked for, as the embedding's)
+                o = self._smooth_attention(qkv, gate, weight, beyond, not backend.linearize)
+            else:  # q, k, v from slices of in_proj (no chunk: its backward would concatenate edge-sized gradients)
+                q = torch.matmul(x, w[:, :h]) + b[:h]
+                k = torch.matmul(x, w[:, h:2 * h]) + b[h:2 * h]
+                v = torch.matmul(x, w[:, 2 * h:]) + b[2 * h:]
                 if self.normalize:  # F.normalize's x / max(|x|, 1e-12)
                     q = q * (self.scale / torch.linalg.vector_norm(q, 2.0, dim=-1, keepdim=True).clamp(min=1e-12))
                     k = k / torch.linalg.vector_norm(k, 2.0, dim=-1, keepdim=True).clamp(min=1e-12)
@@ -103,60 +104,134 @@ class NeighborAttention:
         return x
 
     @torch.jit.unused
-    def _smooth_attention(self, q, k, v, gate, weight, beyond: float):
-        """One smooth layer's (a v) / den of un-normalised q, k, v (forces only: hand-written backward passes)."""
-        q, k, v = _Normalize.apply(q, self.scale), _Normalize.apply(k, 1.0), _Normalize.apply(v, 1.0)
-        return _SmoothAttention.apply(q, k, v, gate, weight, self.attn_shift, self.attn_shift + self.scale, beyond)
+    def _smooth_attention(self, qkv, gate, weight, beyond: float, positions: bool):
+        """One smooth layer's (a v) / den of the un-normalised projections qkv, with hand-written derivatives
+        (positions: whether the second derivative reaches gate and weight, functions of the positions only)."""
+        return _SmoothAttention.apply(qkv, gate, weight, self.scale, self.attn_shift, self.attn_shift + self.scale,
+                                      beyond, positions)
 
 
-# ---- forces only: the attention's first derivatives by hand (not differentiable again) ----
+# ---- the smooth attention's derivatives by hand: first (forces) and second (training's force loss) ----
 
-class _Normalize(torch.autograd.Function):
-    """y = x scale / max(|x|, 1e-12) over the last axis (F.normalize, times scale)."""
+def _split(qkv: torch.Tensor) -> torch.Tensor:
+    """(centres, slots, 3 hidden) -> a (3, centres, slots, hidden) view: q, k, v."""
+    return qkv.view(qkv.shape[0], qkv.shape[1], 3, -1).permute(2, 0, 1, 3)
 
-    @staticmethod
-    def forward(ctx, x, scale: float):
-        n = torch.linalg.vector_norm(x, 2.0, dim=-1, keepdim=True).clamp_(min=1e-12)
-        y = x * (scale / n)
-        ctx.save_for_backward(y, n)
-        ctx.scale = scale
-        return y
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        y, n = ctx.saved_tensors
-        # dy/dx = (I - u u^T) scale / |x| with u = y / scale (where |x| was clamped: scale / 1e-12 I)
-        dot = (y * gy).sum(-1, keepdim=True) * ((n > 1e-12).to(y.dtype) / (ctx.scale * ctx.scale))
-        return torch.addcmul(gy, y, dot, value=-1.0).mul_(ctx.scale / n), None
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a . b over the last axis of (..., n) tensors, (..., 1): a batched product (no temporary of the elementwise
+    products, which would cost as much again)."""
+    n = a.shape[-1]
+    return torch.bmm(a.reshape(-1, 1, n), b.reshape(-1, n, 1)).view(a.shape[:-1] + (1,))
 
 
 class _SmoothAttention(torch.autograd.Function):
-    """o = (e * weight) v / den with e = exp((q k^T + shift) gate - top), den = sum_k e + beyond (q, k, v
-    normalised; DeePMD-kit's smooth softmax, shifted by its bound top)."""
+    """One smooth layer's o = (e * weight) V / den of the projections qkv = (q, k, v) (slots, 3 hidden): with
+    U = (Uq, Uk, V) each normalised to unit length, e = exp(t gate - top), t = scale Uq Uk^T + shift,
+    den = sum_k e + beyond (DeePMD-kit's smooth softmax, shifted by its bound top).  The backward is
+    _SmoothAttentionBackward, whose own backward (training's second derivative) is written by hand too: autograd
+    would differentiate each of the many elementwise steps of the first derivative, one slots x slots pass each."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gate, weight, shift: float, top: float, beyond: float):
-        t = torch.bmm(q, k.transpose(1, 2)).add_(shift)
-        e = (t * gate).sub_(top).exp_()
+    def forward(ctx, qkv, gate, weight, scale: float, shift: float, top: float, beyond: float, positions: bool):
+        x = _split(qkv)
+        norm = torch.linalg.vector_norm(x, 2.0, dim=-1, keepdim=True).clamp_(min=1e-12)
+        U = torch.div(x, norm, out=qkv.new_empty(x.shape))  # (3, centres, slots, hidden)
+        Uq, Uk, V = U.unbind(0)
+        t = torch.baddbmm(qkv.new_full([1], shift), Uq, Uk.transpose(1, 2), alpha=scale)
+        e = torch.addcmul(qkv.new_full([1], -top), t, gate).exp_()
         den = e.sum(-1, keepdim=True).add_(beyond)
         p = e * weight
-        o = torch.bmm(p, v).div_(den)
-        ctx.save_for_backward(q, k, v, gate, weight, t, e, p, den, o)
+        o = torch.bmm(p, V).div_(den)
+        ctx.save_for_backward(qkv, gate, weight, U, norm, t, e, den, p, o)
+        ctx.consts = (scale, positions)
         return o
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, go):
-        q, k, v, gate, weight, t, e, p, den, o = ctx.saved_tensors
-        god = go / den
-        dv = torch.bmm(p.transpose(1, 2), god)
-        dp = torch.bmm(god, v.transpose(1, 2))
+        return _SmoothAttentionBackward.apply(go, ctx.consts, *ctx.saved_tensors) + (None,) * 5
+
+
+class _SmoothAttentionBackward(torch.autograd.Function):
+    """_SmoothAttention's first derivatives (forward) and their derivatives (backward: by hand, the adjoint of each
+    step of the forward below, then of _SmoothAttention's steps with what those add; a third derivative is
+    refused: once_differentiable).  Notation: dU' is the derivative in U without the factor scale of Uq and Uk
+    (sv, per slice), applied with the normalisation's."""
+
+    @staticmethod
+    def forward(ctx, go, consts, qkv, gate, weight, U, norm, t, e, den, p, o):
+        # (qkv, gate, weight: _SmoothAttention's inputs, here so that the second derivative reaches them)
+        scale = consts[0]
+        Uq, Uk, V = U.unbind(0)
+        u = go / den
+        dp = torch.bmm(u, V.transpose(1, 2))
+        c = _dot(u, o)  # -d/d(den)
         dweight = dp * e
-        dden = (god * o).sum(-1, keepdim=True)
-        dz = dp.mul_(weight).sub_(dden).mul_(e)  # d/d(exponent)
-        dgate = dz * t
-        da = dz.mul_(gate)
-        dq = torch.bmm(da, k)
-        dk = torch.bmm(da.transpose(1, 2), q)
-        return dq, dk, dv, dgate, dweight, None, None, None
+        inner = torch.addcmul(-c, dp, weight)  # d/de
+        y = inner * e  # d/d(exponent)
+        dgate = y * t
+        da = y * gate
+        dU = torch.empty_like(U)  # dU'
+        torch.bmm(da, Uk, out=dU[0])
+        torch.bmm(da.transpose(1, 2), Uq, out=dU[1])
+        torch.bmm(p.transpose(1, 2), u, out=dU[2])
+        # the normalisation: dx = (sv / |x|) (dU' - U (U . dU')) (where |x| was clamped: sv / 1e-12 dU')
+        kept = (norm > 1e-12).to(norm.dtype)
+        r = U.new_tensor([scale, scale, 1.0]).view(3, 1, 1, 1) / norm
+        dot = _dot(U, dU)
+        dqkv = qkv.new_empty(qkv.shape)
+        torch.mul(dU, r, out=_split(dqkv)).addcmul_(U, dot * kept * r, value=-1.0)
+        ctx.save_for_backward(U, norm, kept, r, t, e, den, p, o, gate, weight, u, dp, c, inner, y, da, dU, dot)
+        ctx.consts = consts
+        return dqkv, dgate, dweight
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gx, ggate, gweight):
+        U, norm, kept, r, t, e, den, p, o, gate, weight, u, dp, c, inner, y, da, dU, dot = ctx.saved_tensors
+        scale, positions = ctx.consts
+        Uq, Uk, V = U.unbind(0)
+        g = _split(gx.contiguous()).contiguous()
+        # dx is linear in dU' with a symmetric matrix: the cotangent of dU'
+        gdot = _dot(U, g)
+        a_dU = (g * r).addcmul_(U, gdot * kept * r, value=-1.0)
+        a_dUq, a_dUk, a_dV = a_dU.unbind(0)
+        # dU'q = da Uk, dU'k = da^T Uq
+        a_da = torch.bmm(a_dUq, Uk.transpose(1, 2)).baddbmm_(Uq, a_dUk.transpose(1, 2))
+        # da = y gate, dgate = y t
+        a_y = (a_da * gate).addcmul_(ggate, t)
+        a_t = ggate * y
+        # y = inner e, inner = dp weight - c, dweight = dp e
+        a_inner = a_y * e
+        a_e = a_y.mul_(inner).addcmul_(gweight, dp)
+        a_weight = a_inner * dp if positions else None
+        a_dp = torch.addcmul(gweight * e, a_inner, weight)
+        a_c = a_inner.sum(-1, keepdim=True).neg_()
+        # c = sum(u o), dp = u V^T, dU'v = p^T u, u = go / den
+        a_u = torch.bmm(a_dp, V).addcmul_(a_c, o).baddbmm_(p, a_dV)
+        a_o = a_c * u
+        a_p = torch.bmm(u, a_dV.transpose(1, 2))
+        a_go = a_u / den
+        # ---- _SmoothAttention's steps: o = (p V) / den, p = e weight, den = sum e + beyond, e = exp(t gate - top)
+        a_den = _dot(a_u, u).add_(_dot(a_o, o)).div_(den).neg_()
+        a_N = a_o.div_(den)
+        a_p.baddbmm_(a_N, V.transpose(1, 2))
+        a_e.addcmul_(a_p, weight).add_(a_den)
+        if a_weight is not None:
+            a_weight.addcmul_(a_p, e)
+        a_z = a_e.mul_(e)
+        a_t.addcmul_(a_z, gate)
+        a_gate = (a_z * t).addcmul_(a_da, y) if positions else None
+        # U directly: from t = scale Uq Uk^T + shift, dU', dp = u V^T, o
+        a_U = torch.empty_like(U)
+        torch.bmm(da, a_dUk, out=a_U[0]).baddbmm_(a_t, Uk, alpha=scale)
+        torch.bmm(da.transpose(1, 2), a_dUq, out=a_U[1]).baddbmm_(a_t.transpose(1, 2), Uq, alpha=scale)
+        torch.bmm(a_dp.transpose(1, 2), u, out=a_U[2]).baddbmm_(p.transpose(1, 2), a_N)
+        # and through dx = r (dU' - U (U . dU')), r = sv / |x|: U = x / |x| and r depend on x
+        # (U . a_U after the first two terms: U . a_U - 2 mr dot gdot; g . dx = r (g . dU - kept gdot dot))
+        mr = kept * r
+        along = (_dot(U, a_U) + _dot(g, dU) * r - 3.0 * mr * dot * gdot) * kept
+        a_U.addcmul_(g, dot * mr, value=-1.0).addcmul_(dU, gdot * mr, value=-1.0).addcmul_(U, along, value=-1.0)
+        a_qkv = gx.new_empty(gx.shape)
+        torch.div(a_U, norm, out=_split(a_qkv))
+        return (a_go, None, a_qkv, a_gate, a_weight) + (None,) * 7
