@@ -6,11 +6,11 @@ campaign explores and nothing else).  The campaign (configs/campaign_cu_emt.yaml
 trust levels and NVT stage, shortened) runs for a few iterations; after its last iteration (after each one with
 --curve), models are trained from scratch on
   - campaign: every label the campaign holds after iteration k,
-  - each --rules rule (devi, fps, dfps: explore_label_train/selection.py) replayed on the same explorations: the
-              initial labels plus, from each iteration <= k, the budget chosen by that rule among the iteration's
-              candidates, with the campaign's deviations, its first model's descriptors and the rule's own earlier
-              picks as the labelled set (so several rules are compared on one campaign; devi replayed picks
-              the frames the campaign picked with devi),
+  - each --rules rule (devi, fps, dfps, adaptive: explore_label_train/selection.py) replayed on the same
+              explorations: the initial labels plus, from each iteration <= k, the budget chosen by that rule
+              among the iteration's candidates, with the campaign's deviations, its first model's descriptors and
+              the rule's own earlier picks as the labelled set (so several rules are compared on one campaign;
+              devi replayed picks the frames the campaign picked with devi),
   - random:   the same initial labels plus the same number of frames drawn at random from ALL frames the
               campaign explored (any class, every iteration; labelled with EMT here), and
   - dpgen:    DP-GEN's rule on the same explorations: the initial labels plus, from each iteration <= k, frames
@@ -33,12 +33,14 @@ errors, 14 labels or 72), which flattened every learning curve to the optimiser'
 (31 atoms), meant to need more labels than the 4- and 8-atom cells, whose learning curve is flat from ~14.
 It is explored and tested like them but is not in the initial labels, so the campaign has to find it.
 
-    PYTHONPATH=. python benchmarks/al_efficiency.py --baselines dpgen --random-multiples 2 3 --rules dfps fps
-        # 27 models, 29 min on one core beside other jobs (load 5-7)
-    PYTHONPATH=. python benchmarks/al_efficiency.py --vacancy --baselines dpgen --random-multiples 2 3 \
-        --rules dfps --dpgen-iterations 1 3            # 18 models, 10 min (load 3-4)
+    PYTHONPATH=. python benchmarks/al_efficiency.py --baselines dpgen --random-multiples 2 3 10 \
+        --rules dfps adaptive --dpgen-iterations 1 3   # 24 models, 14 min on one core (load 1-3); a cap of
+                                                       # 10 x the budget labels every candidate
+    PYTHONPATH=. python benchmarks/al_efficiency.py --vacancy --baselines dpgen --random-multiples 2 3 10 \
+        --rules dfps adaptive --dpgen-iterations 1 3   # 24 models, 16 min
     PYTHONPATH=. python benchmarks/al_efficiency.py --temperatures 300 900 1500 --baselines dpgen \
-        --random-multiples 2 3 --rules dfps --dpgen-iterations 1 3   # a learning curve that still falls at 32 labels
+        --random-multiples 2 3 10 --rules adaptive --dpgen-iterations 1 3   # a learning curve that still falls
+                                                                            # at 32 labels
     PYTHONPATH=. python benchmarks/al_efficiency.py --seeds 1 --train-steps 600 --campaign-steps 200   # quick look
     PYTHONPATH=. python benchmarks/al_efficiency.py --curve   # the campaign and the rules after every iteration
 """
@@ -51,6 +53,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +145,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iterations", type=int, default=4, help="campaign iterations")
     ap.add_argument("--budget", type=int, default=6, help="labels per iteration (select.budget)")
-    ap.add_argument("--method", default=None, choices=["fps", "devi", "random"],
+    ap.add_argument("--method", default=None, choices=["fps", "devi", "random", "adaptive"],
                     help="select.method (default: the campaign file's)")
     ap.add_argument("--campaign-steps", type=int, default=None,
                     help="campaign ensemble training steps (first iteration; half of it later; default: the "
@@ -160,10 +163,12 @@ def main(argv=None) -> int:
     ap.add_argument("--baselines", nargs="+", default=["random", "dpgen"], choices=["random", "dpgen"],
                     help="random: drawn from all explored frames; dpgen: DP-GEN's rule, uniformly among each "
                          "iteration's candidates up to the budget")
-    ap.add_argument("--rules", nargs="+", default=[], choices=["devi", "fps", "dfps"],
+    ap.add_argument("--rules", nargs="+", default=[], choices=["devi", "fps", "dfps", "adaptive"],
                     help="selection rules replayed on the campaign's explorations, like dpgen: each iteration's "
                          "budget chosen among its candidates with the campaign's deviations, descriptors of its "
                          "first model, and the rule's own earlier picks as the labelled set")
+    ap.add_argument("--adaptive-pool", type=int, default=None,
+                    help="the adaptive rule's candidates above its lower level (default: 3 x budget, the campaign's)")
     ap.add_argument("--curve", action="store_true",
                     help="evaluate the campaign and the rules after every iteration (default: the final one only)")
     ap.add_argument("--dpgen-iterations", type=int, nargs="+", default=None,
@@ -265,7 +270,8 @@ def main(argv=None) -> int:
         return out
 
     # the explored pool: every frame of every exploration, any class
-    pool = st.q("SELECT frame_id, iteration, file, idx, class, filter, max_devi_f FROM frames ORDER BY frame_id")
+    pool = st.q("SELECT frame_id, iteration, file, idx, class, filter, max_devi_f, structure, temperature FROM frames "
+                "ORDER BY frame_id")
     initial = st.q("SELECT file FROM labels WHERE frame_id IS NULL ORDER BY label_id")
     n_init = len(initial)
     pool_labels: dict = {}   # pool index -> EMT label, labelled lazily
@@ -333,11 +339,13 @@ def main(argv=None) -> int:
             idx = cands.get(it, [])
             if it > upto or not idx:
                 continue
-            model = load_model(camp.model_path(it, 0)).eval()
-            feats = descriptors(model, [pool_frame(i) for i in idx])
-            lab = descriptors(model, init + [pool_frame(i) for i in picks])
+            feats = lab = None
+            if method in ("fps", "dfps"):
+                model = load_model(camp.model_path(it, 0)).eval()
+                feats = descriptors(model, [pool_frame(i) for i in idx])
+                lab = descriptors(model, init + [pool_frame(i) for i in picks])
             chosen, _ = choose([{"max_devi_f": pool[i]["max_devi_f"]} for i in idx], args.budget, method, feats,
-                               seed=it, labelled=lab)
+                               seed=it, labelled=lab, pool=args.adaptive_pool)
             picks += [idx[j] for j in chosen]
         return picks
 
@@ -367,6 +375,9 @@ def main(argv=None) -> int:
         for rule in args.rules:
             if args.curve or it == its[-1]:
                 picks = rule_picks(rule, it)
+                where = Counter(f"{pool[i]['structure']}/{pool[i]['temperature']:g}K" for i in picks)
+                print(f"  {rule:>8} picks (structure/temperature): "
+                      + ", ".join(f"{k}:{v}" for k, v in sorted(where.items())), flush=True)
                 for s in seeds:
                     evaluate(rule, n_init + len(picks), labelled(picks), f"{rule}{it}_s{s}", s)
     final = counts[-1] if counts else 0

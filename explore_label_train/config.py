@@ -58,8 +58,10 @@ TRUST = {"lo": None, "hi": None, "v_lo": None, "v_hi": None, "structures": {}}
 # holdout: the fraction of each labelling stage's new labels kept out of training as the test set
 # (test_data/; at least one label once a stage has 5): see explore_label_train/selection.py, holdout_count
 # per_structure: budget and min_labels count per explored structure, not per iteration (DP-GEN's fp_task_max and
-# fp_task_min); fewer selectable candidates than min_labels: none is labelled
-SELECT = {"budget": 10, "method": "devi", "stratify": False, "holdout": 0.1, "per_structure": False, "min_labels": 0}
+# fp_task_min); fewer selectable candidates than min_labels: none is labelled.  method: one of METHODS, each
+# described in explore_label_train/selection.py
+SELECT = {"budget": 10, "method": "adaptive", "stratify": False, "holdout": 0.1, "per_structure": False, "min_labels": 0}
+METHODS = ("devi", "fps", "random", "adaptive")
 # frames before labelling: min_distance (Å), volume_per_atom ([min, max] Å^3), min_cell_angle (degrees),
 # max_cell_length (Å); labels after it, sanity bounds far beyond any physical frame: max_force (eV/Å, any
 # atom) and max_energy_deviation (eV/atom from the median of the labels of the same composition).  A label
@@ -379,6 +381,11 @@ def normalize_campaign(raw, base_dir: Path, source: str = "campaign") -> dict:
     if tr["template"] is None:
         raise ConfigError("'train.template' is required (a `dpmd train` input: a path or a mapping)")
     tr["template"] = _template(tr["template"], base)
+    training = tr["template"].get("training")
+    if isinstance(training, dict) and isinstance(training.get("stat_file"), str) and training["stat_file"]:
+        # like every relative path of the campaign: from its folder, not from where `elt run` was started
+        tr["template"] = {**tr["template"], "training": {**training, "stat_file": _path(
+            training["stat_file"], "train.template training.stat_file", base, must_exist=False)}}
     _num(tr["ensemble_size"], "train.ensemble_size", integer=True, minimum=2)
     if tr["numb_steps"] is None:   # the template's, under DeePMD-kit's name or an alias (stop_batch, ...)
         from dpmd.train.config import NUMB_STEPS_NAMES
@@ -486,8 +493,8 @@ def normalize_campaign(raw, base_dir: Path, source: str = "campaign") -> dict:
             b["scale"] = _num(t["hi"] if b["scale"] is None else b["scale"], f"explore[{i}].bias.scale", positive=True)
     sel = c["select"] = complete(c["select"], SELECT, "select")
     _num(sel["budget"], "select.budget", integer=True, minimum=0)
-    if sel["method"] not in ("fps", "random", "devi"):
-        raise ConfigError(f"'select.method' must be fps, random or devi, got {sel['method']!r}")
+    if sel["method"] not in METHODS:
+        raise ConfigError(f"'select.method' must be {', '.join(METHODS[:-1])} or {METHODS[-1]}, got {sel['method']!r}")
     if not isinstance(sel["stratify"], bool):
         raise ConfigError(f"'select.stratify' must be true or false, got {sel['stratify']!r}")
     sel["holdout"] = _num(sel["holdout"], "select.holdout", minimum=0)

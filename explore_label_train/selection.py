@@ -16,12 +16,17 @@ rest, up to `budget` frames are chosen by `method`; every frame gets a reason:
              to the nearest frame already labelled (when the caller gives their descriptors) or chosen, so that
              uncertain frames come first but not two of one kind nor one like those already labelled
     random   uniformly (DP-GEN's rule)
+    adaptive the default: DPGEN2's adaptive lower trust level.  The lower level rises each iteration until a set
+             number of candidates is left, those with the largest max_devi_f (3 x the budget: DPGEN2's
+             numb_candi_f), and the budget is drawn uniformly among them (DP-GEN's rule above that level).
+             Unlike DPGEN2's, the level never falls below trust.lo (set trust.lo lower for that)
 
-benchmarks/al_efficiency.py compares them with DP-GEN's rule on the same explorations (benchmarks/README.md):
-devi, the default, needed the fewest labels on Cu at 300/900/1500 K (DP-GEN's rule more than 2x devi's for every
-training seed) and on Cu + vacancy, where dfps needed more than DP-GEN's rule (it spent labels on the small cells,
-far in descriptor space but already accurate, instead of the 31-atom cell whose frames needed them); on Cu at
-300/900 K every rule ends within the seed spread of the others.
+benchmarks/al_efficiency.py compares them with DP-GEN's rule on the same explorations (benchmarks/README.md).
+adaptive, the default, and devi need the fewest labels: at most 0.5x DP-GEN's on Cu + vacancy (for every
+training seed with adaptive; devi once 1.1x) and on Cu at 300/900/1500 K, and adaptive ended below devi on all
+6 vacancy runs; on Cu at 300/900 K DP-GEN's curve is flat and every rule ends within the seed spread.  dfps
+needed more labels than DP-GEN's rule with the vacancy (it spent them on the small cells, far in descriptor
+space but already accurate): it is not a select.method, only al_efficiency's --rules replays it.
 
 With `stratify`, the budget is first shared among the exploration conditions (structure, temperature,
 pressure): one label for each condition with candidates while the budget lasts, the rest in proportion
@@ -192,14 +197,17 @@ def stratum_shares(strata: list, budget: int) -> dict:
 
 
 def choose_stratified(candidates: list[dict], strata: list, budget: int, method: str,
-                      features: np.ndarray | None, seed: int = 0, labelled: np.ndarray | None = None):
-    """choose() within each stratum (e.g. an exploration condition) on its share of the budget."""
+                      features: np.ndarray | None, seed: int = 0, labelled: np.ndarray | None = None,
+                      pool: int | None = None):
+    """choose() within each stratum (e.g. an exploration condition) on its share of the budget (and adaptive's
+    pool in proportion)."""
     chosen: list[int] = []
     reasons: dict[int, str] = {}
     for key, share in stratum_shares(strata, budget).items():
         idx = [i for i, k in enumerate(strata) if k == key]
         sub, sub_reasons = choose([candidates[i] for i in idx], share, method,
-                                  None if features is None else features[idx], seed, labelled)
+                                  None if features is None else features[idx], seed, labelled,
+                                  None if pool is None or not budget else -(-pool * share // budget))
         chosen += [idx[j] for j in sub]
         label = "/".join(str(x) for x in key) if isinstance(key, tuple) else str(key)
         for j, why in sub_reasons.items():
@@ -208,10 +216,10 @@ def choose_stratified(candidates: list[dict], strata: list, budget: int, method:
 
 
 def choose(candidates: list[dict], budget: int, method: str, features: np.ndarray | None, seed: int = 0,
-           labelled: np.ndarray | None = None):
+           labelled: np.ndarray | None = None, pool: int | None = None):
     """candidates: dicts with 'max_devi_f'; returns the chosen indices and every candidate's reason.  features: one
     row per candidate (fps, dfps); labelled: the same features of the frames labelled so far, which fps and dfps
-    keep away from."""
+    keep away from; pool: adaptive's candidate count (None: 3 x budget; never fewer than the budget)."""
     reasons: dict[int, str] = {}
     chosen: list[int] = []
     m = len(candidates)
@@ -224,6 +232,15 @@ def choose(candidates: list[dict], budget: int, method: str, features: np.ndarra
         chosen = list(rng.permutation(m)[:budget])
         for rank, i in enumerate(chosen):
             reasons[int(i)] = f"selected: random draw {rank + 1}"
+    elif method == "adaptive":   # DPGEN2: lo raised to the pool's smallest deviation, then uniformly in [lo, hi)
+        order = np.argsort(-devi, kind="stable")
+        top = order[:max(budget, 3 * budget if pool is None else pool)]
+        chosen = list(top[np.random.default_rng(seed).permutation(len(top))[:budget]])
+        lo = devi[top[-1]] if len(top) else None
+        for rank, i in enumerate(chosen):
+            reasons[int(i)] = f"selected: random draw {rank + 1} of {len(top)} with max_devi_f >= {lo:.3g}"
+        for i in order[len(top):] if len(top) else []:
+            reasons[int(i)] = f"not selected: max_devi_f {devi[i]:.3g} below the adaptive lower level {lo:.3g}"
     elif method == "devi" or features is None:
         chosen = list(np.argsort(-devi, kind="stable")[:budget])
         for rank, i in enumerate(chosen):
@@ -246,7 +263,7 @@ def choose(candidates: list[dict], budget: int, method: str, features: np.ndarra
     chosen = [int(i) for i in chosen]
     taken = set(chosen)
     for i in range(m):
-        if i not in taken:
+        if i not in taken and i not in reasons:
             reasons[i] = f"not selected: budget {budget} reached" + (
                 f" (descriptor distance {to_chosen[i]:.3g} to the chosen)" if to_chosen is not None and chosen else "")
     return chosen, reasons
