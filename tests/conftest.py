@@ -51,8 +51,12 @@ def small_config(rcut=4.0, sel=(30, 60), type_one_side=True, precision="float64"
 
 
 def make_model(**kw) -> DeepPot:
-    model = DeepPot(small_config(**kw))
-    with torch.no_grad():  # non-trivial normalisation, as after data statistics
+    return with_statistics(DeepPot(small_config(**kw)))
+
+
+def with_statistics(model: DeepPot) -> DeepPot:
+    """A water (O, H) model with a non-trivial normalisation and energy bias, as after data statistics."""
+    with torch.no_grad():
         model.descriptor.mean[:, 0] = torch.tensor([0.05, 0.04])
         model.descriptor.std[:] = torch.tensor([[0.09, 0.06, 0.06, 0.06], [0.08, 0.05, 0.05, 0.05]])
         model.fitting.energy_bias[:] = torch.tensor([-93.5, -187.1])
@@ -62,6 +66,14 @@ def make_model(**kw) -> DeepPot:
 @pytest.fixture(scope="session")
 def model():
     return make_model()
+
+
+def finite_difference_force(energy, coord: torch.Tensor, i: int, k: int, h: float = 1e-5) -> float:
+    """-dE/dx of atom i along axis k by central differences of energy(coord) -> float."""
+    cp, cm = coord.clone(), coord.clone()
+    cp[i, k] += h
+    cm[i, k] -= h
+    return -(energy(cp) - energy(cm)) / (2 * h)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from dpmd.model import DeepPot
 from dpmd.model.descriptor import attention
 from dpmd.model.forces import evaluate
 from dpmd.train.loss import EnergyLoss
-from tests.conftest import triclinic_water
+from tests.conftest import finite_difference_force, triclinic_water, with_statistics
 
 # se_atten_v2: strip mode, smooth attention (the hand-written derivatives; weights gate rhat_j . rhat_k, or the gate
 # alone); se_atten in concat mode without smooth attention (the softmax over real neighbours, plain autograd)
@@ -29,12 +29,8 @@ LOSS = {"start_pref_e": 0.02, "limit_pref_e": 1.0, "start_pref_f": 1000.0, "limi
 def atten_model(kind, **desc) -> DeepPot:
     d = {"type": kind, "sel": 40, "rcut": 3.5, "rcut_smth": 0.5, "neuron": [4, 8], "axis_neuron": 4,
          "tebd_dim": 4, "attn": 8, "attn_layer": 2, "seed": 3, **desc}
-    model = DeepPot({"type_map": ["O", "H"], "descriptor": d, "fitting_net": {"neuron": [8, 8], "seed": 4}})
-    with torch.no_grad():  # non-trivial normalisation, as after data statistics
-        model.descriptor.mean[:, 0] = torch.tensor([0.05, 0.04])
-        model.descriptor.std[:] = torch.tensor([[0.09, 0.06, 0.06, 0.06], [0.08, 0.05, 0.05, 0.05]])
-        model.fitting.energy_bias[:] = torch.tensor([-93.5, -187.1])
-    return model
+    return with_statistics(DeepPot({"type_map": ["O", "H"], "descriptor": d,
+                                    "fitting_net": {"neuron": [8, 8], "seed": 4}}))
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +79,9 @@ def test_forces_are_minus_the_energy_gradient(name, cell):
     coord, atype, box = cell
     model = atten_model(**MODELS[name]).eval()
     out = model(coord, atype, box)
-    h = 1e-5
     for i in (0, 5, len(atype) - 1):
         for k in range(3):
-            cp, cm = coord.clone(), coord.clone()
-            cp[i, k] += h
-            cm[i, k] -= h
-            fd = -(float(model(cp, atype, box)["energy"]) - float(model(cm, atype, box)["energy"])) / (2 * h)
+            fd = finite_difference_force(lambda x: float(model(x, atype, box)["energy"]), coord, i, k)
             assert out["force"][i, k].item() == pytest.approx(fd, abs=1e-7, rel=1e-6)
 
 
