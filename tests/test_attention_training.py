@@ -85,10 +85,12 @@ def test_forces_are_minus_the_energy_gradient(name, cell):
             assert out["force"][i, k].item() == pytest.approx(fd, abs=1e-7, rel=1e-6)
 
 
-def test_smooth_attention_second_derivatives():
-    """The layer's function alone: first and second derivatives against finite differences, in the projections
-    and (through the gate sw_j sw_k and the weights gate rhat_j . rhat_k) in the positions; and a zero
-    projection (its norm clamped) against plain autograd's first derivative."""
+@pytest.mark.parametrize("fused", [False, True], ids=["pytorch", "kernels"])
+def test_smooth_attention_second_derivatives(fused):
+    """The layer's function alone, with its row and softmax passes in PyTorch or in the kernel library: first
+    and second derivatives against finite differences, in the projections and (through the gate sw_j sw_k and
+    the weights gate rhat_j . rhat_k) in the positions; and a zero projection (its norm clamped) against plain
+    autograd's first derivative."""
     gen = torch.Generator().manual_seed(0)
     qkv = torch.randn(2, 5, 12, generator=gen, dtype=torch.float64, requires_grad=True)
     sw = torch.rand(2, 5, 1, generator=gen, dtype=torch.float64).requires_grad_()
@@ -98,7 +100,7 @@ def test_smooth_attention_second_derivatives():
         gate = sw * sw.transpose(1, 2)
         rhat = torch.nn.functional.normalize(rvec, dim=-1)
         weight = gate * torch.bmm(rhat, rhat.transpose(1, 2))
-        return attention._SmoothAttention.apply(qkv, gate, weight, 0.5, 20.0, 20.5, 3e-9, True)
+        return attention._SmoothAttention.apply(qkv, gate, weight, 0.5, 20.0, 20.5, 3e-9, (True, fused))
 
     assert torch.autograd.gradcheck(layer, (qkv, sw, rvec))
     assert torch.autograd.gradgradcheck(layer, (qkv, sw, rvec))
@@ -132,3 +134,38 @@ def test_second_derivative_in_the_positions_equals_the_reference(cell):
     with ops.reference_only():
         slow = force_gradient()
     assert torch.allclose(fast, slow, rtol=1e-10, atol=1e-10 * float(slow.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("positions", [True, False])
+def test_attention_kernels_equal_their_pytorch_reference(dtype, positions):
+    """The kernel library's passes (csrc/kernels/attention.h) against the same arithmetic in PyTorch: the
+    layer's output, its first derivatives and their derivatives (training's force loss), with a clamped zero
+    projection, a centre with unfilled slots and one without neighbours; float64 to 1e-12, float32 to 1e-5."""
+    gen = torch.Generator().manual_seed(5)
+    c, s, h = 3, 7, 6
+    qkv0 = torch.randn(c, s, 3 * h, generator=gen, dtype=dtype)
+    qkv0[1, 2, h:2 * h] = 0.0
+    sw0 = torch.rand(c, s, 1, generator=gen, dtype=dtype)
+    sw0[0, 5:] = 0.0
+    sw0[2] = 0.0
+    rvec0 = torch.randn(c, s, 3, generator=gen, dtype=dtype)
+    go = torch.randn(c, s, h, generator=gen, dtype=dtype)
+    w_q, w_g = torch.randn(c, s, 3 * h, generator=gen, dtype=dtype), torch.randn(c, s, s, generator=gen, dtype=dtype)
+
+    def run(fused):
+        qkv, sw, rvec = (x.clone().requires_grad_() for x in (qkv0, sw0, rvec0))
+        gate = sw * sw.transpose(1, 2)
+        rhat = torch.nn.functional.normalize(rvec, dim=-1)
+        weight = gate * torch.bmm(rhat, rhat.transpose(1, 2))
+        o = attention._SmoothAttention.apply(qkv, gate, weight, 0.5, 20.0, 20.5, 3e-9, (positions, fused))
+        first = torch.autograd.grad(o, (qkv, gate, weight), go, create_graph=True)
+        loss = (first[0] * w_q).sum() + (first[1] * w_g).sum() + (first[2] * w_g.transpose(1, 2)).sum() + (o * go).sum()
+        second = torch.autograd.grad(loss, (qkv, sw, rvec) if positions else (qkv,))
+        return (o,) + first + second
+
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for fast, ref in zip((x.detach() for x in run(True)), (x.detach() for x in run(False))):
+        scale = float(ref.abs().max())
+        assert scale > 0
+        assert float((fast - ref).abs().max()) <= tol * scale

@@ -69,7 +69,8 @@ class NeighborAttention:
             if by_hand and not torch.jit.is_scripting():  # one product, q, k and v split inside
                 qkv = torch.addmm(b, x.reshape(-1, x.shape[-1]), w).view(x.shape[0], x.shape[1], 3 * h)
                 # (linearize: no second derivative in the positions is asked for, as the embedding's)
-                o = self._smooth_attention(qkv, gate, weight, beyond, not backend.linearize)
+                o = self._smooth_attention(qkv, gate, weight, beyond, not backend.linearize,
+                                           (backend.kernels or backend.any_order) and qkv.device.type == "cpu")
             else:  # q, k, v from slices of in_proj (no chunk: its backward would concatenate edge-sized gradients)
                 q = torch.matmul(x, w[:, :h]) + b[:h]
                 k = torch.matmul(x, w[:, h:2 * h]) + b[h:2 * h]
@@ -104,11 +105,12 @@ class NeighborAttention:
         return x
 
     @torch.jit.unused
-    def _smooth_attention(self, qkv, gate, weight, beyond: float, positions: bool):
+    def _smooth_attention(self, qkv, gate, weight, beyond: float, positions: bool, fused: bool):
         """One smooth layer's (a v) / den of the un-normalised projections qkv, with hand-written derivatives
-        (positions: whether the second derivative reaches gate and weight, functions of the positions only)."""
+        (positions: whether the second derivative reaches gate and weight, functions of the positions only;
+        fused: the normalisation's row passes by the kernel library, csrc/kernels/attention.h)."""
         return _SmoothAttention.apply(qkv, gate, weight, self.scale, self.attn_shift, self.attn_shift + self.scale,
-                                      beyond, positions)
+                                      beyond, (positions, fused))
 
 
 # ---- the smooth attention's derivatives by hand: first (forces) and second (training's force loss) ----
@@ -125,6 +127,105 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.reshape(-1, 1, n), b.reshape(-1, n, 1)).view(a.shape[:-1] + (1,))
 
 
+# The normalisation U = x / max(|x|, 1e-12) of q, k and v and its derivatives, row by row: the kernel library's
+# fused passes (fused) or the same arithmetic in PyTorch (elsewhere, and the kernels' reference in the tests).
+# r = sv / |x| with sv = (scale, scale, 1); kept = [|x| > 1e-12]; see csrc/kernels/attention.h.
+
+def _normalize(qkv: torch.Tensor, fused: bool):
+    """U (3, centres, slots, hidden) and |x| (3, centres, slots, 1) of qkv (centres, slots, 3 hidden)."""
+    if fused:
+        return torch.ops.dpmd.attention_normalize(qkv, qkv.shape[-1] // 3)
+    x = _split(qkv)
+    norm = torch.linalg.vector_norm(x, 2.0, dim=-1, keepdim=True).clamp_(min=1e-12)
+    return torch.div(x, norm, out=qkv.new_empty(x.shape)), norm
+
+
+def _ratios(norm: torch.Tensor, scale: float):
+    """r and kept."""
+    return norm.new_tensor([scale, scale, 1.0]).view(3, 1, 1, 1) / norm, (norm > 1e-12).to(norm.dtype)
+
+
+def _normalize_backward(U, norm, dU, scale: float, fused: bool):
+    """dx = r (dU - kept (U . dU) U) in qkv's layout, and U . dU."""
+    if fused:
+        return torch.ops.dpmd.attention_normalize_backward(U, norm, dU, scale)
+    r, kept = _ratios(norm, scale)
+    dot = _dot(U, dU)
+    dx = U.new_empty(U.shape[1:3] + (3 * U.shape[-1],))
+    torch.mul(dU, r, out=_split(dx)).addcmul_(U, dot * kept * r, value=-1.0)
+    return dx, dot
+
+
+def _normalize_second(gx, U, norm, scale: float, fused: bool):
+    """The cotangent a_dU = r (g - kept (U . g) U) of dU (dx is linear in dU with a symmetric matrix), and U . g,
+    for the cotangent gx of dx."""
+    if fused:
+        return torch.ops.dpmd.attention_normalize_second(gx, U, norm, scale)
+    r, kept = _ratios(norm, scale)
+    g = _split(gx)
+    gdot = _dot(U, g)
+    return gdot, (g * r).addcmul_(U, gdot * kept * r, value=-1.0)
+
+
+def _normalize_second_finish(a_U, gx, U, dU, norm, dot, gdot, scale: float, fused: bool):
+    """The cotangent of x from a_U (U's) and what dx = r (dU - U (U . dU)) adds, r and U being functions of x
+    (U . a_U after the two terms in g and dU: U . a_U - 2 mr dot gdot; g . dx = r (g . dU - kept gdot dot))."""
+    if fused:
+        return torch.ops.dpmd.attention_normalize_second_finish(a_U, gx, U, dU, norm, dot, gdot, scale)
+    r, kept = _ratios(norm, scale)
+    g = _split(gx)
+    mr = kept * r
+    along = (_dot(U, a_U) + _dot(g, dU) * r - 3.0 * mr * dot * gdot) * kept
+    a_U.addcmul_(g, dot * mr, value=-1.0).addcmul_(dU, gdot * mr, value=-1.0).addcmul_(U, along, value=-1.0)
+    a_x = gx.new_empty(gx.shape)
+    torch.div(a_U, norm, out=_split(a_x))
+    return a_x
+
+
+# The smooth softmax's elementwise steps between its matrix products, each one pass over (centres, slots, slots):
+# the kernel library's (fused) or PyTorch's.  inner = dp weight - c and y = inner e are recomputed, not kept.
+
+def _softmax_backward(dp, e, weight, t, gate, c, fused: bool):
+    """dweight = dp e, dgate = y t, da = y gate."""
+    if fused:
+        return torch.ops.dpmd.attention_softmax_backward(dp, e, weight, t, gate, c)
+    y = torch.addcmul(-c, dp, weight).mul_(e)
+    return dp * e, y * t, y * gate
+
+
+def _softmax_second(a_da, ggate, gweight, dp, e, weight, t, gate, c, positions: bool, fused: bool):
+    """The cotangents a_t, a_e, a_dp, a_weight (None without positions) and a_c from those of da, dgate and
+    dweight (see csrc/kernels/attention.h)."""
+    if fused:
+        a_t, a_e, a_dp, a_weight, a_c = torch.ops.dpmd.attention_softmax_second(a_da, ggate, gweight, dp, e, weight,
+                                                                                t, gate, c, positions)
+        return a_t, a_e, a_dp, a_weight if positions else None, a_c
+    inner = torch.addcmul(-c, dp, weight)
+    a_y = (a_da * gate).addcmul_(ggate, t)  # da = y gate, dgate = y t
+    a_t = ggate * inner * e
+    a_inner = a_y * e  # y = inner e, inner = dp weight - c, dweight = dp e
+    a_weight = a_inner * dp if positions else None
+    a_dp = torch.addcmul(gweight * e, a_inner, weight)
+    return a_t, a_y.mul_(inner).addcmul_(gweight, dp), a_dp, a_weight, a_inner.sum(-1, keepdim=True).neg_()
+
+
+def _softmax_second_finish(a_p, a_e, a_weight: Optional[torch.Tensor], a_t, a_da, dp, e, weight, t, gate, c, a_c,
+                           den, a_den, positions: bool, fused: bool):
+    """Through p = e weight and e = exp(t gate - top): a_t and a_weight updated in place, a_p with the term
+    a_N V^T = (a_c / den) dp; returns a_gate (None without positions)."""
+    if fused:
+        a_gate = torch.ops.dpmd.attention_softmax_second_finish(a_p, a_e, a_weight if positions else a_e, a_t, a_da,
+                                                                dp, e, weight, t, gate, c, a_c, den, a_den, positions)
+        return a_gate if positions else None
+    a_p.addcmul_(dp, a_c / den)
+    a_z = a_e.addcmul_(a_p, weight).add_(a_den).mul_(e)
+    a_t.addcmul_(a_z, gate)
+    if a_weight is None:
+        return None
+    a_weight.addcmul_(a_p, e)
+    return (a_z * t).addcmul_(a_da, torch.addcmul(-c, dp, weight).mul_(e))
+
+
 class _SmoothAttention(torch.autograd.Function):
     """One smooth layer's o = (e * weight) V / den of the projections qkv = (q, k, v) (slots, 3 hidden): with
     U = (Uq, Uk, V) each normalised to unit length, e = exp(t gate - top), t = scale Uq Uk^T + shift,
@@ -133,10 +234,8 @@ class _SmoothAttention(torch.autograd.Function):
     would differentiate each of the many elementwise steps of the first derivative, one slots x slots pass each."""
 
     @staticmethod
-    def forward(ctx, qkv, gate, weight, scale: float, shift: float, top: float, beyond: float, positions: bool):
-        x = _split(qkv)
-        norm = torch.linalg.vector_norm(x, 2.0, dim=-1, keepdim=True).clamp_(min=1e-12)
-        U = torch.div(x, norm, out=qkv.new_empty(x.shape))  # (3, centres, slots, hidden)
+    def forward(ctx, qkv, gate, weight, scale: float, shift: float, top: float, beyond: float, how):
+        U, norm = _normalize(qkv, how[1])  # (3, centres, slots, hidden)
         Uq, Uk, V = U.unbind(0)
         t = torch.baddbmm(qkv.new_full([1], shift), Uq, Uk.transpose(1, 2), alpha=scale)
         e = torch.addcmul(qkv.new_full([1], -top), t, gate).exp_()
@@ -144,7 +243,7 @@ class _SmoothAttention(torch.autograd.Function):
         p = e * weight
         o = torch.bmm(p, V).div_(den)
         ctx.save_for_backward(qkv, gate, weight, U, norm, t, e, den, p, o)
-        ctx.consts = (scale, positions)
+        ctx.consts = (scale,) + tuple(how)
         return o
 
     @staticmethod
@@ -166,47 +265,31 @@ class _SmoothAttentionBackward(torch.autograd.Function):
         u = go / den
         dp = torch.bmm(u, V.transpose(1, 2))
         c = _dot(u, o)  # -d/d(den)
-        dweight = dp * e
-        inner = torch.addcmul(-c, dp, weight)  # d/de
-        y = inner * e  # d/d(exponent)
-        dgate = y * t
-        da = y * gate
+        # d/de = inner = dp weight - c, d/d(exponent) = y = inner e
+        dweight, dgate, da = _softmax_backward(dp, e, weight, t, gate, c, consts[2])
         dU = torch.empty_like(U)  # dU'
         torch.bmm(da, Uk, out=dU[0])
         torch.bmm(da.transpose(1, 2), Uq, out=dU[1])
         torch.bmm(p.transpose(1, 2), u, out=dU[2])
         # the normalisation: dx = (sv / |x|) (dU' - U (U . dU')) (where |x| was clamped: sv / 1e-12 dU')
-        kept = (norm > 1e-12).to(norm.dtype)
-        r = U.new_tensor([scale, scale, 1.0]).view(3, 1, 1, 1) / norm
-        dot = _dot(U, dU)
-        dqkv = qkv.new_empty(qkv.shape)
-        torch.mul(dU, r, out=_split(dqkv)).addcmul_(U, dot * kept * r, value=-1.0)
-        ctx.save_for_backward(U, norm, kept, r, t, e, den, p, o, gate, weight, u, dp, c, inner, y, da, dU, dot)
+        dqkv, dot = _normalize_backward(U, norm, dU, scale, consts[2])
+        ctx.save_for_backward(U, norm, t, e, den, p, o, gate, weight, u, dp, c, da, dU, dot)
         ctx.consts = consts
         return dqkv, dgate, dweight
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gx, ggate, gweight):
-        U, norm, kept, r, t, e, den, p, o, gate, weight, u, dp, c, inner, y, da, dU, dot = ctx.saved_tensors
-        scale, positions = ctx.consts
+        U, norm, t, e, den, p, o, gate, weight, u, dp, c, da, dU, dot = ctx.saved_tensors
+        scale, positions, fused = ctx.consts
         Uq, Uk, V = U.unbind(0)
-        g = _split(gx.contiguous()).contiguous()
-        # dx is linear in dU' with a symmetric matrix: the cotangent of dU'
-        gdot = _dot(U, g)
-        a_dU = (g * r).addcmul_(U, gdot * kept * r, value=-1.0)
+        gx = gx.contiguous()
+        gdot, a_dU = _normalize_second(gx, U, norm, scale, fused)  # the cotangent of dU'
         a_dUq, a_dUk, a_dV = a_dU.unbind(0)
         # dU'q = da Uk, dU'k = da^T Uq
         a_da = torch.bmm(a_dUq, Uk.transpose(1, 2)).baddbmm_(Uq, a_dUk.transpose(1, 2))
-        # da = y gate, dgate = y t
-        a_y = (a_da * gate).addcmul_(ggate, t)
-        a_t = ggate * y
-        # y = inner e, inner = dp weight - c, dweight = dp e
-        a_inner = a_y * e
-        a_e = a_y.mul_(inner).addcmul_(gweight, dp)
-        a_weight = a_inner * dp if positions else None
-        a_dp = torch.addcmul(gweight * e, a_inner, weight)
-        a_c = a_inner.sum(-1, keepdim=True).neg_()
+        a_t, a_e, a_dp, a_weight, a_c = _softmax_second(a_da, ggate, gweight, dp, e, weight, t, gate, c, positions,
+                                                        fused)
         # c = sum(u o), dp = u V^T, dU'v = p^T u, u = go / den
         a_u = torch.bmm(a_dp, V).addcmul_(a_c, o).baddbmm_(p, a_dV)
         a_o = a_c * u
@@ -215,23 +298,13 @@ class _SmoothAttentionBackward(torch.autograd.Function):
         # ---- _SmoothAttention's steps: o = (p V) / den, p = e weight, den = sum e + beyond, e = exp(t gate - top)
         a_den = _dot(a_u, u).add_(_dot(a_o, o)).div_(den).neg_()
         a_N = a_o.div_(den)
-        a_p.baddbmm_(a_N, V.transpose(1, 2))
-        a_e.addcmul_(a_p, weight).add_(a_den)
-        if a_weight is not None:
-            a_weight.addcmul_(a_p, e)
-        a_z = a_e.mul_(e)
-        a_t.addcmul_(a_z, gate)
-        a_gate = (a_z * t).addcmul_(a_da, y) if positions else None
+        a_gate = _softmax_second_finish(a_p, a_e, a_weight, a_t, a_da, dp, e, weight, t, gate, c, a_c, den, a_den,
+                                        positions, fused)
         # U directly: from t = scale Uq Uk^T + shift, dU', dp = u V^T, o
         a_U = torch.empty_like(U)
         torch.bmm(da, a_dUk, out=a_U[0]).baddbmm_(a_t, Uk, alpha=scale)
         torch.bmm(da.transpose(1, 2), a_dUq, out=a_U[1]).baddbmm_(a_t.transpose(1, 2), Uq, alpha=scale)
         torch.bmm(a_dp.transpose(1, 2), u, out=a_U[2]).baddbmm_(p.transpose(1, 2), a_N)
         # and through dx = r (dU' - U (U . dU')), r = sv / |x|: U = x / |x| and r depend on x
-        # (U . a_U after the first two terms: U . a_U - 2 mr dot gdot; g . dx = r (g . dU - kept gdot dot))
-        mr = kept * r
-        along = (_dot(U, a_U) + _dot(g, dU) * r - 3.0 * mr * dot * gdot) * kept
-        a_U.addcmul_(g, dot * mr, value=-1.0).addcmul_(dU, gdot * mr, value=-1.0).addcmul_(U, along, value=-1.0)
-        a_qkv = gx.new_empty(gx.shape)
-        torch.div(a_U, norm, out=_split(a_qkv))
+        a_qkv = _normalize_second_finish(a_U, gx, U, dU, norm, dot, gdot, scale, fused)
         return (a_go, None, a_qkv, a_gate, a_weight) + (None,) * 7
