@@ -1008,7 +1008,8 @@ class Campaign:
                  f"{len(z['step'])} frames" + (f" ({note})" if note else ""))
 
     def _stage_select(self, it: int, t0) -> bool:
-        from explore_label_train.selection import check_frame, choose, choose_stratified, frame_descriptors
+        from explore_label_train.selection import (adaptive_pools, check_frame, choose, choose_stratified,
+                                                   frame_descriptors)
 
         sel, filters = self.cfg["select"], self.cfg["filters"]
         frames = self.state.q("SELECT * FROM frames WHERE iteration=? ORDER BY frame_id", it)
@@ -1055,18 +1056,25 @@ class Campaign:
         groups: dict = {}   # the budget's scope: the iteration, or each structure (select.per_structure)
         for j, r in enumerate(passing):
             groups.setdefault(r["structure"] if sel["per_structure"] else None, []).append(j)
+        below_hi: dict = {}   # adaptive's pools count the explored frames below trust.hi in the budget's scope
+        for r in frames:
+            if r["class"] != "failed":
+                key = r["structure"] if sel["per_structure"] else None
+                below_hi[key] = below_hi.get(key, 0) + 1
         chosen, reasons = [], {}
         for key, idx in groups.items():
             rows, share = [dict(passing[j]) for j in idx], min(sel["budget"], left)
             feats = None if features is None else features[idx]
+            pool, pool_v = adaptive_pools(sel, below_hi[key])
             if len(idx) < sel["min_labels"]:   # DP-GEN's fp_task_min
                 sub, why = [], {s: f"not selected: {len(idx)} candidates{f' of {key}' if key else ''}, fewer than "
                                    f"select.min_labels {sel['min_labels']}" for s in range(len(idx))}
             elif sel["stratify"]:  # each exploration condition gets its share of the budget
                 strata = [(r["structure"], r["temperature"], r["pressure"]) for r in rows]
-                sub, why = choose_stratified(rows, strata, share, sel["method"], feats, seed=it)
+                sub, why = choose_stratified(rows, strata, share, sel["method"], feats, seed=it, pool=pool,
+                                             pool_v=pool_v)
             else:
-                sub, why = choose(rows, share, sel["method"], feats, seed=it)
+                sub, why = choose(rows, share, sel["method"], feats, seed=it, pool=pool, pool_v=pool_v)
             chosen += [idx[s] for s in sub]
             reasons.update({idx[s]: w for s, w in why.items()})
             left -= len(sub)

@@ -59,8 +59,12 @@ TRUST = {"lo": None, "hi": None, "v_lo": None, "v_hi": None, "structures": {}}
 # (test_data/; at least one label once a stage has 5): see explore_label_train/selection.py, holdout_count
 # per_structure: budget and min_labels count per explored structure, not per iteration (DP-GEN's fp_task_max and
 # fp_task_min); fewer selectable candidates than min_labels: none is labelled.  method: one of METHODS, each
-# described in explore_label_train/selection.py
-SELECT = {"budget": 10, "method": "adaptive", "stratify": False, "holdout": 0.1, "per_structure": False, "min_labels": 0}
+# described in explore_label_train/selection.py.  numb_candi_f, perc_candi_f, numb_candi_v, perc_candi_v: adaptive's
+# pool in DP-GEN's terms (model_devi_numb_candi_f, ...): max(numb_candi_f, perc_candi_f % of the frames below
+# trust.hi) with the largest max_devi_f, and likewise by max_devi_v (selection.adaptive_pools); all null: 3 x budget
+SELECT = {"budget": 10, "method": "adaptive", "stratify": False, "holdout": 0.1, "per_structure": False, "min_labels": 0,
+          "numb_candi_f": None, "perc_candi_f": None, "numb_candi_v": None, "perc_candi_v": None}
+CANDI = ("numb_candi_f", "perc_candi_f", "numb_candi_v", "perc_candi_v")
 METHODS = ("devi", "fps", "random", "adaptive")
 # frames before labelling: min_distance (Å), volume_per_atom ([min, max] Å^3), min_cell_angle (degrees),
 # max_cell_length (Å); labels after it, sanity bounds far beyond any physical frame: max_force (eV/Å, any
@@ -491,6 +495,10 @@ def normalize_campaign(raw, base_dir: Path, source: str = "campaign") -> dict:
             b = s["bias"] = complete(s["bias"], BIAS, f"explore[{i}].bias")
             b["strength"] = _num(b["strength"], f"explore[{i}].bias.strength", positive=True)
             b["scale"] = _num(t["hi"] if b["scale"] is None else b["scale"], f"explore[{i}].bias.scale", positive=True)
+    for key in ("rate_candi_f", "rate_candi_v"):   # DPGEN2's name for a fraction, not DP-GEN's percentage
+        if isinstance(c["select"], dict) and key in c["select"]:
+            raise ConfigError(f"'select.{key}': elt takes DP-GEN's percentage, select.perc_candi_{key[-1]} "
+                              f"(100 x DPGEN2's fraction {key})")
     sel = c["select"] = complete(c["select"], SELECT, "select")
     _num(sel["budget"], "select.budget", integer=True, minimum=0)
     if sel["method"] not in METHODS:
@@ -501,6 +509,16 @@ def normalize_campaign(raw, base_dir: Path, source: str = "campaign") -> dict:
     if not isinstance(sel["per_structure"], bool):
         raise ConfigError(f"'select.per_structure' must be true or false, got {sel['per_structure']!r}")
     _num(sel["min_labels"], "select.min_labels", integer=True, minimum=0)
+    for key in CANDI:
+        sel[key] = _num(sel[key], f"select.{key}", integer=key.startswith("numb"), minimum=0, allow_none=True)
+        if key.startswith("perc") and sel[key] is not None and sel[key] > 100:
+            raise ConfigError(f"'select.{key}' is a percentage of the frames below trust.hi, 0 to 100, got {sel[key]}")
+    given = [key for key in CANDI if sel[key] is not None]
+    if given and sel["method"] != "adaptive":
+        raise ConfigError(f"'select.{given[0]}' sizes the pool of select.method adaptive; method is {sel['method']}")
+    if given and not any(sel[key] for key in given):
+        raise ConfigError(f"'select.{given[0]}': every adaptive pool size is 0, so no frame could be labelled; give "
+                          f"numb_candi_f or perc_candi_f (or the virial's) above 0")
     if sel["holdout"] > 0.5:
         raise ConfigError(f"'select.holdout' is the fraction of each iteration's labels kept for testing, at most "
                           f"0.5, got {sel['holdout']}")

@@ -201,6 +201,9 @@ def _trust(imp, key, value):
     """Global trust levels: a number, or one per system (a list indexed like sys_configs, or a dict keyed by
     the index).  elt's global level is system 0's; the others go to trust.structures where they differ."""
     name = TRUST_KEYS[key]
+    if imp.adaptive and name in ("lo", "v_lo"):
+        imp.drop(key, ADAPTIVE_LO, needed=False)
+        return
     per_system = imp.per_system(key, value)
     if not per_system:
         return
@@ -209,6 +212,36 @@ def _trust(imp, key, value):
     for sys_name, level in per_system.items():
         if level != trust[name]:
             trust.setdefault("structures", {}).setdefault(sys_name, {})[name] = level
+
+
+ADAPTIVE_LO = ("DP-GEN's adaptive lower trust level (model_devi_adapt_trust_lo) does not read it: trust.lo 0, "
+               "every frame below hi may join the pool")
+CANDI = {"model_devi_numb_candi_f": 10, "model_devi_perc_candi_f": 0.0,   # DP-GEN's defaults
+         "model_devi_numb_candi_v": 0, "model_devi_perc_candi_v": 0.0}
+
+
+def _adapt_trust_lo(imp, key, value):
+    """DP-GEN's adaptive lower level: select.method adaptive, its pool sized by the model_devi_*_candi_* keys
+    (DP-GEN's defaults where absent), from every frame below hi: DP-GEN reads no lower level, so trust.lo is 0."""
+    if not isinstance(value, bool):
+        imp.fail(key, f"must be true or false, got {value!r}")
+    if not value:
+        return
+    sel = imp.doc["select"]
+    sel["method"] = "adaptive"
+    for name, default in CANDI.items():
+        number = imp.param.get(name, default)
+        integer = name.startswith("model_devi_numb")
+        if isinstance(number, bool) or not isinstance(number, int if integer else (int, float)) or number < 0 \
+                or (not integer and number > 100):
+            imp.fail(name, f"must be {'a count >= 0' if integer else 'a percentage, 0 to 100'}, got {number!r}")
+        sel[name.removeprefix("model_devi_")] = number
+    imp.doc["trust"] = {"lo": 0.0, **imp.doc["trust"]}
+
+
+def _candi(imp, key, value):
+    if not imp.adaptive:   # else read by _adapt_trust_lo
+        imp.drop(key, "read by DP-GEN only with model_devi_adapt_trust_lo: true", needed=False)
 
 
 def _model_devi_jobs(imp, key, value):
@@ -297,12 +330,8 @@ PARAM = {   # one row per DP-GEN param.json key, in the order they are mapped
     "model_devi_v_trust_lo": _trust,
     "model_devi_v_trust_hi": _trust,
     "model_devi_jobs": _model_devi_jobs,
-    "model_devi_adapt_trust_lo": unsupported("adaptive lower trust levels (model_devi_numb_candi_*, "
-                                             "model_devi_perc_candi_*)", unless=False),
-    "model_devi_numb_candi_f": unsupported("used with model_devi_adapt_trust_lo"),
-    "model_devi_numb_candi_v": unsupported("used with model_devi_adapt_trust_lo"),
-    "model_devi_perc_candi_f": unsupported("used with model_devi_adapt_trust_lo"),
-    "model_devi_perc_candi_v": unsupported("used with model_devi_adapt_trust_lo"),
+    "model_devi_adapt_trust_lo": _adapt_trust_lo,
+    **{k: _candi for k in CANDI},
     "model_devi_f_avg_relative": unsupported("force deviations normalised by the mean force", unless=False),
     "use_relative": unsupported("relative force deviations (DeePMD-kit's model_devi relative)", unless=False),
     "epsilon": unsupported("used with use_relative"),
@@ -408,6 +437,7 @@ class Import:
         self.base = self.param_path.resolve().parent
         self.out_dir = self.out.resolve().parent
         self.param = read_input(self.param_path)
+        self.adaptive = self.param.get("model_devi_adapt_trust_lo") is True
         self.where = self.param_path
         self.dropped, self.notes, self.conversions, self.stage_jobs = [], [], [], []
         self.doc = {"type_map": None, "masses": None, "structures": {}, "initial": {}, "train": {}, "explore": [],
@@ -590,7 +620,9 @@ class Import:
             stage["skip_steps"] = skip
         trust = {}
         for key, name in TRUST_KEYS.items():
-            if key in job:
+            if key in job and self.adaptive and name in ("lo", "v_lo"):
+                self.drop(f"{where}.{key}", ADAPTIVE_LO, needed=False)
+            elif key in job:
                 for sys_name, level in self.per_system(f"{where}.{key}", job[key]).items():
                     if isinstance(job[key], dict):
                         trust.setdefault("structures", {}).setdefault(sys_name, {})[name] = level
@@ -693,6 +725,8 @@ class Import:
             f"dispatcher.timeout {LABEL_TIMEOUT:g} s per labelling task (DP-GEN has no limit): set yours",
             "select.holdout: elt keeps 10 % of each iteration's new labels out of training as a test set (DP-GEN "
             "has none); 0 trains on all",
+            "select.method adaptive with DP-GEN's pool (model_devi_*_candi_*) from every frame below trust.hi "
+            "(trust.lo 0), as model_devi_adapt_trust_lo" if self.adaptive else
             "select.method random, as DP-GEN; fps spreads the labels over the candidates"]
         if self.code == "gaussian":
             notes.append("structures: the gaussian labeller takes molecules (no cell); DP-GEN gave Gaussian its "

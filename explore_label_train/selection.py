@@ -16,10 +16,13 @@ rest, up to `budget` frames are chosen by `method`; every frame gets a reason:
              to the nearest frame already labelled (when the caller gives their descriptors) or chosen, so that
              uncertain frames come first but not two of one kind nor one like those already labelled
     random   uniformly (DP-GEN's rule)
-    adaptive the default: DPGEN2's adaptive lower trust level.  The lower level rises each iteration until a set
-             number of candidates is left, those with the largest max_devi_f (3 x the budget: DPGEN2's
-             numb_candi_f), and the budget is drawn uniformly among them (DP-GEN's rule above that level).
-             Unlike DPGEN2's, the level never falls below trust.lo (set trust.lo lower for that)
+    adaptive the default: the adaptive lower trust level (DP-GEN's model_devi_adapt_trust_lo, DPGEN2's adaptive
+             selector).  The lower level rises each iteration until a pool of candidates is left, those with the
+             largest deviations, and the budget is drawn uniformly among them (DP-GEN's rule above that level);
+             a pool smaller than the budget is labelled whole.  The pool: 3 x the budget by max_devi_f, or as
+             select's DP-GEN keys size it (adaptive_pools): max(numb_candi_f, perc_candi_f % of the frames below
+             trust.hi) by max_devi_f, united with max(numb_candi_v, perc_candi_v %) by max_devi_v.  Unlike DP-GEN's,
+             the level never falls below trust.lo (elt import-dpgen writes trust.lo 0, as DP-GEN ignores it)
 
 benchmarks/al_efficiency.py compares them with DP-GEN's rule on the same explorations (benchmarks/README.md).
 adaptive, the default, and devi need the fewest labels: at most 0.5x DP-GEN's on Cu + vacancy (for every
@@ -196,18 +199,30 @@ def stratum_shares(strata: list, budget: int) -> dict:
     return shares
 
 
+def adaptive_pools(select: dict, frames: int) -> tuple[int | None, int]:
+    """choose()'s adaptive pools (pool, pool_v) from select's DP-GEN keys, as DP-GEN's
+    _select_by_model_devi_adaptive_trust_low counts them: max(numb_candi_x, int(perc_candi_x x 0.01 x frames)),
+    frames: the explored frames below trust.hi where the budget applies (DP-GEN: a system's); a key left out
+    counts 0.  None of the four given: (None, 0), elt's own pool (3 x the budget by max_devi_f)."""
+    if all(select.get(f"{k}_candi_{x}") is None for k in ("numb", "perc") for x in "fv"):
+        return None, 0
+    return tuple(max(select.get(f"numb_candi_{x}") or 0, int((select.get(f"perc_candi_{x}") or 0) * 0.01 * frames))
+                 for x in "fv")
+
+
 def choose_stratified(candidates: list[dict], strata: list, budget: int, method: str,
                       features: np.ndarray | None, seed: int = 0, labelled: np.ndarray | None = None,
-                      pool: int | None = None):
+                      pool: int | None = None, pool_v: int = 0):
     """choose() within each stratum (e.g. an exploration condition) on its share of the budget (and adaptive's
-    pool in proportion)."""
+    pools in proportion)."""
     chosen: list[int] = []
     reasons: dict[int, str] = {}
     for key, share in stratum_shares(strata, budget).items():
         idx = [i for i, k in enumerate(strata) if k == key]
         sub, sub_reasons = choose([candidates[i] for i in idx], share, method,
                                   None if features is None else features[idx], seed, labelled,
-                                  None if pool is None or not budget else -(-pool * share // budget))
+                                  None if pool is None or not budget else -(-pool * share // budget),
+                                  -(-pool_v * share // budget) if budget else 0)
         chosen += [idx[j] for j in sub]
         label = "/".join(str(x) for x in key) if isinstance(key, tuple) else str(key)
         for j, why in sub_reasons.items():
@@ -216,10 +231,11 @@ def choose_stratified(candidates: list[dict], strata: list, budget: int, method:
 
 
 def choose(candidates: list[dict], budget: int, method: str, features: np.ndarray | None, seed: int = 0,
-           labelled: np.ndarray | None = None, pool: int | None = None):
-    """candidates: dicts with 'max_devi_f'; returns the chosen indices and every candidate's reason.  features: one
-    row per candidate (fps, dfps); labelled: the same features of the frames labelled so far, which fps and dfps
-    keep away from; pool: adaptive's candidate count (None: 3 x budget; never fewer than the budget)."""
+           labelled: np.ndarray | None = None, pool: int | None = None, pool_v: int = 0):
+    """candidates: dicts with 'max_devi_f' (and 'max_devi_v' for pool_v); returns the chosen indices and every
+    candidate's reason.  features: one row per candidate (fps, dfps); labelled: the same features of the frames
+    labelled so far, which fps and dfps keep away from; pool, pool_v: adaptive's candidates with the largest
+    max_devi_f (None: 3 x budget) and, joining them, with the largest max_devi_v."""
     reasons: dict[int, str] = {}
     chosen: list[int] = []
     m = len(candidates)
@@ -232,15 +248,22 @@ def choose(candidates: list[dict], budget: int, method: str, features: np.ndarra
         chosen = list(rng.permutation(m)[:budget])
         for rank, i in enumerate(chosen):
             reasons[int(i)] = f"selected: random draw {rank + 1}"
-    elif method == "adaptive":   # DPGEN2: lo raised to the pool's smallest deviation, then uniformly in [lo, hi)
-        order = np.argsort(-devi, kind="stable")
-        top = order[:max(budget, 3 * budget if pool is None else pool)]
-        chosen = list(top[np.random.default_rng(seed).permutation(len(top))[:budget]])
-        lo = devi[top[-1]] if len(top) else None
+    elif method == "adaptive":   # lo raised to the pool's smallest deviation, then uniformly in [lo, hi)
+        levels = []   # (name, each candidate's deviation, the pool's indices by it): force, then virial
+        for name, size in (("max_devi_f", 3 * budget if pool is None else pool), ("max_devi_v", pool_v)):
+            if size:
+                d = devi if name == "max_devi_f" else np.array([c[name] for c in candidates], dtype=float)
+                d = np.where(np.isnan(d), -np.inf, d)   # (no virial deviation: never in the virial pool)
+                levels.append((name, d, np.argsort(-d, kind="stable")[:size]))
+        top = list(dict.fromkeys(int(i) for _, _, idx in levels for i in idx))   # the union, force's first
+        chosen = [top[k] for k in np.random.default_rng(seed).permutation(len(top))[:budget]]
+        above = " or ".join(f"{name} >= {d[idx[-1]]:.3g}" for name, d, idx in levels)
         for rank, i in enumerate(chosen):
-            reasons[int(i)] = f"selected: random draw {rank + 1} of {len(top)} with max_devi_f >= {lo:.3g}"
-        for i in order[len(top):] if len(top) else []:
-            reasons[int(i)] = f"not selected: max_devi_f {devi[i]:.3g} below the adaptive lower level {lo:.3g}"
+            reasons[i] = f"selected: random draw {rank + 1} of {len(top)} with {above}"
+        for i in sorted(set(range(m)) - set(top)) if budget else []:
+            reasons[i] = "not selected: " + (", ".join(
+                f"{name} {d[i]:.3g} below the adaptive lower level {d[idx[-1]]:.3g}" for name, d, idx in levels)
+                or "the adaptive pool is empty")
     elif method == "devi" or features is None:
         chosen = list(np.argsort(-devi, kind="stable")[:budget])
         for rank, i in enumerate(chosen):

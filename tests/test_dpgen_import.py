@@ -239,6 +239,38 @@ def test_per_system_and_virial_trust(tmp_path):
     assert doc["train"]["init_models"] == ["dpgen/m0.pth", "dpgen/m1.pth"]
 
 
+def test_adaptive_trust_lo(tmp_path):
+    """model_devi_adapt_trust_lo: select.method adaptive with DP-GEN's pool keys (its defaults where absent) and
+    trust.lo 0, since DP-GEN reads no lower level then; without it, the pool keys are listed as unused."""
+    param = make_tree(tmp_path, "vasp_ch4_param.json")
+    p = json.loads(param.read_text())
+    p.update(model_devi_adapt_trust_lo=True, model_devi_numb_candi_f=50, model_devi_perc_candi_v=2.5,
+             model_devi_v_trust_lo=0.02, model_devi_v_trust_hi=0.5)
+    p["model_devi_jobs"][1].update(model_devi_f_trust_lo=0.08, model_devi_f_trust_hi=0.4)
+    param.write_text(json.dumps(p))
+    imp, out = Import(param, None, tmp_path / "campaign.yaml"), tmp_path / "campaign.yaml"
+    imp.write()
+    cfg = load_campaign(out)
+    sel = cfg["select"]
+    assert sel["method"] == "adaptive" and sel["budget"] == p["fp_task_max"]
+    assert (sel["numb_candi_f"], sel["perc_candi_f"], sel["numb_candi_v"], sel["perc_candi_v"]) == (50, 0, 0, 2.5)
+    assert cfg["trust"]["lo"] == 0 and cfg["trust"]["hi"] == 0.15 and cfg["trust"]["v_hi"] == 0.5
+    assert cfg["trust"]["v_lo"] is None and cfg["explore"][1]["trust"]["lo"] is None
+    assert cfg["explore"][1]["trust"]["hi"] == 0.4
+    # every lower level is listed as unused (with the reason), nothing as unsupported
+    unused = {key for _, key, _, needed in imp.dropped if not needed}
+    assert {"model_devi_f_trust_lo", "model_devi_v_trust_lo", "model_devi_jobs[1].model_devi_f_trust_lo"} <= unused
+    assert not [key for *_, key, _, needed in imp.dropped if needed]
+    assert "#   param.json model_devi_f_trust_lo: DP-GEN's adaptive lower trust level" in out.read_text()
+    # switched off: DP-GEN's random choice between the fixed levels; the pool keys have nothing to carry over
+    p["model_devi_adapt_trust_lo"] = False
+    param.write_text(json.dumps(p))
+    imp = Import(param, None, tmp_path / "off.yaml")
+    assert imp.doc["select"]["method"] == "random" and imp.doc["trust"]["lo"] == 0.05
+    assert not set(imp.doc["select"]) & {"numb_candi_f", "perc_candi_f", "numb_candi_v", "perc_candi_v"}
+    assert {"model_devi_numb_candi_f", "model_devi_perc_candi_v"} <= {k for _, k, _, n in imp.dropped if not n}
+
+
 @pytest.mark.parametrize("change, message", [
     ({"fp_style": "siesta"}, "param.json: 'fp_style' 'siesta' has no elt labeller"),
     ({"sys_configs": [["nowhere/*/POSCAR"]]}, r"param.json: 'sys_configs\[0\]' nowhere/\*/POSCAR matches no file"),
@@ -251,6 +283,9 @@ def test_per_system_and_virial_trust(tmp_path):
      r"'model_devi_jobs\[0\].ensemble' 'nph': valid: nvt"),
     ({"model_devi_f_trust_lo": [0.1]}, "'model_devi_f_trust_lo' must be a number, one per system"),
     ({"mass_map": [1.0]}, "'mass_map' must be 'auto' or one mass per type_map element"),
+    ({"model_devi_adapt_trust_lo": "yes"}, "'model_devi_adapt_trust_lo' must be true or false, got 'yes'"),
+    ({"model_devi_adapt_trust_lo": True, "model_devi_perc_candi_f": 150},
+     "'model_devi_perc_candi_f' must be a percentage, 0 to 100, got 150"),
 ])
 def test_bad_param_is_one_line(tmp_path, change, message):
     param = make_tree(tmp_path, "vasp_ch4_param.json")

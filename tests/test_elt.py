@@ -275,7 +275,8 @@ def test_stratified_selection_shares_the_budget_among_conditions():
 @pytest.mark.parametrize("change, message", [
     ({"bogus": 1}, "unknown key 'bogus'; valid keys: convergence, dispatcher, explore, filters, initial"),
     ({"select": {"budget": 3, "fps": True}},
-     "unknown key 'select.fps'; valid keys: budget, holdout, method, min_labels, per_structure, stratify"),
+     "unknown key 'select.fps'; valid keys: budget, holdout, method, min_labels, numb_candi_f, numb_candi_v, "
+     "per_structure, perc_candi_f, perc_candi_v, stratify"),
     ({"structures": {"x": {"file": "nope/POSCAR"}}}, "nope/POSCAR does not exist"),
     ({"initial": {"data": ["missing_data"], "structures": []}}, "'initial.data[0]': missing_data does not exist"),
     ({"trust": {"lo": 0.3, "hi": 0.1}}, "'trust.lo' (0.3) must be smaller than 'trust.hi' (0.1)"),
