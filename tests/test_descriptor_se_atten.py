@@ -114,8 +114,7 @@ def test_config_keys_and_errors():
     old = {"type": "se_atten", "sel": 30, "stripped_type_embedding": True}  # DeePMD-kit's deprecated switch
     assert DeepPot({"type_map": ["O", "H"], "descriptor": old, "fitting_net": {}}).descriptor.strip
     for bad, match in (({"tebd_input_mode": "mix"}, "concat or strip"), ({"attn_mask": True}, "attn_mask"),
-                       ({"use_econf_tebd": True}, "use_econf_tebd"), ({"sel": 0}, "sel"),
-                       ({"axis_neuron": 50}, "axis_neuron")):
+                       ({"sel": 0}, "sel"), ({"axis_neuron": 50}, "axis_neuron")):
         with pytest.raises(ConfigError, match=match):
             normalize_model_config({"type_map": ["O", "H"], "fitting_net": {},
                                     "descriptor": {"type": "se_atten", "sel": 30, **bad}})

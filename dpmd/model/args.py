@@ -11,7 +11,8 @@ import copy
 
 from dpmd.errors import ConfigError
 from dpmd.model.compress import normalize_compress
-from dpmd.model.descriptor import TYPES, descriptor_module
+from dpmd.model.descriptor import TYPES, descriptor_module, sections
+from dpmd.model.descriptor.econf import check_elements
 from dpmd.model.keys import activation_key, neuron_key, precision_key, seed_key, sel_factor, valid_seed  # noqa: F401 (re-exported)
 from dpmd.schema import REQUIRED, UNSET, choice, key, normalize, section
 
@@ -103,6 +104,8 @@ def normalize_model_config(config: dict) -> dict:
     cfg = normalize(MODEL_ARGS, config, "model")
     d, f, ntypes = cfg["descriptor"], cfg["fitting_net"], len(cfg["type_map"])
     descriptor_module(d["type"]).check_config(d, ntypes)
+    if any(s.get("use_econf_tebd") for s in sections(d)):  # the elements' configurations: type_map names elements
+        check_elements(cfg["type_map"])
     if isinstance(f["trainable"], list) and len(f["trainable"]) != len(f["neuron"]) + 1:
         raise ConfigError(f"'model.fitting_net.trainable' lists {len(f['trainable'])} layers; the fitting net has "
                           f"{len(f['neuron']) + 1} (neuron + the output layer)")

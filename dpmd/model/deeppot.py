@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import List, Optional
 
 import torch
@@ -11,7 +12,7 @@ from dpmd.errors import ConfigError
 from dpmd.geometry.graph import build_graph
 from dpmd.model.args import normalize_model_config
 from dpmd.model.compress import check_graph
-from dpmd.model.descriptor import build_descriptor
+from dpmd.model.descriptor import build_descriptor, sections
 from dpmd.model.fitting import EnergyFitting, group_by_type, in_type_order
 from dpmd.model.forces import EdgeEnergyModel, evaluate
 from dpmd.model.keys import DTYPES
@@ -27,7 +28,10 @@ class DeepPot(EdgeEnergyModel, nn.Module):
         f = cfg["fitting_net"]
         self.config = cfg
         self.type_map = list(cfg["type_map"])
-        self.descriptor = build_descriptor(cfg["descriptor"], len(self.type_map))
+        descriptor = copy.deepcopy(cfg["descriptor"])
+        for section in sections(descriptor):  # as DeePMD-kit gives it (se_atten's use_econf_tebd reads it)
+            section["type_map"] = self.type_map
+        self.descriptor = build_descriptor(descriptor, len(self.type_map))
         self.fitting = EnergyFitting(len(self.type_map), self.descriptor.dim_out, f["neuron"], f["resnet_dt"],
                                      f["activation_function"], dtype=DTYPES[f["precision"]], seed=f["seed"],
                                      numb_fparam=f["numb_fparam"], numb_aparam=f["numb_aparam"],

@@ -17,7 +17,7 @@ Every descriptor is an nn.Module, TorchScript-compilable, in its own module here
               neighbor_type) (exclude_types): what dpmd.model.stats takes DeePMD-kit's statistics of, for mean /
               std (a hybrid: `descriptors` and entry_edges(i, edge_vec), each entry's own)
   from_config(d, ntypes)  classmethod: the module of a normalised `model.descriptor` section
-  deepmd_state(state, source)  staticmethod: DeePMD-kit 3 checkpoint entries below `descriptor.` -> this
+  deepmd_state(state, source)  a static or @torch.jit.unused method: DeePMD-kit 3 checkpoint entries below `descriptor.` -> this
               module's state_dict entries (a one-line DpmdError for what does not map)
 and the module defines `args()`: the section's keys with DeePMD-kit's defaults, aliases and docs
 (dpmd.schema.key), and may define `check_config(d, ntypes)` for checks across keys.

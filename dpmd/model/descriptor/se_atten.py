@@ -5,7 +5,8 @@ DeePMD-kit's definition (deepmd/pt/model/descriptor/se_atten.py), evaluated on a
   neighbours of any type share one list of nnei = sel slots (mixed types);
   environment row of neighbour j of atom i:  (s, s x/r, s y/r, s z/r), s = sw(r)/r (as se_e2_a),
       normalised per centre type: R = (row - mean[t_i]) / std[t_i];
-  type embedding t(type) (type_embedding.py);
+  type embedding t(type) (type_embedding.py: of the one-hot type, or of the element's electronic configuration
+      with use_econf_tebd, econf.py);
   embedding of every neighbour, (N: the embedding net, N_t: the strip net)
       concat:  G = N(R_0, t(t_j) [, t(t_i) unless type_one_side])
       strip:   G = N(R_0) * (1 + N_t(t(t_j) [, t(t_i)]) [* sw(r) if smooth]);
@@ -63,6 +64,7 @@ from dpmd.errors import ConfigError, DpmdError
 from dpmd.model.descriptor.attention import AttentionLayer, NeighborAttention
 from dpmd.model.descriptor.common import (cached_on_weights, check_sizes, excluded_pair_codes, per_type_rows,
                                           resolved_sel)
+from dpmd.model.descriptor.econf import econf_matrix
 from dpmd.model.descriptor.se_a import DescriptorSeA, smooth_switch
 from dpmd.model.descriptor.table import EmbeddingTable
 from dpmd.model.descriptor.type_embedding import TypeEmbedding
@@ -107,7 +109,8 @@ def common_args(set_davg_zero: bool) -> list:
         key("trainable_ln", bool, True, "Whether the layer normalisations' scale and shift are trained."),
         key("ln_eps", [float, None], None, "Epsilon of the layer normalisations (none: 1e-5)."),
         key("tebd_dim", int, 8, "Width of the type embedding.", check=lambda v: v > 0, expect="a positive integer"),
-        key("use_econf_tebd", bool, False, "Type embedding from the electronic configuration.", fixed=True),
+        key("use_econf_tebd", bool, False, "Whether the type embedding's input is each element's electronic "
+                                           "configuration (type_map must name elements) instead of the one-hot type."),
         key("use_tebd_bias", bool, False, "Whether the type embedding layer has a bias."),
         key("scaling_factor", float, 1.0, "Attention weights are scaled by (attn * scaling_factor)^-1/2 (unless "
                                           "temperature is set).", check=lambda v: v > 0, expect="positive"),
@@ -166,11 +169,13 @@ class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
                  scaling_factor: float = 1.0, normalize: bool = True, temperature: Optional[float] = None,
                  smooth: bool = True, exclude_types=(), ln_eps: float = 1e-5,
                  activation_function: str = "tanh", dtype=torch.float64, seed=None, concat_output_tebd: bool = True,
-                 use_tebd_bias: bool = False):
+                 use_tebd_bias: bool = False, use_econf_tebd: bool = False, type_map: Optional[List[str]] = None):
         super().__init__()
         check_sizes(ntypes, None, rcut, rcut_smth)
         if axis_neuron > neuron[-1]:
             raise ValueError(f"descriptor.axis_neuron={axis_neuron} exceeds the last embedding width {neuron[-1]}")
+        if use_econf_tebd and (type_map is None or len(type_map) != ntypes):
+            raise ValueError(f"descriptor.use_econf_tebd needs the {ntypes} elements of the types (type_map)")
         self.ntypes, self.rcut, self.rcut_smth = ntypes, float(rcut), float(rcut_smth)
         self.sel: List[int] = [int(sel)]
         self.nnei = int(sel)
@@ -190,7 +195,8 @@ class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
         # DeePMD-kit's seeds: the block is child 1 of the descriptor's seed (attention 0, embedding 1, strip net 2),
         # the type embedding child 2
         block = child_seed(seed, 1)
-        self.type_embedding = TypeEmbedding(ntypes, tebd_dim, use_tebd_bias, dtype, child_seed(seed, 2))
+        self.type_embedding = TypeEmbedding(ntypes, tebd_dim, use_tebd_bias, dtype, child_seed(seed, 2),
+                                            econf_matrix(type_map) if use_econf_tebd else None)
         type_inputs = tebd_dim if type_one_side else 2 * tebd_dim
         self.embedding = MLP(1 if self.strip else 1 + type_inputs, list(neuron), activation=activation_function,
                              resnet_dt=resnet_dt, dtype=dtype, seed=child_seed(block, 1))
@@ -217,18 +223,20 @@ class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
                   d["scaling_factor"], d["normalize"], d["temperature"], smooth, d["exclude_types"],
                   1e-5 if d["ln_eps"] is None else d["ln_eps"], d["activation_function"],
                   dtype=DTYPES[d["precision"]], seed=d["seed"], concat_output_tebd=d["concat_output_tebd"],
-                  use_tebd_bias=d["use_tebd_bias"])
+                  use_tebd_bias=d["use_tebd_bias"], use_econf_tebd=d["use_econf_tebd"], type_map=d.get("type_map"))
         out.requires_grad_(d["trainable"])
         if not d["trainable_ln"]:
             for layer in out.attention:
                 layer.norm.requires_grad_(False)
         return out
 
-    @staticmethod
-    def deepmd_state(state: dict, source: str) -> dict:
+    @torch.jit.unused
+    def deepmd_state(self, state: dict, source: str) -> dict:
         """DeePMD-kit's `se_atten.*` and `type_embedding.*` entries as ours (its statistics hold one row per
-        neighbour slot, equal for all slots)."""
+        neighbour slot, equal for all slots; the electronic configurations, which it does not save, are ours)."""
         ours = TypeEmbedding.deepmd_state(state, "type_embedding.")
+        if self.type_embedding.econf is not None:
+            ours["type_embedding.econf"] = self.type_embedding.econf
         for name, value in state.items():
             if (m := re.fullmatch(r"se_atten\.filter_layers(_strip)?\.networks\.0\.layers\.(\d+)\.(\w+)", name)):
                 ours[f"embedding{m[1] or ''}.layers.{m[2]}.{m[3]}"] = value
