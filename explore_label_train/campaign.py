@@ -44,6 +44,7 @@ import os
 import re
 import shutil
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -1056,11 +1057,8 @@ class Campaign:
         groups: dict = {}   # the budget's scope: the iteration, or each structure (select.per_structure)
         for j, r in enumerate(passing):
             groups.setdefault(r["structure"] if sel["per_structure"] else None, []).append(j)
-        below_hi: dict = {}   # adaptive's pools count the explored frames below trust.hi in the budget's scope
-        for r in frames:
-            if r["class"] != "failed":
-                key = r["structure"] if sel["per_structure"] else None
-                below_hi[key] = below_hi.get(key, 0) + 1
+        # adaptive's pools count the explored frames below trust.hi in the budget's scope
+        below_hi = Counter(r["structure"] if sel["per_structure"] else None for r in frames if r["class"] != "failed")
         chosen, reasons = [], {}
         for key, idx in groups.items():
             rows, share = [dict(passing[j]) for j in idx], min(sel["budget"], left)

@@ -33,41 +33,21 @@ void attention_normalize_cpu(const T* qkv, int64_t rows, int64_t h, T* U, T* n) 
 }
 
 template <typename T>
-void attention_normalize_backward_cpu(const T* U, const T* n, const T* dU, int64_t rows, int64_t h, T scale,
-                                      T* dx, T* dot) {
+void attention_normalize_project_cpu(const T* U, const T* n, const T* x, bool x_split, int64_t rows, int64_t h,
+                                     T scale, T* out, T* dot) {
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < 3; ++j) {
-      const int64_t k = j * rows + i;
-      const T* u = U + k * h;
-      const T* du = dU + k * h;
-      T* d = dx + (i * 3 + j) * h;
+      const int64_t k = j * rows + i, split = k * h, row = (i * 3 + j) * h;
+      const T* u = U + split;
+      const T* xi = x + (x_split ? split : row);
+      T* o = out + (x_split ? row : split);
       const T r = (j < 2 ? scale : T(1)) / n[k];
-      const T s = dot_h(u, du, h);
+      const T s = dot_h(u, xi, h);
       dot[k] = s;
       const T c = n[k] > T(kFloor) ? s : T(0);
 #pragma omp simd
-      for (int64_t m = 0; m < h; ++m) d[m] = r * (du[m] - c * u[m]);
-    }
-  }
-}
-
-template <typename T>
-void attention_normalize_second_cpu(const T* g, const T* U, const T* n, int64_t rows, int64_t h, T scale, T* gdot,
-                                    T* a_dU) {
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < 3; ++j) {
-      const int64_t k = j * rows + i;
-      const T* u = U + k * h;
-      const T* gi = g + (i * 3 + j) * h;
-      T* a = a_dU + k * h;
-      const T r = (j < 2 ? scale : T(1)) / n[k];
-      const T s = dot_h(u, gi, h);
-      gdot[k] = s;
-      const T c = n[k] > T(kFloor) ? s : T(0);
-#pragma omp simd
-      for (int64_t m = 0; m < h; ++m) a[m] = r * (gi[m] - c * u[m]);
+      for (int64_t m = 0; m < h; ++m) o[m] = r * (xi[m] - c * u[m]);
     }
   }
 }
@@ -166,8 +146,8 @@ void attention_softmax_second_finish_cpu(T* a_p, const T* a_e, T* a_weight, T* a
 
 #define DPMD_INSTANTIATE(T)                                                                                        \
   template void attention_normalize_cpu<T>(const T*, int64_t, int64_t, T*, T*);                                   \
-  template void attention_normalize_backward_cpu<T>(const T*, const T*, const T*, int64_t, int64_t, T, T*, T*);   \
-  template void attention_normalize_second_cpu<T>(const T*, const T*, const T*, int64_t, int64_t, T, T*, T*);     \
+  template void attention_normalize_project_cpu<T>(const T*, const T*, const T*, bool, int64_t, int64_t, T, T*,  \
+                                                   T*);                                                           \
   template void attention_normalize_second_finish_cpu<T>(const T*, const T*, const T*, const T*, const T*,        \
                                                          const T*, const T*, int64_t, int64_t, T, T*);   \
   template void attention_softmax_backward_cpu<T>(const T*, const T*, const T*, const T*, const T*, const T*,    \

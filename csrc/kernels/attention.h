@@ -5,8 +5,9 @@
 // qkv: rows i (centre, slot) of 3 slices j (q, k, v) of width h.  U[j, i] = x / n, n = max(|x|, 1e-12),
 // r_j = sv_j / n with sv = (scale, scale, 1), kept = [|x| > 1e-12].
 //   normalize:        U, n
-//   backward:         dot = U . dU,  dx = r (dU - kept dot U)                    (dU: the derivative in U)
-//   second:           gdot = U . g,  a_dU = r (g - kept gdot U)                  (g: the cotangent of dx)
+//   project:          s = U . x,  out = r (x - kept s U), x in one layout, out in the other: the backward
+//                     (x = dU, the derivative in U: dx and dot) and, the map being symmetric, the start of the
+//                     second derivative (x = g, the cotangent of dx: a_dU and gdot)
 //   second_finish:    along = kept (U . a_U + r g . dU - 3 kept r dot gdot)
 //                     a_x = (a_U - kept r (dot g + gdot dU) - along U) / n      (a_U: the cotangent of U)
 // U, dU, a_dU, a_U are (3, rows, h); n, dot, gdot are (3, rows); qkv, dx, g, a_x are (rows, 3 h).
@@ -30,13 +31,10 @@ namespace dpmd {
 template <typename T>
 void attention_normalize_cpu(const T* qkv, int64_t rows, int64_t h, T* U, T* n);
 
+// x_split: x is (3, rows, h) and out (rows, 3 h); else the other way round
 template <typename T>
-void attention_normalize_backward_cpu(const T* U, const T* n, const T* dU, int64_t rows, int64_t h, T scale,
-                                      T* dx, T* dot);
-
-template <typename T>
-void attention_normalize_second_cpu(const T* g, const T* U, const T* n, int64_t rows, int64_t h, T scale, T* gdot,
-                                    T* a_dU);
+void attention_normalize_project_cpu(const T* U, const T* n, const T* x, bool x_split, int64_t rows, int64_t h,
+                                     T scale, T* out, T* dot);
 
 template <typename T>
 void attention_normalize_second_finish_cpu(const T* a_U, const T* g, const T* U, const T* dU, const T* n,

@@ -1,18 +1,21 @@
-// torch.ops.dpmd.attention_normalize*: the row passes of the smooth attention's q/k/v normalisation and its
-// derivatives (csrc/kernels/attention.h; dpmd.model.descriptor.attention calls them from its hand-written
-// autograd Functions, so they need no autograd of their own).  CPU only: elsewhere the PyTorch form runs.
+// torch.ops.dpmd.attention_*: the row passes of the smooth attention's q/k/v normalisation and the smooth softmax's
+// elementwise steps, with their derivatives (csrc/kernels/attention.h; dpmd.model.descriptor.attention calls them
+// from its hand-written autograd Functions, so they need no autograd of their own).  CPU only: elsewhere the
+// PyTorch form runs.
 //   attention_normalize(qkv, h) -> (U, n)
-//   attention_normalize_backward(U, n, dU, scale) -> (dx, dot)
-//   attention_normalize_second(g, U, n, scale) -> (gdot, a_dU)
+//   attention_normalize_project(U, n, x, scale) -> (out, dot)      x (3, centres, slots, h): out in qkv's layout;
+//                                                                  x in qkv's layout: out (3, centres, slots, h)
 //   attention_normalize_second_finish(a_U, g, U, dU, n, dot, gdot, scale) -> a_x
-// qkv, dx, g, a_x: (centres, slots, 3 h); U, dU, a_dU, a_U: (3, centres, slots, h); n, dot, gdot: (3, centres,
-// slots, 1).  And the smooth softmax's elementwise steps between its matrix products:
 //   attention_softmax_backward(dp, e, weight, t, gate, c) -> (dweight, dgate, da)
 //   attention_softmax_second(a_da, ggate, gweight, dp, e, weight, t, gate, c, positions) -> (a_t, a_e, a_dp,
 //       a_weight, a_c)                                                        (a_weight empty without positions)
 //   attention_softmax_second_finish(a_p!, a_e, a_weight!, a_t!, a_da, dp, e, weight, t, gate, c, a_c, den, a_den,
 //       positions) -> a_gate                               (a_p, a_t, a_weight updated; a_gate empty without positions)
+// qkv, g, a_x: (centres, slots, 3 h); U, dU, a_U: (3, centres, slots, h); n, dot, gdot: (3, centres, slots, 1);
 // (slots x slots) tensors: (centres, slots, slots); c, a_c, den, a_den: (centres, slots, 1).
+#include <initializer_list>
+#include <utility>
+
 #include "attention.h"
 #include "ops_common.h"
 
@@ -20,12 +23,20 @@ using at::Tensor;
 
 namespace {
 
-// a contiguous tensor of `like`'s dtype and device with the given shape
-void check_shaped(const Tensor& a, at::IntArrayRef shape, const Tensor& like, const char* name) {
-  TORCH_CHECK(a.sizes() == shape && a.scalar_type() == like.scalar_type() && a.device() == like.device() &&
-                  a.is_contiguous(),
-              "dpmd: attention normalisation: ", name, " must be a contiguous ", like.scalar_type(), " tensor of shape ",
-              shape, " on ", like.device(), ", got ", a.scalar_type(), " ", a.sizes(), " on ", a.device());
+using Named = std::pair<const Tensor*, const char*>;
+
+// each a contiguous tensor of `like`'s dtype and device with the given shape
+void check_shaped(std::initializer_list<Named> tensors, at::IntArrayRef shape, const Tensor& like) {
+  for (const auto& [a, name] : tensors)
+    TORCH_CHECK(a->sizes() == shape && a->scalar_type() == like.scalar_type() && a->device() == like.device() &&
+                    a->is_contiguous(),
+                "dpmd: attention: ", name, " must be a contiguous ", like.scalar_type(), " tensor of shape ", shape,
+                " on ", like.device(), ", got ", a->scalar_type(), " ", a->sizes(), " on ", a->device());
+}
+
+void check_float(const Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kDouble || t.scalar_type() == at::kFloat,
+              "dpmd: attention: float32 or float64 expected, got ", t.scalar_type());
 }
 
 // (centres, slots, 3 h) and its (3, centres, slots, h) and (3, centres, slots, 1) companions
@@ -34,29 +45,19 @@ struct Shapes {
   int64_t rows, h;
 };
 
-void check_float(const Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == at::kDouble || t.scalar_type() == at::kFloat,
-              "dpmd: attention normalisation: float32 or float64 expected, got ", t.scalar_type());
-}
-
 Shapes shapes(int64_t c, int64_t s, int64_t h) { return {{c, s, 3 * h}, {3, c, s, h}, {3, c, s, 1}, c * s, h}; }
-
-Shapes shapes_of(const Tensor& qkv, int64_t h) {
-  check_float(qkv);
-  TORCH_CHECK(qkv.dim() == 3 && h > 0 && qkv.size(2) == 3 * h, "dpmd: attention normalisation: (centres, slots, ",
-              3 * h, ") expected, got ", qkv.sizes());
-  return shapes(qkv.size(0), qkv.size(1), h);
-}
 
 Shapes shapes_of_split(const Tensor& U) {
   check_float(U);
-  TORCH_CHECK(U.dim() == 4 && U.size(0) == 3, "dpmd: attention normalisation: U must be (3, centres, slots, h), got ",
-              U.sizes());
+  TORCH_CHECK(U.dim() == 4 && U.size(0) == 3, "dpmd: attention: U must be (3, centres, slots, h), got ", U.sizes());
   return shapes(U.size(1), U.size(2), U.size(3));
 }
 
 std::tuple<Tensor, Tensor> attention_normalize(const Tensor& qkv_in, int64_t h) {
-  Shapes sh = shapes_of(qkv_in, h);
+  check_float(qkv_in);
+  TORCH_CHECK(qkv_in.dim() == 3 && h > 0 && qkv_in.size(2) == 3 * h, "dpmd: attention: qkv must be (centres, slots, ",
+              3 * h, "), got ", qkv_in.sizes());
+  Shapes sh = shapes(qkv_in.size(0), qkv_in.size(1), h);
   Tensor qkv = qkv_in.contiguous();
   Tensor U = at::empty(sh.split, qkv.options()), n = at::empty(sh.scalar, qkv.options());
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "dpmd_attention_normalize", [&] {
@@ -66,38 +67,22 @@ std::tuple<Tensor, Tensor> attention_normalize(const Tensor& qkv_in, int64_t h) 
   return {U, n};
 }
 
-std::tuple<Tensor, Tensor> attention_normalize_backward(const Tensor& U, const Tensor& n, const Tensor& dU_in,
-                                                        double scale) {
+std::tuple<Tensor, Tensor> attention_normalize_project(const Tensor& U, const Tensor& n, const Tensor& x_in,
+                                                       double scale) {
   Shapes sh = shapes_of_split(U);
-  Tensor dU = dU_in.contiguous();
-  check_shaped(U, sh.split, U, "U");
-  check_shaped(n, sh.scalar, U, "n");
-  check_shaped(dU, sh.split, U, "dU");
-  Tensor dx = at::empty(sh.rows3h, U.options()), dot = at::empty(sh.scalar, U.options());
-  AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "dpmd_attention_normalize_backward", [&] {
-    dpmd::attention_normalize_backward_cpu<scalar_t>(U.data_ptr<scalar_t>(), n.data_ptr<scalar_t>(),
-                                                     dU.data_ptr<scalar_t>(), sh.rows, sh.h,
-                                                     static_cast<scalar_t>(scale), dx.data_ptr<scalar_t>(),
-                                                     dot.data_ptr<scalar_t>());
+  const bool x_split = x_in.dim() == 4;
+  Tensor x = x_in.contiguous();
+  check_shaped({{&U, "U"}}, sh.split, U);
+  check_shaped({{&n, "n"}}, sh.scalar, U);
+  check_shaped({{&x, "x"}}, x_split ? sh.split : sh.rows3h, U);
+  Tensor out = at::empty(x_split ? sh.rows3h : sh.split, U.options()), dot = at::empty(sh.scalar, U.options());
+  AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "dpmd_attention_normalize_project", [&] {
+    dpmd::attention_normalize_project_cpu<scalar_t>(U.data_ptr<scalar_t>(), n.data_ptr<scalar_t>(),
+                                                    x.data_ptr<scalar_t>(), x_split, sh.rows, sh.h,
+                                                    static_cast<scalar_t>(scale), out.data_ptr<scalar_t>(),
+                                                    dot.data_ptr<scalar_t>());
   });
-  return {dx, dot};
-}
-
-std::tuple<Tensor, Tensor> attention_normalize_second(const Tensor& g_in, const Tensor& U, const Tensor& n,
-                                                      double scale) {
-  Shapes sh = shapes_of_split(U);
-  Tensor g = g_in.contiguous();
-  check_shaped(U, sh.split, U, "U");
-  check_shaped(n, sh.scalar, U, "n");
-  check_shaped(g, sh.rows3h, U, "g");
-  Tensor gdot = at::empty(sh.scalar, U.options()), a_dU = at::empty(sh.split, U.options());
-  AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "dpmd_attention_normalize_second", [&] {
-    dpmd::attention_normalize_second_cpu<scalar_t>(g.data_ptr<scalar_t>(), U.data_ptr<scalar_t>(),
-                                                   n.data_ptr<scalar_t>(), sh.rows, sh.h,
-                                                   static_cast<scalar_t>(scale), gdot.data_ptr<scalar_t>(),
-                                                   a_dU.data_ptr<scalar_t>());
-  });
-  return {gdot, a_dU};
+  return {out, dot};
 }
 
 Tensor attention_normalize_second_finish(const Tensor& a_U_in, const Tensor& g_in, const Tensor& U,
@@ -105,13 +90,9 @@ Tensor attention_normalize_second_finish(const Tensor& a_U_in, const Tensor& g_i
                                          double scale) {
   Shapes sh = shapes_of_split(U);
   Tensor a_U = a_U_in.contiguous(), g = g_in.contiguous(), dU = dU_in.contiguous();
-  check_shaped(U, sh.split, U, "U");
-  check_shaped(a_U, sh.split, U, "a_U");
-  check_shaped(dU, sh.split, U, "dU");
-  check_shaped(g, sh.rows3h, U, "g");
-  check_shaped(n, sh.scalar, U, "n");
-  check_shaped(dot, sh.scalar, U, "dot");
-  check_shaped(gdot, sh.scalar, U, "gdot");
+  check_shaped({{&U, "U"}, {&a_U, "a_U"}, {&dU, "dU"}}, sh.split, U);
+  check_shaped({{&g, "g"}}, sh.rows3h, U);
+  check_shaped({{&n, "n"}, {&dot, "dot"}, {&gdot, "gdot"}}, sh.scalar, U);
   Tensor a_x = at::empty(sh.rows3h, U.options());
   AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "dpmd_attention_normalize_second_finish", [&] {
     dpmd::attention_normalize_second_finish_cpu<scalar_t>(
@@ -122,25 +103,18 @@ Tensor attention_normalize_second_finish(const Tensor& a_U_in, const Tensor& g_i
   return a_x;
 }
 
-// (centres, slots, slots) tensors like dp, and (centres, slots, 1) row numbers
-void check_square(const Tensor& a, const Tensor& dp, const char* name) { check_shaped(a, dp.sizes(), dp, name); }
-void check_row(const Tensor& a, const Tensor& dp, const char* name) {
-  check_shaped(a, {dp.size(0), dp.size(1), 1}, dp, name);
-}
-void check_dp(const Tensor& dp) {
+// dp: a contiguous (centres, slots, slots) float tensor; the others of its shape, and rows (centres, slots, 1)
+void check_softmax(const Tensor& dp, std::initializer_list<Named> square, std::initializer_list<Named> rows) {
   check_float(dp);
   TORCH_CHECK(dp.dim() == 3 && dp.size(1) == dp.size(2) && dp.is_contiguous(),
               "dpmd: attention softmax: dp must be a contiguous (centres, slots, slots) tensor, got ", dp.sizes());
+  check_shaped(square, dp.sizes(), dp);
+  check_shaped(rows, {dp.size(0), dp.size(1), 1}, dp);
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_softmax_backward(const Tensor& dp, const Tensor& e, const Tensor& weight,
                                                               const Tensor& t, const Tensor& gate, const Tensor& c) {
-  check_dp(dp);
-  check_square(e, dp, "e");
-  check_square(weight, dp, "weight");
-  check_square(t, dp, "t");
-  check_square(gate, dp, "gate");
-  check_row(c, dp, "c");
+  check_softmax(dp, {{&e, "e"}, {&weight, "weight"}, {&t, "t"}, {&gate, "gate"}}, {{&c, "c"}});
   Tensor dweight = at::empty_like(dp), dgate = at::empty_like(dp), da = at::empty_like(dp);
   AT_DISPATCH_FLOATING_TYPES(dp.scalar_type(), "dpmd_attention_softmax_backward", [&] {
     dpmd::attention_softmax_backward_cpu<scalar_t>(
@@ -154,16 +128,11 @@ std::tuple<Tensor, Tensor, Tensor> attention_softmax_backward(const Tensor& dp, 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_softmax_second(
     const Tensor& a_da, const Tensor& ggate_in, const Tensor& gweight_in, const Tensor& dp, const Tensor& e,
     const Tensor& weight, const Tensor& t, const Tensor& gate, const Tensor& c, bool positions) {
-  check_dp(dp);
   Tensor ggate = ggate_in.contiguous(), gweight = gweight_in.contiguous();
-  check_square(a_da, dp, "a_da");
-  check_square(ggate, dp, "ggate");
-  check_square(gweight, dp, "gweight");
-  check_square(e, dp, "e");
-  check_square(weight, dp, "weight");
-  check_square(t, dp, "t");
-  check_square(gate, dp, "gate");
-  check_row(c, dp, "c");
+  check_softmax(dp,
+                {{&a_da, "a_da"}, {&ggate, "ggate"}, {&gweight, "gweight"}, {&e, "e"}, {&weight, "weight"},
+                 {&t, "t"}, {&gate, "gate"}},
+                {{&c, "c"}});
   Tensor a_t = at::empty_like(dp), a_e = at::empty_like(dp), a_dp = at::empty_like(dp);
   Tensor a_weight = positions ? at::empty_like(dp) : at::empty({0}, dp.options());
   Tensor a_c = at::empty({dp.size(0), dp.size(1), 1}, dp.options());
@@ -182,20 +151,10 @@ Tensor attention_softmax_second_finish(const Tensor& a_p, const Tensor& a_e, con
                                        const Tensor& a_t, const Tensor& a_da, const Tensor& dp, const Tensor& e,
                                        const Tensor& weight, const Tensor& t, const Tensor& gate, const Tensor& c,
                                        const Tensor& a_c, const Tensor& den, const Tensor& a_den, bool positions) {
-  check_dp(dp);
-  check_square(a_p, dp, "a_p");
-  check_square(a_e, dp, "a_e");
-  if (positions) check_square(a_weight, dp, "a_weight");
-  check_square(a_t, dp, "a_t");
-  check_square(a_da, dp, "a_da");
-  check_square(e, dp, "e");
-  check_square(weight, dp, "weight");
-  check_square(t, dp, "t");
-  check_square(gate, dp, "gate");
-  check_row(c, dp, "c");
-  check_row(a_c, dp, "a_c");
-  check_row(den, dp, "den");
-  check_row(a_den, dp, "a_den");
+  check_softmax(dp,
+                {{&a_p, "a_p"}, {&a_e, "a_e"}, {positions ? &a_weight : &a_e, "a_weight"}, {&a_t, "a_t"},
+                 {&a_da, "a_da"}, {&e, "e"}, {&weight, "weight"}, {&t, "t"}, {&gate, "gate"}},
+                {{&c, "c"}, {&a_c, "a_c"}, {&den, "den"}, {&a_den, "a_den"}});
   Tensor a_gate = positions ? at::empty_like(dp) : at::empty({0}, dp.options());
   AT_DISPATCH_FLOATING_TYPES(dp.scalar_type(), "dpmd_attention_softmax_second_finish", [&] {
     dpmd::attention_softmax_second_finish_cpu<scalar_t>(
@@ -212,8 +171,7 @@ Tensor attention_softmax_second_finish(const Tensor& a_p, const Tensor& a_e, con
 
 TORCH_LIBRARY_FRAGMENT(dpmd, m) {
   m.def("attention_normalize(Tensor qkv, int h) -> (Tensor, Tensor)");
-  m.def("attention_normalize_backward(Tensor U, Tensor n, Tensor dU, float scale) -> (Tensor, Tensor)");
-  m.def("attention_normalize_second(Tensor g, Tensor U, Tensor n, float scale) -> (Tensor, Tensor)");
+  m.def("attention_normalize_project(Tensor U, Tensor n, Tensor x, float scale) -> (Tensor, Tensor)");
   m.def("attention_normalize_second_finish(Tensor a_U, Tensor g, Tensor U, Tensor dU, Tensor n, Tensor dot, "
         "Tensor gdot, float scale) -> Tensor");
   m.def("attention_softmax_backward(Tensor dp, Tensor e, Tensor weight, Tensor t, Tensor gate, Tensor c) "
@@ -227,8 +185,7 @@ TORCH_LIBRARY_FRAGMENT(dpmd, m) {
 
 TORCH_LIBRARY_IMPL(dpmd, CPU, m) {
   m.impl("attention_normalize", attention_normalize);
-  m.impl("attention_normalize_backward", attention_normalize_backward);
-  m.impl("attention_normalize_second", attention_normalize_second);
+  m.impl("attention_normalize_project", attention_normalize_project);
   m.impl("attention_normalize_second_finish", attention_normalize_second_finish);
   m.impl("attention_softmax_backward", attention_softmax_backward);
   m.impl("attention_softmax_second", attention_softmax_second);

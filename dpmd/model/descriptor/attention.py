@@ -108,7 +108,8 @@ class NeighborAttention:
     def _smooth_attention(self, qkv, gate, weight, beyond: float, positions: bool, fused: bool):
         """One smooth layer's (a v) / den of the un-normalised projections qkv, with hand-written derivatives
         (positions: whether the second derivative reaches gate and weight, functions of the positions only;
-        fused: the normalisation's row passes by the kernel library, csrc/kernels/attention.h)."""
+        fused: the normalisation's row passes and the softmax's elementwise steps by the kernel library,
+        csrc/kernels/attention.h)."""
         return _SmoothAttention.apply(qkv, gate, weight, self.scale, self.attn_shift, self.attn_shift + self.scale,
                                       beyond, (positions, fused))
 
@@ -148,7 +149,7 @@ def _ratios(norm: torch.Tensor, scale: float):
 def _normalize_backward(U, norm, dU, scale: float, fused: bool):
     """dx = r (dU - kept (U . dU) U) in qkv's layout, and U . dU."""
     if fused:
-        return torch.ops.dpmd.attention_normalize_backward(U, norm, dU, scale)
+        return torch.ops.dpmd.attention_normalize_project(U, norm, dU, scale)
     r, kept = _ratios(norm, scale)
     dot = _dot(U, dU)
     dx = U.new_empty(U.shape[1:3] + (3 * U.shape[-1],))
@@ -160,7 +161,8 @@ def _normalize_second(gx, U, norm, scale: float, fused: bool):
     """The cotangent a_dU = r (g - kept (U . g) U) of dU (dx is linear in dU with a symmetric matrix), and U . g,
     for the cotangent gx of dx."""
     if fused:
-        return torch.ops.dpmd.attention_normalize_second(gx, U, norm, scale)
+        a_dU, gdot = torch.ops.dpmd.attention_normalize_project(U, norm, gx, scale)  # (the backward's map)
+        return gdot, a_dU
     r, kept = _ratios(norm, scale)
     g = _split(gx)
     gdot = _dot(U, g)
