@@ -205,5 +205,8 @@ def test_backend_is_resolved_from_the_request():
         assert ops.resolve(coord, first_derivative=True) == Backend(False, False, False, True, False)
     second = ops.resolve(coord, first_derivative=False)
     assert not second.kernels and not second.forces_only and not second.linearize
+    # the attention kernels (CPU only) wherever the library's kernels of either order run
+    for backend in (second, ops.resolve(coord, first_derivative=True)):
+        assert backend.attention == (ops.available() and (backend.kernels or backend.any_order))
     with ops.weight_gradients_only():
         assert ops.resolve(coord, first_derivative=False).linearize == (os.environ.get("DPMD_LINEARIZE", "1") != "0")

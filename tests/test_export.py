@@ -17,7 +17,8 @@ from conftest import DEEPMD_REF, make_model, triclinic_water
 import dpmd.ops
 from dpmd.geometry.graph import build_graph
 from dpmd.geometry.neighbor import build_neighbor_list
-from dpmd.model import load_model, save_model
+from dpmd.errors import NeighborOverflowError
+from dpmd.model import DeepPot, load_model, save_model
 from dpmd.model.export import METADATA_FILE, script_model
 from dpmd.model.forces import evaluate
 from dpmd.model.io import read_metadata
@@ -113,11 +114,18 @@ def test_ghost_mode_reproduces_periodic(model, scripted, water, case):
     torch.testing.assert_close(folded, ref["atom_virial"], rtol=0, atol=1e-10)
 
 
-def test_scripted_refuses_sel_overflow(water):
+def test_scripted_refuses_sel_overflow_in_the_eager_text(water):
+    """The frozen model's own check names the atom in the one sel-overflow text, for the model's sel and for a
+    hybrid's entry's own sel within its own rcut."""
+    from tests.test_descriptor_hybrid import hybrid_config
+
     coord, atype, box = water
-    scripted = script_model(make_model(sel=(2, 4)))
-    with pytest.raises(torch.jit.Error, match="sel"):
-        scripted(coord, atype, box)
+    for model in (make_model(sel=(2, 4)), DeepPot(hybrid_config({"sel": [4, 24]}, {}))):
+        with pytest.raises(NeighborOverflowError) as eager:
+            evaluate(model, build_graph(coord, atype, box, model.rcut))
+        with pytest.raises(torch.jit.Error) as frozen:
+            script_model(model)(coord, atype, box)
+        assert "descriptor" in str(eager.value) and "dpmd: " + str(eager.value) in str(frozen.value)
 
 
 def test_frozen_file_loads_everywhere(model, water, tmp_path):

@@ -21,6 +21,7 @@ from dpmd.errors import MDStopError
 from dpmd.md import Simulation
 from dpmd.md.engine import element_mass
 from dpmd.md.state import MDState
+from dpmd.model import DeepPot
 
 
 def gas(n=32, L=14.0, seed=0):
@@ -105,7 +106,20 @@ def stop_cases() -> dict:
             "overflow": (Pairs(sel=(2, 2)), pos, sym, None,
                          r"^step 0: neighbour overflow: atom 0 \(type O\) has \d+ neighbours of type O within "
                          r"rcut but sel allows 2 \(\d+ atom\(s\) over the limit\); raise descriptor.sel"),
-            "nan": (Pairs(), pos, hydrogen, arm, r"^step 3: non-finite energy or forces at atom 11 \(H\)$")}
+            "nan": (Pairs(), pos, hydrogen, arm, r"^step 3: non-finite energy or forces at atom 11 \(H\)$"),
+            # a hybrid's model sel holds, its se_e2_a entry's own sel within its own rcut does not
+            "entry overflow": (hybrid(), pos, sym, None,
+                               r"^step 0: neighbour overflow: atom 0 \(type O\) has \d+ neighbours of type O within "
+                               r"descriptor.list\[0\]'s rcut 3.8 but sel allows 2 \(\d+ atom\(s\) over the limit\); "
+                               r"raise descriptor.list\[0\].sel")}
+
+
+def hybrid():
+    """se_e2_a (rcut 3.8, sel [2, 2]) + se_e2_r (rcut 4, sel [40, 40]), tiny nets."""
+    entry = {"rcut_smth": 0.5, "neuron": [2, 4], "seed": 1}
+    return DeepPot({"type_map": ["O", "H"], "fitting_net": {"neuron": [4], "seed": 1}, "descriptor": {
+        "type": "hybrid", "list": [{"type": "se_e2_a", "sel": [2, 2], "rcut": 3.8, "axis_neuron": 2, **entry},
+                                   {"type": "se_e2_r", "sel": [40, 40], "rcut": 4.0, **entry}]}}).double()
 
 
 def stop_messages(make) -> dict:
@@ -114,7 +128,8 @@ def stop_messages(make) -> dict:
 
 
 def test_every_provider_stops_with_the_same_message():
-    """Close atoms, lost atoms, neighbour overflow and a NaN atomic energy: the checked provider and MPI's
+    """Close atoms, lost atoms, neighbour overflow (of the model's sel, of a hybrid's entry's) and a NaN atomic
+    energy: the checked provider and MPI's
     domain provider (one rank here, two under mpiexec) stop at the same step with the same line."""
     serial, mpi = stop_messages(Simulation), stop_messages(one_rank())
     for name, (*_, expected) in stop_cases().items():

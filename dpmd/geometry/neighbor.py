@@ -162,7 +162,7 @@ def build_neighbor_list(coord: torch.Tensor, box: torch.Tensor | None, rcut: flo
     natoms = coord.shape[0]
     if format == "edges":
         ntypes = max(len(sel), int(atype.max()) + 1 if natoms else 0)
-        nl.overflow = over_sel(count_neighbors(nl, atype, ntypes, natoms), sel).any(1)
+        nl.overflow = (sel_groups(count_neighbors(nl, atype, ntypes, natoms), sel) > torch.tensor(sel)).any(1)
         return nl
     if mixed and len(sel) != 1:
         raise ValueError(f"a mixed-type padded list takes one sel entry for all types, got sel {sel}")
@@ -271,28 +271,44 @@ def sel_group_name(t: int, sel: List[int], type_map: List[str]) -> Optional[str]
     return type_map[t] if len(sel) == len(type_map) else None
 
 
-def over_sel(counts: torch.Tensor, sel: list[int]) -> torch.Tensor:
-    """(natoms, len(sel)) bool: the groups of each atom with more neighbours than sel allows."""
-    return sel_groups(counts, sel) > torch.tensor(sel, device=counts.device)
+def first_over_sel(counts: torch.Tensor, sel: List[int]) -> List[int]:
+    """[atom, sel group, its count, atoms over] of the first atom with more neighbours in a group of `sel` than it
+    allows, or [] (counts (natoms, ntypes); TorchScript-compatible: the frozen model's check)."""
+    grouped = sel_groups(counts, sel)
+    over = grouped > torch.tensor(sel, device=counts.device)
+    if not bool(over.any()):
+        return []
+    first = over.nonzero()[0]
+    i, t = int(first[0]), int(first[1])
+    return [i, t, int(grouped[i, t]), int(over.any(1).sum())]
 
 
-def check_sel(counts: torch.Tensor, atype: torch.Tensor, sel: list[int], type_map: list[str]) -> None:
-    """Refuse neighbour counts beyond `sel`: the model would silently drop neighbours."""
-    over = over_sel(counts, sel)
-    if bool(over.any()):
-        i, t = (int(x) for x in over.nonzero()[0])
-        raise NeighborOverflowError(sel_overflow_message(
-            i, type_map[int(atype[i])], int(sel_groups(counts, sel)[i, t]), sel_group_name(t, sel, type_map), sel[t],
-            int(over.any(dim=1).sum())))
+def check_sel(counts: torch.Tensor, atype: torch.Tensor, sel: list[int], type_map: list[str], natoms: int = 0,
+              entry: int = -1, rcut: float = 0.0) -> None:
+    """Refuse neighbour counts beyond `sel` (the model would silently drop neighbours), naming the atom (and its
+    frame, for counts of several frames of `natoms` atoms) and, for a hybrid's entry, the entry."""
+    found = first_over_sel(counts, sel)
+    if found:
+        i, t, count, n_over = found
+        atom = f"{i % natoms} of frame {i // natoms}" if 0 < natoms < counts.shape[0] else str(i)
+        raise NeighborOverflowError(sel_overflow_message(atom, type_map[int(atype[i])], count,
+                                                         sel_group_name(t, sel, type_map), sel[t], n_over, entry, rcut))
 
 
-def sel_overflow_message(atom: int, atom_type: str, count: int, neighbor_type: Optional[str], limit: int,
-                         n_over: int) -> str:
-    """The one message for neighbours beyond sel (atom: its index as the caller numbers atoms; neighbor_type None:
-    sel limits all types together).  TorchScript-compatible (the frozen model's check)."""
-    of_type = "" if neighbor_type is None else f" of type {neighbor_type}"
-    return (f"atom {atom} (type {atom_type}) has {count} neighbours{of_type} within rcut but sel "
-            f"allows {limit} ({n_over} atom(s) over the limit); raise descriptor.sel (or use sel: auto)")
+def sel_overflow_message(atom: str, atom_type: str, count: int, neighbor_type: Optional[str], limit: int,
+                         n_over: int, entry: int = -1, rcut: float = 0.0) -> str:
+    """The one message for neighbours beyond sel (atom: as the caller numbers atoms; neighbor_type None: sel limits
+    all types together; entry >= 0: descriptor.list[entry] of a hybrid, whose own rcut and sel are meant).
+    TorchScript-compatible (the frozen model's check)."""
+    of_type = "" if neighbor_type is None else " of type " + neighbor_type
+    key, within = "descriptor", "rcut"
+    if entry >= 0:
+        key = "descriptor.list[" + str(entry) + "]"
+        text = str(rcut)  # 3.0 as "3" (TorchScript writes "3.")
+        within = key + "'s rcut " + (text[:-2] if text.endswith(".0") else text[:-1] if text.endswith(".") else text)
+    return ("atom " + atom + " (type " + atom_type + ") has " + str(count) + " neighbours" + of_type + " within "
+            + within + " but sel allows " + str(limit) + " (" + str(n_over) + " atom(s) over the limit); raise "
+            + key + ".sel (or use sel: auto)")
 
 
 def canonical_order(center: torch.Tensor, neighbor: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

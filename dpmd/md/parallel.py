@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from dpmd.errors import DpmdError, NeighborOverflowError
-from dpmd.geometry.neighbor import (NeighborList, count_neighbors, over_sel, sel_group_name, sel_groups,
+from dpmd.geometry.neighbor import (NeighborList, count_neighbors, first_over_sel, sel_group_name,
                                     sel_overflow_message)
 from dpmd.md import devi as devi_mod
 from dpmd.md.domain import Comm, Domain
@@ -160,12 +160,13 @@ class DomainForces(ForceProvider):
         center, neighbor, vec = dom.center[mask], dom.neighbor[mask], vec[mask]
         atype = torch.cat([self.atypes[k][gid], self.atypes[k][dom.ghost_gid]])
         counts = count_neighbors(NeighborList(center, neighbor, None), atype, model.ntypes, nlocal)
-        beyond = over_sel(counts, list(model.sel))   # (nlocal, len(sel))
-        n_over = int(beyond.any(dim=1).sum())
-        # a hybrid: each of its descriptors' own sel within its own rcut ([entry, atom], or [])
+        # [entry, atom, sel group, count, atoms over] of the first overflow: the model's sel (entry -1), else a
+        # hybrid's descriptors' own sel within their own rcut
+        found = first_over_sel(counts, list(model.sel))
         entries = getattr(getattr(model, "descriptor", None), "sel_overflow", None)
-        entry = entries(vec, center, atype.index_select(0, neighbor), nlocal) if entries and n_over == 0 else []
-        n_over += bool(entry)
+        found = [-1] + found if found else (entries(vec, center, atype.index_select(0, neighbor), nlocal)
+                                            if entries else [])
+        n_over = found[4] if found else 0
         zero = torch.zeros(nlocal, dtype=torch.long, device=coord.device)
         # one system: fparam for every atom; the local atoms' aparam rows (global ids)
         params = {key: value.index_select(0, gid) if key == "aparam" else value for key, value in self.params[k].items()}
@@ -182,18 +183,16 @@ class DomainForces(ForceProvider):
         flags = torch.tensor([float(n_over), float(int(close.sum()))], dtype=vec.dtype, device=coord.device)
         tot = self.comm.allsum(torch.cat([out["energy"], out["virial"].reshape(-1), flags]))
         result = {"energy": tot[:1], "virial": tot[1:10].reshape(1, 3, 3), "force": force_local, "atom_energy": atom_e}
-        if int(tot[10]):   # the first atom over the limit in global ids, named as the serial check names it
+        if int(tot[10]):   # the first atom over the limit, named as the serial check names it (global ids)
             first = None
-            if entry:   # (t < 0: descriptor.list[-1 - t] of a hybrid)
-                first = (int(gid[entry[1]]), -1 - entry[0], 0, int(atype[entry[1]]))
-            elif n_over:
-                i, t = (int(x) for x in beyond.nonzero()[0])
-                first = (int(gid[i]), t, int(sel_groups(counts, list(model.sel))[i, t]), int(atype[i]))
-            i, t, c, ti = min(f for f in self.comm.allgather(first) if f is not None)
-            if t < 0:
-                raise NeighborOverflowError(f"atom {i} (type {model.type_map[ti]}) has more neighbours within the rcut "
-                                            f"of descriptor.list[{-1 - t}] than its sel allows; raise its sel")
-            raise NeighborOverflowError(sel_overflow_message(i, model.type_map[ti], c,
+            if found:
+                e, i = found[0], found[1]
+                first = (e, int(gid[i]), found[2], found[3], int(atype[i]))
+            e, i, t, c, ti = min(f for f in self.comm.allgather(first) if f is not None)
+            if e >= 0:
+                raise NeighborOverflowError(model.descriptor.overflow_message([e, i, t, c, int(tot[10])], str(i),
+                                                                              model.type_map[ti], model.type_map))
+            raise NeighborOverflowError(sel_overflow_message(str(i), model.type_map[ti], c,
                                                              sel_group_name(t, list(model.sel), model.type_map),
                                                              model.sel[t], int(tot[10])))
         if int(tot[11]):

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from dpmd import ops
-from dpmd.geometry.neighbor import reference_edges, sel_group_name, sel_groups, sel_overflow_message
+from dpmd.geometry.neighbor import first_over_sel, reference_edges, sel_group_name, sel_overflow_message
 from dpmd.model.deeppot import DeepPot
 from dpmd.model.forces import DEFAULT_CHUNK_ATOMS, EdgeEnergyModel, assemble
 
@@ -221,20 +221,20 @@ class FrozenDeepPot(EdgeEnergyModel, nn.Module):
                     + self.type_map[int(atype[j])] + ")", float(torch.linalg.vector_norm(vec[bad], 2.0, dim=-1)),
                     int(atype[i])))
         nt = self.ntypes
-        counts = sel_groups(torch.bincount(center * nt + neighbor_type, minlength=nloc * nt).reshape(nloc, nt),
-                            self.sel)
-        over = counts > torch.tensor(self.sel, device=counts.device)
-        if bool(over.any()):
-            first = over.nonzero()[0]
-            i, t = int(first[0]), int(first[1])
-            raise RuntimeError("dpmd: " + sel_overflow_message(i, self.type_map[int(atype[i])], int(counts[i, t]),
+        found = first_over_sel(torch.bincount(center * nt + neighbor_type, minlength=nloc * nt).reshape(nloc, nt),
+                               self.sel)
+        if len(found) > 0:
+            i, t = found[0], found[1]
+            raise RuntimeError("dpmd: " + sel_overflow_message(str(i), self.type_map[int(atype[i])], found[2],
                                                                sel_group_name(t, self.sel, self.type_map),
-                                                               self.sel[t], int(over.any(1).sum())))
+                                                               self.sel[t], found[3]))
         if self.entry_sel_check:
-            entry = self.descriptor.sel_overflow(vec, center, neighbor_type, nloc)
-            if len(entry) > 0:
-                raise RuntimeError("dpmd: atom " + str(entry[1]) + " has more neighbours within the rcut of "
-                                   + "descriptor.list[" + str(entry[0]) + "] than its sel allows")
+            found = self.descriptor.sel_overflow(vec, center, neighbor_type, nloc)
+            if len(found) > 0:
+                i = found[1]
+                raise RuntimeError("dpmd: " + self.descriptor.overflow_message(found, str(i),
+                                                                               self.type_map[int(atype[i])],
+                                                                               self.type_map))
 
         atom_energy, g = self.edge_gradients(vec, center, neighbor, atype, params, nloc, max(self.chunk_atoms, 1),
                                              False, None)

@@ -28,7 +28,7 @@ import torch
 from dpmd import ops
 from dpmd.errors import DpmdError
 from dpmd.geometry.graph import atom_params, edge_vectors
-from dpmd.geometry.neighbor import NeighborList, check_sel, count_neighbors, over_sel
+from dpmd.geometry.neighbor import NeighborList, check_sel, count_neighbors
 from dpmd.ops import Backend
 
 DEFAULT_CHUNK_ATOMS = 512
@@ -120,15 +120,7 @@ def check_neighbors(model, graph: dict) -> None:
     atype = graph["atype"]
     counts = count_neighbors(NeighborList(graph["center"], graph["neighbor"], graph.get("shift")), atype,
                              model.ntypes, atype.numel())
-    try:
-        check_sel(counts, atype, model.sel, model.type_map)
-    except Exception as err:
-        natoms = graph.get("natoms", atype.numel())
-        if atype.numel() > natoms:  # name the frame too
-            i = int(over_sel(counts, model.sel).any(1).nonzero()[0])
-            msg = str(err).replace(f"atom {i} ", f"atom {i % natoms} of frame {i // natoms} ", 1)
-            raise type(err)(msg) from None
-        raise
+    check_sel(counts, atype, model.sel, model.type_map, graph.get("natoms", 0))
     entries = getattr(getattr(model, "descriptor", None), "check_sel", None)
     if entries is not None:  # a hybrid: each descriptor's own sel within its own rcut
         entries(graph, model.type_map)

@@ -186,7 +186,7 @@ def resolve(tensor: torch.Tensor, first_derivative: bool | None = None) -> Backe
 
         triton = triton_tabulate.available()
     return Backend(kernels=kernels, any_order=order_any, linearize=linearize, forces_only=first_derivative,
-                   triton=triton)
+                   triton=triton, attention=(kernels or order_any) and tensor.device.type == "cpu")
 
 
 # ---- thin wrappers around the ops (eager callers) ----

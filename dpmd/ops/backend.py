@@ -15,6 +15,7 @@ class Backend(NamedTuple):
     linearize: bool    # embedding nets linearised in s (dpmd.model.network): exact forces, no d2/dr2
     forces_only: bool  # no gradient to the weights is wanted (weight-only terms may be cached)
     triton: bool       # Triton's tabulated-embedding kernel (CUDA, no CUDA library)
+    attention: bool = False  # the library's attention kernels, any order (CPU only: no CUDA version yet)
 
 
 REFERENCE = Backend(kernels=False, any_order=False, linearize=False, forces_only=False, triton=False)

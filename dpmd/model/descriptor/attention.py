@@ -69,8 +69,7 @@ class NeighborAttention:
             if by_hand and not torch.jit.is_scripting():  # one product, q, k and v split inside
                 qkv = torch.addmm(b, x.reshape(-1, x.shape[-1]), w).view(x.shape[0], x.shape[1], 3 * h)
                 # (linearize: no second derivative in the positions is asked for, as the embedding's)
-                o = self._smooth_attention(qkv, gate, weight, beyond, not backend.linearize,
-                                           (backend.kernels or backend.any_order) and qkv.device.type == "cpu")
+                o = self._smooth_attention(qkv, gate, weight, beyond, not backend.linearize, backend.attention)
             else:  # q, k, v from slices of in_proj (no chunk: its backward would concatenate edge-sized gradients)
                 q = torch.matmul(x, w[:, :h]) + b[:h]
                 k = torch.matmul(x, w[:, h:2 * h]) + b[h:2 * h]

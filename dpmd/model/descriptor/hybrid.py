@@ -34,9 +34,9 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from dpmd.errors import ConfigError, DpmdError, NeighborOverflowError
+from dpmd.errors import ConfigError, DpmdError
 from dpmd.geometry.graph import edge_vectors
-from dpmd.geometry.neighbor import check_sel, sel_groups, sel_slots
+from dpmd.geometry.neighbor import check_sel, first_over_sel, sel_group_name, sel_overflow_message, sel_slots
 from dpmd.model.descriptor import build_descriptor, descriptor_module
 from dpmd.model.descriptor.table import max_rmin, outside_table_message
 from dpmd.ops import Backend
@@ -275,14 +275,22 @@ class DescriptorHybrid(nn.Module):
 
     @torch.jit.export
     def sel_overflow(self, edge_vec, center, neighbor_type, ncenters: int) -> List[int]:
-        """[entry, centre] of the first centre with more neighbours within an entry's rcut than the entry's sel
-        allows, or [] (TorchScript-compilable, for a frozen model's own check)."""
+        """[entry, centre, sel group, its count, centres over] of the first entry with a centre over its own sel
+        within its own rcut, or [] (TorchScript-compilable, for a frozen model's own check; overflow_message)."""
         for i in range(len(self.entry_sel)):
-            over = sel_groups(self.entry_counts(i, edge_vec, center, neighbor_type, ncenters), self.entry_sel[i])
-            over = (over > torch.tensor(self.entry_sel[i], device=over.device)).any(1)
-            if bool(over.any()):
-                return [i, int(over.nonzero()[0, 0])]
+            found = first_over_sel(self.entry_counts(i, edge_vec, center, neighbor_type, ncenters), self.entry_sel[i])
+            if len(found) > 0:
+                return [i] + found
         return []
+
+    @torch.jit.export
+    def overflow_message(self, found: List[int], atom: str, atom_type: str, type_map: List[str]) -> str:
+        """The one sel-overflow text (dpmd.geometry.neighbor) of a finding of sel_overflow, the atom named as the
+        caller numbers atoms."""
+        i, t = found[0], found[2]
+        sel = self.entry_sel[i]
+        return sel_overflow_message(atom, atom_type, found[3], sel_group_name(t, sel, type_map), sel[t], found[4], i,
+                                    self.entry_rcut[i])
 
     @torch.jit.unused
     def check_sel(self, graph: dict, type_map: List[str]) -> None:
@@ -291,16 +299,7 @@ class DescriptorHybrid(nn.Module):
         atype, vec = graph["atype"], edge_vectors(graph)
         neighbor_type = atype.index_select(0, graph["neighbor"])
         found = self.sel_overflow(vec, graph["center"], neighbor_type, atype.numel())
-        if not found:
-            return
-        i, a = found
-        natoms = graph.get("natoms", atype.numel())
-        where = f"atom {a % natoms} of frame {a // natoms} " if atype.numel() > natoms else f"atom {a} "
-        try:
+        if found:
+            i = found[0]
             check_sel(self.entry_counts(i, vec, graph["center"], neighbor_type, atype.numel()), atype,
-                      self.entry_sel[i], type_map)
-        except NeighborOverflowError as err:
-            raise NeighborOverflowError(
-                str(err).replace(f"atom {a} ", where, 1)
-                .replace("within rcut", f"within descriptor.list[{i}]'s rcut {self.entry_rcut[i]:g}")
-                .replace("raise descriptor.sel", f"raise descriptor.list[{i}].sel")) from None
+                      self.entry_sel[i], type_map, graph.get("natoms", 0), i, self.entry_rcut[i])

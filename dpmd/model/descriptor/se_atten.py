@@ -61,6 +61,7 @@ from torch import nn
 
 from dpmd import ops
 from dpmd.errors import ConfigError, DpmdError
+from dpmd.geometry.neighbor import first_over_sel, sel_overflow_message
 from dpmd.model.descriptor.attention import AttentionLayer, NeighborAttention
 from dpmd.model.descriptor.common import (cached_on_weights, check_sizes, excluded_pair_codes, per_type_rows,
                                           resolved_sel)
@@ -258,6 +259,11 @@ class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
         """The nets EmbeddingTable tabulates (dpmd.model.compress): the radial net, net 0."""
         return [self.embedding]
 
+    def _net_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """EmbeddingTable's net i (here only the radial net: its state-dict name is `embedding`, and TorchScript
+        skips the property `embeddings`)."""
+        return self.embedding(x.unsqueeze(1))
+
     def enable_compression(self, layout: dict, check_frequency: int = -1) -> None:
         """EmbeddingTable's, for the radial net of strip mode without attention layers (see the module doc)."""
         if self.embedding_strip is None or len(self.attention) > 0:
@@ -310,10 +316,10 @@ class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
         all_inside = bool(inside.all())
         # slots each centre fills in DeePMD-kit's list: its neighbours within rcut, excluded ones included
         filled = torch.bincount(center if all_inside else center[inside], minlength=ncent)
-        most = int(filled.max()) if ncent > 0 else 0
-        if most > self.nnei:  # DeePMD-kit would drop the farthest: refuse instead
-            raise RuntimeError("descriptor: an atom has " + str(most) + " neighbours within rcut but sel allows "
-                               + str(self.nnei) + "; raise descriptor.sel")
+        found = first_over_sel(filled.unsqueeze(1), [self.nnei])
+        if len(found) > 0:  # DeePMD-kit would drop the farthest: refuse instead (atom types by index here)
+            raise RuntimeError(sel_overflow_message(str(found[0]), str(int(center_type[found[0]])), found[2], None,
+                                                    self.nnei, found[3]))
         ct_edge = center_type.index_select(0, center)
         c, tc, tn = center, ct_edge, neighbor_type
         kept = inside
@@ -378,9 +384,7 @@ class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
         tebd, strip, per_slot = self._weight_terms() if terms is None else terms
         sw, rows = self._switch_and_rows(vec, r, backend)
         rows = (rows - self.mean.index_select(0, tc)) / self.std.index_select(0, tc)
-        if self.compressed:  # the real slots' inputs (the others at a node inside the tables)
-            x = torch.where(real, rows[:, 0], torch.full_like(r, self.table_lower))
-            self._check_table_deferred(x, edge_vec, center, center_type, neighbor_type)
+        self._check_table(rows[:, 0], edge_vec, center, center_type, neighbor_type, True, real)
         g = self._embed(rows[:, 0], neighbor_type, tc, sw, tebd, strip, backend) * mask
         R, sw = (rows * mask).view(ncent, nnei, 4), (sw.unsqueeze(1) * mask).view(ncent, nnei, 1)
         G = g.view(ncent, nnei, self.width)
@@ -466,7 +470,7 @@ class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
         gt the strip table's row of (centre type, neighbour type t), G = gs (1 + gt [sw]), so per centre
             T = sum_t [ sum_{j of type t} R_j^T gs(s_j) + (sum_{j of type t} [sw_j] R_j^T gs(s_j)) * gt ],
         the inner sums over edges keyed by (centre, t); rows (s, sw R) carry s, the table's input, first."""
-        if not self.compressed:
+        if not self._fused_kernels(backend):
             return None
         ncent, nt = center_type.shape[0], self.ntypes
         key = c * nt + tn
@@ -493,8 +497,8 @@ class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
         where the keys exceed a quarter of the edges (many types: the per-key sums would cost more than the
         edge-sized products they replace)."""
         net, ncent, nt = self.embedding, center_type.shape[0], self.ntypes
-        if (self.compressed or self.embedding_strip is None or len(self.attention) > 0 or not (backend.forces_only
-                and backend.kernels and backend.linearize and net.can_linearize()) or 4 * ncent * nt > rows.shape[0]):
+        if (self.embedding_strip is None or len(self.attention) > 0 or not (backend.forces_only and backend.kernels
+                and self._linearizable(0, backend)) or 4 * ncent * nt > rows.shape[0]):
             return None
         key = c * nt + tn
         order = torch.argsort(key, stable=True)
@@ -532,9 +536,7 @@ class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
             g = self._linearized_strip(s, gt, sw, backend)
             if g is not None:
                 return g
-        # the radial net, or its table (not EmbeddingTable.embed: `embeddings` is a property TorchScript skips, as
-        # the net's state-dict name is `embedding`)
-        gs = self._tabulate(0, s) if self.compressed else self.embedding(s.unsqueeze(1))
+        gs = self.embed(0, s, backend)  # the radial net, or its table
         if self.smooth:
             gt = gt * sw.unsqueeze(1)
         return torch.addcmul(gs, gs, gt)  # gs * gt + gs, DeePMD-kit's G
@@ -545,7 +547,7 @@ class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
         value and forces, no second derivative in s) where the backend allows it (Backend.linearize), else None.
         For forces only, G is a constant linearised in s and sw alike: its backward is two dot products."""
         net = self.embedding
-        if self.compressed or backend is None or not (backend.linearize and net.can_linearize()):
+        if not self._linearizable(0, backend):
             return None
         if backend.forces_only:
             with torch.no_grad():

@@ -140,6 +140,11 @@ class EmbeddingTable:
             tangent = self._tangent(i, x, backend)
             if tangent is not None:
                 return linearize_at(*tangent, x)
+        return self._net_forward(i, x)
+
+    def _net_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Net i at inputs x (n,), as it is (a descriptor whose nets are not a ModuleList `embeddings` overrides
+        this: TorchScript skips a property)."""
         net: EmbeddingNet = self.embeddings[i]
         return net.forward(x.unsqueeze(1))
 
@@ -211,10 +216,17 @@ class EmbeddingTable:
         """(G, dG/dx) (n, M) of net i at x (n,) in one forward sweep, for the net linearised in x (exact value and
         first derivative, no double differentiation; dpmd.model.network) where the backend and the descriptor
         allow it (Backend.linearize, linearize_nets), else None."""
-        net = self.embeddings[i]
-        if backend is None or not (self.linearize_nets and backend.linearize and net.can_linearize()):
+        if not self._linearizable(i, backend):
             return None
-        return embedding_with_tangent(net, x, weight_gradients=not backend.forces_only, fused=backend.any_order)
+        return embedding_with_tangent(self.embeddings[i], x, weight_gradients=not backend.forces_only,
+                                      fused=backend.any_order)
+
+    @torch.jit.unused
+    def _linearizable(self, i: int, backend: Optional[Backend]) -> bool:
+        """Net i may run linearised in its input: a net, not a table, where the backend and the descriptor allow
+        it (Backend.linearize, linearize_nets)."""
+        return (not self.compressed and backend is not None and self.linearize_nets and backend.linearize
+                and self.embeddings[i].can_linearize())
 
     @torch.jit.unused
     def _tables(self) -> List[torch.Tensor]:
@@ -250,7 +262,7 @@ class EmbeddingTable:
         """_fused_block in eager code (the backend says which kernels)."""
         from dpmd.ops import triton_tabulate
 
-        if backend is None or not (backend.kernels or backend.triton) or not self._fusable(r[:, 0]):
+        if not self._fused_kernels(backend) or not self._fusable(r[:, 0]):
             return None
         table = self.table[i][self.table_coarse_low:]
         grid = (self.table_lower, self.table_upper, self.table_step, self.table_step_coarse, self.table_fine,
@@ -258,6 +270,11 @@ class EmbeddingTable:
         if backend.kernels:
             return torch.ops.dpmd.tabulate_fusion_se_a(table, r, c, ncent, *grid)
         return triton_tabulate.tabulate_fusion(table, r, c, ncent, grid)
+
+    @torch.jit.unused
+    def _fused_kernels(self, backend: Optional[Backend]) -> bool:
+        """The backend has fused table kernels for this (compressed) descriptor."""
+        return self.compressed and backend is not None and (backend.kernels or backend.triton)
 
     def _fusable(self, x: torch.Tensor) -> bool:
         return self.table_coarse_low == 0 or not bool((x < self.table_lower).any())
@@ -294,12 +311,15 @@ class EmbeddingTable:
         return outside_table_message(where, r, self.table_rmin[center_type], center_type)
 
     def _check_table(self, x: torch.Tensor, edge_vec: torch.Tensor, center: torch.Tensor, center_type: torch.Tensor,
-                     neighbor_type: torch.Tensor, deferred_check: bool = False) -> None:
+                     neighbor_type: torch.Tensor, deferred_check: bool = False, real: Optional[torch.Tensor] = None):
         """Never extrapolate silently: an edge whose table input x (one per edge) is beyond the tables is an
         error; with check_frequency N > 0, every N-th evaluation also warns about inputs in the coarse range.
         deferred_check: without a read back from the device when a caller collects flags (_check_table_deferred).
-        Nothing to check in an uncompressed model."""
+        real: which inputs are real neighbours (the others are not looked up).  Nothing to check in an
+        uncompressed model."""
         if self.compressed:
+            if real is not None:
+                x = torch.where(real, x, torch.full_like(x, self.table_lower))
             if deferred_check and not torch.jit.is_scripting():
                 self._check_table_deferred(x, edge_vec, center, center_type, neighbor_type)
             else:
