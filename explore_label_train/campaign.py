@@ -1010,7 +1010,7 @@ class Campaign:
 
     def _stage_select(self, it: int, t0) -> bool:
         from explore_label_train.selection import (adaptive_pools, check_frame, choose, choose_stratified,
-                                                   frame_descriptors)
+                                                   frame_descriptors, labelled_count)
 
         sel, filters = self.cfg["select"], self.cfg["filters"]
         frames = self.state.q("SELECT * FROM frames WHERE iteration=? ORDER BY frame_id", it)
@@ -1064,8 +1064,9 @@ class Campaign:
             rows, share = [dict(passing[j]) for j in idx], min(sel["budget"], left)
             feats = None if features is None else features[idx]
             pool, pool_v = adaptive_pools(sel, below_hi[key])
-            if len(idx) < sel["min_labels"]:   # DP-GEN's fp_task_min
-                sub, why = [], {s: f"not selected: {len(idx)} candidates{f' of {key}' if key else ''}, fewer than "
+            count = labelled_count(rows, share, sel["method"], pool, pool_v)
+            if count < sel["min_labels"]:   # DP-GEN's fp_task_min
+                sub, why = [], {s: f"not selected: {count} to label{f' of {key}' if key else ''}, fewer than "
                                    f"select.min_labels {sel['min_labels']}" for s in range(len(idx))}
             elif sel["stratify"]:  # each exploration condition gets its share of the budget
                 strata = [(r["structure"], r["temperature"], r["pressure"]) for r in rows]

@@ -58,8 +58,8 @@ TRUST = {"lo": None, "hi": None, "v_lo": None, "v_hi": None, "structures": {}}
 # holdout: the fraction of each labelling stage's new labels kept out of training as the test set
 # (test_data/; at least one label once a stage has 5): see explore_label_train/selection.py, holdout_count
 # per_structure: budget and min_labels count per explored structure, not per iteration (DP-GEN's fp_task_max and
-# fp_task_min); fewer selectable candidates than min_labels: none is labelled.  method: one of METHODS, each
-# described in explore_label_train/selection.py.  numb_candi_f, perc_candi_f, numb_candi_v, perc_candi_v: adaptive's
+# fp_task_min); fewer to label than min_labels (the budget, or fewer candidates: adaptive's pool's): none is
+# labelled.  method: one of METHODS, each described in explore_label_train/selection.py.  numb_candi_f, perc_candi_f, numb_candi_v, perc_candi_v: adaptive's
 # pool in DP-GEN's terms (model_devi_numb_candi_f, ...): max(numb_candi_f, perc_candi_f % of the frames below
 # trust.hi) with the largest max_devi_f, and likewise by max_devi_v (selection.adaptive_pools); all null: 3 x budget
 SELECT = {"budget": 10, "method": "adaptive", "stratify": False, "holdout": 0.1, "per_structure": False, "min_labels": 0,

@@ -210,6 +210,27 @@ def adaptive_pools(select: dict, frames: int) -> tuple[int | None, int]:
                  for x in "fv")
 
 
+def adaptive_pool(candidates: list[dict], budget: int, pool: int | None = None, pool_v: int = 0):
+    """adaptive's pool: the union (force's first) of the `pool` candidates with the largest max_devi_f (None:
+    3 x budget) and the `pool_v` with the largest max_devi_v; and its levels (name, each candidate's deviation,
+    the pool's indices by it)."""
+    levels = []
+    for name, size in (("max_devi_f", 3 * budget if pool is None else pool), ("max_devi_v", pool_v)):
+        if size:
+            d = np.array([c[name] for c in candidates], dtype=float)
+            d = np.where(np.isnan(d), -np.inf, d)   # (no virial deviation: never in the virial pool)
+            levels.append((name, d, np.argsort(-d, kind="stable")[:size]))
+    return list(dict.fromkeys(int(i) for _, _, idx in levels for i in idx)), levels
+
+
+def labelled_count(candidates: list[dict], budget: int, method: str, pool: int | None = None,
+                   pool_v: int = 0) -> int:
+    """How many of the candidates choose() labels: the budget, or fewer candidates (adaptive: its pool's);
+    DP-GEN compares this (min(fp_task_max, its candidates)) with fp_task_min."""
+    size = len(adaptive_pool(candidates, budget, pool, pool_v)[0]) if method == "adaptive" else len(candidates)
+    return min(budget, size)
+
+
 def choose_stratified(candidates: list[dict], strata: list, budget: int, method: str,
                       features: np.ndarray | None, seed: int = 0, labelled: np.ndarray | None = None,
                       pool: int | None = None, pool_v: int = 0):
@@ -249,13 +270,7 @@ def choose(candidates: list[dict], budget: int, method: str, features: np.ndarra
         for rank, i in enumerate(chosen):
             reasons[int(i)] = f"selected: random draw {rank + 1}"
     elif method == "adaptive":   # lo raised to the pool's smallest deviation, then uniformly in [lo, hi)
-        levels = []   # (name, each candidate's deviation, the pool's indices by it): force, then virial
-        for name, size in (("max_devi_f", 3 * budget if pool is None else pool), ("max_devi_v", pool_v)):
-            if size:
-                d = devi if name == "max_devi_f" else np.array([c[name] for c in candidates], dtype=float)
-                d = np.where(np.isnan(d), -np.inf, d)   # (no virial deviation: never in the virial pool)
-                levels.append((name, d, np.argsort(-d, kind="stable")[:size]))
-        top = list(dict.fromkeys(int(i) for _, _, idx in levels for i in idx))   # the union, force's first
+        top, levels = adaptive_pool(candidates, budget, pool, pool_v)
         chosen = [top[k] for k in np.random.default_rng(seed).permutation(len(top))[:budget]]
         above = " or ".join(f"{name} >= {d[idx[-1]]:.3g}" for name, d, idx in levels)
         for rank, i in enumerate(chosen):

@@ -146,3 +146,29 @@ def test_campaign_selects_within_the_dpgen_pool(tmp_path):
     assert [r["selected"] for r in rows] == [1, 1, 0, 0, 0, 0, 0, 0]
     assert all(r["reason"].endswith(f"of 2 with max_devi_f >= {level}") for r in rows[:2])
     assert all(r["reason"].endswith(f"below the adaptive lower level {level}") for r in rows[2:])
+
+
+def test_min_labels_counts_what_would_be_labelled_as_dpgen_fp_task_min():
+    """DP-GEN labels nothing where min(fp_task_max, its candidates) < fp_task_min, its candidates being the
+    adaptive pool: 40 candidates, a pool of 2, a budget of 5 label 2."""
+    from explore_label_train.selection import labelled_count
+
+    cands, _ = shuffled_candidates(40)
+    assert labelled_count(cands, 5, "adaptive", pool=2) == 2
+    assert labelled_count(cands, 5, "adaptive", pool=2, pool_v=0) == len(choose(cands, 5, "adaptive", None, pool=2)[0])
+    assert labelled_count(cands, 5, "adaptive") == 5       # elt's own pool, 3 x budget
+    assert labelled_count(cands, 5, "devi") == 5 and labelled_count(cands[:3], 5, "random") == 3
+
+
+def test_campaign_min_labels_against_the_dpgen_pool(tmp_path):
+    """The campaign above with select.min_labels 3: its pool of 2 is fewer, so nothing is labelled."""
+    from explore_label_train.campaign import Campaign
+
+    cfg = campaign_dict(tmp_path, select={"budget": 5, "numb_candi_f": 1, "perc_candi_f": 25, "holdout": 0,
+                                          "min_labels": 3},
+                        convergence={"max_iterations": 1})
+    camp = Campaign(load_campaign(write_campaign(tmp_path, cfg)), log=None)
+    camp.run()
+    rows = camp.state.q("SELECT selected, reason FROM frames WHERE iteration=0")
+    assert len(rows) == 8 and not any(r["selected"] for r in rows)
+    assert all(r["reason"] == "not selected: 2 to label, fewer than select.min_labels 3" for r in rows)
