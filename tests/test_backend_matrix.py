@@ -24,7 +24,7 @@ from dpmd import ops
 from dpmd.geometry.graph import build_graph, edge_vectors
 from dpmd.geometry.neighbor import padded_edges
 from dpmd.model.compress import compress_model
-from dpmd.model.forces import evaluate, evaluate_padded
+from dpmd.model.forces import evaluate
 from dpmd.ops import Backend
 
 F64 = torch.float64
@@ -56,7 +56,7 @@ def models():
 
 
 def padded_graph(model, coord, atype, box, chunk=8) -> dict:
-    """The graph of evaluate_padded: rows grouped by type, sum(sel) slots per row in blocks of sel[t] for
+    """A padded graph (evaluate): rows grouped by type, sum(sel) slots per row in blocks of sel[t] for
     neighbour type t (dpmd.geometry.neighbor.padded_edges)."""
     graph = build_graph(coord, atype, box, model.rcut)
     rows = torch.argsort(atype, stable=True)
@@ -72,7 +72,7 @@ def padded_graph(model, coord, atype, box, chunk=8) -> dict:
 def forces(model, layout, backend=None, chunk_atoms=None, system=frame):
     coord, atype, box = system()
     if layout == "padded":
-        return evaluate_padded(model, padded_graph(model, coord, atype, box), backend=backend)
+        return evaluate(model, padded_graph(model, coord, atype, box), backend=backend)
     return evaluate(model, build_graph(coord, atype, box, model.rcut), backend=backend, chunk_atoms=chunk_atoms)
 
 

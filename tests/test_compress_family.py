@@ -17,7 +17,7 @@ from dpmd.geometry.graph import build_graph
 from dpmd.model import DeepPot, load_model, save_model
 from dpmd.model.compress import compress_model
 from dpmd.model.export import script_model
-from dpmd.model.forces import evaluate, evaluate_padded
+from dpmd.model.forces import evaluate
 from tests.conftest import EXAMPLE, REPO, make_model
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.jit\..*deprecated:DeprecationWarning")
@@ -144,13 +144,13 @@ def test_compressed_padded_layout_equals_edge_list(pairs, water, name):
     verlet.build(coord[None], box[None])
     rows = torch.argsort(atype, stable=True)
     verlet.pad(rows, atype)
-    nl = verlet.padded_within_cutoff(coord[None], box[None], comp.sel)
+    nl = verlet.within_cutoff(coord[None], box[None], "padded", comp.sel)
     assert nl.format == "padded" and not nl.overflow.any()
     graph = {"rows": rows, "row_chunk": chunk, "edge_vec": nl.vec, "neighbor": nl.neighbor, "atype": atype,
              "box": box[None], "natoms": n, "batch": torch.zeros(n, dtype=torch.long),
              "row_type_counts": [torch.bincount(atype[rows[r:r + chunk]], minlength=2).tolist()
                                  for r in range(0, n, chunk)]}
-    out = evaluate_padded(comp, graph)
+    out = evaluate(comp, graph)
     ref = evaluate(comp, build_graph(coord, atype, box, comp.rcut))
     assert torch.allclose(out["atom_energy"], ref["atom_energy"], atol=1e-12)
     assert torch.allclose(out["force"], ref["force"], atol=1e-12)

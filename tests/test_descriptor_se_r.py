@@ -13,7 +13,7 @@ from dpmd.data import load_system
 from dpmd.geometry.graph import build_graph
 from dpmd.errors import ConfigError
 from dpmd.model import DeepPot, load_model, save_model
-from dpmd.model.forces import evaluate, evaluate_padded
+from dpmd.model.forces import evaluate
 from dpmd.model.stats import descriptor_stats
 from dpmd.train.config import normalize_input
 from dpmd.train.freeze import freeze
@@ -213,7 +213,7 @@ def check_padded_layout(model, coord, atype, box) -> None:
     numbers."""
     from tests.test_backend_matrix import padded_graph
 
-    out = evaluate_padded(model, padded_graph(model, coord, atype, box))
+    out = evaluate(model, padded_graph(model, coord, atype, box))
     ref = evaluate(model, build_graph(coord, atype, box, model.rcut))
     assert torch.allclose(out["atom_energy"], ref["atom_energy"], atol=1e-12)
     assert torch.allclose(out["force"], ref["force"], atol=1e-12)

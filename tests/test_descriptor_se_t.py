@@ -17,7 +17,7 @@ from dpmd.errors import ConfigError, DpmdError
 from dpmd.geometry.graph import build_graph
 from dpmd.model import DeepPot, load_model
 from dpmd.model.export import script_model
-from dpmd.model.forces import evaluate, evaluate_padded
+from dpmd.model.forces import evaluate
 from dpmd.model.stats import descriptor_stats
 from tests.conftest import EXAMPLE, REPO, random_rotation, triclinic_water
 
@@ -204,13 +204,13 @@ def test_padded_layout_equals_edge_list(models, cell):
     verlet.build(coord[None], box[None])
     rows = torch.argsort(atype, stable=True)
     verlet.pad(rows, atype)
-    nl = verlet.padded_within_cutoff(coord[None], box[None], model.sel)
+    nl = verlet.within_cutoff(coord[None], box[None], "padded", model.sel)
     assert nl.format == "padded" and not nl.overflow.any()
     graph = {"rows": rows, "row_chunk": chunk, "edge_vec": nl.vec, "neighbor": nl.neighbor, "atype": atype,
              "box": box[None], "natoms": n, "batch": torch.zeros(n, dtype=torch.long),
              "row_type_counts": [torch.bincount(atype[rows[r:r + chunk]], minlength=2).tolist()
                                  for r in range(0, n, chunk)]}
-    out = evaluate_padded(model, graph)
+    out = evaluate(model, graph)
     ref = evaluate(model, build_graph(coord, atype, box, model.rcut))
     assert torch.allclose(out["atom_energy"], ref["atom_energy"], atol=1e-12)
     assert torch.allclose(out["force"], ref["force"], atol=1e-12)

@@ -151,10 +151,10 @@ def test_ensemble_batched_equals_one_by_one(cell):
 
 
 def test_padded_layout_takes_the_params(model, cell):
-    """evaluate_padded (the MD engine's sync-free path) hands each row its atom's parameters, in row order."""
+    """evaluate of a padded graph (MD's sync-free path) hands each row its atom's parameters, in row order."""
     from dpmd.geometry.graph import build_graph
     from dpmd.md.neighbors import VerletList
-    from dpmd.model.forces import evaluate, evaluate_padded
+    from dpmd.model.forces import evaluate
 
     coord, atype, box, aparam = cell
     n, chunk = len(atype), 8
@@ -164,14 +164,14 @@ def test_padded_layout_takes_the_params(model, cell):
     verlet.build(coord[None], box[None])
     rows = torch.argsort(atype, stable=True)
     verlet.pad(rows, atype)
-    nl = verlet.padded_within_cutoff(coord[None], box[None], model.sel)
+    nl = verlet.within_cutoff(coord[None], box[None], "padded", model.sel)
     assert nl.format == "padded" and not nl.overflow.any()
     params = model.graph_params(1, n, FPARAM, aparam)
     graph = {"rows": rows, "row_chunk": chunk, "edge_vec": nl.vec, "neighbor": nl.neighbor, "atype": atype,
              "box": box[None], "natoms": n, "batch": torch.zeros(n, dtype=torch.long), **params,
              "row_type_counts": [torch.bincount(atype[rows[r:r + chunk]], minlength=2).tolist()
                                  for r in range(0, n, chunk)]}
-    out = evaluate_padded(model, graph)
+    out = evaluate(model, graph)
     ref = evaluate(model, {**build_graph(coord, atype, box, model.rcut), **params})
     assert torch.allclose(out["atom_energy"], ref["atom_energy"], atol=1e-10)
     assert torch.allclose(out["force"], ref["force"], atol=1e-10)

@@ -19,7 +19,7 @@ from dpmd.md.host_sync import count_host_syncs
 from dpmd.md.neighbors import VerletList
 from dpmd.model import DeepPot, deferred, load_model
 from dpmd.model.compress import compress_model
-from dpmd.model.forces import evaluate, evaluate_padded, layouts, sel_limits
+from dpmd.model.forces import evaluate, layouts, sel_limits
 from tests.conftest import REPO, triclinic_water
 from tests.test_md_sync_free import pair
 
@@ -71,7 +71,7 @@ def cell(water):
 
 
 def padded_graph(model, coord, atype, box, chunk=8) -> dict:
-    """evaluate_padded's graph from the neighbour list's padded format (rows grouped by type, the model's sel,
+    """evaluate's padded graph from the neighbour list's padded format (rows grouped by type, the model's sel,
     one block for every type where the descriptor mixes types), in chunks of `chunk` rows."""
     rows = torch.argsort(atype, stable=True)
     nl = build_neighbor_list(coord, box, model.rcut, atype, model.sel, format="padded", rows=rows,
@@ -86,7 +86,7 @@ def padded_graph(model, coord, atype, box, chunk=8) -> dict:
 def assert_padded_equals_edges(model, coord, atype, box, path="default"):
     assert layouts(model) == ("edges", "padded")
     with ops.reference_only() if path == "reference" else contextlib.nullcontext():
-        out = evaluate_padded(model, padded_graph(model, coord, atype, box))
+        out = evaluate(model, padded_graph(model, coord, atype, box))
         ref = evaluate(model, build_graph(coord, atype, box, model.rcut))
     assert float(ref["force"].abs().max()) > 1e-3   # (a model that feels its neighbours)
     for key in ("energy", "atom_energy", "force", "virial"):
@@ -107,16 +107,16 @@ def test_compressed_se_atten_padded_equals_edges(cell, name):
     assert_padded_equals_edges(comp, coord, atype, box)
     graph = padded_graph(comp, coord, atype, box)
     with deferred.collect() as flags:
-        evaluate_padded(comp, graph)
+        evaluate(comp, graph)
     assert flags and not torch.stack(flags).any()
     close = coord.clone()
     o, o2 = (atype == 0).nonzero()[:2, 0].tolist()  # an O-O pair (excluded in no variant) shorter than the tables
     close[o2] = close[o] + torch.tensor([0.9 * comp.config["compress"]["rmin"][0], 0.0, 0.0], dtype=close.dtype)
     with deferred.collect() as flags:
-        evaluate_padded(comp, padded_graph(comp, close, atype, box))
+        evaluate(comp, padded_graph(comp, close, atype, box))
     assert torch.stack(flags).any()
     with pytest.raises(RuntimeError, match="is outside the embedding tables"):
-        evaluate_padded(comp, padded_graph(comp, close, atype, box))
+        evaluate(comp, padded_graph(comp, close, atype, box))
 
 
 @pytest.mark.parametrize("name", list(HYBRIDS))
@@ -134,7 +134,7 @@ def test_hybrid_checkpoints_padded_equal_edges(cell, name):
 
 
 def test_verlet_list_hands_out_neighbor_lists(cell):
-    """within_cutoff: the edges within rcut with their vectors and squared lengths; padded_within_cutoff, mixed:
+    """within_cutoff: the edges within rcut with their vectors and squared lengths; format padded, mixed:
     the same edges in one block of sel slots per row, overflow exactly where the total count exceeds sel, and
     where a limit (a hybrid entry's rcut and sel) is exceeded."""
     coord, atype, box = cell
@@ -149,23 +149,23 @@ def test_verlet_list_hands_out_neighbor_lists(cell):
     torch.testing.assert_close(edges.d2, (edges.vec ** 2).sum(-1))
     counts = torch.bincount(edges.center, minlength=n)
     sel = int(counts.max())
-    padded = verlet.padded_within_cutoff(coord[None], box[None], [sel], mixed=True)
+    padded = verlet.within_cutoff(coord[None], box[None], "padded", [sel], mixed=True)
     assert padded.format == "padded" and padded.vec.shape == (n * sel, 3) and torch.equal(padded.rows, rows)
     real = padded.d2 < rcut ** 2
     assert {(c, j, round(d, 9)) for c, j, d in zip(padded.center[real].tolist(), padded.neighbor[real].tolist(),
                                                    padded.d2[real].tolist())} == \
         {(c, j, round(d, 9)) for c, j, d in zip(edges.center.tolist(), edges.neighbor.tolist(), edges.d2.tolist())}
     assert not padded.overflow.any()
-    short = verlet.padded_within_cutoff(coord[None], box[None], [sel - 1], mixed=True)
+    short = verlet.within_cutoff(coord[None], box[None], "padded", [sel - 1], mixed=True)
     assert torch.equal(short.overflow, (counts > sel - 1)[rows])
     # a limit within a shorter rcut: per type there (an se_e2_a entry of a hybrid)
     inner = edges.d2 < 2.5 ** 2
     per_type = torch.zeros(n, 2, dtype=torch.long).index_put_(
         (edges.center[inner], atype[edges.neighbor[inner]]), torch.tensor(1), accumulate=True)
     limit = per_type.max(0).values.tolist()
-    assert not verlet.padded_within_cutoff(coord[None], box[None], [sel], True, [(2.5, limit, False)]).overflow.any()
+    assert not verlet.within_cutoff(coord[None], box[None], "padded", [sel], True, [(2.5, limit, False)]).overflow.any()
     limit[1] -= 1
-    flagged = verlet.padded_within_cutoff(coord[None], box[None], [sel], True, [(2.5, limit, False)]).overflow
+    flagged = verlet.within_cutoff(coord[None], box[None], "padded", [sel], True, [(2.5, limit, False)]).overflow
     assert torch.equal(flagged, (per_type[:, 1] > limit[1])[rows]) and flagged.any()
 
 

@@ -76,9 +76,19 @@ class VerletList:
         self.edge_frame = self.center // n
         self.builds += 1
 
-    def within_cutoff(self, positions: torch.Tensor, box: torch.Tensor | None) -> NeighborList:
-        """The edges with |r_e| < rcut in global atom indices: a NeighborList (format "edges") carrying their
-        vectors r_e and squared lengths (vec, d2: the model then need not recompute the vectors)."""
+    def within_cutoff(self, positions: torch.Tensor, box: torch.Tensor | None, format: str = "edges",
+                      sel: list[int] | None = None, mixed: bool = False, limits=()) -> NeighborList:
+        """This step's edges with |r_e| < rcut, a NeighborList of `format`:
+          "edges": in global atom indices, carrying their vectors r_e and squared lengths (vec, d2: the model
+              then need not recompute the vectors);
+          "padded": DeePMD's padded layout (`sel_slots`) of the `pad` rows, sum(sel) slots each, sel[t] for
+              neighbour type t in the canonical order (mixed: one block of sel[0] for every type, a mixed-type
+              descriptor's), an empty slot holding the row's own atom and a vector beyond rcut (so it is DeePMD's
+              padding); center, neighbor, vec (R * nnei, ...), d2 the slots' squared lengths, overflow (R,) a
+              count beyond sel, or beyond the sel of a limit (rcut_i, sel_i, mixed_i) within rcut_i (a hybrid
+              descriptor's entries: dpmd.model.forces.sel_limits).  Fixed shapes: no host synchronisation."""
+        if format == "padded":
+            return self._padded(positions, box, sel, mixed, limits)
         x = positions.reshape(-1, 3)
         vec = x.index_select(0, self.neighbor) - x.index_select(0, self.center)
         if box is not None:
@@ -119,15 +129,8 @@ class VerletList:
         self.pad_type = torch.where(self.pad_valid, atype.index_select(0, self.pad_neighbor.reshape(-1)).view(-1, K), -1)
         self.pad_frame = rows // (natoms // len(self.frames))
 
-    def padded_within_cutoff(self, positions: torch.Tensor, box: torch.Tensor | None, sel: list[int],
-                             mixed: bool = False, limits=()) -> NeighborList:
-        """This step's edges within rcut in DeePMD's padded layout (`sel_slots`): a NeighborList of format "padded"
-        whose rows (the `pad` rows) get sum(sel) slots each, sel[t] for neighbour type t in the canonical order
-        (mixed: one block of sel[0] for every type, a mixed-type descriptor's), an empty slot holding the row's own
-        atom and a vector beyond rcut (so it is DeePMD's padding); center, neighbor, vec (R * nnei, ...), d2 the
-        slots' squared lengths, overflow (R,) a count beyond sel, or beyond the sel of a limit (rcut_i, sel_i,
-        mixed_i) within rcut_i (a hybrid descriptor's entries: dpmd.model.forces.sel_limits).  Fixed shapes: no
-        host synchronisation."""
+    def _padded(self, positions: torch.Tensor, box: torch.Tensor | None, sel: list[int], mixed: bool,
+                limits) -> NeighborList:
         x = positions.reshape(-1, 3)
         nb, R, K = self.pad_neighbor, self.pad_neighbor.shape[0], self.capacity
         vec = x.index_select(0, nb.reshape(-1)).view(R, K, 3) - x.index_select(0, self.pad_rows).unsqueeze(1)

@@ -3,8 +3,8 @@ device's queue.
 
 No step makes the host wait for the device, except output steps:
 - the Verlet list is kept as fixed-size tables and filtered on the device into DeePMD's padded layout
-  (dpmd.md.neighbors.VerletList.padded_within_cutoff; every descriptor type takes it), which the model takes
-  without reading a count (dpmd.model.forces.evaluate_padded);
+  (dpmd.md.neighbors.VerletList.within_cutoff, format padded; every descriptor type takes it), which the model
+  takes without reading a count (dpmd.model.forces.evaluate of a padded graph);
 - each step queues one small tensor of flags (the rebuild test; lost atoms, close atoms, NaN, overflow
   beyond sel (a hybrid's entries' too, each within its own rcut), the list gone stale, the compressed model's
   tables) with the positions, and the host reads what was queued LAG steps earlier (dpmd.md.flags), by which
@@ -38,7 +38,7 @@ from dpmd.md.safety import ALARMS, first_seen
 from dpmd.md.state import MDState, frame_boxes
 from dpmd.md.units import FTM2V
 from dpmd.model import deferred
-from dpmd.model.forces import DEFAULT_CHUNK_ATOMS, evaluate_padded, sel_limits
+from dpmd.model.forces import DEFAULT_CHUNK_ATOMS, evaluate, sel_limits
 
 
 class SyncFreeForces(ForceProvider):
@@ -86,8 +86,8 @@ class SyncFreeForces(ForceProvider):
         device = state.positions.device
         # the model's slots (one block for every type where its descriptor mixes types); overflow also beyond a
         # hybrid's entries' sel, each within its own rcut
-        nl = verlet.padded_within_cutoff(state.positions, state.box, model.sel, model.descriptor.mixed_types,
-                                         sel_limits(model))
+        nl = verlet.within_cutoff(state.positions, state.box, "padded", model.sel, model.descriptor.mixed_types,
+                                  sel_limits(model))
         overflow = nl.overflow
         dmin2 = nl.d2.amin() if nl.d2.numel() else nl.d2.new_tensor(float("inf"))   # (an empty slot is beyond rcut)
         graph = {"rows": self.rows, "row_chunk": DEFAULT_CHUNK_ATOMS, "row_type_counts": self.row_type_counts,
@@ -95,7 +95,7 @@ class SyncFreeForces(ForceProvider):
                  "box": frame_boxes(state), "natoms": n,
                  "batch": torch.arange(nf, device=device).repeat_interleave(n), **checked.params}
         with deferred.collect() as model_flags:
-            out = evaluate_padded(model, graph)
+            out = evaluate(model, graph)
         state.forces = out["force"].reshape(nf, n, 3)
         state.energy = out["energy"]
         state.virial = out["virial"]

@@ -129,7 +129,8 @@ def check_neighbors(model, graph: dict) -> None:
 def evaluate(model, graph: dict, *, create_graph: bool = False, chunk_atoms: int | None = None,
              atom_virial: bool = False, ncenters: int | None = None, backend: Backend | None = None,
              check_sel: bool = True) -> dict:
-    """energy (F,), atom_energy (N,), force (N, 3), virial (F, 3, 3) [, atom_virial (N, 3, 3)].
+    """energy (F,), atom_energy (N,), force (N, 3), virial (F, 3, 3) [, atom_virial (N, 3, 3)] of a graph in
+    either layout: an edge list, or DeePMD's padded rows (a graph with `rows`: _evaluate_padded).
 
     create_graph=True keeps the graph for training on forces (no chunking then).
     ncenters: only atoms 0..ncenters-1 are centres, the others ghosts (an MPI rank's local atoms, then the
@@ -140,6 +141,10 @@ def evaluate(model, graph: dict, *, create_graph: bool = False, chunk_atoms: int
     check_sel=False: the caller checked the neighbour counts against sel itself (MPI: collectively, since a
     check that raises on some ranks only would leave the others waiting).
     """
+    if "rows" in graph:
+        if create_graph or atom_virial or ncenters is not None:
+            raise ValueError("evaluate: a padded graph gives forces, energy and virial only")
+        return _evaluate_padded(model, graph, backend)
     if check_sel:
         check_neighbors(model, graph)
     if backend is None:  # most kernels' backward gives first derivatives only: training's force loss needs others
@@ -223,7 +228,7 @@ def assemble(atom_energy: torch.Tensor, g: torch.Tensor, vec: torch.Tensor, cent
 
 def layouts(model) -> Tuple[str, ...]:
     """The edge layouts model.atomic_energy takes: its descriptor's `layouts` ("edges": an edge list; "padded":
-    DeePMD's padded rows, evaluate_padded); edge lists for a model without a descriptor (a test's pair
+    DeePMD's padded rows); edge lists for a model without a descriptor (a test's pair
     potential) or a descriptor that declares none."""
     return getattr(getattr(model, "descriptor", None), "layouts", ("edges",))
 
@@ -231,13 +236,13 @@ def layouts(model) -> Tuple[str, ...]:
 def sel_limits(model) -> List[Tuple[float, List[int], bool]]:
     """The (rcut, sel, mixed_types) that neighbour counts must fit besides the model's own sel within its rcut: a
     hybrid descriptor's entries, each within its own rcut (dpmd.model.descriptor.hybrid); none for other models.
-    The builder of a padded layout checks them (dpmd.md.neighbors.VerletList.padded_within_cutoff)."""
+    The builder of a padded layout checks them (dpmd.md.neighbors.VerletList.within_cutoff, format padded)."""
     desc = getattr(model, "descriptor", None)
     return list(zip(desc.entry_rcut, desc.entry_sel, desc.entry_mixed)) if hasattr(desc, "entry_sel") else []
 
 
-def evaluate_padded(model, graph: dict, backend: Backend | None = None) -> dict:
-    """evaluate() for edges in DeePMD's padded layout (what the MD engine hands over on a GPU): every shape is
+def _evaluate_padded(model, graph: dict, backend: Backend | None = None) -> dict:
+    """evaluate() of edges in DeePMD's padded layout (what the MD engine hands over on a GPU): every shape is
     known on the host, so nothing is read back from the device.  graph holds
       rows (R,): the centre atom of each row, grouped by type (the model's type_map order);
       row_chunk, row_type_counts: rows are evaluated in chunks of row_chunk, and these are the counts of each
@@ -249,8 +254,8 @@ def evaluate_padded(model, graph: dict, backend: Backend | None = None) -> dict:
     No `sel` check here: the caller that built the slots knows whether a neighbour did not fit (sel_limits).
     backend: what runs (None: resolved here, for forces)."""
     if "padded" not in layouts(model):
-        raise DpmdError(f"evaluate_padded: {type(model.descriptor).__name__} has no padded layout (it takes "
-                        f"{', '.join(layouts(model))}); evaluate an edge list with evaluate()")
+        raise DpmdError(f"evaluate: a padded graph, but {type(model.descriptor).__name__} has no padded layout "
+                        f"(it takes {', '.join(layouts(model))}); evaluate an edge list")
     rows, vec_all, neighbor = graph["rows"], graph["edge_vec"], graph["neighbor"]
     nnei, nrows = model.descriptor.nnei, rows.shape[0]
     if backend is None:

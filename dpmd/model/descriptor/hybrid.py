@@ -181,7 +181,7 @@ class DescriptorHybrid(nn.Module):
     @torch.jit.unused
     def _forward_padded(self, edge_vec, center_type, neighbor_type, type_counts: List[int],
                         backend: Optional[Backend]):
-        """forward() for DeePMD's padded layout of the hybrid's own sel (dpmd.model.forces.evaluate_padded: the MD
+        """forward() for DeePMD's padded layout of the hybrid's own sel (forces.evaluate, padded: the MD
         engine's sync-free path): each entry gets its own padded layout of these rows, re-slotted by sel_slots to
         its sel within its rcut (fixed shapes: nothing read back from the device; a non-mixed entry's slots take
         their block's type, as its own layout has them).  A count beyond an entry's sel is the layout builder's to

@@ -362,7 +362,7 @@ class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
 
     @torch.jit.unused
     def _forward_padded(self, edge_vec, center, center_type, neighbor_type, backend: Backend):
-        """forward() for DeePMD's own padded layout (dpmd.model.forces.evaluate_padded: the MD engine's sync-free
+        """forward() for DeePMD's own padded layout (forces.evaluate, padded: the MD engine's sync-free
         path on a GPU): nnei slots per centre, centre-major, one block for neighbours of any type (neighbor_type
         the slot's atom's), an empty slot holding a vector beyond rcut.  Every shape is known on the host, so
         nothing is read back from the device: G on every slot, the slots that hold no real neighbour (empty, or an

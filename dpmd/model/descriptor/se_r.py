@@ -135,7 +135,7 @@ class DescriptorSeR(EmbeddingTable, nn.Module):
         """Descriptors (n_centers, M) of edges sorted by centre (center in [0, n_centers)).  The nets are small and
         run in PyTorch, differentiable any number of times; backend matters only to a compressed model's tables
         (the fused kernels where it allows them: EmbeddingTable.embedding_sum).  type_counts given: the edges are
-        in DeePMD's padded layout (dpmd.model.forces.evaluate_padded), whose empty slots hold vectors beyond rcut,
+        in DeePMD's padded layout (forces.evaluate, padded), whose empty slots hold vectors beyond rcut,
         which the edge-list code counts as empty slots, so it serves as it is; only an edge outside a compressed
         model's tables is then a deferred flag when the caller collects them (the sync-free MD steps)."""
         return self._sum_embeddings(edge_vec, center, center_type, neighbor_type, type_counts is not None, backend)
