@@ -335,6 +335,29 @@ def test_cached_weight_terms_follow_the_weights(cell):
     assert float(after) == pytest.approx(float(fresh(coord, atype, box)["energy"]), abs=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["se_e2_a", "se_atten_v2"])
+def test_weight_caches_see_a_fused_optimizer_step(cell, kind):
+    """Evaluations in eval mode cache weight-only terms; fused Adam (training's) updates the weights without
+    bumping their version counters, in train mode: the next evaluation in eval mode sees the new weights."""
+    from dpmd.model.forces import evaluate
+    from dpmd.train.trainer import adam
+    from tests.conftest import make_model
+
+    coord, atype, box = cell
+    model = (make_model() if kind == "se_e2_a" else atten_model(kind=kind)).eval()
+    before = model(coord, atype, box)["energy"]
+    model.train()
+    opt = adam(model.parameters(), lr=0.05)
+    loss = evaluate(model, build_graph(coord, atype, box, model.rcut), create_graph=True)["force"].square().sum()
+    loss.backward()
+    opt.step()
+    fresh = make_model() if kind == "se_e2_a" else atten_model(kind=kind)
+    fresh.load_state_dict(model.state_dict())
+    after = model.eval()(coord, atype, box)["energy"]
+    assert float(after) != pytest.approx(float(before), abs=1e-6)
+    assert float(after) == pytest.approx(float(fresh.eval()(coord, atype, box)["energy"]), abs=1e-12)
+
+
 def test_too_many_neighbours_is_an_error(cell):
     coord, atype, box = cell
     model = atten_model(sel=8, attn_layer=0)

@@ -211,21 +211,10 @@ def adam(params, lr: float, adam_beta1: float = 0.9, adam_beta2: float = 0.999,
     than the per-tensor loop), else the default implementation (the same update rule)."""
     params = list(params)
     kw = {"lr": lr, "betas": (adam_beta1, adam_beta2), "weight_decay": weight_decay}
-    if not hasattr(torch.autograd.graph, "increment_version"):  # needed below
-        return torch.optim.Adam(params, **kw)
     try:
-        opt = torch.optim.Adam(params, fused=True, **kw)
+        return torch.optim.Adam(params, fused=True, **kw)
     except (RuntimeError, ValueError):
         return torch.optim.Adam(params, **kw)
-
-    def bump_versions(*_):
-        # the fused kernel leaves the weights' version counters as they were; caches keyed on them (the
-        # descriptor's padding term of a model in eval mode, between training steps) must see every update
-        for p in params:
-            torch.autograd.graph.increment_version(p)
-
-    opt.register_step_post_hook(bump_versions)
-    return opt
 
 
 def _first_difference(old, new, where: str):

@@ -26,19 +26,30 @@ def excluded_pair_codes(ntypes: int, exclude_types) -> List[int]:
 
 
 def cached_on_weights(module, name: str, tensors: List[torch.Tensor], compute: Callable, extra: list = ()):
-    """compute() (no gradient), kept in module.__dict__[name] while `tensors` are the same storage at the same
-    version (an optimizer step or a load bumps it) and `extra` (plain attributes) is equal; None for tensors under
-    vmap (an ensemble), which are wrappers.  For eager inference only: the caller decides when no gradient to the
-    weights is needed (training's optimizer may update weights without bumping their versions)."""
+    """compute() (no gradient), kept in the module (a WeightCache) while `tensors` are the same storage at the same
+    version (a load or an in-place edit bumps it), `extra` (plain attributes) is equal and the module has not
+    changed mode; None for tensors under vmap (an ensemble), which are wrappers.  For eager inference only: the
+    caller decides when no gradient to the weights is needed."""
     if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
         return None
     key = [(t.data_ptr(), t._version) for t in tensors] + list(extra)
-    cached = module.__dict__.get(name)
+    caches = module.__dict__.setdefault("_weight_caches", {})
+    cached = caches.get(name)
     if cached is None or cached[0] != key:
         with torch.no_grad():
             cached = (key, compute())
-        module.__dict__[name] = cached
+        caches[name] = cached
     return cached[1]
+
+
+class WeightCache:
+    """Mixin of a module with cached_on_weights terms: they are dropped whenever the module changes mode, so an
+    optimizer that leaves the weights' version counters as they were (fused Adam) may step in train mode, as
+    training does, between evaluations in eval mode, with no word to the module."""
+
+    def train(self, mode: bool = True):
+        self.__dict__.pop("_weight_caches", None)
+        return super().train(mode)
 
 
 def per_type_rows(name: str, value: torch.Tensor, source: str) -> torch.Tensor:

@@ -34,8 +34,8 @@ from torch import nn
 from dpmd import ops
 from dpmd.errors import ConfigError
 from dpmd.model import deferred
-from dpmd.model.descriptor.common import (cached_on_weights, check_sizes, excluded_pair_codes, per_type_rows,
-                                          resolved_sel)
+from dpmd.model.descriptor.common import (WeightCache, cached_on_weights, check_sizes, excluded_pair_codes,
+                                          per_type_rows, resolved_sel)
 from dpmd.model.descriptor.table import EmbeddingTable
 from dpmd.model.keys import (DTYPES, activation_key, axis_neuron_key, check_type_split, cutoff_keys,
                              env_protection_key, exclude_types_key, neuron_key, precision_key, seed_key,
@@ -82,7 +82,7 @@ def smooth_switch(r: torch.Tensor, rmin: float, rmax: float) -> torch.Tensor:
     return v * v * v * (1.0 + 3.0 * u + 6.0 * u * u)
 
 
-class DescriptorSeA(EmbeddingTable, nn.Module):
+class DescriptorSeA(WeightCache, EmbeddingTable, nn.Module):
     # TorchScript constants: the compressed code (and its `table` buffer) is compiled only for a compressed
     # model, the torch.ops.dpmd.* calls only when scripted with the kernel library loaded (use_ops)
     __constants__ = ["compressed", "use_ops", "has_exclusion"]

@@ -63,8 +63,8 @@ from dpmd import ops
 from dpmd.errors import ConfigError, DpmdError
 from dpmd.geometry.neighbor import first_over_sel, sel_overflow_message
 from dpmd.model.descriptor.attention import AttentionLayer, NeighborAttention
-from dpmd.model.descriptor.common import (cached_on_weights, check_sizes, excluded_pair_codes, per_type_rows,
-                                          resolved_sel)
+from dpmd.model.descriptor.common import (WeightCache, cached_on_weights, check_sizes, excluded_pair_codes,
+                                          per_type_rows, resolved_sel)
 from dpmd.model.descriptor.econf import econf_matrix
 from dpmd.model.descriptor.se_a import DescriptorSeA, smooth_switch
 from dpmd.model.descriptor.table import EmbeddingTable
@@ -156,7 +156,7 @@ def total_sel(sel) -> int:
     return sum(sel) if isinstance(sel, list) else int(sel)
 
 
-class DescriptorSeAtten(NeighborAttention, EmbeddingTable, nn.Module):
+class DescriptorSeAtten(WeightCache, NeighborAttention, EmbeddingTable, nn.Module):
     # TorchScript constants: the compressed code (and its `table` buffer) is compiled only for a compressed model
     __constants__ = ["compressed", "use_ops"]
     __jit_unused_properties__ = ["embeddings"]
