@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from dpmd.errors import ConfigError
+from dpmd.schema import check_number
 
 TOP = {"work_dir": None, "type_map": None, "masses": None, "structures": {}, "initial": {}, "train": None,
        "explore": None, "trust": None, "select": {}, "filters": {}, "labeller": {}, "dispatcher": {}, "convergence": {},
@@ -105,8 +106,6 @@ def complete(section, defaults: dict, where: str) -> dict:
 
 
 def _num(value, where, *, integer=False, positive=False, minimum=None, allow_none=False):
-    from dpmd.train.config import check_number  # lazily: labelling workers import this module without torch
-
     value = check_number(value, where, integer=integer, positive=positive, minimum=minimum, allow_none=allow_none)
     return value if value is None or integer else float(value)
 
