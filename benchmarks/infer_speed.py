@@ -181,9 +181,10 @@ def kernel_table(model, graph, repeats: int) -> list:
     vec = edge_vectors(graph).detach().requires_grad_()
     w4 = torch.randn(vec.shape[0], 4, dtype=vec.dtype)
 
+    kernels, reference = ops.resolve(vec, first_derivative=True), ops.REFERENCE._replace(forces_only=True)
+
     def env(fast):
-        with (ops.first_derivative_only() if fast else ops.reference_only()):
-            torch.autograd.grad((desc.env_rows(vec) * w4).sum(), vec)
+        torch.autograd.grad((desc.env_rows(vec, kernels if fast else reference) * w4).sum(), vec)
 
     center = graph["center"]
     rows = torch.randn(vec.shape[0], 4, dtype=vec.dtype, requires_grad=True)
@@ -191,19 +192,18 @@ def kernel_table(model, graph, repeats: int) -> list:
     wt = torch.randn(natoms, 4, desc.width, dtype=vec.dtype)
 
     def contract(fast):
-        with (ops.first_derivative_only() if fast else ops.reference_only()):
-            torch.autograd.grad((desc._block(rows, emb, center, natoms) * wt).sum(), (rows, emb))
+        t = desc._block(rows, emb, center, natoms, backend=kernels if fast else reference)
+        torch.autograd.grad((t * wt).sum(), (rows, emb))
 
     def embedding_and_contract(fast):
         """net 0 on every edge's s, contracted, d/d(rows): the linearised net (value and tangent in one sweep,
         forces only) with the fused kernels, against autograd through the net and the padded reference."""
         r = rows.detach().requires_grad_()
-        with (ops.first_derivative_only() if fast else ops.reference_only()):
-            if fast:
-                t = desc.embedding_block(0, r, center, natoms)
-            else:
-                t = desc._block(r, desc.embeddings[0](r[:, :1]), center, natoms)
-            torch.autograd.grad((t * wt).sum(), r)
+        if fast:
+            t = desc.embedding_block(0, r, center, natoms, backend=kernels)
+        else:
+            t = desc._block(r, desc.embeddings[0](r[:, :1]), center, natoms, backend=reference)
+        torch.autograd.grad((t * wt).sum(), r)
 
     g, e = torch.randn_like(vec.detach()), torch.randn(natoms, dtype=vec.dtype)
     args = (e, g, vec.detach(), center, graph["neighbor"], graph["batch"], 1, natoms, True)

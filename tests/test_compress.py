@@ -325,7 +325,7 @@ def test_compressed_model_with_ops_matches_reference(type_one_side):
         graph = build_graph(coord[order], atype[order], box, comp.rcut)
         ref = evaluate(comp, graph, create_graph=True)  # training mode: always the PyTorch reference
         with mock.patch.object(torch.ops.dpmd, "se_a_tabulated_descriptor", Spy()):
-            fast = evaluate(comp, graph, atom_virial=True)  # first_derivative_only: the fused op runs
+            fast = evaluate(comp, graph, atom_virial=True)  # forces only: the fused op runs
         assert calls, "the compressed model did not use the kernel library"
         for key in ("energy", "atom_energy", "force", "virial"):
             assert float((fast[key] - ref[key].detach()).abs().max()) < 1e-10, key

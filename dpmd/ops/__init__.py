@@ -9,8 +9,8 @@ Which implementation runs is decided once per evaluation: `resolve(tensor, first
 which dpmd.model.forces.evaluate passes down to the model; the model only reads its fields.  The kernels
 are used when all of these hold, else the pure-PyTorch reference runs:
   - the library is built (`dpmd build-ops`) and DPMD_OPS is not 0;
-  - the caller only needs first derivatives (evaluate(create_graph=False); a caller without a backend:
-    `first_derivative_only()`): most ops' backward is not itself differentiable;
+  - the caller only needs first derivatives (evaluate(create_graph=False); a descriptor called without a
+    backend resolves one for training, the safe default): most ops' backward is not itself differentiable;
   - not inside `reference_only()` (the one public switch, for tests and benchmarks).
 Training (create_graph=True: its force loss differentiates the forces again) uses the contraction ops
 of dpmd.ops.contraction, which differentiate to any order, and the PyTorch reference for the rest.
@@ -102,11 +102,6 @@ def _flag(name: str):
         setattr(_local, name, previous)
 
 
-def first_derivative_only():
-    """Within this block the model may use the kernels (their backward gives forces, not force gradients)."""
-    return _flag("inference")
-
-
 def reference_only():
     """Force the PyTorch reference path inside this block, whatever is entered inside it (tests, benchmarks)."""
     return _flag("reference")
@@ -122,16 +117,9 @@ def reference_forced() -> bool:
     return getattr(_local, "reference", False) or torch.jit.is_scripting()
 
 
-def forces_only() -> bool:
-    """Inside first_derivative_only(): no gradient to the weights is needed."""
-    return getattr(_local, "inference", False)
-
-
-def linearize_embeddings(first_derivative: bool | None = None) -> bool:
+def linearize_embeddings(first_derivative: bool) -> bool:
     """May the model use dpmd.model.network.linearized_embedding (exact forces, no second derivatives in
     the positions)?  Yes for forces only and for training's force loss; DPMD_LINEARIZE=0 turns it off."""
-    if first_derivative is None:
-        first_derivative = forces_only()
     if reference_forced() or not (first_derivative or getattr(_local, "weights_only", False)):
         return False
     return os.environ.get("DPMD_LINEARIZE", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -143,14 +131,6 @@ def any_order(tensor: torch.Tensor) -> bool:
     if reference_forced() or not available():
         return False
     return tensor.device.type == "cpu" or (tensor.is_cuda and has_cuda())
-
-
-def active(tensor: torch.Tensor | None = None) -> bool:
-    """Should the current call (on `tensor`'s device) use the kernels?  Warns once when it would but the
-    library is missing."""
-    if not forces_only() or reference_forced():
-        return False
-    return _kernels_for(tensor)
 
 
 def _kernels_for(tensor: torch.Tensor | None) -> bool:
@@ -165,16 +145,14 @@ def _kernels_for(tensor: torch.Tensor | None) -> bool:
 
 # ---- the backend (dpmd.ops.backend): which implementation runs, decided once per evaluation ----
 
-def resolve(tensor: torch.Tensor, first_derivative: bool | None = None) -> Backend:
+def resolve(tensor: torch.Tensor, first_derivative: bool = False) -> Backend:
     """The backend of an evaluation on `tensor`'s device, from these inputs:
       first_derivative: only forces are differentiated (True), or forces are differentiated again (False:
-          training's force loss, second derivatives); None: as the caller's first_derivative_only() says;
+          training's force loss, second derivatives; the default: safe for any caller);
       reference_only() (or TorchScript): the PyTorch reference, whatever else holds;
       weight_gradients_only(): the second derivative is taken in the weights only, so nets may be linearised;
       the kernel library: built and loaded, not DPMD_OPS=0, with CUDA kernels for a CUDA tensor;
       DPMD_LINEARIZE=0: never linearise; Triton importable (CUDA, compressed model, no CUDA library)."""
-    if first_derivative is None:
-        first_derivative = forces_only()
     if reference_forced():
         return REFERENCE._replace(forces_only=first_derivative)
     kernels = first_derivative and _kernels_for(tensor)
