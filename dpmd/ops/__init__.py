@@ -84,14 +84,6 @@ def _load(path: Path) -> None:
     _state["loaded"] = path
 
 
-def require(what: str) -> None:
-    """Load the library for `what` (e.g. a frozen model that calls torch.ops.dpmd.*), or a one-line error."""
-    from dpmd.errors import DpmdError
-
-    if _state["loaded"] is None and (library_path() is None or not available()):
-        raise DpmdError(f"{what} calls dpmd's kernel library, which is not built here: run `dpmd build-ops`")
-
-
 @contextlib.contextmanager
 def _flag(name: str):
     previous = getattr(_local, name, False)

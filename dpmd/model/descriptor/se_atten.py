@@ -73,7 +73,7 @@ from dpmd.model.keys import (DTYPES, activation_key, axis_neuron_key, check_cuto
                              env_protection_key, exclude_types_key, neuron_key, precision_key, sel_factor, seed_key,
                              set_davg_zero_key)
 from dpmd.model.network import MLP, child_seed, embedding_with_tangent, linearize_at
-from dpmd.ops import Backend, contraction
+from dpmd.ops import Backend
 from dpmd.schema import UNSET, key
 
 
@@ -413,14 +413,15 @@ class DescriptorSeAtten(WeightCache, NeighborAttention, EmbeddingTable, nn.Modul
     def _contract(self, rows: torch.Tensor, g: torch.Tensor, sw: torch.Tensor, c: torch.Tensor, ncent: int,
                   backend: Optional[Backend]):
         """sum_j R_j^T G_j (n_centers, 4, M) over the real neighbours (rows (n, 4), G (n, M), switch (n,), centres
-        c (n,) in any order), G through the attention layers first.  Without attention: the kernel library's
-        contraction where the backend has it.  Else the centres, in order of their neighbour counts, go in
-        groups of `block`, each a dense (centre, slot) block as wide as its largest count (unfilled slots zero):
-        little padding, as the counts in a group are alike."""
-        if len(self.attention) == 0 and not torch.jit.is_scripting():
-            T = self._contract_ops(rows, g, c, ncent, backend)
-            if T is not None:
-                return T
+        c (n,) in any order), G through the attention layers first.  Without attention: EmbeddingTable._block (the
+        kernel library's contraction where the backend, or a frozen model, has it).  Else the centres, in order of
+        their neighbour counts, go in groups of `block`, each a dense (centre, slot) block as wide as its largest
+        count (unfilled slots zero): little padding, as the counts in a group are alike."""
+        if len(self.attention) == 0:  # EmbeddingTable's contraction, edges sorted by centre
+            if c.shape[0] > 1 and bool((c[1:] < c[:-1]).any()):
+                order = torch.argsort(c, stable=True)
+                rows, g, c = rows.index_select(0, order), g.index_select(0, order), c.index_select(0, order)
+            return self._block(rows, g, c, ncent, 0, backend)
         n = c.shape[0]
         count = torch.bincount(c, minlength=ncent)
         sorted_count, by_count = torch.sort(count, stable=True)
@@ -448,19 +449,6 @@ class DescriptorSeAtten(WeightCache, NeighborAttention, EmbeddingTable, nn.Modul
         if len(parts) == 0:
             return rows.new_zeros([0, 4, self.width])
         return torch.cat(parts).index_select(0, position)
-
-    @torch.jit.unused
-    def _contract_ops(self, rows: torch.Tensor, g: torch.Tensor, c: torch.Tensor, ncent: int, backend: Backend):
-        """sum_j R_j^T G_j by the kernel library's segment sum (forces: its first-derivative op; training: the
-        ops that differentiate again), edges sorted by centre first; None where the backend has neither."""
-        if not (backend.kernels or backend.any_order):
-            return None
-        if c.shape[0] > 1 and bool((c[1:] < c[:-1]).any()):
-            order = torch.argsort(c, stable=True)
-            rows, g, c = rows.index_select(0, order), g.index_select(0, order), c.index_select(0, order)
-        if backend.kernels:
-            return ops.contract(rows, g, c, ncent)
-        return contraction.contract(rows, g, c, ncent)
 
     @torch.jit.unused
     def _fused_tables(self, rows: torch.Tensor, sw: torch.Tensor, tn: torch.Tensor, c: torch.Tensor,
