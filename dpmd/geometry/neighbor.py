@@ -162,7 +162,8 @@ def build_neighbor_list(coord: torch.Tensor, box: torch.Tensor | None, rcut: flo
     natoms = coord.shape[0]
     if format == "edges":
         ntypes = max(len(sel), int(atype.max()) + 1 if natoms else 0)
-        nl.overflow = (sel_groups(count_neighbors(nl, atype, ntypes, natoms), sel) > torch.tensor(sel)).any(1)
+        counts = sel_groups(count_neighbors(nl, atype, ntypes, natoms), sel)
+        nl.overflow = (counts > torch.tensor(sel, device=counts.device)).any(1)
         return nl
     if mixed and len(sel) != 1:
         raise ValueError(f"a mixed-type padded list takes one sel entry for all types, got sel {sel}")
