@@ -1064,7 +1064,7 @@ class Campaign:
             rows, share = [dict(passing[j]) for j in idx], min(sel["budget"], left)
             feats = None if features is None else features[idx]
             pool, pool_v = adaptive_pools(sel, below_hi[key])
-            count = labelled_count(rows, share, sel["method"], pool, pool_v)
+            count = labelled_count(rows, share, sel["method"], pool, pool_v) if sel["min_labels"] else share
             if count < sel["min_labels"]:   # DP-GEN's fp_task_min
                 sub, why = [], {s: f"not selected: {count} to label{f' of {key}' if key else ''}, fewer than "
                                    f"select.min_labels {sel['min_labels']}" for s in range(len(idx))}

@@ -206,7 +206,7 @@ def assemble(atom_energy: torch.Tensor, g: torch.Tensor, vec: torch.Tensor, cent
     the frozen model (dpmd.model.export) calls it too (with the library: dpmd.ops.assemble).
     """
     if not torch.jit.is_scripting():
-        if backend is not None and backend.kernels and not g.requires_grad:  # one pass over the edges instead of index_add
+        if backend is not None and backend.kernels and not g.requires_grad:  # one pass over the edges
             return ops.assemble(atom_energy, g, vec, center, neighbor, atom_frame, nframes, natoms, atom_virial)
     force = torch.zeros([natoms, 3], dtype=g.dtype, device=g.device)
     force = force.index_add(0, center, g).index_add(0, neighbor, -g)

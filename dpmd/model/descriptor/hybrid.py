@@ -298,8 +298,6 @@ class DescriptorHybrid(nn.Module):
         built with the model's rcut: a NeighborOverflowError naming the atom (and its frame) and the entry."""
         atype, vec = graph["atype"], edge_vectors(graph)
         neighbor_type = atype.index_select(0, graph["neighbor"])
-        found = self.sel_overflow(vec, graph["center"], neighbor_type, atype.numel())
-        if found:
-            i = found[0]
+        for i in range(len(self.entry_sel)):
             check_sel(self.entry_counts(i, vec, graph["center"], neighbor_type, atype.numel()), atype,
                       self.entry_sel[i], type_map, graph.get("natoms", 0), i, self.entry_rcut[i])
